@@ -1,0 +1,155 @@
+"""MLflow logging for a run: params, curves, artifacts and the best model.
+
+Only the main process of a distributed run talks to MLflow; the others get a `NullTracker`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+from finetune.modeling import METADATA_FILE, ModelInfo, Predictor
+from finetune.recipe import Recipe, flatten, recipe_to_yaml
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def tracking_uri(recipe: Recipe | None = None) -> str:
+    """The recipe's tracking URI, else $MLFLOW_TRACKING_URI, else a SQLite store in the working directory."""
+    if recipe is not None and recipe.tracking.tracking_uri:
+        return recipe.tracking.tracking_uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def recipe_params(recipe: Recipe) -> tuple[dict[str, str], dict[str, str]]:
+    """Every recipe key as an MLflow param; values too long for a param are cut and named in a tag.
+
+    The whole recipe is also logged as recipe.yaml, so a cut value is never lost.
+    """
+    params, cut = {}, {}
+    for key, value in flatten(recipe.model_dump(mode="json")).items():
+        text = "null" if value is None else str(value)
+        if len(text) > MAX_PARAM_VAL_LENGTH:
+            cut[key] = f"{len(text)} characters; full value in recipe.yaml"
+            text = text[: MAX_PARAM_VAL_LENGTH - 20] + "...[cut]"
+        params[key] = text
+    return params, cut
+
+
+class Tracker:
+    """One MLflow run for one training run."""
+
+    def __init__(self, recipe: Recipe, extra_tags: dict[str, str] | None = None):
+        self.recipe = recipe
+        mlflow.set_tracking_uri(tracking_uri(recipe))
+        mlflow.set_experiment(recipe.tracking.experiment or recipe.name)
+        self.run = mlflow.start_run(run_name=recipe.tracking.run_name)
+        self.run_id = self.run.info.run_id
+        params, cut = recipe_params(recipe)
+        mlflow.log_params(params)
+        tags = {"finetune.recipe": recipe.name, "finetune.task": recipe.task.type, **(extra_tags or {})}
+        tags.update({f"finetune.param_cut.{k}": v for k, v in cut.items()})
+        mlflow.set_tags(tags)
+        mlflow.log_text(recipe_to_yaml(recipe), "recipe.yaml")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log scalar metrics; non-finite values are logged too (MLflow accepts NaN) so nothing vanishes."""
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        dropped = set(metrics) - set(scalars)
+        if dropped:
+            raise TypeError(f"metrics must be numbers; not loggable: {sorted(dropped)}")
+        mlflow.log_metrics(scalars, step=step)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_best_model(self, model_dir: Path) -> str:
+        """Log the best model as an MLflow model; returns its URI (runs:/<id>/model)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            build_mlflow_model(Path(model_dir), Path(tmp) / "model")
+            mlflow.log_artifacts(str(Path(tmp) / "model"), artifact_path="model")
+        return f"runs:/{self.run_id}/model"
+
+    def end(self, status: str = "FINISHED") -> None:
+        mlflow.end_run(status=status)
+
+    @property
+    def url_hint(self) -> str:
+        return f"experiment {self.run.info.experiment_id}, run {self.run_id} in {tracking_uri(self.recipe)}"
+
+
+class NullTracker:
+    """Stands in for the Tracker on processes that must not log (all but the main one)."""
+
+    run_id = None
+    url_hint = ""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def log_best_model(self, model_dir: Path) -> str:
+        return ""
+
+    def end(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def _pip_requirements() -> list[str]:
+    # Given explicitly: otherwise MLflow infers them by importing the model, which pulls
+    # torchvision and fails beside the CPU torch wheel.
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas", "mlflow")]
+
+
+def build_mlflow_model(model_dir: Path, target: Path) -> None:
+    """Write an MLflow model folder: the transformers flavour, with a pyfunc that uses our task definitions.
+
+    The transformers flavour keeps the model usable with `mlflow.transformers.load_model`; the
+    pyfunc flavour is replaced by `finetune.mlflow_model` so `mlflow.pyfunc` predictions go through
+    exactly the post-processing that evaluation and the server use. The finetune package travels
+    with the model (`code/`), so it loads where finetune is not installed.
+    """
+    from mlflow.models import Model, infer_signature
+    from mlflow.pyfunc import add_to_model
+
+    predictor = Predictor.from_dir(model_dir)
+    info = predictor.info
+    example = [["The first sentence.", "The second sentence."]] if info.text_pair else ["a gripping, beautiful film"]
+    mlflow.transformers.save_model(
+        transformers_model={"model": predictor.model, "tokenizer": predictor.tokenizer},
+        path=str(target),
+        task="text-classification",
+        pip_requirements=_pip_requirements(),
+    )
+    mlmodel = Model.load(str(target / "MLmodel"))
+    python_function = mlmodel.flavors.pop("python_function")
+    shutil.copy(model_dir / METADATA_FILE, target / METADATA_FILE)
+    shutil.copytree(PACKAGE_DIR, target / "code" / "finetune", ignore=shutil.ignore_patterns("__pycache__"))
+    add_to_model(
+        mlmodel,
+        loader_module="finetune.mlflow_model",
+        data=".",
+        code="code",
+        env=python_function.get("env"),
+    )
+    mlmodel.signature = infer_signature(example)
+    mlmodel.save(str(target / "MLmodel"))
+
+
+def finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
