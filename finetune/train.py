@@ -63,6 +63,8 @@ class RunResult:
     model_uri: str | None
     steps: int
     train_seconds: float
+    attention_batches: dict[str, int] = field(default_factory=dict)
+    """BigBird: how many training batches ran with each attention type."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +322,8 @@ def main(recipe: Recipe) -> RunResult:
             print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
         print(f"model: {best_dir}")
         print(f"MLflow: {tracker.url_hint}")
-    return RunResult(state.best_metrics, test_metrics, best_dir, tracker.run_id, model_uri, state.step, train_seconds)
+    return RunResult(state.best_metrics, test_metrics, best_dir, tracker.run_id, model_uri, state.step, train_seconds,
+                     state.attention_counts)
 
 
 def evaluate_test(data: PreparedData, collator, recipe: Recipe, task: TaskDefinition, accelerator: Accelerator,

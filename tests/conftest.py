@@ -1,0 +1,131 @@
+"""Shared fixtures: tiny random BERT, DistilBERT and BigBird checkpoints, isolated MLflow stores and caches."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+TEST_DATA = Path(__file__).resolve().parent / "data"
+GOEMOTIONS_LABELS = (
+    "admiration amusement anger annoyance approval caring confusion curiosity desire disappointment disapproval "
+    "disgust embarrassment excitement fear gratitude grief joy love nervousness optimism pride realization relief "
+    "remorse sadness surprise neutral"
+).split()
+
+# Nothing in the tests may reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _vocab() -> list[str]:
+    """A small WordPiece vocabulary from the shipped samples, so tiny models see real words."""
+    counts: collections.Counter[str] = collections.Counter()
+    files = [DATA / "sst2" / "train.tsv", TEST_DATA / "mrpc_sample.tsv", TEST_DATA / "goemotions_sample.tsv"]
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+                for cell in row:
+                    counts.update(re.findall(r"\w+|[^\w\s]", cell.lower()))
+    words = [w for w, _ in counts.most_common(1500)]
+    chars = sorted({c for w in words for c in w})
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    return specials + chars + [f"##{c}" for c in chars] + [w for w in words if w not in chars]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Random-weight checkpoints of each tested family, saved with save_pretrained (safetensors)."""
+    from transformers import AutoModel, BertConfig, BertTokenizerFast, BigBirdConfig, DistilBertConfig
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    # transformers 5 takes the vocabulary itself (a `vocab_file=` argument is silently ignored).
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(_vocab())}, do_lower_case=True)
+    assert tokenizer.tokenize("the film") == ["the", "film"]
+    size = len(tokenizer)
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    configs = {
+        "bert": BertConfig(vocab_size=size, max_position_embeddings=512, **small),
+        "distilbert": DistilBertConfig(vocab_size=size, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=512),
+        "big_bird": BigBirdConfig(
+            vocab_size=size, max_position_embeddings=1024, attention_type="block_sparse", block_size=8,
+            num_random_blocks=2, pad_token_id=0, bos_token_id=2, eos_token_id=3, sep_token_id=3, **small,
+        ),
+    }
+    paths = {}
+    for family, config in configs.items():
+        import torch
+
+        torch.manual_seed(0)
+        model = AutoModel.from_config(config)
+        path = root / family
+        model.save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+        paths[family] = path
+    return paths
+
+
+@pytest.fixture(autouse=True)
+def isolated_stores(tmp_path, monkeypatch):
+    """Each test gets its own MLflow store, tokenisation cache and working directory."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    yield
+
+
+def write_recipe(path: Path, recipe: dict, command: str | None = None) -> Path:
+    """Write a recipe dict as YAML (with the command line on top, as shipped recipes have)."""
+    text = yaml.safe_dump(recipe, sort_keys=False)
+    path.write_text((f"# {command}\n" if command else "") + text)
+    return path
+
+
+def tiny_recipe(checkpoint: Path, task: str = "classification", **sections) -> dict:
+    """A fast recipe on the shipped samples for a tiny checkpoint; sections override key by key."""
+    data = {
+        "classification": {
+            "files": {"train": str(DATA / "sst2" / "train.tsv"), "validation": str(DATA / "sst2" / "dev.tsv")},
+            "quoting": "none", "text_column": "sentence", "label_column": "label",
+            "label_names": ["negative", "positive"], "max_train_samples": 256, "max_eval_samples": 64,
+        },
+        "pair": {
+            "files": {"train": str(TEST_DATA / "mrpc_sample.tsv")},
+            "quoting": "none", "text_column": "sentence1", "text_pair_column": "sentence2",
+            "label_column": "label", "validation_size": 0.25,
+        },
+        "regression": {
+            "files": {"train": str(DATA / "sst2" / "train.tsv"), "validation": str(DATA / "sst2" / "dev.tsv")},
+            "quoting": "none", "text_column": "sentence", "label_column": "label",
+            "max_train_samples": 256, "max_eval_samples": 64,
+        },
+        "multi_label": {
+            "files": {"train": str(TEST_DATA / "goemotions_sample.tsv")},
+            "quoting": "none", "text_column": "text", "label_column": "labels",
+            "label_names": GOEMOTIONS_LABELS, "validation_size": 0.25,
+        },
+    }
+    task_type = "classification" if task == "pair" else task
+    recipe = {
+        "name": f"tiny-{task}",
+        "model": {"checkpoint": str(checkpoint), "max_length": 64},
+        "data": data[task],
+        "task": {"type": task_type},
+        "training": {"max_steps": 6, "batch_size": 16, "eval_batch_size": 32, "learning_rate": 1e-3, "logging_steps": 2},
+        "tracking": {"log_model": False},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(recipe.get(section), dict):
+            recipe[section] = {**recipe[section], **values}
+        else:
+            recipe[section] = values
+    return recipe
