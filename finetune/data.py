@@ -295,7 +295,15 @@ def _texts(batch: dict[str, list], data: DataSection) -> tuple[list[str], list[s
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of everything that decides how the tokenizer splits text."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    state = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is not None:
+        # Truncation and padding are per-call state the fast tokenizer remembers from its last
+        # call; they do not change how text splits, so they stay out of the hash.
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        state = json.dumps(spec, sort_keys=True)
+    else:
+        state = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha256((type(tokenizer).__name__ + state).encode()).hexdigest()[:16]
 
 

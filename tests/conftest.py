@@ -90,7 +90,7 @@ def write_recipe(path: Path, recipe: dict, command: str | None = None) -> Path:
     return path
 
 
-def tiny_recipe(checkpoint: Path, task: str = "classification", **sections) -> dict:
+def tiny_recipe(checkpoint: Path, kind: str = "classification", **sections) -> dict:
     """A fast recipe on the shipped samples for a tiny checkpoint; sections override key by key."""
     data = {
         "classification": {
@@ -114,11 +114,11 @@ def tiny_recipe(checkpoint: Path, task: str = "classification", **sections) -> d
             "label_names": GOEMOTIONS_LABELS, "validation_size": 0.25,
         },
     }
-    task_type = "classification" if task == "pair" else task
+    task_type = "classification" if kind == "pair" else kind
     recipe = {
-        "name": f"tiny-{task}",
+        "name": f"tiny-{kind}",
         "model": {"checkpoint": str(checkpoint), "max_length": 64},
-        "data": data[task],
+        "data": data[kind],
         "task": {"type": task_type},
         "training": {"max_steps": 6, "batch_size": 16, "eval_batch_size": 32, "learning_rate": 1e-3, "logging_steps": 2},
         "tracking": {"log_model": False},

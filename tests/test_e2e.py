@@ -1,0 +1,106 @@
+"""End to end, as a user runs it: the CLI in a subprocess, a real MLflow store, the logged model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from finetune.recipe import flatten, load_recipe
+from tests.conftest import tiny_recipe, write_recipe
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+
+
+def _cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    exe = BIN / "finetune"
+    cmd = [str(exe), *args] if exe.exists() else [sys.executable, "-m", "finetune", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+
+
+def _runs(experiment: str):
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def test_run_logs_params_metrics_recipe_and_a_predicting_model(tiny_checkpoints, tmp_path):
+    recipe = tiny_recipe(
+        tiny_checkpoints["bert"],
+        training={"max_steps": 8, "eval_strategy": "steps", "eval_steps": 4, "logging_steps": 2},
+        tracking={"log_model": True, "experiment": "e2e"},
+    )
+    path = write_recipe(tmp_path / "tiny.yaml", recipe, "finetune run tiny.yaml")
+    done = _cli("run", str(path), "training.learning_rate=2e-3", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "# resolved recipe" in done.stdout and "learning_rate: 0.002" in done.stdout
+    assert "MLflow: experiment" in done.stdout
+
+    (run,) = _runs("e2e")
+    assert run.info.status == "FINISHED"
+    # Every key of the resolved recipe is a param, nothing dropped.
+    resolved = load_recipe(path, ["training.learning_rate=2e-3"])
+    expected = {k: ("null" if v is None else str(v)) for k, v in flatten(resolved.model_dump(mode="json")).items()}
+    assert run.data.params == expected
+    client = mlflow.MlflowClient()
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in losses] == [2, 4, 6, 8]
+    evals = client.get_metric_history(run.info.run_id, "eval/accuracy")
+    assert [m.step for m in evals] == [4, 8]
+    assert "best/accuracy" in run.data.metrics and "train/learning_rate" in run.data.metrics
+    assert run.data.tags["finetune.task"] == "classification"
+    # The resolved recipe is an artifact too.
+    recipe_file = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/recipe.yaml", dst_path=str(tmp_path / "dl"))
+    assert yaml.safe_load(Path(recipe_file).read_text())["training"]["learning_rate"] == 2e-3
+
+    # The logged model predicts label names through pyfunc, in this process ...
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    answers = model.predict(["a gripping, beautiful film", "a dull mess"])
+    assert [a["label"] in {"negative", "positive"} for a in answers] == [True, True]
+    assert abs(sum(answers[0]["scores"].values()) - 1) < 1e-6
+    assert model.metadata.signature is not None
+    # ... and through the CLI, by run id, matching the saved folder exactly.
+    by_run = _cli("predict", run.info.run_id, "a gripping, beautiful film", cwd=tmp_path)
+    by_dir = _cli("predict", str(tmp_path / "runs" / "tiny-classification" / "best"), "a gripping, beautiful film", cwd=tmp_path)
+    assert by_run.returncode == 0, by_run.stderr[-2000:]
+    assert by_run.stdout.strip().splitlines()[-1] == by_dir.stdout.strip().splitlines()[-1]
+    assert by_run.stdout.strip().splitlines()[-1].split("\t")[0] == answers[0]["label"]
+
+
+def test_rerun_reads_the_tokenisation_cache(tiny_checkpoints, tmp_path):
+    path = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tiny_checkpoints["distilbert"], training={"max_steps": 2}))
+    first = _cli("run", str(path), cwd=tmp_path)
+    second = _cli("run", str(path), cwd=tmp_path)
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-2000:]
+    assert "tokenised data built" in first.stdout
+    assert "tokenised data from cache" in second.stdout
+    assert "tokenising" not in second.stderr
+
+
+def test_bad_recipe_exits_non_zero_with_the_field(tmp_path, tiny_checkpoints):
+    path = write_recipe(tmp_path / "bad.yaml", tiny_recipe(tiny_checkpoints["bert"], training={"warmup": 3}))
+    done = _cli("run", str(path), cwd=tmp_path)
+    assert done.returncode == 2
+    assert "training.warmup: unknown key" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_two_processes_with_accelerate_launch(tiny_checkpoints, tmp_path):
+    recipe = tiny_recipe(tiny_checkpoints["bert"], training={"max_steps": 4, "batch_size": 8},
+                         tracking={"experiment": "ddp", "log_model": True})
+    path = write_recipe(tmp_path / "ddp.yaml", recipe)
+    cmd = [str(BIN / "accelerate"), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finetune", "run", str(path)]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert done.returncode == 0, done.stderr[-4000:]
+    runs = _runs("ddp")
+    assert len(runs) == 1, "only the main process may create an MLflow run"
+    assert runs[0].info.status == "FINISHED"
+    assert "best/accuracy" in runs[0].data.metrics
+    assert (tmp_path / "runs" / "tiny-classification" / "best" / "model.safetensors").is_file()
+    assert done.stdout.count("training 4 steps") == 1, "only the main process reports"

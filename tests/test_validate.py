@@ -1,0 +1,94 @@
+"""`finetune validate`: broken recipes are refused before training, with messages naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune.cli import main
+from tests.conftest import DATA, tiny_recipe, write_recipe
+
+
+def _validate(tmp_path, recipe: dict, capsys, *overrides: str) -> tuple[int, str]:
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    code = main(["validate", str(path), *overrides])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_a_good_recipe_reports_labels_and_lengths(tiny_checkpoints, tmp_path, capsys):
+    code, out = _validate(tmp_path, tiny_recipe(tiny_checkpoints["bert"]), capsys)
+    assert code == 0, out
+    assert "labels (2): negative, positive" in out
+    assert "train label counts: {'negative':" in out
+    assert "truncated at max_length 64" in out
+    assert "eval tokens: p50" in out
+
+
+def test_truncation_share_is_reported(tiny_checkpoints, tmp_path, capsys):
+    code, out = _validate(tmp_path, tiny_recipe(tiny_checkpoints["bert"]), capsys, "model.max_length=8")
+    assert code == 0
+    share = float(out.split("% truncated at max_length 8")[0].rsplit(" ", 1)[-1])
+    assert share > 50
+
+
+@pytest.mark.parametrize(
+    "kind,change,expected",
+    [
+        ("unknown key", {"training": {"lerning_rate": 1e-4}}, "training.lerning_rate: unknown key (did you mean 'learning_rate'?)"),
+        ("wrong type", {"training": {"num_epochs": "three"}}, "training.num_epochs: Input should be a valid number"),
+        ("unknown task", {"task": {"type": "translation"}}, "task.type: Input should be 'classification', 'regression' or 'multi_label' (got \"translation\")"),
+        ("missing column", {"data": {"text_column": "review"}}, "data.text_column: column 'review' is not in split 'train'; columns found: sentence, label"),
+        ("bad label values", {"data": {"label_names": ["a", "b", "c"], "label_column": "sentence"}},
+         "data.label_column: "),
+        ("too few labels", {"data": {"label_names": None, "label_column": "sentence", "max_train_samples": 1}},
+         "cannot be used as classification labels"),
+        ("missing file", {"data": {"files": {"train": "nowhere.csv"}}}, "data.files.train: file not found: nowhere.csv"),
+        ("unknown file type", {"data": {"files": {"train": str(DATA / "sst2" / "SOURCE.md")}}}, "data.files.train: "),
+        ("metric of another task", {"task": {"type": "classification", "metric_for_best": "pearson"}},
+         "allowed: accuracy, f1_macro"),
+        ("missing checkpoint", {"model": {"checkpoint": "./no/such/dir"}}, "model.checkpoint: './no/such/dir' looks like a directory but does not exist"),
+        ("unreachable hub checkpoint", {"model": {"checkpoint": "org/not-a-model"}}, "model.checkpoint: cannot find 'org/not-a-model'"),
+        ("max_length beyond positions", {"model": {"max_length": 1024}}, "model.max_length: 1024 is longer than the checkpoint's 512 positions"),
+        ("BigBird setting on BERT", {"model": {"attention_type": "block_sparse"}}, "model.attention_type: 'block_sparse' applies only to BigBird checkpoints"),
+    ],
+)
+def test_broken_recipes_are_refused_naming_the_field(tiny_checkpoints, tmp_path, capsys, kind, change, expected):
+    recipe = tiny_recipe(tiny_checkpoints["bert"], **change)
+    if "checkpoint" not in change.get("model", {}):
+        recipe["model"]["checkpoint"] = str(tiny_checkpoints["bert"])
+    code, out = _validate(tmp_path, recipe, capsys)
+    assert code != 0, f"{kind}: accepted\n{out}"
+    assert expected in out, f"{kind}: message was\n{out}"
+
+
+@pytest.mark.parametrize(
+    "model,expected",
+    [
+        ({"max_length": 128}, "model.attention_type: BigBird recipes must state it; allowed: block_sparse, original_full"),
+        ({"max_length": 64, "attention_type": "block_sparse"}, "model.max_length: 64 is too short for block_sparse attention with block_size 8 and num_random_blocks 2; allowed: at least 73"),
+        ({"max_length": 100, "attention_type": "block_sparse"}, "model.max_length: 100 is not a multiple of block_size 8"),
+    ],
+)
+def test_impossible_bigbird_settings(tiny_checkpoints, tmp_path, capsys, model, expected):
+    recipe = tiny_recipe(tiny_checkpoints["big_bird"], model={"checkpoint": str(tiny_checkpoints["big_bird"]), **model})
+    code, out = _validate(tmp_path, recipe, capsys)
+    assert code != 0
+    assert expected in out, out
+
+
+def test_unreachable_checkpoint_still_checks_the_data(tmp_path, capsys, tiny_checkpoints):
+    recipe = tiny_recipe(tiny_checkpoints["bert"], model={"checkpoint": "org/not-a-model"}, data={"text_column": "review"})
+    code, out = _validate(tmp_path, recipe, capsys)
+    assert code != 0
+    assert "cannot find 'org/not-a-model'" in out and "column 'review' is not in split" in out
+    assert "2 problem(s)" in out
+
+
+def test_run_refuses_before_training(tiny_checkpoints, tmp_path, capsys):
+    recipe = tiny_recipe(tiny_checkpoints["big_bird"], model={"checkpoint": str(tiny_checkpoints["big_bird"])})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    code = main(["run", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "model.attention_type" in err
+    assert not (tmp_path / "mlflow.db").exists(), "no MLflow run may start for a recipe that cannot train"
