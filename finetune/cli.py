@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train a recipe and log it to MLflow", epilog=_fields_epilog(), formatter_class=fmt)
     run.add_argument("recipe", help="recipe YAML file")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the newest checkpoint in output_dir/checkpoints, in the same MLflow run")
 
     validate = sub.add_parser(
         "validate", help="check a recipe, its checkpoint and its data without training",
@@ -40,6 +42,30 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify; for pair models, give them two by two")
     predict.add_argument("--json", action="store_true", help="print the full answers as JSON lines")
 
+    compare = sub.add_parser("compare", help="compare finished runs, best first")
+    compare.add_argument("--experiment", help="only this MLflow experiment (default: all)")
+    compare.add_argument("--metric", help="sort on best/<METRIC> (default: the runs' task.metric_for_best)")
+    compare.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
+
+    promote = sub.add_parser("promote", help="make a run's registered model the champion, whatever the scores")
+    promote.add_argument("run_id")
+    promote.add_argument("--name", help="registered model name (needed only if the run is registered under several)")
+
+    sweep = sub.add_parser("sweep", help="run a grid or an Optuna search of a recipe as nested MLflow runs")
+    sweep.add_argument("recipe")
+    sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="values to try for a key; several --grid give every combination")
+    sweep.add_argument("--search", action="append", default=[], metavar="KEY=SPACE",
+                       help="a search space for Optuna: float:LOW:HIGH, logfloat:LOW:HIGH, int:LOW:HIGH or choice:A,B")
+    sweep.add_argument("--trials", type=int, default=10, help="Optuna trials (search mode)")
+    sweep.add_argument("--storage", help="Optuna storage URL shared by several workers, e.g. sqlite:///optuna.db")
+    sweep.add_argument("--study-name", help="Optuna study name (needed to share a study between workers)")
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store, on loopback")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    ui.add_argument("--port", type=int, default=5000)
+
     sub.add_parser("fields", help="list every recipe key with its type, default and meaning")
     return parser
 
@@ -51,7 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(_fields_epilog())
             return 0
         if args.command == "run":
-            return cmd_run(args.recipe, args.overrides)
+            return cmd_run(args.recipe, args.overrides, args.resume)
+        if args.command == "compare":
+            return cmd_compare(args.experiment, args.metric, args.format)
+        if args.command == "promote":
+            return cmd_promote(args.run_id, args.name)
+        if args.command == "sweep":
+            from finetune.sweep import sweep
+
+            sweep(args.recipe, args.overrides, args.grid, args.search, args.trials, args.storage, args.study_name)
+            return 0
+        if args.command == "ui":
+            return cmd_ui(args.host, args.port)
         if args.command == "validate":
             from finetune.validate import validate
 
@@ -72,13 +109,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
-def cmd_run(path: str, overrides: list[str]) -> int:
+def cmd_run(path: str, overrides: list[str], resume: bool = False) -> int:
     recipe = load_recipe(path, overrides)
     print(f"# resolved recipe ({path})\n{recipe_to_yaml(recipe)}")
     from finetune import train
 
-    train.main(recipe)
+    train.main(recipe, resume_run=resume)
     return 0
+
+
+def _use_tracking_store() -> str:
+    import mlflow
+
+    from finetune.tracking import tracking_uri
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def cmd_compare(experiment: str | None, metric: str | None, fmt: str) -> int:
+    from finetune.compare import compare_table, render
+
+    _use_tracking_store()
+    try:
+        frame, metric = compare_table(experiment, metric)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    if fmt == "table" and not frame.empty:
+        print(f"sorted on best/{metric}; champion = the registry's champion alias")
+    print(render(frame, fmt))
+    return 0
+
+
+def cmd_promote(run_id: str, name: str | None) -> int:
+    from finetune.registry import promote
+
+    _use_tracking_store()
+    try:
+        done = promote(run_id, name)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    print(f"{done['name']} version {done['version']} is now champion (was: {done['previous'] or 'none'})")
+    return 0
+
+
+def cmd_ui(host: str, port: int) -> int:
+    import subprocess
+
+    uri = _use_tracking_store()
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding the MLflow UI to {host} exposes it beyond this machine", file=sys.stderr)
+    print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C stops it)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
 
 
 def load_model(source: str) -> tuple[Any, Any]:

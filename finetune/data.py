@@ -49,6 +49,7 @@ class PreparedData:
     eval: datasets.Dataset
     test: datasets.Dataset | None
     label_names: list[str] | None
+    raw_train: datasets.Dataset
     raw_eval: datasets.Dataset
     cache_hit: bool = False
     stats: dict[str, Any] = field(default_factory=dict)
@@ -369,6 +370,7 @@ def prepare(recipe: Recipe, task: TaskDefinition, tokenizer: Any) -> PreparedDat
         eval=tokenized["eval"],
         test=tokenized.get("test"),
         label_names=label_names,
+        raw_train=train,
         raw_eval=evaluation,
         cache_hit=hit,
     )

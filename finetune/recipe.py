@@ -145,6 +145,8 @@ class TrainingSection(_Section):
     """Stop after this many evaluations without improvement of task.metric_for_best (null: never)."""
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes."""
+    save_total_limit: int = Field(2, ge=1)
+    """Training-state checkpoints (for resuming) kept in output_dir/checkpoints; one is written at every evaluation."""
 
     @model_validator(mode="after")
     def _eval_steps_given(self) -> "TrainingSection":
@@ -162,6 +164,10 @@ class TrackingSection(_Section):
     """MLflow run name (default: MLflow's generated one)."""
     log_model: bool = True
     """Log the best model to MLflow (pyfunc + transformers flavours) at the end of the run."""
+    register_as: str | None = None
+    """Register the best model under this MLflow model name; the `champion` alias moves to it only if it beats the current champion."""
+    system_metrics: bool = True
+    """Log CPU, memory (and GPU where present) usage while training."""
 
 
 class Recipe(_Section):

@@ -5,8 +5,8 @@ Only the main process of a distributed run talks to MLflow; the others get a `Nu
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -16,7 +16,7 @@ from typing import Any
 import mlflow
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-from finetune.modeling import METADATA_FILE, ModelInfo, Predictor
+from finetune.modeling import METADATA_FILE, Predictor
 from finetune.recipe import Recipe, flatten, recipe_to_yaml
 
 log = logging.getLogger(__name__)
@@ -48,31 +48,60 @@ def recipe_params(recipe: Recipe) -> tuple[dict[str, str], dict[str, str]]:
 
 
 class Tracker:
-    """One MLflow run for one training run."""
+    """One MLflow run for one training run (continued, not duplicated, when the training resumes)."""
 
-    def __init__(self, recipe: Recipe, extra_tags: dict[str, str] | None = None):
+    def __init__(self, recipe: Recipe, extra_tags: dict[str, str] | None = None, run_id: str | None = None,
+                 nested: bool = False):
         self.recipe = recipe
         mlflow.set_tracking_uri(tracking_uri(recipe))
-        mlflow.set_experiment(recipe.tracking.experiment or recipe.name)
-        self.run = mlflow.start_run(run_name=recipe.tracking.run_name)
+        if run_id is None:
+            mlflow.set_experiment(recipe.tracking.experiment or recipe.name)
+        self.run = mlflow.start_run(
+            run_id=run_id, run_name=None if run_id else recipe.tracking.run_name, nested=nested,
+            log_system_metrics=recipe.tracking.system_metrics,
+        )
         self.run_id = self.run.info.run_id
+        if run_id is not None:
+            mlflow.set_tag("finetune.resumed", "true")
+            return  # params and recipe were logged when the run started
         params, cut = recipe_params(recipe)
         mlflow.log_params(params)
-        tags = {"finetune.recipe": recipe.name, "finetune.task": recipe.task.type, **(extra_tags or {})}
+        tags = {"finetune.recipe": recipe.name, "finetune.task": recipe.task.type,
+                "finetune.checkpoint": recipe.model.checkpoint, **(extra_tags or {})}
         tags.update({f"finetune.param_cut.{k}": v for k, v in cut.items()})
         mlflow.set_tags(tags)
         mlflow.log_text(recipe_to_yaml(recipe), "recipe.yaml")
 
+    def log_inputs(self, data: Any) -> None:
+        """Record the training and evaluation data (source and content digest) with the run."""
+        source = self.recipe.data.files or f"{self.recipe.data.dataset}/{self.recipe.data.dataset_config or ''}"
+        for split, context in ((data.raw_train, "training"), (data.raw_eval, "evaluation")):
+            dataset = mlflow.data.from_huggingface(split, path=json.dumps(source), name=f"{self.recipe.name}-{context}")
+            mlflow.log_input(dataset, context=context)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Log scalar metrics; non-finite values are logged too (MLflow accepts NaN) so nothing vanishes."""
+        """Log scalar metrics; anything that is not a number is an error rather than silently dropped."""
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         dropped = set(metrics) - set(scalars)
         if dropped:
             raise TypeError(f"metrics must be numbers; not loggable: {sorted(dropped)}")
         mlflow.log_metrics(scalars, step=step)
 
+    def history(self) -> dict[str, list[tuple[int, float]]]:
+        """Every metric's (step, value) series so far, read back from MLflow (so resumed runs are whole)."""
+        client = mlflow.MlflowClient()
+        run = client.get_run(self.run_id)
+        return {
+            name: [(m.step, m.value) for m in sorted(client.get_metric_history(self.run_id, name), key=lambda m: m.step)]
+            for name in run.data.metrics
+            if name.startswith(("train/loss", "eval/"))
+        }
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_artifacts(self, folder: Path) -> None:
+        mlflow.log_artifacts(str(folder))
 
     def log_best_model(self, model_dir: Path) -> str:
         """Log the best model as an MLflow model; returns its URI (runs:/<id>/model)."""
@@ -96,6 +125,15 @@ class NullTracker:
     url_hint = ""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_inputs(self, data: Any) -> None:
+        pass
+
+    def history(self) -> dict[str, list[tuple[int, float]]]:
+        return {}
+
+    def log_artifacts(self, folder: Path) -> None:
         pass
 
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -149,7 +187,3 @@ def build_mlflow_model(model_dir: Path, target: Path) -> None:
     )
     mlmodel.signature = infer_signature(example)
     mlmodel.save(str(target / "MLmodel"))
-
-
-def finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

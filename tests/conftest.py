@@ -83,6 +83,14 @@ def isolated_stores(tmp_path, monkeypatch):
     yield
 
 
+def first_rows(path: Path, n: int, target: Path) -> Path:
+    """The header and first n rows of a TSV, written to target (to train and evaluate on the same examples)."""
+    with open(path, encoding="utf-8") as f:
+        lines = [next(f) for _ in range(n + 1)]
+    target.write_text("".join(lines), encoding="utf-8")
+    return target
+
+
 def write_recipe(path: Path, recipe: dict, command: str | None = None) -> Path:
     """Write a recipe dict as YAML (with the command line on top, as shipped recipes have)."""
     text = yaml.safe_dump(recipe, sort_keys=False)

@@ -1,0 +1,39 @@
+"""Optimizer and learning-rate schedule for a recipe."""
+
+from __future__ import annotations
+
+import torch
+from transformers import get_scheduler
+
+from finetune.recipe import Recipe
+
+# Recipe names -> transformers scheduler names (a registry, so YAML never names code).
+SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """AdamW with weight decay on weight matrices only (not on biases or LayerNorm weights)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": recipe.training.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=recipe.training.learning_rate, foreach=True)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_steps: int, num_processes: int):
+    """Warmup then the recipe's schedule, counted in optimizer steps.
+
+    Accelerate's prepared scheduler steps once per process at every optimizer step, so the
+    schedule is laid out in those units.
+    """
+    cfg = recipe.training
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps + 0.999)
+    return get_scheduler(
+        SCHEDULERS[cfg.scheduler], optimizer,
+        num_warmup_steps=warmup * num_processes, num_training_steps=total_steps * num_processes,
+    )

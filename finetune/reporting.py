@@ -1,0 +1,103 @@
+"""After training: score the best model, write what a person wants to look at, log and register the model."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from finetune.data import PreparedData, label_counts
+from finetune.modeling import Predictor
+from finetune.recipe import Recipe, recipe_to_yaml
+from finetune.tasks import TaskDefinition
+
+
+@dataclass
+class FinalReport:
+    test_metrics: dict[str, float]
+    model_uri: str | None
+    champion: dict[str, Any] | None
+
+
+def eval_loader(dataset, collator, recipe: Recipe) -> DataLoader:
+    return DataLoader(dataset, batch_size=recipe.training.eval_batch_size, shuffle=False, collate_fn=collator)
+
+
+def _data_description(recipe: Recipe, data: PreparedData) -> str:
+    source = f"hub data set `{recipe.data.dataset}`" + (f" ({recipe.data.dataset_config})" if recipe.data.dataset_config else "")
+    if recipe.data.files:
+        source = "local files " + ", ".join(f"`{k}`: `{v}`" for k, v in recipe.data.files.items())
+    pair = f" paired with `{recipe.data.text_pair_column}`" if recipe.data.text_pair_column else ""
+    return (f"{source}; text column `{recipe.data.text_column}`{pair}, label column `{recipe.data.label_column}`; "
+            f"{len(data.train)} training and {len(data.eval)} evaluation examples"
+            + (f", {len(data.test)} test examples" if data.test is not None else ""))
+
+
+def finish_run(recipe: Recipe, task: TaskDefinition, data: PreparedData, collator, accelerator: Accelerator,
+               tracker, state, tokenizer) -> FinalReport:
+    """Log the best metrics, score the best model on eval (for artifacts) and test, log artifacts, model and champion."""
+    from finetune import artifacts
+    from finetune.train import evaluate
+
+    best_dir = Path(recipe.output_dir) / "best"
+    throughput = state.samples / state.train_seconds if state.train_seconds else 0.0
+    tracker.log_metrics(
+        {f"best/{k}": v for k, v in state.best_metrics.items()}
+        | {"train/runtime_seconds": state.train_seconds, "train/samples_per_second_overall": throughput},
+        step=state.step,
+    )
+    tracker.set_tags({"finetune.best_step": state.best_step, "finetune.attention_batches": state.attention_counts or "n/a"})
+
+    accelerator.wait_for_everyone()
+    best = accelerator.prepare(Predictor.from_dir(best_dir).model)
+    _, eval_logits = evaluate(best, accelerator.prepare(eval_loader(data.eval, collator, recipe)), accelerator, task, recipe)
+    test_metrics: dict[str, float] = {}
+    if data.test is not None:
+        test_metrics, _ = evaluate(best, accelerator.prepare(eval_loader(data.test, collator, recipe)), accelerator, task, recipe)
+        tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, step=state.step)
+
+    model_uri, champion = None, None
+    if accelerator.is_main_process:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            raw = data.raw_eval
+            artifacts.write_evaluation_artifacts(
+                out / "evaluation", task=task, label_names=data.label_names, texts=raw[recipe.data.text_column],
+                pairs=raw[recipe.data.text_pair_column] if recipe.data.text_pair_column else None,
+                gold=np.asarray(data.eval["labels"]), logits=eval_logits, threshold=recipe.task.threshold,
+            )
+            artifacts.write_learning_curves(out, tracker.history(), recipe.task.metric_for_best)
+            counts = {"train": label_counts(data.train, task, data.label_names), "eval": label_counts(data.eval, task, data.label_names)}
+            if data.test is not None:
+                counts["test"] = label_counts(data.test, task, data.label_names)
+            card = artifacts.write_model_card(
+                out, recipe_yaml=recipe_to_yaml(recipe), recipe_name=recipe.name, checkpoint=recipe.model.checkpoint,
+                task=task, label_names=data.label_names, label_counts=counts, metrics=state.best_metrics,
+                test_metrics=test_metrics, data_description=_data_description(recipe, data),
+            )
+            (best_dir / card.name).write_text(card.read_text())
+            tracker.log_artifacts(out)
+        if recipe.tracking.log_model:
+            model_uri = tracker.log_best_model(best_dir)
+            if recipe.tracking.register_as:
+                from finetune.registry import register_and_maybe_promote
+
+                champion = register_and_maybe_promote(
+                    model_uri, tracker.run_id, recipe.tracking.register_as, recipe.task.metric_for_best,
+                    state.best_metric, task.greater_is_better(recipe.task.metric_for_best), task.name, data.label_names,
+                )
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in state.best_metrics.items())
+        print(f"best eval ({recipe.task.metric_for_best}) at step {state.best_step}: {shown}")
+        if test_metrics:
+            print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
+        if champion:
+            print(f"registered {champion['name']} version {champion['version']}: {champion['decision']}")
+        print(f"model: {best_dir}")
+        print(f"MLflow: {tracker.url_hint}")
+    accelerator.wait_for_everyone()
+    return FinalReport(test_metrics, model_uri, champion)
