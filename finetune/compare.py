@@ -49,7 +49,7 @@ def compare_table(experiment: str | None = None, metric: str | None = None) -> t
         seconds = r.data.metrics.get("train/runtime_seconds")
         row = {
             "run": r.info.run_name, "run_id": r.info.run_id, "checkpoint": r.data.params.get("model.checkpoint"),
-            "task": r.data.tags["finetune.task"], metric: value,
+            "task": r.data.tags["finetune.task"], metric: None if value is None else round(value, 4),
             **{k: r.data.params.get(k) for k in differing},
             "train_seconds": None if seconds is None else round(seconds, 1),
             "samples_per_s": _round(r.data.metrics.get("train/samples_per_second_overall")),
