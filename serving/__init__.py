@@ -1,0 +1,1 @@
+"""serving: the HTTP inference service for models trained by finetune."""

@@ -1,0 +1,286 @@
+"""The FastAPI application: predict, model info, health, readiness, Prometheus metrics.
+
+Answers come from the task definition (`TaskDefinition.postprocess`), the same code evaluation uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+
+from finetune.tasks import PostprocessOptions
+from serving.batcher import Batcher, QueueFull
+from serving.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+OPEN_ROUTES = {"/healthz", "/readyz"}
+# Metrics are labelled by these paths only, so random URLs cannot blow up the label set.
+_ROUTES = {"/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"}
+
+
+@dataclass
+class Settings:
+    """Limits of the service; every one has a default fit for a 2-core machine."""
+
+    max_inputs_per_request: int = 64
+    max_body_bytes: int = 1_000_000
+    max_batch_size: int = 32
+    max_batch_tokens: int = 8192
+    max_wait_ms: float = 5.0
+    max_queue: int = 512
+    request_timeout_s: float = 30.0
+    api_key: str | None = None
+
+
+class PredictOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    top_k: int | None = Field(None, ge=1, le=1000, description="Classification: also return the k best labels.")
+    threshold: float | None = Field(None, gt=0, lt=1, description="Multi-label: score at or above which a label is returned (default: the model's).")
+    truncate: bool = Field(True, description="Truncate inputs longer than the model's max length (flagged `truncated`); false rejects them with 422.")
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"inputs": ["a gripping, beautiful film"]},
+        {"inputs": [["The cat sat.", "A cat was sitting."]], "options": {"top_k": 2}},
+    ]})
+    inputs: list[Union[StrictStr, list[StrictStr]]] = Field(
+        ..., min_length=1, description="Texts, or [text, text_pair] pairs for sentence-pair models.")
+    options: PredictOptions = PredictOptions()
+
+
+class PredictResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"model": "sst2-sentiment", "version": "3", "predictions": [
+        {"label": "positive", "score": 0.98, "scores": {"negative": 0.02, "positive": 0.98}, "truncated": False}]}]})
+    model: str
+    version: str | None
+    predictions: list[dict[str, Any]] = Field(description=(
+        "One per input. Classification: label, score, scores (softmax over all labels), top_k if asked. "
+        "Multi-label: labels over the threshold, label_scores, scores (sigmoid). Regression: value. Always: truncated."))
+
+
+class ModelInfoResponse(BaseModel):
+    name: str
+    version: str | None
+    run_id: str | None
+    source: str
+    task: str
+    text_pair: bool
+    label_names: list[str] | None
+    max_length: int
+    threshold: float
+    metrics: dict[str, float]
+
+
+def _inline_refs(schema: dict) -> dict:
+    """A JSON schema with its local $defs substituted in place, so it stands alone inside the OpenAPI document."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
+def _error(status: int, field: list, message: str) -> HTTPException:
+    return HTTPException(status, detail=[{"loc": field, "msg": message}])
+
+
+class BodyLimit:
+    """Refuse bodies over the limit with 413, by Content-Length or while streaming (chunked uploads)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_big = JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _BodyTooLarge:
+            await too_big(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
+    """Build the service around a loaded model."""
+    settings = settings or Settings()
+    predictor = model.predictor
+    predictor.batch_size = settings.max_batch_size
+    info = predictor.info
+    registry = CollectorRegistry()
+    requests = Counter("finetune_requests_total", "HTTP requests by route and status", ["route", "status"], registry=registry)
+    latency = Histogram("finetune_request_latency_seconds", "Request latency by route", ["route"], registry=registry,
+                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+    batch_sizes = Histogram("finetune_batch_size", "Inputs per model forward pass", registry=registry,
+                            buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+    queue_depth = Gauge("finetune_queue_depth", "Inputs waiting for a batch", registry=registry)
+    state: dict[str, Any] = {"ready": False}
+
+    def run_batch(texts: list[str], pairs: list[str] | None) -> np.ndarray:
+        return predictor.logits(texts, pairs)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher = Batcher(run_batch, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
+                          max_wait=settings.max_wait_ms / 1000, max_queue=settings.max_queue,
+                          on_batch=batch_sizes.observe)
+        batcher.start()
+        state["batcher"] = batcher
+        queue_depth.set_function(lambda: batcher.depth)
+        warm = [("warm-up", "warm-up" if info.text_pair else None, 4)]
+        await asyncio.wait_for(asyncio.gather(*batcher.submit(warm)), timeout=600)
+        state["ready"] = True
+        yield
+        state["ready"] = False
+        await batcher.stop()  # finishes whatever requests are still waiting
+
+    app = FastAPI(title="finetune inference", version="1", lifespan=lifespan,
+                  description=f"Serves {model.name} ({info.task}{', sentence pairs' if info.text_pair else ''}).")
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        started = time.perf_counter()
+        route = request.url.path if request.url.path in _ROUTES else "other"
+        if settings.api_key and request.url.path not in OPEN_ROUTES:
+            given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+                response = JSONResponse({"detail": "missing or wrong API key (X-API-Key or Authorization: Bearer)"},
+                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                requests.labels(route, "401").inc()
+                return response
+        try:
+            response = await call_next(request)
+        except Exception:  # a bug must not take the server down; report it as ours
+            log.exception("unhandled error on %s", request.url.path)
+            response = JSONResponse({"detail": "internal error"}, status_code=500)
+        requests.labels(route, str(response.status_code)).inc()
+        latency.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.post("/v1/predict", response_model=PredictResponse, responses={
+        401: {"description": "missing or wrong API key"}, 413: {"description": "body too large"},
+        422: {"description": "invalid inputs, named by field"}, 503: {"description": "queue full; retry after Retry-After seconds"},
+        504: {"description": "request timed out"}},
+        # The body is parsed by hand (below) so `curl -d '{...}'`, which sends a form content type, works too;
+        # the schema is declared here so /docs still shows it (FastAPI's documented pattern for this).
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": _inline_refs(PredictRequest.model_json_schema())}}}})
+    async def predict(request: Request) -> PredictResponse:
+        """Predict for a list of inputs (texts, or [text, text_pair] pairs for pair models)."""
+        try:
+            body = PredictRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            detail = [{"loc": ["body", *e_["loc"]], "msg": e_["msg"], "type": e_["type"]} for e_ in e.errors()]
+            raise HTTPException(422, detail=detail) from None
+        if len(body.inputs) > settings.max_inputs_per_request:
+            raise _error(422, ["body", "inputs"], f"{len(body.inputs)} inputs; at most {settings.max_inputs_per_request} per request")
+        texts, pairs = [], []
+        for i, item in enumerate(body.inputs):
+            if info.text_pair:
+                if not (isinstance(item, list) and len(item) == 2):
+                    raise _error(422, ["body", "inputs", i], "this model reads sentence pairs: give [text, text_pair]")
+                text, pair = item
+            else:
+                if not isinstance(item, str):
+                    raise _error(422, ["body", "inputs", i], "this model reads single texts: give a string")
+                text, pair = item, None
+            if not text.strip() or (pair is not None and not pair.strip()):
+                raise _error(422, ["body", "inputs", i], "empty text")
+            texts.append(text)
+            pairs.append(pair)
+        encoded = predictor.tokenizer(texts, pairs if info.text_pair else None, truncation=False, verbose=False)
+        lengths = [len(ids) for ids in encoded["input_ids"]]
+        truncated = [n > info.max_length for n in lengths]
+        if not body.options.truncate:
+            too_long = [i for i, t in enumerate(truncated) if t]
+            if too_long:
+                raise _error(422, ["body", "inputs", too_long[0]],
+                             f"{lengths[too_long[0]]} tokens; this model reads at most {info.max_length} (or set options.truncate)")
+        try:
+            futures = state["batcher"].submit([(t, p, min(n, info.max_length)) for t, p, n in zip(texts, pairs, lengths)])
+        except QueueFull as e:
+            raise HTTPException(503, detail=f"busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
+        try:
+            rows = await asyncio.wait_for(asyncio.gather(*futures), timeout=settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            for f in futures:
+                f.cancel()
+            raise HTTPException(504, detail=f"no answer within {settings.request_timeout_s:.0f} s") from None
+        options = PostprocessOptions(
+            threshold=body.options.threshold if body.options.threshold is not None else info.threshold,
+            top_k=body.options.top_k,
+        )
+        answers = predictor.task.postprocess(np.stack(rows), info.label_names, options)
+        for answer, was_truncated in zip(answers, truncated):
+            answer["truncated"] = was_truncated
+        return PredictResponse(model=model.name, version=model.version, predictions=answers)
+
+    @app.get("/v1/model", response_model=ModelInfoResponse)
+    async def model_info() -> ModelInfoResponse:
+        """What is being served, and the evaluation metrics it was chosen on."""
+        return ModelInfoResponse(
+            name=model.name, version=model.version, run_id=model.run_id, source=model.source, task=info.task,
+            text_pair=info.text_pair, label_names=info.label_names, max_length=info.max_length,
+            threshold=info.threshold, metrics=info.metrics,
+        )
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Alive (the process answers)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        """Ready once the model is loaded and a warm-up batch has run."""
+        if not state["ready"]:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        """Prometheus metrics."""
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return BodyLimit(app, settings.max_body_bytes)

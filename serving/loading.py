@@ -1,0 +1,95 @@
+"""Finding and loading the model to serve: the registry's champion, a run, or a local folder."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.modeling import Predictor
+
+
+class ModelSourceError(ValueError):
+    """The model to serve cannot be found; the message says what to give instead."""
+
+
+@dataclass
+class LoadedModel:
+    predictor: Predictor
+    name: str
+    version: str | None
+    run_id: str | None
+    source: str
+
+
+def _from_mlflow_dir(path: Path) -> Predictor:
+    from finetune.mlflow_model import _load_pyfunc
+
+    return _load_pyfunc(str(path)).predictor
+
+
+def _champion_name() -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    names = []
+    for model in client.search_registered_models():
+        try:
+            client.get_model_version_by_alias(model.name, "champion")
+            names.append(model.name)
+        except Exception:  # no champion alias on this model
+            continue
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise ModelSourceError(
+            "no registered model has a champion yet: train a recipe with tracking.register_as set "
+            "(recipes/quickstart.yaml does), or pass --model with a run id or a model folder"
+        )
+    raise ModelSourceError(f"several registered models have a champion ({', '.join(sorted(names))}); choose one with --name")
+
+
+def load_model(source: str | None = None, name: str | None = None) -> LoadedModel:
+    """Load what `finetune serve` was asked to serve.
+
+    source: a model folder (runs/<name>/best or an MLflow model folder), an MLflow run id, a runs:/ URI,
+    or a models:/ URI. Without a source, the `champion` alias of `name` (or of the only registered
+    model that has one) is served.
+    """
+    import mlflow
+
+    from finetune.tracking import tracking_uri
+
+    if source and Path(source).is_dir():
+        path = Path(source)
+        predictor = _from_mlflow_dir(path) if (path / "MLmodel").is_file() else Predictor.from_dir(path)
+        return LoadedModel(predictor, predictor.info.recipe_name or path.name, None, None, str(path))
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    version = run_id = None
+    if source is None:
+        model_name = name or _champion_name()
+        source = f"models:/{model_name}@champion"
+    if re.fullmatch(r"[0-9a-f]{32}", source):
+        source = f"runs:/{source}/model"
+    if source.startswith("models:/"):
+        match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", source)
+        if not match:
+            raise ModelSourceError(f"--model {source!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        model_name, alias, number = match.groups()
+        try:
+            found = (client.get_model_version_by_alias(model_name, alias) if alias
+                     else client.get_model_version(model_name, number))
+        except Exception as e:
+            raise ModelSourceError(f"--model {source!r}: not in the registry at {tracking_uri()} ({e})") from None
+        name, version, run_id = model_name, str(found.version), found.run_id
+    elif source.startswith("runs:/"):
+        run_id = source.split("/")[1]
+    else:
+        raise ModelSourceError(f"--model {source!r} is not a folder, a run id, or a runs:/ or models:/ URI")
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(source))
+    except Exception as e:
+        raise ModelSourceError(f"--model {source!r}: cannot fetch it from {tracking_uri()} ({e})") from None
+    predictor = _from_mlflow_dir(local)
+    return LoadedModel(predictor, name or predictor.info.recipe_name, version, run_id, source)

@@ -1,0 +1,257 @@
+"""The HTTP service end to end: a real uvicorn process on a loopback port, called over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+import pandas as pd
+import pytest
+
+from finetune import train
+from finetune.modeling import Predictor
+from finetune.recipe import Recipe
+from tests.conftest import tiny_recipe
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+
+
+class Server:
+    """`finetune serve ...` in a subprocess, ready when /readyz says so."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [str(BIN / "finetune"), "serve", "--port", str(self.port), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
+        )
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"server did not start:\n{self.proc.stdout.read()[-3000:]}")
+            time.sleep(0.3)
+
+    def post(self, body, **kw) -> httpx.Response:
+        return httpx.post(f"{self.url}/v1/predict", json=body, timeout=30, **kw)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoints, tmp_path_factory):
+    """One tiny model per task, trained for a few steps, with its MLflow run (for the parity check)."""
+    root = tmp_path_factory.mktemp("served")
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "FINETUNE_CACHE_DIR")}
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["FINETUNE_CACHE_DIR"] = str(root / "cache")
+    out = {}
+    try:
+        for kind, family in [("classification", "bert"), ("pair", "distilbert"), ("regression", "bert"), ("multi_label", "bert")]:
+            recipe = Recipe.model_validate(tiny_recipe(
+                tiny_checkpoints[family], kind, output_dir=str(root / kind),
+                tracking={"log_model": False, "system_metrics": False, "experiment": "served"}))
+            result = train.main(recipe)
+            out[kind] = (result.best_dir, result.run_id)
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    out["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def classifier(models):
+    server = Server("--model", str(models["classification"][0]), "--max-wait-ms", "20")
+    yield server
+    server.stop()
+
+
+def test_classification_answers_with_label_score_and_all_scores(classifier):
+    response = classifier.post({"inputs": ["a gripping, beautiful film", "dull"], "options": {"top_k": 2}})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["predictions"]) == 2
+    first = body["predictions"][0]
+    assert first["label"] in {"negative", "positive"}
+    assert sum(first["scores"].values()) == pytest.approx(1.0)
+    assert first["score"] == max(first["scores"].values())
+    assert [t["label"] for t in first["top_k"]][0] == first["label"]
+    assert first["truncated"] is False
+
+
+def test_parity_with_evaluation_predictions(classifier, models):
+    """The server answers exactly what evaluation predicted for the same inputs (same task definition)."""
+    mlflow.set_tracking_uri(models["tracking_uri"])
+    path = mlflow.artifacts.download_artifacts(run_id=models["classification"][1], artifact_path="evaluation/predictions.csv")
+    expected = pd.read_csv(path, keep_default_na=False)
+    response = classifier.post({"inputs": expected["text"].tolist()})
+    assert response.status_code == 200
+    got = response.json()["predictions"]
+    assert [p["label"] for p in got] == expected["predicted"].tolist()
+    assert [p["score"] for p in got] == pytest.approx(expected["score"].tolist(), abs=1e-5)
+
+
+def test_info_health_readiness_and_docs(classifier):
+    info = httpx.get(f"{classifier.url}/v1/model").json()
+    assert info["task"] == "classification" and info["label_names"] == ["negative", "positive"]
+    assert info["max_length"] == 64 and "accuracy" in info["metrics"]
+    assert httpx.get(f"{classifier.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{classifier.url}/readyz").json() == {"status": "ready"}
+    schema = httpx.get(f"{classifier.url}/openapi.json").json()
+    body = schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "inputs" in body["properties"] and "$ref" not in str(body)
+    assert httpx.get(f"{classifier.url}/docs").status_code == 200
+
+
+def test_form_encoded_curl_body_is_accepted(classifier):
+    # `curl -d '{...}'` sends application/x-www-form-urlencoded; the README's example must still work.
+    response = httpx.post(f"{classifier.url}/v1/predict", content=b'{"inputs":["a gripping, beautiful film"]}',
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body,status,where",
+    [
+        ({"inputs": []}, 422, ["body", "inputs"]),
+        ({"inputs": ["ok"] * 65}, 422, ["body", "inputs"]),
+        ({"inputs": [""]}, 422, ["body", "inputs", 0]),
+        ({"inputs": ["fine", "   "]}, 422, ["body", "inputs", 1]),
+        ({"inputs": [3]}, 422, ["body", "inputs", 0]),
+        ({"inputs": [["a", "b"]]}, 422, ["body", "inputs", 0]),
+        ({"inputs": ["x"], "options": {"top_k": 0}}, 422, ["body", "options", "top_k"]),
+        ({"inputs": ["x"], "options": {"colour": "red"}}, 422, ["body", "options", "colour"]),
+        ({"inputs": ["word " * 200], "options": {"truncate": False}}, 422, ["body", "inputs", 0]),
+        ({"text": "x"}, 422, ["body", "inputs"]),
+    ],
+)
+def test_bad_requests_get_4xx_naming_the_field(classifier, body, status, where):
+    response = classifier.post(body)
+    assert response.status_code == status, response.text
+    locations = [d["loc"][: len(where)] for d in response.json()["detail"]]
+    assert where in locations, response.json()
+
+
+def test_long_input_is_truncated_and_flagged(classifier):
+    (answer,) = classifier.post({"inputs": ["word " * 200]}).json()["predictions"]
+    assert answer["truncated"] is True
+
+
+def test_oversized_and_malformed_bodies(classifier):
+    big = httpx.post(f"{classifier.url}/v1/predict", content=b"x" * 1_200_000, timeout=30)
+    assert big.status_code == 413
+    for raw in [b"", b"{", b"null", b'{"inputs": "text"}', b"\xff\xfe"]:
+        response = httpx.post(f"{classifier.url}/v1/predict", content=raw, timeout=30)
+        assert response.status_code == 422, (raw, response.text)
+    assert httpx.get(f"{classifier.url}/healthz").status_code == 200
+
+
+def test_concurrent_requests_are_batched_and_all_correct(classifier, models):
+    texts = [f"the film is {'good ' * (i % 7)}and {'bad ' * (i % 5)}" for i in range(200)]
+    expected = Predictor.from_dir(models["classification"][0]).predict(texts)
+
+    async def fire():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*[client.post(f"{classifier.url}/v1/predict", json={"inputs": [t]}) for t in texts])
+
+    responses = asyncio.run(fire())
+    assert [r.status_code for r in responses] == [200] * 200
+    for response, want in zip(responses, expected):
+        (got,) = response.json()["predictions"]
+        assert got["label"] == want["label"]
+        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+    metrics = httpx.get(f"{classifier.url}/metrics").text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines() if line and not line.startswith("#")}
+    batches = values["finetune_batch_size_count"]
+    single = values['finetune_batch_size_bucket{le="1.0"}']
+    assert batches - single > 0, "no batch held more than one input"
+    assert values['finetune_requests_total{route="/v1/predict",status="200"}'] >= 200
+    assert 'finetune_request_latency_seconds_bucket{le="0.005",route="/v1/predict"}' in values
+    assert "finetune_queue_depth" in values
+
+
+@pytest.mark.parametrize("kind", ["pair", "regression", "multi_label"])
+def test_other_tasks(models, kind):
+    server = Server("--model", str(models[kind][0]))
+    try:
+        if kind == "pair":
+            ok = server.post({"inputs": [["The cat sat.", "A cat was sitting."]]})
+            assert ok.status_code == 200 and ok.json()["predictions"][0]["label"] in {"0", "1"}
+            wrong = server.post({"inputs": ["just one text"]})
+            assert wrong.status_code == 422 and wrong.json()["detail"][0]["loc"] == ["body", "inputs", 0]
+            short = server.post({"inputs": [["only one"]]})
+            assert short.status_code == 422
+        elif kind == "regression":
+            (answer,) = server.post({"inputs": ["a fine film"]}).json()["predictions"]
+            assert isinstance(answer["value"], float) and "label" not in answer
+        else:
+            low = server.post({"inputs": ["thanks, I love it"], "options": {"threshold": 0.01}}).json()["predictions"][0]
+            high = server.post({"inputs": ["thanks, I love it"], "options": {"threshold": 0.99}}).json()["predictions"][0]
+            assert len(low["labels"]) == 28 and high["labels"] == []
+            assert all(0 < s < 1 for s in low["scores"].values())
+            assert server.post({"inputs": ["x"], "options": {"threshold": 1.5}}).status_code == 422
+    finally:
+        server.stop()
+
+
+def test_api_key_queue_limit_and_timeout(models):
+    model = str(models["classification"][0])
+    keyed = Server("--model", model, env={"FINETUNE_API_KEY": "s3cret"})
+    try:
+        assert keyed.post({"inputs": ["x"]}).status_code == 401
+        assert keyed.post({"inputs": ["x"]}, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert keyed.post({"inputs": ["x"]}, headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert keyed.post({"inputs": ["x"]}, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(f"{keyed.url}/v1/model").status_code == 401
+        assert httpx.get(f"{keyed.url}/healthz").status_code == 200 and httpx.get(f"{keyed.url}/readyz").status_code == 200
+    finally:
+        keyed.stop()
+    small = Server("--model", model, "--max-queue", "2", "--timeout", "0.002", "--max-wait-ms", "50")
+    try:
+        full = small.post({"inputs": ["a", "b", "c"]})
+        assert full.status_code == 503 and full.headers["retry-after"] == "1"
+        slow = small.post({"inputs": ["a"]})
+        assert slow.status_code == 504
+        assert httpx.get(f"{small.url}/healthz").status_code == 200
+    finally:
+        small.stop()
+
+
+def test_graceful_shutdown_finishes_requests_in_flight(models):
+    server = Server("--model", str(models["classification"][0]), "--max-wait-ms", "1500")
+
+    async def fire_then_stop():
+        async with httpx.AsyncClient(timeout=60) as client:
+            tasks = [asyncio.create_task(client.post(f"{server.url}/v1/predict", json={"inputs": [f"text {i}"]}))
+                     for i in range(10)]
+            await asyncio.sleep(0.5)  # the requests are in, waiting for their batch
+            server.proc.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*tasks)
+
+    responses = asyncio.run(fire_then_stop())
+    assert [r.status_code for r in responses] == [200] * 10
+    # uvicorn shuts down cleanly, then re-raises the signal it caught, so the exit status is SIGTERM's.
+    assert server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
