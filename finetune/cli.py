@@ -116,8 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # known, user-facing failures carry their own message
         from finetune.checkpoints import CheckpointError
         from finetune.data import DataError
+        from finetune.train import TrainingDiverged
 
-        if isinstance(e, (CheckpointError, DataError)):
+        if isinstance(e, (CheckpointError, DataError, TrainingDiverged)):
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise

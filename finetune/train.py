@@ -55,6 +55,19 @@ class RunState:
     recipe_hash: str = ""
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being a finite number; the message gives the step and what to try."""
+
+
+def diverged(step: int, lr: float, output_dir: str) -> TrainingDiverged:
+    last = resume.latest_checkpoint(output_dir)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+    return TrainingDiverged(
+        f"the loss is not a finite number at step {step} (learning rate {lr:.3g}); {kept}. Try a lower "
+        "training.learning_rate, a longer warmup, training.max_grad_norm (e.g. 1.0), or mixed_precision: no."
+    )
+
+
 @dataclass
 class RunResult:
     """What a finished run reports back."""
@@ -122,6 +135,8 @@ def train_one_epoch(
         progress.update(1)
         if state.step % cfg.logging_steps == 0 or state.step == total_steps:
             mean_loss = accelerator.reduce(running_loss / loss_count, reduction="mean").item()
+            if not math.isfinite(mean_loss):
+                raise diverged(state.step, scheduler.get_last_lr()[0], recipe.output_dir)
             elapsed = time.perf_counter() - window_start
             throughput = window_samples / elapsed if elapsed > 0 else 0.0
             tracker.log_metrics(
@@ -233,6 +248,8 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
 
     def run_evaluation() -> None:
         metrics, _ = evaluate(model, eval_dl, accelerator, task, recipe)
+        if not math.isfinite(metrics["loss"]):  # broken weights must never become a checkpoint
+            raise diverged(state.step, scheduler.get_last_lr()[0], recipe.output_dir)
         state.last_eval_step = state.step
         tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
         improved = is_improvement(metrics[metric], state.best_metric, greater)

@@ -121,3 +121,30 @@ def test_test_split_is_scored_with_the_best_model(tiny_checkpoints):
     )
     # The test file is the validation file, so the best model scores the same on both.
     assert result.test_metrics["accuracy"] == pytest.approx(result.best_metrics["accuracy"])
+
+
+def test_diverging_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_checkpoints, tmp_path):
+    recipe = Recipe.model_validate(tiny_recipe(
+        tiny_checkpoints["bert"], output_dir=str(tmp_path / "out"),
+        training={"max_steps": 12, "eval_strategy": "steps", "eval_steps": 2, "logging_steps": 1,
+                  "learning_rate": 0.5, "max_grad_norm": None, "warmup_ratio": 0.0, "scheduler": "constant"},
+    ))
+    import torch
+
+    real_forward = type(torch.nn.Module()).__call__
+    calls = {"n": 0}
+
+    def poisoned(model, *args, **kwargs):  # the loss turns NaN from the 5th training batch on
+        out = real_forward(model, *args, **kwargs)
+        if model.training and hasattr(out, "loss") and out.loss is not None and kwargs.get("labels") is not None:
+            calls["n"] += 1
+            if calls["n"] >= 5:
+                out.loss = out.loss * float("nan")
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.Module, "__call__", poisoned)
+        with pytest.raises(train.TrainingDiverged, match=r"not a finite number at step 5 .*last good checkpoint is .*step-4"):
+            train.main(recipe)
+    assert (tmp_path / "out" / "checkpoints" / "step-4" / "model.safetensors").is_file()
+    assert not (tmp_path / "out" / "checkpoints" / "step-6").exists()

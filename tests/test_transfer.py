@@ -34,3 +34,14 @@ def test_quickstart_reaches_target_accuracy(tmp_path):
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     answers = model.predict(["a gripping, beautiful film", "a dull, lifeless and tedious mess"])
     assert [a["label"] for a in answers] == ["positive", "negative"]
+
+    # `finetune serve` with no arguments serves the champion the quickstart registered (the README's example).
+    from tests.test_serving import Server
+
+    server = Server()
+    try:
+        response = server.post({"inputs": ["a gripping, beautiful film"]})
+        assert response.json()["predictions"][0]["label"] == "positive"
+        assert response.json()["model"] == "sst2-sentiment"
+    finally:
+        server.stop()

@@ -1,0 +1,248 @@
+"""Serving benchmark: `finetune serve` against a naive transformers-pipeline FastAPI endpoint.
+
+Both servers load the same model folder on the same machine and face the same load: C concurrent
+clients in a closed loop, one real SST-2 sentence per request, for a fixed time after a warm-up.
+The servers run one after the other, never together, so they do not fight for the cores.
+
+    python bench/serve.py                      # concurrency 1 and 16, 20 s each
+    python bench/serve.py --quick              # a smoke run (used by the test suite)
+    python bench/serve.py --server-args "--max-wait-ms 10 --max-batch-size 64"
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from pydantic import BaseModel
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "runs" / "quickstart" / "best"
+SERVERS = ("baseline", "finetune")
+
+
+def load_sentences() -> list[str]:
+    """SST-2 dev sentences: the full shared copy when present, else the one shipped in the repo."""
+    shared = ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
+    path = shared if shared.exists() else ROOT / "data" / "sst2" / "dev.tsv"
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        return [r["sentence"].strip() for r in rows if r["sentence"].strip()]
+
+
+class BaselineRequest(BaseModel):
+    # Module level: with postponed annotations FastAPI cannot resolve a class defined inside a function.
+    inputs: list[str]
+
+
+def baseline_server(model_dir: str, port: int, threads: int | None) -> None:
+    """What a naive user writes: a pipeline called once per request in a plain (threadpool) endpoint."""
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from transformers import pipeline
+
+    if threads:
+        torch.set_num_threads(threads)
+    # Truncate where our server does, so neither side does more work per sentence than the other.
+    meta = Path(model_dir) / "finetune.json"
+    max_length = json.loads(meta.read_text()).get("max_length", 512) if meta.exists() else 512
+    pipe = pipeline("text-classification", model=model_dir, tokenizer=model_dir, device="cpu")
+    pipe("warm-up", truncation=True, max_length=max_length)
+
+    app = FastAPI()
+
+    @app.post("/v1/predict")
+    def predict(body: BaselineRequest) -> dict:
+        return {"predictions": pipe(body.inputs, truncation=True, max_length=max_length)}
+
+    @app.get("/readyz")
+    def readyz() -> dict:
+        return {"status": "ready"}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def free_port() -> int:
+    """A port free on loopback right now (the server binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server subprocess on loopback; `start` returns once /readyz answers 200."""
+
+    def __init__(self, cmd: list[str], port: int, threads: int | None):
+        self.cmd, self.port = cmd, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.env = dict(os.environ)
+        if threads:
+            # `finetune serve` has no thread flag; torch sizes its intra-op pool from this variable.
+            self.env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        self.log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe, so a chatty server never blocks
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300) -> None:
+        import httpx
+
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.log.seek(0)
+        raise RuntimeError(f"server did not become ready: {shlex.join(self.cmd)}\n{self.log.read()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (no interpolation, so p99 is a latency some request really had)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered) + 0.5)) - 1))]
+
+
+async def run_load(url: str, sentences: list[str], concurrency: int, duration: float, warmup: float) -> dict:
+    """Closed-loop load: each client sends its next sentence as soon as the previous answer arrives."""
+    import httpx
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        begin = time.perf_counter()
+        measure_from, stop = begin + warmup, begin + warmup + duration
+        last_end = measure_from
+
+        async def client_loop(k: int) -> None:
+            nonlocal last_end
+            i = k * len(sentences) // concurrency  # offset so clients do not send the same sentence in lockstep
+            while (sent := time.perf_counter()) < stop:
+                try:
+                    response = await client.post("/v1/predict", json={"inputs": [sentences[i % len(sentences)]]})
+                    error = None if response.status_code == 200 else f"HTTP {response.status_code}: {response.text[:200]}"
+                except httpx.HTTPError as e:
+                    error = f"{type(e).__name__}: {e}"
+                done = time.perf_counter()
+                if sent >= measure_from:  # warm-up requests fill caches and connection pools; they do not count
+                    if error is None:
+                        latencies.append(done - sent)
+                    else:
+                        errors.append(error)
+                    last_end = max(last_end, done)
+                i += 1
+
+        # A request in flight at the end may take up to the client timeout; nothing waits longer.
+        await asyncio.wait_for(asyncio.gather(*(client_loop(k) for k in range(concurrency))), warmup + duration + 90)
+    elapsed = max(last_end - measure_from, 1e-9)
+    return {"concurrency": concurrency, "requests": len(latencies), "rps": len(latencies) / elapsed,
+            "p50_ms": percentile(latencies, 50) * 1000, "p99_ms": percentile(latencies, 99) * 1000,
+            "errors": len(errors), "first_errors": errors[:3]}
+
+
+def machine() -> dict:
+    """CPU model, usable cores and library versions, to print beside the figures."""
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    versions = {p: metadata.version(p) for p in ("torch", "transformers", "fastapi", "uvicorn")}
+    return {"cpu": cpu, "cores": cores, "python": sys.version.split()[0], **versions}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns the exit code (non-zero if any request failed)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="trained model folder (default: runs/quickstart/best)")
+    parser.add_argument("--concurrency", default="1,16", help="comma-separated client counts (default 1,16)")
+    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per concurrency level")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
+    parser.add_argument("--quick", action="store_true", help="smoke run: concurrency 1,4 for 2 s after 0.5 s warm-up")
+    parser.add_argument("--threads", type=int, help="torch threads for both servers (default: torch's own choice)")
+    parser.add_argument("--server-args", default="", help='extra arguments for finetune serve, e.g. "--max-wait-ms 10"')
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.baseline_server:
+        baseline_server(args.model, args.port, args.threads)
+        return 0
+    if not (Path(args.model) / "config.json").exists():
+        print(f"error: no trained model at {args.model}; run scripts/quickstart.sh first, or pass --model DIR",
+              file=sys.stderr)
+        return 2
+    if args.quick:
+        args.concurrency, args.duration, args.warmup = "1,4", 2.0, 0.5
+    levels = [int(c) for c in args.concurrency.split(",")]
+    sentences = load_sentences()
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    finetune_bin = Path(sys.executable).parent / "finetune"
+
+    results: dict[str, list[dict]] = {}
+    for name in SERVERS:
+        port = free_port()
+        cmd = ([sys.executable, str(Path(__file__).resolve()), "--baseline-server", "--model", args.model, "--port", str(port), *threads]
+               if name == "baseline" else
+               [str(finetune_bin), "serve", "--model", args.model, "--port", str(port), *shlex.split(args.server_args)])
+        server = Server(cmd, port, args.threads)
+        try:
+            server.start()
+            results[name] = [asyncio.run(run_load(server.url, sentences, c, args.duration, args.warmup)) for c in levels]
+        finally:
+            server.stop()
+
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cores']} cores; python {info['python']}, torch {info['torch']}, "
+          f"transformers {info['transformers']}, threads {args.threads or 'default'}")
+    print(f"command: python {shlex.join(['bench/serve.py', *(argv if argv is not None else sys.argv[1:])])}")
+    print(f"model: {args.model}; {len(sentences)} SST-2 sentences; {args.duration:g} s per level after {args.warmup:g} s warm-up\n")
+    print(f"{'server':<10} {'clients':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
+    for name in SERVERS:
+        for r in results[name]:
+            print(f"{name:<10} {r['concurrency']:>7} {r['rps']:>9.1f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['errors']:>7}")
+    print()
+    for ours, base in zip(results["finetune"], results["baseline"]):
+        print(f"ratio at {ours['concurrency']} clients: throughput {ours['rps'] / max(base['rps'], 1e-9):.2f}x, "
+              f"p99 {ours['p99_ms'] / max(base['p99_ms'], 1e-9):.2f}x (finetune / baseline)")
+    failures = [(n, r) for n in SERVERS for r in results[n] if r["errors"]]
+    for name, r in failures:
+        print(f"errors from {name} at {r['concurrency']} clients, e.g. {r['first_errors']}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "results": results}, indent=2))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""`bench/serve.py --quick` runs end to end on a tiny trained model (no timing is asserted: benchmarks are not tests)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from finetune import train
+from finetune.recipe import Recipe
+from tests.conftest import ROOT, tiny_recipe
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoints, tmp_path_factory):
+    """A tiny classifier trained for a few steps; its best folder is what `finetune serve` loads."""
+    root = tmp_path_factory.mktemp("bench")
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "FINETUNE_CACHE_DIR")}
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["FINETUNE_CACHE_DIR"] = str(root / "cache")
+    try:
+        recipe = Recipe.model_validate(tiny_recipe(
+            tiny_checkpoints["bert"], output_dir=str(root / "run"),
+            tracking={"log_model": False, "system_metrics": False, "experiment": "bench"}))
+        return train.main(recipe).best_dir
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_quick_benchmark_runs_both_servers(tiny_model, tmp_path):
+    report = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "bench/serve.py", "--quick", "--model", str(tiny_model), "--json", str(report)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()]
+    for server in ("baseline", "finetune"):
+        assert {row[1] for row in rows if row and row[0] == server} == {"1", "4"}, result.stdout
+    assert "ratio at 4 clients: throughput" in result.stdout
+    assert "torch" in result.stdout and "command: python bench/serve.py --quick" in result.stdout
+    assert report.exists()
