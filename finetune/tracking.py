@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,11 @@ class Tracker:
         mlflow.set_tracking_uri(tracking_uri(recipe))
         if run_id is None:
             mlflow.set_experiment(recipe.tracking.experiment or recipe.name)
+        # MLflow's generated names come from the global random state, which the seed fixes, so every
+        # run of a recipe would get the same name; a timestamp tells them apart.
+        name = recipe.tracking.run_name or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.run = mlflow.start_run(
-            run_id=run_id, run_name=None if run_id else recipe.tracking.run_name, nested=nested,
+            run_id=run_id, run_name=None if run_id else name, nested=nested,
             log_system_metrics=recipe.tracking.system_metrics,
         )
         self.run_id = self.run.info.run_id

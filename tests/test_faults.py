@@ -1,0 +1,75 @@
+"""Faults: a training run killed with SIGKILL resumes and ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.conftest import tiny_recipe, write_recipe
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+
+
+def _recipe(tiny_checkpoints, tmp_path, name: str) -> Path:
+    return write_recipe(tmp_path / f"{name}.yaml", tiny_recipe(
+        tiny_checkpoints["bert"], name=name, output_dir=str(tmp_path / name),
+        data={"max_train_samples": 512},
+        training={"max_steps": 40, "batch_size": 8, "eval_strategy": "steps", "eval_steps": 8, "logging_steps": 4},
+        tracking={"experiment": "faults", "system_metrics": False},
+    ))
+
+
+def _run(path: Path, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "finetune"), "run", str(path)], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+
+
+def test_sigkill_mid_run_then_rerun_resumes_in_the_same_mlflow_run(tiny_checkpoints, tmp_path):
+    whole = _run(_recipe(tiny_checkpoints, tmp_path, "whole"), tmp_path)
+    assert whole.wait(timeout=600) == 0, whole.stdout.read()[-3000:]
+
+    path = _recipe(tiny_checkpoints, tmp_path, "killed")
+    victim = _run(path, tmp_path)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while not (checkpoints / "step-16").is_dir():  # killed after its second checkpoint, mid-training
+        assert victim.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    assert not (checkpoints / "step-40").exists()
+
+    again = _run(path, tmp_path)  # the same command, no flag: it continues the interrupted run
+    out = again.communicate(timeout=600)[0]
+    assert again.returncode == 0, out[-3000:]
+    assert "resumed at step" in out
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    runs = {r.info.run_id: r for r in mlflow.search_runs(experiment_names=["faults"], output_format="list")}
+    assert len(runs) == 2, "the resumed training continues its MLflow run instead of starting a new one"
+    killed = [r for r in runs.values() if r.data.tags.get("finetune.resumed") == "true"]
+    assert len(killed) == 1 and killed[0].info.status == "FINISHED"
+    reference = [r for r in runs.values() if r is not killed[0]][0]
+    for name in ("best/accuracy", "best/loss"):
+        assert killed[0].data.metrics[name] == pytest.approx(reference.data.metrics[name], abs=1e-6)
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(killed[0].info.run_id, "eval/accuracy")]
+    assert steps == sorted(set(steps)) and steps[-1] == 40
+
+
+def test_unwritable_output_dir_is_reported_before_training(tiny_checkpoints, tmp_path):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the output folder should be")
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_checkpoints["bert"], output_dir=str(blocked / "out")))
+    done = subprocess.run([str(BIN / "finetune"), "run", str(path)], cwd=tmp_path, capture_output=True, text=True,
+                          env=os.environ.copy(), timeout=300)
+    assert done.returncode == 2
+    assert "output_dir: cannot write to" in done.stderr
+    assert not (tmp_path / "mlflow.db").exists()
