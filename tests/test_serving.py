@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -15,6 +16,8 @@ import httpx
 import mlflow
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from finetune import train
 from finetune.modeling import Predictor
@@ -255,3 +258,34 @@ def test_graceful_shutdown_finishes_requests_in_flight(models):
     assert [r.status_code for r in responses] == [200] * 10
     # uvicorn shuts down cleanly, then re-raises the signal it caught, so the exit status is SIGTERM's.
     assert server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=30)),
+    lambda children: st.one_of(st.lists(children, max_size=5), st.dictionaries(st.text(max_size=10), children, max_size=4)),
+    max_leaves=20,
+)
+bodies = st.one_of(
+    json_values,
+    st.fixed_dictionaries({"inputs": json_values}),
+    st.fixed_dictionaries({"inputs": st.lists(st.one_of(st.text(max_size=50), json_values), max_size=5),
+                           "options": st.dictionaries(st.sampled_from(["top_k", "threshold", "truncate", "x"]), json_values, max_size=3)}),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=bodies, content_type=st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded", ""]))
+def test_random_bodies_never_get_a_5xx(classifier, body, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    response = httpx.post(f"{classifier.url}/v1/predict", content=json.dumps(body).encode(), headers=headers, timeout=30)
+    assert response.status_code < 500, (body, response.text)
+    if response.status_code >= 400:
+        assert response.json()["detail"], "a 4xx says why"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=2000))
+def test_random_bytes_never_get_a_5xx_and_the_server_stays_up(classifier, raw):
+    response = httpx.post(f"{classifier.url}/v1/predict", content=raw, timeout=30)
+    assert 400 <= response.status_code < 500 or response.status_code == 200
+    assert httpx.get(f"{classifier.url}/healthz", timeout=10).status_code == 200
