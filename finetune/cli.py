@@ -130,8 +130,8 @@ def cmd_run(path: str, overrides: list[str], resume: bool = False) -> int:
     print(f"# resolved recipe ({path})\n{recipe_to_yaml(recipe)}")
     from finetune import train
 
-    train.main(recipe, resume_run=resume)
-    return 0
+    result = train.main(recipe, resume_run=resume)
+    return 3 if result.tracking_problem else 0  # trained, but the MLflow record is incomplete
 
 
 def _use_tracking_store() -> str:

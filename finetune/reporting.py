@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ class FinalReport:
     test_metrics: dict[str, float]
     model_uri: str | None
     champion: dict[str, Any] | None
+    tracking_problem: str | None = None
 
 
 def eval_loader(dataset, collator, recipe: Recipe) -> DataLoader:
@@ -61,7 +63,7 @@ def finish_run(recipe: Recipe, task: TaskDefinition, data: PreparedData, collato
         test_metrics, _ = evaluate(best, accelerator.prepare(eval_loader(data.test, collator, recipe)), accelerator, task, recipe)
         tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, step=state.step)
 
-    model_uri, champion = None, None
+    model_uri, champion, problem = None, None, None
     if accelerator.is_main_process:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
@@ -84,11 +86,11 @@ def finish_run(recipe: Recipe, task: TaskDefinition, data: PreparedData, collato
             tracker.log_artifacts(out)
         if recipe.tracking.log_model:
             model_uri = tracker.log_best_model(best_dir)
-            if recipe.tracking.register_as:
+            if recipe.tracking.register_as and model_uri:
                 from finetune.registry import register_and_maybe_promote
 
-                champion = register_and_maybe_promote(
-                    model_uri, tracker.run_id, recipe.tracking.register_as, recipe.task.metric_for_best,
+                champion = tracker.guarded(
+                    "register the model", register_and_maybe_promote, model_uri, tracker.run_id, recipe.tracking.register_as, recipe.task.metric_for_best,
                     state.best_metric, task.greater_is_better(recipe.task.metric_for_best), task.name, data.label_names,
                 )
         shown = ", ".join(f"{k} {v:.4f}" for k, v in state.best_metrics.items())
@@ -99,5 +101,8 @@ def finish_run(recipe: Recipe, task: TaskDefinition, data: PreparedData, collato
             print(f"registered {champion['name']} version {champion['version']}: {champion['decision']}")
         print(f"model: {best_dir}")
         print(f"MLflow: {tracker.url_hint}")
+        problem = tracker.report_failures(recipe.output_dir)
+        if problem:
+            print(f"warning: {problem}", file=sys.stderr)
     accelerator.wait_for_everyone()
-    return FinalReport(test_metrics, model_uri, champion)
+    return FinalReport(test_metrics, model_uri, champion, problem)

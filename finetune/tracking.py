@@ -9,12 +9,14 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from finetune.modeling import METADATA_FILE, Predictor
@@ -54,6 +56,14 @@ class Tracker:
     def __init__(self, recipe: Recipe, extra_tags: dict[str, str] | None = None, run_id: str | None = None,
                  nested: bool = False):
         self.recipe = recipe
+        # A tracking server that goes away must not stall training for minutes in the client's retries.
+        for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                           ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")):
+            os.environ.setdefault(key, value)
+        self.unsent: list[Metric] = []
+        self.failures: list[str] = []
+        self.local_history: dict[str, list[tuple[int, float]]] = {}
+        self._retry_after = 0.0
         mlflow.set_tracking_uri(tracking_uri(recipe))
         if run_id is None:
             mlflow.set_experiment(recipe.tracking.experiment or recipe.name)
@@ -78,44 +88,105 @@ class Tracker:
 
     def log_inputs(self, data: Any) -> None:
         """Record the training and evaluation data (source and content digest) with the run."""
+        self.guarded("log inputs", self._log_inputs, data)
+
+    def _log_inputs(self, data: Any) -> None:
         source = self.recipe.data.files or f"{self.recipe.data.dataset}/{self.recipe.data.dataset_config or ''}"
         for split, context in ((data.raw_train, "training"), (data.raw_eval, "evaluation")):
             dataset = mlflow.data.from_huggingface(split, path=json.dumps(source), name=f"{self.recipe.name}-{context}")
             mlflow.log_input(dataset, context=context)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Log scalar metrics; anything that is not a number is an error rather than silently dropped."""
+        """Log scalar metrics; anything that is not a number is an error rather than silently dropped.
+
+        When the tracking server cannot be reached, metrics are kept and sent with a later call, so
+        training goes on; what never gets through is written next to the model at the end.
+        """
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         dropped = set(metrics) - set(scalars)
         if dropped:
             raise TypeError(f"metrics must be numbers; not loggable: {sorted(dropped)}")
-        mlflow.log_metrics(scalars, step=step)
+        now = int(time.time() * 1000)
+        for name, value in scalars.items():
+            self.local_history.setdefault(name, []).append((step, value))
+            self.unsent.append(Metric(name, value, now, step))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send buffered metrics; after a failure, try again only every 30 seconds. True when nothing is left."""
+        if not self.unsent or time.monotonic() < self._retry_after:
+            return not self.unsent
+        client = mlflow.MlflowClient()
+        try:
+            while self.unsent:
+                client.log_batch(self.run_id, metrics=self.unsent[:1000])
+                del self.unsent[:1000]
+        except Exception as e:  # any transport or server error: keep the metrics, keep training
+            if not self.failures:
+                print(f"warning: MLflow at {tracking_uri(self.recipe)} cannot be reached ({type(e).__name__}); "
+                      "training goes on and metrics are kept to send later", file=sys.stderr)
+            self.failures.append(f"log metrics: {type(e).__name__}: {str(e)[:200]}")
+            self._retry_after = time.monotonic() + 30
+            return False
+        return True
+
+    def guarded(self, what: str, action, *args, **kwargs):
+        """Run one MLflow call; a failure is recorded and reported at the end instead of ending the run."""
+        try:
+            return action(*args, **kwargs)
+        except Exception as e:
+            self.failures.append(f"{what}: {type(e).__name__}: {str(e)[:200]}")
+            return None
+
+    def report_failures(self, output_dir: str | Path) -> str | None:
+        """After the run: a message about what did not reach MLflow (unsent metrics saved as JSON lines)."""
+        self._retry_after = 0.0
+        self.flush()
+        if not self.failures:
+            return None
+        lines = [f"MLflow at {tracking_uri(self.recipe)} failed during this run ({len(self.failures)} failed call(s); "
+                 f"first: {self.failures[0]})."]
+        if self.unsent:
+            path = Path(output_dir) / "mlflow_unsent_metrics.jsonl"
+            with open(path, "w") as f:
+                for m in self.unsent:
+                    f.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
+            lines.append(f"{len(self.unsent)} metric values were not logged to run {self.run_id}; they are in {path}.")
+        lines.append(f"The trained model is on disk in {Path(output_dir) / 'best'}.")
+        return " ".join(lines)
 
     def history(self) -> dict[str, list[tuple[int, float]]]:
-        """Every metric's (step, value) series so far, read back from MLflow (so resumed runs are whole)."""
-        client = mlflow.MlflowClient()
-        run = client.get_run(self.run_id)
-        return {
-            name: [(m.step, m.value) for m in sorted(client.get_metric_history(self.run_id, name), key=lambda m: m.step)]
-            for name in run.data.metrics
-            if name.startswith(("train/loss", "eval/"))
-        }
+        """Every metric's (step, value) series, read back from MLflow so a resumed run's curves are whole
+        (this process's own values when MLflow cannot be reached)."""
+        def read() -> dict[str, list[tuple[int, float]]]:
+            client = mlflow.MlflowClient()
+            run = client.get_run(self.run_id)
+            return {
+                name: [(m.step, m.value) for m in sorted(client.get_metric_history(self.run_id, name), key=lambda m: m.step)]
+                for name in run.data.metrics
+            }
+
+        found = (self.guarded("read metric history", read) if not self.unsent else None) or self.local_history
+        return {k: v for k, v in found.items() if k.startswith(("train/loss", "eval/"))}
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        self.guarded("set tags", mlflow.set_tags, {k: str(v) for k, v in tags.items()})
 
     def log_artifacts(self, folder: Path) -> None:
-        mlflow.log_artifacts(str(folder))
+        self.guarded("log artifacts", mlflow.log_artifacts, str(folder))
 
-    def log_best_model(self, model_dir: Path) -> str:
-        """Log the best model as an MLflow model; returns its URI (runs:/<id>/model)."""
-        with tempfile.TemporaryDirectory() as tmp:
-            build_mlflow_model(Path(model_dir), Path(tmp) / "model")
-            mlflow.log_artifacts(str(Path(tmp) / "model"), artifact_path="model")
-        return f"runs:/{self.run_id}/model"
+    def log_best_model(self, model_dir: Path) -> str | None:
+        """Log the best model as an MLflow model; returns its URI (runs:/<id>/model), or None if MLflow failed."""
+        def log() -> str:
+            with tempfile.TemporaryDirectory() as tmp:
+                build_mlflow_model(Path(model_dir), Path(tmp) / "model")
+                mlflow.log_artifacts(str(Path(tmp) / "model"), artifact_path="model")
+            return f"runs:/{self.run_id}/model"
+
+        return self.guarded("log the model", log)
 
     def end(self, status: str = "FINISHED") -> None:
-        mlflow.end_run(status=status)
+        self.guarded("end the run", mlflow.end_run, status=status)
 
     @property
     def url_hint(self) -> str:
@@ -128,8 +199,16 @@ class NullTracker:
     run_id = None
     url_hint = ""
 
+    failures: list[str] = []
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
+
+    def guarded(self, what: str, action, *args, **kwargs):
+        return None
+
+    def report_failures(self, output_dir: str | Path) -> str | None:
+        return None
 
     def log_inputs(self, data: Any) -> None:
         pass

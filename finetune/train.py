@@ -83,6 +83,8 @@ class RunResult:
     """BigBird: how many training batches ran with each attention type."""
     resumed_from: int | None = None
     """The step a resumed run continued from."""
+    tracking_problem: str | None = None
+    """What did not reach MLflow, if the tracking server failed during the run."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,4 +302,5 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
     finally:
         tracker.end(status)
     return RunResult(state.best_metrics, final.test_metrics, Path(recipe.output_dir) / "best", state.run_id,
-                     final.model_uri, state.step, state.train_seconds, state.attention_counts, resumed_from)
+                     final.model_uri, state.step, state.train_seconds, state.attention_counts, resumed_from,
+                     final.tracking_problem)

@@ -73,3 +73,50 @@ def test_unwritable_output_dir_is_reported_before_training(tiny_checkpoints, tmp
     assert done.returncode == 2
     assert "output_dir: cannot write to" in done.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tracking_server_going_away_does_not_kill_training(tiny_checkpoints, tmp_path):
+    import httpx
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+        path = _recipe(tiny_checkpoints, tmp_path, "outage")
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+        run = subprocess.Popen([str(BIN / "finetune"), "run", str(path)], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+        while not (tmp_path / "outage" / "checkpoints" / "step-8").is_dir():
+            assert run.poll() is None and time.time() < deadline + 300, run.stderr.read()[-3000:]
+            time.sleep(0.05)
+        os.killpg(server.pid, signal.SIGKILL)  # the tracking server dies mid-run
+        server.wait(timeout=30)
+        out, err = run.communicate(timeout=900)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    assert run.returncode == 3, err[-3000:]
+    assert "cannot be reached" in err and "training goes on" in err
+    assert "The trained model is on disk" in err
+    assert (tmp_path / "outage" / "best" / "model.safetensors").is_file()
+    unsent = (tmp_path / "outage" / "mlflow_unsent_metrics.jsonl").read_text().splitlines()
+    assert any('"eval/accuracy"' in line for line in unsent)
