@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = ["--threads", str(args.threads)] if args.threads else []
     finetune_bin = Path(sys.executable).parent / "finetune"
 
+    # Other work on the machine skews every figure; the load average before we start makes that visible.
+    load_before = os.getloadavg()[0]
     results: dict[str, list[dict]] = {}
     for name in SERVERS:
         port = free_port()
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores; python {info['python']}, torch {info['torch']}, "
-          f"transformers {info['transformers']}, threads {args.threads or 'default'}")
+          f"transformers {info['transformers']}, threads {args.threads or 'default'}; load average before {load_before:.2f}")
     print(f"command: python {shlex.join(['bench/serve.py', *(argv if argv is not None else sys.argv[1:])])}")
     print(f"model: {args.model}; {len(sentences)} SST-2 sentences; {args.duration:g} s per level after {args.warmup:g} s warm-up\n")
     print(f"{'server':<10} {'clients':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in failures:
         print(f"errors from {name} at {r['concurrency']} clients, e.g. {r['first_errors']}", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"machine": {**info, "load_before": load_before}, "args": vars(args), "results": results}, indent=2))
     return 1 if failures else 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -204,6 +205,13 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
         mixed_precision=choose_mixed_precision(cfg.mixed_precision),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:
+        raise RuntimeError(
+            f"{launched} processes were launched but Accelerate runs each one alone ({accelerator.distributed_type}); "
+            "they would train separate models. On machines without a GPU, launch with ACCELERATE_USE_CPU=1 "
+            "(see recipes/accelerate/cpu-2proc.yaml)."
+        )
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(resolved.path, recipe.model.trust_remote_code)
     data = setup_data(recipe, task, tokenizer, accelerator)
@@ -241,10 +249,12 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
         Tracker(recipe, {"finetune.checkpoint_source": resolved.source}, run_id=state.run_id, nested=nested)
         if accelerator.is_main_process else NullTracker()
     )
-    state.run_id = accelerator.gather_object([tracker.run_id])[0] if accelerator.num_processes > 1 else tracker.run_id
+    # Every process keeps the run id in its checkpoint state, so it comes from the main one.
+    state.run_id = broadcast_object_list([tracker.run_id])[0] if accelerator.num_processes > 1 else tracker.run_id
     tracker.log_inputs(data)
     if accelerator.is_main_process:
-        print(f"training {total_steps} steps ({updates_per_epoch}/epoch) on {len(data.train)} examples, "
+        print(f"training {total_steps} steps ({updates_per_epoch}/epoch) on {len(data.train)} examples "
+              f"with {accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}, "
               f"evaluating on {len(data.eval)}; tokenised data {'from cache' if data.cache_hit else 'built'}"
               + (f"; resumed at step {state.step} (MLflow run {state.run_id})" if resumed_from is not None else ""))
 

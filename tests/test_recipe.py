@@ -10,7 +10,8 @@ from finetune.cli import build_parser
 from finetune.recipe import Recipe, RecipeError, describe_fields, flatten, load_recipe, parse_override
 from tests.conftest import ROOT, write_recipe
 
-SHIPPED = sorted((ROOT / "recipes").rglob("*.yaml"))
+SHIPPED = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name != "accelerate")
+ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
 
 
 def test_recipes_are_shipped():
@@ -31,6 +32,17 @@ def test_every_shipped_recipe_parses_and_starts_with_its_command(path: Path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
     assert recipe.output_dir == f"runs/{path.stem}"
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_configs_load_and_start_with_their_command(path: Path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    rel = path.relative_to(ROOT)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and f"accelerate launch --config_file {rel}" in first and "-m finetune run" in first
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 2
 
 
 def _base(tmp_path: Path) -> dict:
