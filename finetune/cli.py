@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require this key (X-API-Key or Authorization: Bearer) on every route but /healthz and /readyz; default $FINETUNE_API_KEY")
-    serve.add_argument("--max-batch-size", type=int, default=32)
+    serve.add_argument("--max-batch-size", type=int, default=16,
+                       help="inputs per forward pass at most (16 measured fastest per sentence on 2 CPU cores)")
     serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     serve.add_argument("--max-queue", type=int, default=512, help="inputs waiting at most; beyond it requests get 503")
     serve.add_argument("--max-inputs", type=int, default=64, help="inputs per request at most")

@@ -140,10 +140,29 @@ class Predictor:
         return list(inputs), None
 
     @torch.inference_mode()
+    def encode(self, texts: list[str], pairs: list[str] | None) -> tuple[list[dict[str, list[int]]], list[bool]]:
+        """Model features for each input (truncated to max_length), and whether each input was truncated."""
+        limit = self.info.max_length
+        # One tokenisation at limit + 1 tells which inputs are too long; only those are encoded again at the
+        # limit (so pairs are truncated exactly as in training), which keeps the common case to one pass.
+        encoded = self.task.tokenize(self.tokenizer, texts, pairs, limit + 1)
+        features = [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
+        truncated = [len(f["input_ids"]) > limit for f in features]
+        long = [i for i, t in enumerate(truncated) if t]
+        if long:
+            again = self.task.tokenize(self.tokenizer, [texts[i] for i in long],
+                                       [pairs[i] for i in long] if pairs is not None else None, limit)
+            for j, i in enumerate(long):
+                features[i] = {k: again[k][j] for k in again}
+        return features, truncated
+
     def logits(self, texts: list[str], pairs: list[str] | None) -> np.ndarray:
         """Raw logits for every input, in input order (batches are formed by length to limit padding)."""
-        encoded = self.task.tokenize(self.tokenizer, texts, pairs, self.info.max_length)
-        features = [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
+        return self.logits_from_features(self.encode(texts, pairs)[0])
+
+    @torch.inference_mode()
+    def logits_from_features(self, features: list[dict[str, list[int]]]) -> np.ndarray:
+        """Raw logits for already encoded inputs (see `encode`), in input order."""
         order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
         out: list[np.ndarray | None] = [None] * len(features)
         for start in range(0, len(order), self.batch_size):

@@ -36,7 +36,7 @@ class Settings:
 
     max_inputs_per_request: int = 64
     max_body_bytes: int = 1_000_000
-    max_batch_size: int = 32
+    max_batch_size: int = 16
     max_batch_tokens: int = 8192
     max_wait_ms: float = 5.0
     max_queue: int = 512
@@ -153,8 +153,8 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
     queue_depth = Gauge("finetune_queue_depth", "Inputs waiting for a batch", registry=registry)
     state: dict[str, Any] = {"ready": False}
 
-    def run_batch(texts: list[str], pairs: list[str] | None) -> np.ndarray:
-        return predictor.logits(texts, pairs)
+    def run_batch(features: list[dict]) -> np.ndarray:
+        return predictor.logits_from_features(features)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -164,7 +164,7 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
         batcher.start()
         state["batcher"] = batcher
         queue_depth.set_function(lambda: batcher.depth)
-        warm = [("warm-up", "warm-up" if info.text_pair else None, 4)]
+        warm, _ = predictor.encode(["warm-up"], ["warm-up"] if info.text_pair else None)
         await asyncio.wait_for(asyncio.gather(*batcher.submit(warm)), timeout=600)
         state["ready"] = True
         yield
@@ -230,16 +230,14 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
                 raise _error(422, ["body", "inputs", i], "empty text")
             texts.append(text)
             pairs.append(pair)
-        encoded = predictor.tokenizer(texts, pairs if info.text_pair else None, truncation=False, verbose=False)
-        lengths = [len(ids) for ids in encoded["input_ids"]]
-        truncated = [n > info.max_length for n in lengths]
+        features, truncated = predictor.encode(texts, pairs if info.text_pair else None)
         if not body.options.truncate:
             too_long = [i for i, t in enumerate(truncated) if t]
             if too_long:
                 raise _error(422, ["body", "inputs", too_long[0]],
-                             f"{lengths[too_long[0]]} tokens; this model reads at most {info.max_length} (or set options.truncate)")
+                             f"longer than the {info.max_length} tokens this model reads (or set options.truncate)")
         try:
-            futures = state["batcher"].submit([(t, p, min(n, info.max_length)) for t, p, n in zip(texts, pairs, lengths)])
+            futures = state["batcher"].submit(features)
         except QueueFull as e:
             raise HTTPException(503, detail=f"busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
         try:

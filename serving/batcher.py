@@ -27,16 +27,18 @@ class QueueFull(RuntimeError):
 
 @dataclass
 class Item:
-    text: str
-    pair: str | None
-    length: int  # tokens after truncation, for the token budget
+    features: dict  # the encoded input (input_ids, attention_mask, ...), truncated to the model's length
     future: asyncio.Future = field(repr=False)
+
+    @property
+    def length(self) -> int:
+        return len(self.features["input_ids"])
 
 
 class Batcher:
     """Coalesce single inputs into batches and run them off the event loop."""
 
-    def __init__(self, run_batch: Callable[[list[str], list[str] | None], np.ndarray], *, max_batch_size: int = 32,
+    def __init__(self, run_batch: Callable[[list[dict]], np.ndarray], *, max_batch_size: int = 32,
                  max_batch_tokens: int = 8192, max_wait: float = 0.005, max_queue: int = 512,
                  on_batch: Callable[[int], None] | None = None):
         self.run_batch = run_batch
@@ -67,16 +69,16 @@ class Batcher:
             await self._task
         self._executor.shutdown(wait=True)
 
-    def submit(self, items: list[tuple[str, str | None, int]]) -> list[asyncio.Future]:
-        """Queue inputs (text, pair, token length); all or none, never past max_queue."""
+    def submit(self, items: list[dict]) -> list[asyncio.Future]:
+        """Queue encoded inputs; all or none, never past max_queue."""
         if self._closing:
             raise QueueFull("the server is shutting down")
         if len(self._pending) + len(items) > self.max_queue:
             raise QueueFull(f"{len(self._pending)} inputs are already waiting (limit {self.max_queue})")
         loop = asyncio.get_running_loop()
         futures = []
-        for text, pair, length in items:
-            item = Item(text, pair, length, loop.create_future())
+        for features in items:
+            item = Item(features, loop.create_future())
             self._pending.append(item)
             futures.append(item.future)
         self._wakeup.set()
@@ -112,10 +114,8 @@ class Batcher:
             batch = self._take_batch()
             if not batch:
                 continue
-            texts = [i.text for i in batch]
-            pairs = [i.pair for i in batch] if batch[0].pair is not None else None
             try:
-                logits = await loop.run_in_executor(self._executor, self.run_batch, texts, pairs)
+                logits = await loop.run_in_executor(self._executor, self.run_batch, [i.features for i in batch])
             except Exception as e:  # a model failure fails this batch's requests, never the worker
                 log.exception("inference failed")
                 for item in batch:
