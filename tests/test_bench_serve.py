@@ -48,3 +48,12 @@ def test_quick_benchmark_runs_both_servers(tiny_model, tmp_path):
     assert "ratio at 4 clients: throughput" in result.stdout
     assert "torch" in result.stdout and "command: python bench/serve.py --quick" in result.stdout
     assert report.exists()
+
+
+def test_quick_soak_runs_and_passes(tiny_model):
+    """`bench/soak.py --quick`: mixed valid and invalid load; no 5xx, right answers, bounded memory."""
+    result = subprocess.run([sys.executable, "bench/soak.py", "--quick", "--model", str(tiny_model)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "5xx: 0; wrong or failed answers: 0" in result.stdout
+    assert "invalid 4" in result.stdout and "valid 200" in result.stdout
