@@ -92,3 +92,29 @@ def test_run_refuses_before_training(tiny_checkpoints, tmp_path, capsys):
     assert code == 2
     assert "model.attention_type" in err
     assert not (tmp_path / "mlflow.db").exists(), "no MLflow run may start for a recipe that cannot train"
+
+
+def test_pickle_only_checkpoints_are_refused_unless_allowed(tiny_checkpoints, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_checkpoints["bert"], pickled)
+    weights = load_file(str(pickled / "model.safetensors"))
+    (pickled / "model.safetensors").unlink()
+    torch.save(weights, pickled / "pytorch_model.bin")
+    recipe = tiny_recipe(pickled)
+    code, out = _validate(tmp_path, recipe, capsys)
+    assert code != 0
+    assert "has only pickle weights (pytorch_model.bin)" in out and "model.allow_pickle: true" in out
+    code, out = _validate(tmp_path, recipe, capsys, "model.allow_pickle=true")
+    assert code == 0, out
+
+
+def test_remote_code_stays_off_by_default():
+    from finetune.recipe import ModelSection
+
+    assert ModelSection(checkpoint="x").trust_remote_code is False
+    assert ModelSection(checkpoint="x").allow_pickle is False
