@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -40,4 +41,23 @@ def preflight(recipe: Recipe) -> tuple[TaskDefinition, checkpoints.ResolvedCheck
         probe.unlink()
     except OSError as e:
         raise RecipeError(f"output_dir: cannot write to {out.resolve()}: {e.strerror}") from None
+    check_free_space(out, resolved.path, recipe.training.save_total_limit)
     return task, resolved
+
+
+def check_free_space(out: Path, checkpoint: Path, keep: int) -> None:
+    """Refuse to start when the disk cannot hold the checkpoints the run will write.
+
+    Each training-state checkpoint holds the weights and AdamW's two moments (about 3x the weights);
+    `keep` of them exist at once, plus one being written, plus the best model.
+    """
+    weights = sum(p.stat().st_size for p in Path(checkpoint).glob("*.safetensors")) or \
+        sum(p.stat().st_size for p in Path(checkpoint).glob("*.bin"))
+    needed = weights * (3 * (keep + 1) + 1)
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise RecipeError(
+            f"output_dir: {out.resolve()} has {free / 2**30:.1f} GiB free, but this run needs about "
+            f"{needed / 2**30:.1f} GiB for {keep + 1} checkpoints and the best model; free some space, "
+            "choose another output_dir, or lower training.save_total_limit"
+        )

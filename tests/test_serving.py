@@ -117,6 +117,14 @@ def test_parity_with_evaluation_predictions(classifier, models):
     assert [p["score"] for p in got] == pytest.approx(expected["score"].tolist(), abs=1e-5)
 
 
+def test_servers_bind_to_loopback_by_default():
+    from finetune.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve"]).host == "127.0.0.1"
+    assert parser.parse_args(["ui"]).host == "127.0.0.1"
+
+
 def test_info_health_readiness_and_docs(classifier):
     info = httpx.get(f"{classifier.url}/v1/model").json()
     assert info["task"] == "classification" and info["label_names"] == ["negative", "positive"]
@@ -228,7 +236,8 @@ def test_api_key_queue_limit_and_timeout(models):
         assert keyed.post({"inputs": ["x"]}, headers={"X-API-Key": "wrong"}).status_code == 401
         assert keyed.post({"inputs": ["x"]}, headers={"X-API-Key": "s3cret"}).status_code == 200
         assert keyed.post({"inputs": ["x"]}, headers={"Authorization": "Bearer s3cret"}).status_code == 200
-        assert httpx.get(f"{keyed.url}/v1/model").status_code == 401
+        for route in ("/v1/model", "/metrics", "/docs", "/openapi.json"):
+            assert httpx.get(f"{keyed.url}{route}").status_code == 401, route
         assert httpx.get(f"{keyed.url}/healthz").status_code == 200 and httpx.get(f"{keyed.url}/readyz").status_code == 200
     finally:
         keyed.stop()
