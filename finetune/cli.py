@@ -69,12 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require this key (X-API-Key or Authorization: Bearer) on every route but /healthz and /readyz; default $FINETUNE_API_KEY")
+    serve.add_argument("--backend", choices=["auto", "torch", "onnx", "onnx-int8"], default="auto",
+                       help="auto: ONNX Runtime when the model folder has model.onnx (finetune export), else PyTorch")
     serve.add_argument("--max-batch-size", type=int, default=16,
                        help="inputs per forward pass at most (16 measured fastest per sentence on 2 CPU cores)")
     serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     serve.add_argument("--max-queue", type=int, default=512, help="inputs waiting at most; beyond it requests get 503")
     serve.add_argument("--max-inputs", type=int, default=64, help="inputs per request at most")
     serve.add_argument("--timeout", type=float, default=30.0, help="seconds before a request gets 504")
+
+    export = sub.add_parser("export", help="export a trained model to ONNX Runtime, checked against PyTorch")
+    export.add_argument("model", help="a trained model folder (runs/<name>/best)")
+    export.add_argument("target", help="folder to write (the model folder plus model.onnx)")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--quantize", choices=["int8"], help="also write a dynamically quantized model.int8.onnx")
+    export.add_argument("--no-check", action="store_true", help="skip the parity check on the recipe's evaluation data")
 
     ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store, on loopback")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
@@ -103,6 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "export":
+            from finetune.export import ExportError, export_onnx
+
+            try:
+                report = export_onnx(args.model, args.target, args.quantize, check=not args.no_check)
+            except ExportError as e:
+                raise RecipeError(str(e)) from None
+            print(json.dumps(report, indent=2))
+            return 0
         if args.command == "ui":
             return cmd_ui(args.host, args.port)
         if args.command == "validate":
@@ -183,7 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not name:
             raise RecipeError(f"{args.recipe} sets no tracking.register_as, so it has no champion; use --model")
     try:
-        loaded = load_model(args.model, name)
+        loaded = load_model(args.model, name, args.backend)
     except ModelSourceError as e:
         raise RecipeError(str(e)) from None
     settings = Settings(

@@ -169,10 +169,13 @@ class Predictor:
             idx = order[start : start + self.batch_size]
             batch = self.collator([features[i] for i in idx])
             with attention_for_batch(self.model, batch["input_ids"]):
-                logits = self.model(**batch).logits.float().numpy()
+                logits = self._forward(batch)
             for row, i in zip(logits, idx):
                 out[i] = row
         return np.stack(out) if out else np.zeros((0, self.model.config.num_labels))
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        return self.model(**batch).logits.float().numpy()
 
     def predict(self, inputs: Sequence[Any], options: PostprocessOptions | None = None) -> list[dict[str, Any]]:
         """One answer per input: label and scores, labels over the threshold, or a value."""

@@ -49,7 +49,15 @@ def _champion_name() -> str:
     raise ModelSourceError(f"several registered models have a champion ({', '.join(sorted(names))}); choose one with --name")
 
 
-def load_model(source: str | None = None, name: str | None = None) -> LoadedModel:
+def _from_folder(path: Path, backend: str) -> Predictor:
+    from finetune.export import ONNX_FILE, OnnxPredictor
+
+    if backend == "onnx-int8" or backend == "onnx" or (backend == "auto" and (path / ONNX_FILE).is_file()):
+        return OnnxPredictor.from_dir(path, int8=backend == "onnx-int8")
+    return Predictor.from_dir(path)
+
+
+def load_model(source: str | None = None, name: str | None = None, backend: str = "auto") -> LoadedModel:
     """Load what `finetune serve` was asked to serve.
 
     source: a model folder (runs/<name>/best or an MLflow model folder), an MLflow run id, a runs:/ URI,
@@ -62,7 +70,7 @@ def load_model(source: str | None = None, name: str | None = None) -> LoadedMode
 
     if source and Path(source).is_dir():
         path = Path(source)
-        predictor = _from_mlflow_dir(path) if (path / "MLmodel").is_file() else Predictor.from_dir(path)
+        predictor = _from_mlflow_dir(path) if (path / "MLmodel").is_file() else _from_folder(path, backend)
         return LoadedModel(predictor, predictor.info.recipe_name or path.name, None, None, str(path))
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()

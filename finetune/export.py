@@ -1,0 +1,138 @@
+"""`finetune export --format onnx`: an ONNX Runtime copy of a trained model, checked against PyTorch.
+
+The export folder is the trained model folder (safetensors, tokenizer, finetune.json) plus `model.onnx`
+(and `model.int8.onnx` with dynamic int8 quantization). At export, both backends predict the recipe's
+evaluation split; their agreement and metric go into `export_report.json`, and an int8 model more than
+one point below the fp32 one on the recipe's metric fails the export, with the figures.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune.modeling import ModelInfo, Predictor
+
+ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+MAX_INT8_DROP = 0.01  # of the recipe's metric (one point of accuracy)
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be made, or that would answer differently from the trained model."""
+
+
+class OnnxPredictor(Predictor):
+    """A Predictor whose forward pass runs in ONNX Runtime; encoding and post-processing are the shared ones."""
+
+    def __init__(self, onnx_path: Path, tokenizer: Any, info: ModelInfo, config: Any, batch_size: int = 32):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.model = _ConfigOnly(config)  # the collator and BigBird guard read only the config
+        self.tokenizer = tokenizer
+        self.info = info
+        from finetune.tasks import get_task
+        from finetune.modeling import make_collator
+
+        self.task = get_task(info.task)
+        self.batch_size = batch_size
+        self.collator = make_collator(tokenizer, config)
+
+    @classmethod
+    def from_dir(cls, path: Path | str, int8: bool = False, **kwargs: Any) -> "OnnxPredictor":
+        from transformers import AutoConfig
+
+        from finetune.modeling import load_tokenizer, read_model_info
+
+        path = Path(path)
+        onnx_path = path / (INT8_FILE if int8 else ONNX_FILE)
+        if not onnx_path.is_file():
+            raise ExportError(f"{path} has no {onnx_path.name}; make it with finetune export --format onnx")
+        return cls(onnx_path, load_tokenizer(path), read_model_info(path), AutoConfig.from_pretrained(path), **kwargs)
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        return self.session.run(None, {k: batch[k].numpy() for k in self.input_names})[0]
+
+
+class _ConfigOnly(torch.nn.Module):
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+
+
+def export_onnx(model_dir: str | Path, target: str | Path, quantize: str | None = None, check: bool = True) -> dict[str, Any]:
+    """Export, quantize if asked, check parity on the recipe's evaluation split; returns the report."""
+    model_dir, target = Path(model_dir), Path(target)
+    predictor = Predictor.from_dir(model_dir)
+    config = predictor.model.config
+    if config.model_type == "big_bird" and config.attention_type == "block_sparse":
+        raise ExportError(
+            "BigBird with block_sparse attention cannot be exported to ONNX: its sparse attention pattern is built "
+            "with Python control flow that tracing freezes into a wrong graph. Export a model trained with "
+            "model.attention_type: original_full, or serve this one with the PyTorch backend."
+        )
+    if target.resolve() != model_dir.resolve():
+        shutil.copytree(model_dir, target, dirs_exist_ok=True)
+    # Tracing passes inputs by position, so they go in the order of the model's forward() signature.
+    order = list(inspect.signature(predictor.model.forward).parameters)
+    names = sorted((n for n in predictor.tokenizer.model_input_names
+                    if n in ("input_ids", "attention_mask", "token_type_ids") and n in order), key=order.index)
+    if names != order[: len(names)]:
+        raise ExportError(f"cannot export {config.model_type}: its forward() does not start with {names}")
+    sample = predictor.tokenizer(["an example", "a second, longer example sentence"], padding=True, return_tensors="pt")
+    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
+    with torch.inference_mode():
+        torch.onnx.export(predictor.model.eval(), tuple(sample[n] for n in names), str(target / ONNX_FILE),
+                          input_names=names, output_names=["logits"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    if quantize == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(target / ONNX_FILE), str(target / INT8_FILE), weight_type=QuantType.QInt8)
+    report: dict[str, Any] = {"source": str(model_dir), "onnx": ONNX_FILE, "int8": INT8_FILE if quantize else None}
+    if check:
+        report.update(_parity(model_dir, target, predictor, quantize == "int8"))
+    (target / "export_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _parity(model_dir: Path, target: Path, reference: Predictor, int8: bool) -> dict[str, Any]:
+    from finetune.data import load_raw, make_splits, resolve_label_names
+    from finetune.recipe import load_recipe
+
+    recipe = load_recipe(model_dir / "recipe.yaml")
+    task = reference.task
+    raw = load_raw(recipe.data)
+    labels = resolve_label_names(raw[recipe.data.train_split], recipe.data, task)
+    _, evaluation, _ = make_splits(raw, recipe, task, labels)
+    texts = evaluation[recipe.data.text_column]
+    pairs = evaluation[recipe.data.text_pair_column] if recipe.data.text_pair_column else None
+    gold = np.asarray(evaluation["labels"])
+    metric = recipe.task.metric_for_best
+    greater = task.greater_is_better(metric)
+    features, _ = reference.encode(texts, pairs)
+    results: dict[str, Any] = {"examples": len(texts), "metric": metric}
+    torch_logits = reference.logits_from_features(features)
+    results["pytorch"] = task.compute_metrics(torch_logits, gold, recipe.task.threshold)[metric]
+    for name, use_int8 in [("onnx_fp32", False)] + ([("onnx_int8", True)] if int8 else []):
+        logits = OnnxPredictor.from_dir(target, int8=use_int8).logits_from_features(features)
+        agree = task.predictions(logits, recipe.task.threshold) == task.predictions(torch_logits, recipe.task.threshold)
+        results[name] = task.compute_metrics(logits, gold, recipe.task.threshold)[metric]
+        results[f"{name}_agreement"] = float(np.mean(agree.all(axis=-1) if agree.ndim > 1 else agree))
+    if int8:
+        drop = (results["onnx_fp32"] - results["onnx_int8"]) * (1 if greater else -1)
+        if drop > MAX_INT8_DROP:
+            (target / INT8_FILE).unlink(missing_ok=True)
+            raise ExportError(
+                f"int8 quantization costs too much: {metric} {results['onnx_int8']:.4f} against {results['onnx_fp32']:.4f} "
+                f"in fp32 (more than {MAX_INT8_DROP:.2f} worse; agreement {results['onnx_int8_agreement']:.3f}). "
+                f"{INT8_FILE} was removed; the fp32 {ONNX_FILE} is kept."
+            )
+    return results

@@ -1,0 +1,73 @@
+"""ONNX export: parity with PyTorch, the int8 guard, BigBird refused, and serving the export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from finetune import train
+from finetune.cli import main as cli
+from finetune.export import ExportError, OnnxPredictor, export_onnx
+from finetune.modeling import Predictor
+from finetune.recipe import Recipe
+from tests.conftest import tiny_recipe
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture
+def trained(tiny_checkpoints):
+    return lambda family="bert", kind="classification", **extra: train.main(
+        Recipe.model_validate(tiny_recipe(tiny_checkpoints[family], kind, **extra))).best_dir
+
+
+@pytest.mark.parametrize("family,kind", [("bert", "classification"), ("distilbert", "pair"), ("bert", "multi_label")])
+def test_export_matches_pytorch(trained, tmp_path, family, kind):
+    best = trained(family, kind)
+    report = export_onnx(best, tmp_path / "onnx")
+    assert report["onnx_fp32_agreement"] == 1.0
+    assert report["onnx_fp32"] == pytest.approx(report["pytorch"])
+    assert json.loads((tmp_path / "onnx" / "export_report.json").read_text()) == report
+    texts = ["a gripping, beautiful film", "dull", "the plot is a mess but the acting is not bad at all"]
+    pairs = texts[::-1] if kind == "pair" else None
+    torch_logits = Predictor.from_dir(best).logits(texts, pairs)
+    onnx_logits = OnnxPredictor.from_dir(tmp_path / "onnx").logits(texts, pairs)
+    np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4)
+
+
+def test_int8_export_is_checked_against_fp32(trained, tmp_path):
+    best = trained()
+    try:
+        report = export_onnx(best, tmp_path / "q", quantize="int8")
+    except ExportError as e:  # allowed outcome: refused with the figures
+        assert "int8 quantization costs too much" in str(e) and "agreement" in str(e)
+        assert not (tmp_path / "q" / "model.int8.onnx").exists()
+        return
+    assert abs(report["onnx_int8"] - report["onnx_fp32"]) <= 0.01
+    assert (tmp_path / "q" / "model.int8.onnx").is_file()
+
+
+def test_block_sparse_bigbird_export_is_refused(tiny_checkpoints, tmp_path, capsys):
+    recipe = tiny_recipe(tiny_checkpoints["big_bird"], model={"checkpoint": str(tiny_checkpoints["big_bird"]),
+                                                              "max_length": 128, "attention_type": "block_sparse"},
+                         training={"max_steps": 2})
+    best = train.main(Recipe.model_validate(recipe)).best_dir
+    assert cli(["export", str(best), str(tmp_path / "bb")]) == 2
+    assert "BigBird with block_sparse attention cannot be exported to ONNX" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_serving_the_onnx_export(trained, tmp_path):
+    from tests.test_serving import Server
+
+    best = trained()
+    export_onnx(best, tmp_path / "onnx")
+    expected = Predictor.from_dir(best).predict(["a gripping, beautiful film"])[0]
+    server = Server("--model", str(tmp_path / "onnx"))
+    try:
+        (got,) = server.post({"inputs": ["a gripping, beautiful film"]}).json()["predictions"]
+        assert got["label"] == expected["label"] and got["score"] == pytest.approx(expected["score"], abs=1e-4)
+    finally:
+        server.stop()
