@@ -1,7 +1,7 @@
 """Training-state checkpoints: everything needed to continue an interrupted run exactly.
 
 A checkpoint is a folder `output_dir/checkpoints/step-<N>/` holding the model weights, the optimizer
-and scheduler state, every process's random-number states, the loop counters and the MLflow run id.
+and scheduler state (and the fp16 gradient scaler's, on GPUs), every process's random-number states, the loop counters and the MLflow run id.
 Written by hand rather than with `accelerator.save_state` because that pickles the optimizer and RNG
 states, and loading a pickle can run code: here tensors go to safetensors and the rest to JSON, so
 resuming never unpickles anything. Each checkpoint is written to a temporary folder and renamed into
@@ -63,6 +63,11 @@ def mark_finished(output_dir: str | Path) -> None:
     root = checkpoints_dir(output_dir)
     if root.is_dir():
         (root / FINISHED_FILE).write_text("finished\n")
+
+
+def _plain(state: dict[str, Any]) -> dict[str, Any]:
+    """GradScaler state with tensors turned into numbers, for JSON."""
+    return {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
 
 
 def _optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -134,6 +139,8 @@ def save_training_state(accelerator, model, optimizer, scheduler, counters: dict
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        if getattr(accelerator, "scaler", None) is not None:  # fp16 on GPU: the loss scale must carry over
+            (tmp / "scaler.json").write_text(json.dumps(_plain(accelerator.scaler.state_dict())))
         (tmp / STATE_FILE).write_text(json.dumps(counters, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -156,6 +163,8 @@ def load_training_state(accelerator, model, optimizer, scheduler, checkpoint: Pa
                               json.loads((checkpoint / "optimizer.json").read_text()))
     )
     scheduler.load_state_dict(json.loads((checkpoint / "scheduler.json").read_text()))
+    if getattr(accelerator, "scaler", None) is not None and (checkpoint / "scaler.json").is_file():
+        accelerator.scaler.load_state_dict(json.loads((checkpoint / "scaler.json").read_text()))
     rank = accelerator.process_index
     rng_file = checkpoint / f"rng-{rank}.safetensors"
     if rng_file.is_file():  # absent when resuming with more processes than were saved
