@@ -34,7 +34,11 @@ class OnnxPredictor(Predictor):
     def __init__(self, onnx_path: Path, tokenizer: Any, info: ModelInfo, config: Any, batch_size: int = 32):
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        # ONNX Runtime's worker threads spin while idle by default; in a server they would take CPU from the
+        # event loop that parses and answers requests between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.model = _ConfigOnly(config)  # the collator and BigBird guard read only the config
         self.tokenizer = tokenizer
