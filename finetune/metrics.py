@@ -1,6 +1,6 @@
 """Evaluation metrics that work offline.
 
-`evaluate.load("accuracy")` downloads a metric script from the Hugging Face hub at run time,
+`evaluate.load` with a metric's name downloads a metric script from the Hugging Face hub at run time,
 which fails on machines without internet (and makes results depend on a remote script), so
 the metrics this project relies on are thin wrappers over scikit-learn and SciPy, with the
 same names and definitions as the `evaluate` ones.

@@ -83,6 +83,24 @@ def isolated_stores(tmp_path, monkeypatch):
     yield
 
 
+def wait_for_http(url: str, proc, timeout: float = 120, interval: float = 0.3) -> bool:
+    """Poll `url` until it answers 200 (True), or the process exits or the time is up (False)."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            return False
+        time.sleep(interval)
+
+
 def first_rows(path: Path, n: int, target: Path) -> Path:
     """The header and first n rows of a TSV, written to target (to train and evaluate on the same examples)."""
     with open(path, encoding="utf-8") as f:

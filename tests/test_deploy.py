@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import pytest
 import yaml
 
 from finetune.cli import build_parser
-from tests.conftest import ROOT, tiny_recipe, write_recipe
+from tests.conftest import ROOT, tiny_recipe, wait_for_http, write_recipe
 from tests.test_serving import Server
 
 pytestmark = pytest.mark.e2e
@@ -209,15 +208,8 @@ def _mlflow_server(command: list[str], log: Path):
         proc = subprocess.Popen([str(BIN / "mlflow"), *command], stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, f"mlflow server did not start:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
+        assert wait_for_http(f"http://127.0.0.1:{port}/health", proc, interval=0.5), \
+            f"mlflow server did not start:\n{log.read_text()[-3000:]}"
         yield f"http://127.0.0.1:{port}"
     finally:
         if proc.poll() is None:

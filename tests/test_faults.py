@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import tiny_recipe, write_recipe
+from tests.conftest import tiny_recipe, wait_for_http, write_recipe
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -84,7 +84,6 @@ def _free_port() -> int:
 
 
 def test_tracking_server_going_away_does_not_kill_training(tiny_checkpoints, tmp_path):
-    import httpx
 
     port = _free_port()
     server = subprocess.Popen(
@@ -92,15 +91,8 @@ def test_tracking_server_going_away_does_not_kill_training(tiny_checkpoints, tmp
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "art")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
+        assert wait_for_http(f"http://127.0.0.1:{port}/health", server, interval=0.5), "mlflow server did not start"
         deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
         path = _recipe(tiny_checkpoints, tmp_path, "outage")
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
         run = subprocess.Popen([str(BIN / "finetune"), "run", str(path)], cwd=tmp_path, stdout=subprocess.PIPE,

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,7 +21,7 @@ from hypothesis import strategies as st
 from finetune import train
 from finetune.modeling import Predictor
 from finetune.recipe import Recipe
-from tests.conftest import tiny_recipe
+from tests.conftest import tiny_recipe, wait_for_http
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -40,16 +39,8 @@ class Server:
             [str(BIN / "finetune"), "serve", "--port", str(self.port), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
         )
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"server did not start:\n{self.proc.stdout.read()[-3000:]}")
-            time.sleep(0.3)
+        if not wait_for_http(f"{self.url}/readyz", self.proc):
+            raise RuntimeError(f"server did not start:\n{self.proc.stdout.read()[-3000:]}")
 
     def post(self, body, **kw) -> httpx.Response:
         return httpx.post(f"{self.url}/v1/predict", json=body, timeout=30, **kw)
