@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ class PreparedData:
     raw_train: datasets.Dataset
     raw_eval: datasets.Dataset
     cache_hit: bool = False
-    stats: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,12 +356,19 @@ def tokenize_splits(
     return {name: loaded[name] for name in splits}, False
 
 
-def prepare(recipe: Recipe, task: TaskDefinition, tokenizer: Any) -> PreparedData:
-    """Load, check, label, split and tokenise the recipe's data."""
+def load_splits(
+    recipe: Recipe, task: TaskDefinition
+) -> tuple[list[str] | None, datasets.Dataset, datasets.Dataset, datasets.Dataset | None]:
+    """Load, check and label the recipe's data: (label names, train, evaluation, test or None), untokenised."""
     raw = load_raw(recipe.data)
     check_columns(raw, recipe.data)
     label_names = resolve_label_names(raw[recipe.data.train_split], recipe.data, task)
-    train, evaluation, test = make_splits(raw, recipe, task, label_names)
+    return (label_names, *make_splits(raw, recipe, task, label_names))
+
+
+def prepare(recipe: Recipe, task: TaskDefinition, tokenizer: Any) -> PreparedData:
+    """Load, check, label, split and tokenise the recipe's data."""
+    label_names, train, evaluation, test = load_splits(recipe, task)
     splits = {"train": train, "eval": evaluation} | ({"test": test} if test is not None else {})
     tokenized, hit = tokenize_splits(splits, recipe, task, tokenizer)
     return PreparedData(

@@ -108,14 +108,12 @@ def export_onnx(model_dir: str | Path, target: str | Path, quantize: str | None 
 
 
 def _parity(model_dir: Path, target: Path, reference: Predictor, int8: bool) -> dict[str, Any]:
-    from finetune.data import load_raw, make_splits, resolve_label_names
+    from finetune.data import load_splits
     from finetune.recipe import load_recipe
 
     recipe = load_recipe(model_dir / "recipe.yaml")
     task = reference.task
-    raw = load_raw(recipe.data)
-    labels = resolve_label_names(raw[recipe.data.train_split], recipe.data, task)
-    _, evaluation, _ = make_splits(raw, recipe, task, labels)
+    _, _, evaluation, _ = load_splits(recipe, task)
     texts = evaluation[recipe.data.text_column]
     pairs = evaluation[recipe.data.text_pair_column] if recipe.data.text_pair_column else None
     gold = np.asarray(evaluation["labels"])

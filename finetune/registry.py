@@ -15,7 +15,6 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from finetune.metrics import is_improvement
-from finetune.tasks import get_task
 
 CHAMPION = "champion"
 
@@ -100,7 +99,3 @@ def champion_run_ids() -> set[str]:
         if current is not None and current.run_id:
             ids.add(current.run_id)
     return ids
-
-
-def greater_is_better(task: str, metric: str) -> bool:
-    return get_task(task).greater_is_better(metric)

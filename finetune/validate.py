@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from finetune import checkpoints
-from finetune.data import DataError, check_columns, label_counts, length_stats, load_raw, make_splits, resolve_label_names
+from finetune.data import DataError, label_counts, length_stats, load_splits
 from finetune.modeling import load_tokenizer
 from finetune.recipe import Recipe, load_recipe
 from finetune.tasks import get_task
@@ -40,14 +40,12 @@ def validate(path: str, overrides: list[str]) -> int:
     problems: list[str] = []
     tokenizer = _check_checkpoint(recipe, problems)
     try:
-        raw = load_raw(recipe.data)
-        check_columns(raw, recipe.data)
-        label_names = resolve_label_names(raw[recipe.data.train_split], recipe.data, task)
-        train, evaluation, test = make_splits(raw, recipe, task, label_names)
+        label_names, train, evaluation, test = load_splits(recipe, task)
     except DataError as e:
         problems.append(str(e))
     else:
-        carved = "" if recipe.data.eval_split in raw else f" (carved: {recipe.data.validation_size:.0%} of train)"
+        carved = "" if str(evaluation.split) == recipe.data.eval_split \
+            else f" (carved: {recipe.data.validation_size:.0%} of train)"
         print(f"data: train {len(train)}, eval {len(evaluation)}{carved}" + (f", test {len(test)}" if test is not None else ""))
         if label_names is not None:
             print(f"labels ({len(label_names)}): {', '.join(label_names)}")

@@ -101,6 +101,25 @@ def wait_for_http(url: str, proc, timeout: float = 120, interval: float = 0.3) -
         time.sleep(interval)
 
 
+def train_outside_test(root: Path, recipe: dict):
+    """Train a recipe dict with its MLflow store and cache under `root` (for module-scoped fixtures, which run
+    outside the per-test isolation); returns the RunResult."""
+    from finetune import train
+    from finetune.recipe import Recipe
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "FINETUNE_CACHE_DIR")}
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["FINETUNE_CACHE_DIR"] = str(root / "cache")
+    try:
+        return train.main(Recipe.model_validate(recipe))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def first_rows(path: Path, n: int, target: Path) -> Path:
     """The header and first n rows of a TSV, written to target (to train and evaluate on the same examples)."""
     with open(path, encoding="utf-8") as f:

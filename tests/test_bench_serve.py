@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from finetune import train
-from finetune.recipe import Recipe
-from tests.conftest import ROOT, tiny_recipe
+from tests.conftest import ROOT, tiny_recipe, train_outside_test
 
 pytestmark = pytest.mark.e2e
 
@@ -19,20 +16,9 @@ pytestmark = pytest.mark.e2e
 def tiny_model(tiny_checkpoints, tmp_path_factory):
     """A tiny classifier trained for a few steps; its best folder is what `finetune serve` loads."""
     root = tmp_path_factory.mktemp("bench")
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "FINETUNE_CACHE_DIR")}
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    os.environ["FINETUNE_CACHE_DIR"] = str(root / "cache")
-    try:
-        recipe = Recipe.model_validate(tiny_recipe(
-            tiny_checkpoints["bert"], output_dir=str(root / "run"),
-            tracking={"log_model": False, "system_metrics": False, "experiment": "bench"}))
-        return train.main(recipe).best_dir
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return train_outside_test(root, tiny_recipe(
+        tiny_checkpoints["bert"], output_dir=str(root / "run"),
+        tracking={"log_model": False, "system_metrics": False, "experiment": "bench"})).best_dir
 
 
 def test_quick_benchmark_runs_both_servers(tiny_model, tmp_path):

@@ -18,10 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from finetune import train
 from finetune.modeling import Predictor
-from finetune.recipe import Recipe
-from tests.conftest import tiny_recipe, wait_for_http
+from tests.conftest import tiny_recipe, train_outside_test, wait_for_http
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -55,23 +53,12 @@ class Server:
 def models(tiny_checkpoints, tmp_path_factory):
     """One tiny model per task, trained for a few steps, with its MLflow run (for the parity check)."""
     root = tmp_path_factory.mktemp("served")
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "FINETUNE_CACHE_DIR")}
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    os.environ["FINETUNE_CACHE_DIR"] = str(root / "cache")
     out = {}
-    try:
-        for kind, family in [("classification", "bert"), ("pair", "distilbert"), ("regression", "bert"), ("multi_label", "bert")]:
-            recipe = Recipe.model_validate(tiny_recipe(
-                tiny_checkpoints[family], kind, output_dir=str(root / kind),
-                tracking={"log_model": False, "system_metrics": False, "experiment": "served"}))
-            result = train.main(recipe)
-            out[kind] = (result.best_dir, result.run_id)
-    finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    for kind, family in [("classification", "bert"), ("pair", "distilbert"), ("regression", "bert"), ("multi_label", "bert")]:
+        result = train_outside_test(root, tiny_recipe(
+            tiny_checkpoints[family], kind, output_dir=str(root / kind),
+            tracking={"log_model": False, "system_metrics": False, "experiment": "served"}))
+        out[kind] = (result.best_dir, result.run_id)
     out["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
     return out
 

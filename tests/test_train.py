@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from finetune import train
-from finetune.data import load_raw
+from finetune.data import load_splits
 from finetune.modeling import Predictor
 from finetune.recipe import Recipe
 from finetune.tasks import get_task
@@ -22,12 +22,8 @@ def _run(recipe_dict: dict) -> tuple[Recipe, train.RunResult]:
 
 def _predictor_metrics(recipe: Recipe, result: train.RunResult) -> dict[str, float]:
     """Score the saved best model through the serving path (Predictor) on the same evaluation examples."""
-    from finetune.data import make_splits, resolve_label_names
-
     task = get_task(recipe.task.type)
-    raw = load_raw(recipe.data)
-    labels = resolve_label_names(raw[recipe.data.train_split], recipe.data, task)
-    _, evaluation, _ = make_splits(raw, recipe, task, labels)
+    _, _, evaluation, _ = load_splits(recipe, task)
     predictor = Predictor.from_dir(result.best_dir)
     texts = evaluation[recipe.data.text_column]
     pairs = evaluation[recipe.data.text_pair_column] if recipe.data.text_pair_column else None
