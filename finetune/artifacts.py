@@ -45,6 +45,55 @@ def write_evaluation_artifacts(out_dir: Path, *, task: TaskDefinition, label_nam
     return written
 
 
+def write_span_artifacts(out_dir: Path, *, task: TaskDefinition, recipe_data, raw, outputs, metrics: dict[str, float]) -> list[Path]:
+    """Evaluation files of the span and choice tasks, mistakes first.
+
+    token_classification: predictions.csv (words, gold and predicted tags) and per_entity_type.csv/.md;
+    question_answering: predictions.csv (question, predicted answer, gold answers, exact match, F1);
+    multiple_choice: predictions.csv (context, choices, gold, predicted, score).
+    """
+    from finetune.metrics import normalize_answer, squad_f1
+    from finetune.tasks import softmax
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if task.name == "token_classification":
+        words = [" ".join(map(str, row)) for row in raw[recipe_data.text_column]]
+        frame = pd.DataFrame({"words": words[: len(outputs["gold"])],
+                              "gold": [" ".join(t) for t in outputs["gold"]],
+                              "predicted": [" ".join(t) for t in outputs["predicted"]]})
+        frame["correct"] = frame["gold"] == frame["predicted"]
+        frame = frame.sort_values("correct", kind="stable")
+        kinds = sorted(k.removeprefix("f1_") for k in metrics if k.startswith("f1_"))
+        table = pd.DataFrame([[k, metrics.get(f"precision_{k}", 0.0), metrics.get(f"recall_{k}", 0.0), metrics[f"f1_{k}"]]
+                              for k in kinds] + [["all (micro)", metrics["precision"], metrics["recall"], metrics["f1"]]],
+                             columns=["entity type", "precision", "recall", "f1"])
+        table.to_csv(out_dir / "per_entity_type.csv", index=False, float_format="%.4f")
+        (out_dir / "per_entity_type.md").write_text(_markdown_table(table))
+        written += [out_dir / "per_entity_type.csv", out_dir / "per_entity_type.md"]
+    elif task.name == "question_answering":
+        frame = pd.DataFrame({"question": raw[recipe_data.question_column], "predicted": outputs["predicted"],
+                              "gold": [" | ".join(g) for g in outputs["gold"]]})
+        frame["exact_match"] = [max((normalize_answer(p) == normalize_answer(a) for a in g or [""]), default=False)
+                                for p, g in zip(outputs["predicted"], outputs["gold"])]
+        frame["f1"] = [max((squad_f1(p, a) for a in g or [""]), default=0.0) for p, g in zip(outputs["predicted"], outputs["gold"])]
+        frame = frame.sort_values("f1", kind="stable")
+    else:
+        probs = softmax(np.asarray(outputs, dtype=np.float64))
+        columns = recipe_data.choice_columns
+        rows = raw[:]
+        choices = [[str(c) for c in r] for r in rows[columns[0]]] if len(columns) == 1 else \
+            [[str(rows[c][i]) for c in columns] for i in range(len(raw))]
+        gold = [int(v) for v in rows[recipe_data.label_column]] if recipe_data.label_column in rows else list(raw["labels"])
+        frame = pd.DataFrame({"context": rows[recipe_data.text_column], "choices": [" | ".join(c) for c in choices],
+                              "gold": gold, "predicted": probs.argmax(axis=1), "score": probs.max(axis=1)})
+        frame["correct"] = frame["gold"] == frame["predicted"]
+        frame = frame.sort_values(["correct", "score"], ascending=[True, False], kind="stable")
+    frame.to_csv(out_dir / "predictions.csv", index=False)
+    return [out_dir / "predictions.csv", *written]
+
+
 def _write_predictions(path, task, label_names, texts, pairs, gold, pred, answers) -> Path:
     frame = pd.DataFrame({"text": list(texts)})
     if pairs is not None:

@@ -4,6 +4,17 @@ transformers' BigBird silently switches a block-sparse model to full attention t
 it sees a short batch, and never switches back (transformers issue 20031). Here the attention
 type is decided before each forward pass from the batch's padded length, set explicitly, and the
 configured type is restored afterwards, so no batch inherits the state the previous one left.
+
+The rule: a batch runs block-sparse attention when its padded length is at least the model's
+`sparse_attention_min_length` (the recipe's `model.sparse_attention_min_length`, saved in the model's
+config.json and finetune.json so evaluation and serving apply the rule training used), else full
+attention. It is never below the length transformers needs for block-sparse, so transformers' own
+silent fallback never fires.
+
+Evaluation is deterministic: in eval mode transformers draws no random blocks (they are all block 0,
+transformers PR 23056), and `plan_batches` keeps the inputs that run block-sparse apart from inputs
+of other padded lengths, because a block-sparse input's result depends on the padded length (the last
+global block and the sliding windows move with it).
 """
 
 from __future__ import annotations
@@ -14,7 +25,11 @@ from typing import Iterator
 import torch
 
 
+RULE_ATTRIBUTE = "sparse_attention_min_length"  # on the model config, so it is saved with the model
+
+
 def is_bigbird(model: torch.nn.Module) -> bool:
+    """Whether the model (or the config-only stand-in of an exported model) is a BigBird."""
     return getattr(getattr(model, "config", None), "model_type", None) == "big_bird"
 
 
@@ -24,11 +39,78 @@ def min_sparse_length(block_size: int, num_random_blocks: int) -> int:
     return (5 + 2 * num_random_blocks) * block_size + 1
 
 
-def attention_for_length(configured: str, length: int, block_size: int, num_random_blocks: int) -> str:
-    """The attention type a batch of this padded length runs with."""
-    if configured == "block_sparse" and length < min_sparse_length(block_size, num_random_blocks):
+def default_sparse_min_length(block_size: int, num_random_blocks: int) -> int:
+    """The default rule's threshold: the shortest multiple of block_size at which block-sparse can run.
+
+    Batches are padded to multiples of block_size, so this is the first padded length that can use it.
+    """
+    shortest = min_sparse_length(block_size, num_random_blocks)
+    return -(-shortest // block_size) * block_size
+
+
+def sparse_min_length(config, requested: int | None = None) -> int:
+    """The threshold a BigBird config runs with: `requested`, else the config's saved rule, else the default.
+
+    Raises ValueError naming the recipe field when the threshold is below what transformers allows.
+    """
+    shortest = min_sparse_length(config.block_size, config.num_random_blocks)
+    value = requested if requested is not None else getattr(config, RULE_ATTRIBUTE, None)
+    if value is None:
+        return default_sparse_min_length(config.block_size, config.num_random_blocks)
+    if value < shortest:
+        raise ValueError(
+            f"model.sparse_attention_min_length: {value} is below the {shortest} tokens block-sparse attention needs "
+            f"with block_size {config.block_size} and num_random_blocks {config.num_random_blocks}; allowed: at least "
+            f"{shortest} (= (5 + 2 x {config.num_random_blocks}) x {config.block_size} + 1)"
+        )
+    return value
+
+
+def attention_for_length(configured: str, length: int, block_size: int, num_random_blocks: int,
+                         min_length: int | None = None) -> str:
+    """The attention type a batch of this padded length runs with.
+
+    `min_length` is the rule's threshold (default: `default_sparse_min_length`); whatever it says, a
+    length too short for block-sparse runs full attention.
+    """
+    shortest = min_sparse_length(block_size, num_random_blocks)
+    threshold = max(min_length if min_length is not None else default_sparse_min_length(block_size, num_random_blocks),
+                    shortest)
+    if configured == "block_sparse" and length < threshold:
         return "original_full"
     return configured
+
+
+def attention_for_config(config, length: int) -> str:
+    """The attention type a batch of this padded length runs with, by the rule saved in a BigBird config."""
+    return attention_for_length(config.attention_type, length, config.block_size, config.num_random_blocks,
+                                sparse_min_length(config))
+
+
+def plan_batches(lengths: list[int], batch_size: int, config=None) -> list[list[int]]:
+    """Indices of inputs, grouped into batches so no input's result depends on the others in its batch.
+
+    Inputs go shortest first. For a block-sparse BigBird config, an input whose own padded length takes
+    block-sparse attention shares a batch only with inputs of the same padded length, and inputs that take
+    full attention never share one with them: otherwise a batch mate could change its attention type or
+    the block layout it is computed with. Other models are simply cut into batches of `batch_size`.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if config is None or getattr(config, "model_type", None) != "big_bird" or config.attention_type != "block_sparse":
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    block = config.block_size
+
+    def key(i: int) -> int | str:
+        padded = -(-lengths[i] // block) * block
+        return padded if attention_for_config(config, padded) == "block_sparse" else "full"
+
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and key(batches[-1][0]) == key(i):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 @contextmanager
@@ -40,10 +122,15 @@ def attention_for_batch(model: torch.nn.Module, input_ids: torch.Tensor, counts:
     if not is_bigbird(model):
         yield "default"
         return
-    base = model.base_model  # BigBirdModel: the object whose attention type transformers flips
     config = model.config
     configured = config.attention_type
-    chosen = attention_for_length(configured, input_ids.shape[1], config.block_size, config.num_random_blocks)
+    # The last axis is the sequence (multiple choice adds a choices axis before it).
+    chosen = attention_for_config(config, input_ids.shape[-1])
+    base = getattr(model, "base_model", None)  # BigBirdModel: the object whose attention type transformers flips
+    if not hasattr(base, "set_attention_type"):
+        # An exported model (config only): export refuses block_sparse, so it always runs full attention.
+        yield chosen
+        return
     base.set_attention_type(chosen)
     if counts is not None:
         counts[chosen] = counts.get(chosen, 0) + 1

@@ -123,7 +123,8 @@ def check_model_settings(config: PretrainedConfig, model: "object") -> list[str]
             f"model.max_length: {model.max_length} is longer than the checkpoint's {max_positions} positions; "
             f"allowed: at most {max_positions}"
         )
-    bigbird_keys = {k: getattr(model, k) for k in ("attention_type", "block_size", "num_random_blocks")}
+    bigbird_keys = {k: getattr(model, k) for k in ("attention_type", "block_size", "num_random_blocks",
+                                                    "sparse_attention_min_length")}
     if family != "big_bird":
         for key, value in bigbird_keys.items():
             if value is not None:
@@ -149,5 +150,16 @@ def check_model_settings(config: PretrainedConfig, model: "object") -> list[str]
             problems.append(
                 f"model.max_length: {model.max_length} is not a multiple of block_size {block}; "
                 f"allowed: a multiple such as {(model.max_length // block + 1) * block}"
+            )
+        rule = model.sparse_attention_min_length
+        if rule is not None and rule < shortest:
+            problems.append(
+                f"model.sparse_attention_min_length: {rule} is below the {shortest} tokens block-sparse attention needs "
+                f"with block_size {block} and num_random_blocks {rand}; allowed: at least {shortest}"
+            )
+        elif rule is not None and rule > model.max_length:
+            problems.append(
+                f"model.sparse_attention_min_length: {rule} is longer than model.max_length {model.max_length}, so no "
+                f"batch would use block_sparse; allowed: {shortest} to {model.max_length}, or attention_type original_full"
             )
     return problems

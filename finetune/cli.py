@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from finetune.recipe import RecipeError, describe_fields, load_recipe, recipe_to_yaml
+from finetune.tasks import InputError
 
 OVERRIDES_HELP = "recipe overrides as dotted KEY=VALUE, typed by the schema (e.g. training.learning_rate=3e-5)"
 
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="predict with a trained model")
     predict.add_argument("model", help="a model folder (runs/<name>/best), an MLflow run id, or a runs:/ or models:/ URI")
-    predict.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify; for pair models, give them two by two")
+    predict.add_argument("texts", nargs="+", metavar="TEXT", help="texts to predict for; pair models: two by two; QA and multiple choice: JSON objects")
     predict.add_argument("--json", action="store_true", help="print the full answers as JSON lines")
 
     compare = sub.add_parser("compare", help="compare finished runs, best first")
@@ -85,6 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quantize", choices=["int8"], help="also write a dynamically quantized model.int8.onnx")
     export.add_argument("--no-check", action="store_true", help="skip the parity check on the recipe's evaluation data")
 
+    convert = sub.add_parser(
+        "convert", help="turn a BERT or DistilBERT checkpoint into a long-context BigBird checkpoint (warm start)")
+    convert.add_argument("source", help="a BERT-family checkpoint: a hub id or a folder, resolved like model.checkpoint")
+    convert.add_argument("target", help="folder to write the BigBird checkpoint to (safetensors and tokenizer)")
+    convert.add_argument("--to", choices=["bigbird"], required=True, help="the long-context architecture to convert to")
+    convert.add_argument("--max-length", type=int, default=4096,
+                         help="positions of the new model; the 512 learned ones are tiled up to it (default 4096)")
+    convert.add_argument("--attention-type", choices=["block_sparse", "original_full"], default="block_sparse",
+                         help="the attention type saved in the config (default block_sparse)")
+    convert.add_argument("--block-size", type=int, default=64, help="block size of sparse attention (default 64)")
+    convert.add_argument("--num-random-blocks", type=int, default=3,
+                         help="random blocks each query block attends to (default 3)")
+    convert.add_argument("--tolerance", type=float, default=1e-4,
+                         help="largest allowed difference from the source's hidden states on inputs it can read")
+    convert.add_argument("--allow-pickle", action="store_true",
+                         help="accept a source whose weights exist only as pickle files (unpickling can run code)")
+    convert.add_argument("--overwrite", action="store_true", help="replace TARGET if it exists")
+
     ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store, on loopback")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     ui.add_argument("--port", type=int, default=5000)
@@ -121,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise RecipeError(str(e)) from None
             print(json.dumps(report, indent=2))
             return 0
+        if args.command == "convert":
+            return cmd_convert(args)
         if args.command == "ui":
             return cmd_ui(args.host, args.port)
         if args.command == "validate":
@@ -219,6 +240,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Warm-start a BigBird checkpoint from a BERT-family one and print the conversion report."""
+    from finetune.convert import ConversionError, convert_to_bigbird
+
+    try:
+        report = convert_to_bigbird(
+            args.source, args.target, max_length=args.max_length, attention_type=args.attention_type,
+            block_size=args.block_size, num_random_blocks=args.num_random_blocks, tolerance=args.tolerance,
+            allow_pickle=args.allow_pickle, overwrite=args.overwrite,
+        )
+    except ConversionError as e:
+        raise RecipeError(str(e)) from None
+    print(json.dumps(report, indent=2))
+    print(f"converted {report['source']} ({report['source_type']}) to BigBird with {report['max_length']} positions in "
+          f"{report['seconds']:.1f} s; with full attention on {report['parity_length']} tokens its hidden states differ "
+          f"from the source's by at most {report['parity_max_abs_diff']:.2e}. Use it as model.checkpoint: {report['target']}",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_ui(host: str, port: int) -> int:
     import subprocess
 
@@ -256,11 +297,20 @@ def load_model(source: str) -> tuple[Any, Any]:
 def cmd_predict(source: str, texts: list[str], as_json: bool) -> int:
     model, predictor = load_model(source)
     inputs: list[Any] = list(texts)
-    if predictor.info.text_pair:
+    if predictor.info.task in ("question_answering", "multiple_choice"):
+        try:  # structured inputs: one JSON object per argument
+            inputs = [json.loads(t) for t in texts]
+        except json.JSONDecodeError as e:
+            example = json.dumps(predictor.task.example_input(predictor.info.text_pair))
+            raise RecipeError(f"this model reads JSON objects such as '{example}': {e}") from None
+    elif predictor.info.text_pair:
         if len(texts) % 2:
             raise RecipeError(f"this model reads sentence pairs: give texts two by two (got {len(texts)})")
         inputs = [[texts[i], texts[i + 1]] for i in range(0, len(texts), 2)]
-    answers = model.predict(inputs)
+    try:
+        answers = model.predict(inputs)
+    except InputError as e:
+        raise RecipeError(f"input {e.index + 1}: {e}") from None
     for item, answer in zip(inputs, answers):
         if as_json:
             print(json.dumps({"input": item, **answer}))
@@ -268,6 +318,13 @@ def cmd_predict(source: str, texts: list[str], as_json: bool) -> int:
             print(f"{answer['label']}\t{answer['score']:.4f}\t{item}")
         elif "labels" in answer:
             print(f"{','.join(answer['labels']) or '-'}\t{item}")
+        elif "entities" in answer:
+            shown = "; ".join(f"{e['type']}: {e['text']} ({e['score']:.2f})" for e in answer["entities"]) or "-"
+            print(f"{shown}\t{item}")
+        elif "answer" in answer:
+            print(f"{answer['answer'] or '-'}\t{answer['score']:.4f}\t{item['question']}")
+        elif "choice" in answer:
+            print(f"{answer['choice']}\t{answer['score']:.4f}\t{answer['text']}")
         else:
             print(f"{answer['value']:.4f}\t{item}")
     return 0

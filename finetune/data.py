@@ -20,8 +20,9 @@ from typing import Any
 import datasets
 import numpy as np
 
+from finetune.readers import FormatError, rows_from_files
 from finetune.recipe import DataSection, Recipe
-from finetune.tasks import TaskDefinition
+from finetune.tasks import FeatureContext, TaskDefinition, TaskSettings
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ class PreparedData:
     raw_train: datasets.Dataset
     raw_eval: datasets.Dataset
     cache_hit: bool = False
+    eval_features: datasets.Dataset | None = None
+    """The evaluation features with the columns only post-processing reads (QA: example ids, offsets)."""
+    test_features: datasets.Dataset | None = None
+    raw_test: datasets.Dataset | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,28 +79,61 @@ def load_raw(data: DataSection) -> datasets.DatasetDict:
                 "data.files with local csv/tsv/json/jsonl/parquet files instead."
             ) from None
     assert data.files is not None
+    files = {split: [names] if isinstance(names, str) else list(names) for split, names in data.files.items()}
+    for split, names in files.items():
+        if not names:
+            raise DataError(f"data.files.{split}: no files given")
+        for name in names:
+            if not Path(name).is_file():
+                raise DataError(f"data.files.{split}: file not found: {name} (resolved to {Path(name).resolve()})")
+    reader = data.format
+    if reader == "auto" and all(Path(n).suffix.lower() == ".conll" for names in files.values() for n in names):
+        reader = "conll"
+    if reader != "auto":
+        return _read_with(reader, files)
     builders = set()
     kwargs: dict[str, Any] = {}
-    for split, name in data.files.items():
-        path = Path(name)
-        if not path.is_file():
-            raise DataError(f"data.files.{split}: file not found: {name} (resolved to {path.resolve()})")
-        suffix = path.suffix.lower()
-        if suffix not in FILE_FORMATS:
-            raise DataError(
-                f"data.files.{split}: {name} has an unknown ending {suffix!r}; allowed: {', '.join(FILE_FORMATS)}"
-            )
-        builder, extra = FILE_FORMATS[suffix]
-        builders.add(builder)
-        kwargs.update(extra)
+    for split, names in files.items():
+        for name in names:
+            suffix = Path(name).suffix.lower()
+            if suffix not in FILE_FORMATS:
+                raise DataError(
+                    f"data.files.{split}: {name} has an unknown ending {suffix!r}; allowed: {', '.join(FILE_FORMATS)} "
+                    "(or set data.format to conll or squad)"
+                )
+            builder, extra = FILE_FORMATS[suffix]
+            builders.add(builder)
+            kwargs.update(extra)
     if len(builders) > 1:
         raise DataError(f"data.files: all splits must share one format, got {', '.join(sorted(builders))}")
     builder = builders.pop()
     if builder == "csv":
         kwargs["quoting"] = 3 if data.quoting == "none" else 0  # csv.QUOTE_NONE / QUOTE_MINIMAL
         kwargs["keep_default_na"] = False  # the text "null" or "NA" is a sentence, not a missing value
-    files = {split: str(Path(p).resolve()) for split, p in data.files.items()}
-    return datasets.load_dataset(builder, data_files=files, **kwargs)
+        if data.column_names:
+            kwargs["column_names"] = list(data.column_names)
+    resolved = {split: [str(Path(p).resolve()) for p in names] for split, names in files.items()}
+    return datasets.load_dataset(builder, data_files=resolved, **kwargs)
+
+
+def _read_with(reader: str, files: dict[str, list[str]]) -> datasets.DatasetDict:
+    """CoNLL or SQuAD files, one Dataset per split."""
+    splits = {}
+    for split, names in files.items():
+        paths = [str(Path(n).resolve()) for n in names]
+        stamps = [(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+        try:
+            # from_generator keys its cache on these arguments, so edited files are read again.
+            splits[split] = datasets.Dataset.from_generator(
+                rows_from_files, gen_kwargs={"reader": reader, "paths": paths, "stamps": stamps}, split=split)
+        except FormatError as e:
+            raise DataError(f"data.files.{split}: {e}") from None
+        except Exception as e:  # datasets wraps generator errors in its own type
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, FormatError):
+                raise DataError(f"data.files.{split}: {cause}") from None
+            raise
+    return datasets.DatasetDict(splits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,11 +141,9 @@ def load_raw(data: DataSection) -> datasets.DatasetDict:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_columns(raw: datasets.DatasetDict, data: DataSection) -> None:
-    """Every split used must have the text, pair and label columns the recipe names."""
-    wanted = {"data.text_column": data.text_column, "data.label_column": data.label_column}
-    if data.text_pair_column:
-        wanted["data.text_pair_column"] = data.text_pair_column
+def check_columns(raw: datasets.DatasetDict, data: DataSection, task: TaskDefinition) -> None:
+    """Every split used must have the columns the recipe names for its task."""
+    wanted = task.columns(data)
     for split_name, split in raw.items():
         for key, column in wanted.items():
             if column not in split.column_names:
@@ -169,6 +205,14 @@ def resolve_label_names(train: datasets.Dataset, data: DataSection, task: TaskDe
     column = train[data.label_column]
     if task.name == "multi_label":
         values = {t for v in column for t in _multi_label_tokens(v, data.label_separator)}
+    elif task.name == "token_classification":
+        from finetune.task_ner import tag_order
+
+        values = {str(t) for row in column for t in (row or [])}
+        if len(values) < 2:
+            raise DataError(f"data.label_column: column {data.label_column!r} has {len(values)} distinct tag(s) "
+                            f"({sorted(values)}) in the train split; tagging needs at least 2")
+        return tag_order(values)
     else:
         values = {v for v in column if v is not None}
     if len(values) < 2:
@@ -200,13 +244,18 @@ def encode_labels(
 ) -> datasets.Dataset:
     """Add a `labels` column in the form the task's head expects, refusing values it cannot map."""
     column = data.label_column
+    if task.name == "question_answering":  # answers are read from their column while tokenising
+        return ds
     feature = ds.features[column]
     by_position = data.label_names is not None or isinstance(feature, datasets.ClassLabel) or isinstance(
         getattr(feature, "feature", None), datasets.ClassLabel
     )
     values = ds[column]
     bad: list[Any] = []
-    if task.name == "regression":
+    if task.name in ("token_classification", "multiple_choice"):
+        labels, bad = task.label_ids(values, label_names, by_position)
+        new_feature = datasets.Sequence(datasets.Value("int64")) if task.name == "token_classification" else datasets.Value("int64")
+    elif task.name == "regression":
         labels = []
         for v in values:
             try:
@@ -240,7 +289,7 @@ def encode_labels(
         new_feature = datasets.ClassLabel(names=label_names)
     if bad:
         shown = sorted({str(b) for b in bad})[:10]
-        allowed = "a number" if label_names is None else f"one of {label_names}" + (
+        allowed = ("a number" if task.name == "regression" else "a choice index 0, 1, ...") if label_names is None else f"one of {label_names}" + (
             f" or an id 0..{len(label_names) - 1}" if by_position else ""
         )
         raise DataError(
@@ -284,14 +333,6 @@ def make_splits(
     return train, evaluation, test
 
 
-def _texts(batch: dict[str, list], data: DataSection) -> tuple[list[str], list[str] | None]:
-    texts = ["" if t is None else str(t) for t in batch[data.text_column]]
-    pairs = None
-    if data.text_pair_column:
-        pairs = ["" if t is None else str(t) for t in batch[data.text_pair_column]]
-    return texts, pairs
-
-
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of everything that decides how the tokenizer splits text."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -312,7 +353,8 @@ def cache_root() -> Path:
 
 
 def tokenize_splits(
-    splits: dict[str, datasets.Dataset], recipe: Recipe, task: TaskDefinition, tokenizer: Any
+    splits: dict[str, datasets.Dataset], recipe: Recipe, task: TaskDefinition, tokenizer: Any,
+    label_names: list[str] | None = None,
 ) -> tuple[dict[str, datasets.Dataset], bool]:
     """Tokenise every split once; later runs with the same data, tokenizer and settings load the cache."""
     data = recipe.data
@@ -320,9 +362,11 @@ def tokenize_splits(
         "splits": {name: split._fingerprint for name, split in splits.items()},
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": recipe.model.max_length,
-        "columns": [data.text_column, data.text_pair_column],
+        "columns": task.columns(data),
         "task": task.name,
-        "version": 1,
+        "settings": recipe.task.model_dump(include={"label_all_tokens", "doc_stride"}),
+        "labels": label_names,
+        "version": 2,
     }
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:24]
     target = cache_root() / key
@@ -330,17 +374,16 @@ def tokenize_splits(
         loaded = datasets.load_from_disk(str(target))
         return {name: loaded[name] for name in splits}, True
 
-    def tokenize(batch: dict[str, list]) -> dict:
-        texts, pairs = _texts(batch, data)
-        return task.tokenize(tokenizer, texts, pairs, recipe.model.max_length)
-
+    settings = TaskSettings.from_dict(recipe.task.model_dump())
     tokenized = {}
     for name, split in splits.items():
-        keep = {"labels"}
+        ctx = FeatureContext(data, tokenizer, recipe.model.max_length, settings, label_names, train=name == "train")
         tokenized[name] = split.map(
-            tokenize,
+            task.features,
+            fn_kwargs={"ctx": ctx},
             batched=True,
-            remove_columns=[c for c in split.column_names if c not in keep],
+            with_indices=True,
+            remove_columns=[c for c in split.column_names if c not in task.keep_raw_columns],
             desc=f"tokenising {name}",
             load_from_cache_file=False,
         )
@@ -361,7 +404,7 @@ def load_splits(
 ) -> tuple[list[str] | None, datasets.Dataset, datasets.Dataset, datasets.Dataset | None]:
     """Load, check and label the recipe's data: (label names, train, evaluation, test or None), untokenised."""
     raw = load_raw(recipe.data)
-    check_columns(raw, recipe.data)
+    check_columns(raw, recipe.data, task)
     label_names = resolve_label_names(raw[recipe.data.train_split], recipe.data, task)
     return (label_names, *make_splits(raw, recipe, task, label_names))
 
@@ -370,15 +413,23 @@ def prepare(recipe: Recipe, task: TaskDefinition, tokenizer: Any) -> PreparedDat
     """Load, check, label, split and tokenise the recipe's data."""
     label_names, train, evaluation, test = load_splits(recipe, task)
     splits = {"train": train, "eval": evaluation} | ({"test": test} if test is not None else {})
-    tokenized, hit = tokenize_splits(splits, recipe, task, tokenizer)
+    tokenized, hit = tokenize_splits(splits, recipe, task, tokenizer, label_names)
+
+    def model_columns(ds: datasets.Dataset | None) -> datasets.Dataset | None:
+        extra = [c for c in task.eval_only_columns if ds is not None and c in ds.column_names]
+        return ds.remove_columns(extra) if extra else ds
+
     return PreparedData(
         train=tokenized["train"],
-        eval=tokenized["eval"],
-        test=tokenized.get("test"),
+        eval=model_columns(tokenized["eval"]),
+        test=model_columns(tokenized.get("test")),
         label_names=label_names,
         raw_train=train,
         raw_eval=evaluation,
         cache_hit=hit,
+        eval_features=tokenized["eval"],
+        test_features=tokenized.get("test"),
+        raw_test=test,
     )
 
 
@@ -386,30 +437,25 @@ def length_stats(split: datasets.Dataset, recipe: Recipe, task: TaskDefinition, 
     """Token-length percentiles before truncation, and the share of examples longer than max_length."""
     data = recipe.data
     sample = split if len(split) <= limit else split.shuffle(seed=recipe.training.seed).select(range(limit))
-    texts, pairs = _texts(sample[:], data)
-    encoded = tokenizer(texts, pairs, truncation=False, verbose=False)
-    lengths = np.array([len(ids) for ids in encoded["input_ids"]])
+    rows = sample[:]
+    lengths = np.array(task.token_lengths(rows, data, tokenizer))
     pct = np.percentile(lengths, [50, 90, 95, 99]).round().astype(int).tolist()
-    return {
+    extra: dict[str, Any] = {}
+    if task.name == "question_answering":
+        questions = [len(ids) for ids in tokenizer(rows[data.question_column], add_special_tokens=False)["input_ids"]]
+        windows = np.array(task.windows_needed(lengths, recipe.model.max_length, recipe.task.doc_stride, questions))
+        extra = {"multi_window_share": float((windows > 1).mean()), "windows_max": int(windows.max())}
+    return extra | {
         "examples": int(len(lengths)),
         "p50": pct[0],
         "p90": pct[1],
         "p95": pct[2],
         "p99": pct[3],
         "max": int(lengths.max()),
-        "truncated_share": float((lengths > recipe.model.max_length).mean()),
+        "truncated_share": 0.0 if task.name == "question_answering" else float((lengths > recipe.model.max_length).mean()),
     }
 
 
 def label_counts(split: datasets.Dataset, task: TaskDefinition, label_names: list[str] | None) -> dict[str, Any]:
-    """How many examples carry each label (regression: the value range)."""
-    labels = split["labels"]
-    if task.name == "regression":
-        arr = np.asarray(labels, dtype=float)
-        return {"min": float(arr.min()), "mean": float(arr.mean()), "max": float(arr.max())}
-    assert label_names is not None
-    if task.name == "multi_label":
-        counts = np.asarray(labels).sum(axis=0).astype(int)
-    else:
-        counts = np.bincount(np.asarray(labels, dtype=int), minlength=len(label_names))
-    return {name: int(c) for name, c in zip(label_names, counts)}
+    """How many examples carry each label (regression: the value range; NER: entities per type)."""
+    return task.label_counts(split, label_names)

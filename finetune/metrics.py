@@ -89,3 +89,81 @@ def is_improvement(new: float, best: float | None, greater_is_better: bool) -> b
     if best is None:
         return True
     return new > best if greater_is_better else new < best
+
+
+def named(*names: str, greater_is_better: bool = True) -> dict[str, Metric]:
+    """Metrics a task computes itself (over spans or entities, not aligned arrays): only names and direction."""
+
+    def not_array_metric(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+        raise TypeError("this metric is computed by its task definition, not from aligned arrays")
+
+    return {name: Metric(name, not_array_metric, greater_is_better) for name in names}
+
+
+# --- entities (NER) --------------------------------------------------------------------------
+
+
+def entity_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
+    """Entity-level precision, recall and F1 (seqeval, strict IOB2), overall and per entity type, plus token accuracy.
+
+    Strict mode counts an entity only when its type and both boundaries match, and ignores predicted
+    entities that break IOB2 (an I- tag with no B- before it), as the CoNLL evaluation does.
+    """
+    from seqeval.metrics import accuracy_score, classification_report
+    from seqeval.scheme import IOB2
+
+    report = classification_report(gold, predicted, mode="strict", scheme=IOB2, output_dict=True, zero_division=0)
+    scores = {
+        "precision": float(report["micro avg"]["precision"]),
+        "recall": float(report["micro avg"]["recall"]),
+        "f1": float(report["micro avg"]["f1-score"]),
+        "accuracy": float(accuracy_score(gold, predicted)),
+    }
+    for kind, row in report.items():
+        if kind.endswith(" avg"):
+            continue
+        scores[f"f1_{kind}"] = float(row["f1-score"])
+        scores[f"precision_{kind}"] = float(row["precision"])
+        scores[f"recall_{kind}"] = float(row["recall"])
+    return scores
+
+
+# --- extractive QA (SQuAD v1.1) ----------------------------------------------------------------
+# The official SQuAD v1.1 definitions, written out: `evaluate.load("squad")` fetches its script from the hub.
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, drop punctuation, the articles a/an/the, and extra white space (SQuAD's normalisation)."""
+    import re
+    import string
+
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def squad_f1(prediction: str, truth: str) -> float:
+    """Token-overlap F1 between a predicted and a gold answer, after normalisation."""
+    import collections
+
+    pred_tokens = normalize_answer(prediction).split()
+    true_tokens = normalize_answer(truth).split()
+    common = collections.Counter(pred_tokens) & collections.Counter(true_tokens)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_tokens), same / len(true_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(predictions: list[str], golds: list[list[str]]) -> dict[str, float]:
+    """Exact match and F1 (0-100), each the best over an example's gold answers, averaged over examples."""
+    if not predictions:
+        return {"exact_match": 0.0, "f1": 0.0}
+    em = f1 = 0.0
+    for prediction, answers in zip(predictions, golds):
+        answers = answers or [""]
+        em += max(float(normalize_answer(prediction) == normalize_answer(a)) for a in answers)
+        f1 += max(squad_f1(prediction, a) for a in answers)
+    return {"exact_match": 100.0 * em / len(predictions), "f1": 100.0 * f1 / len(predictions)}

@@ -30,7 +30,8 @@ class FinetunePyfunc:
 
         `params` may carry `threshold` (multi-label) and `top_k` (classification).
         """
-        inputs = _as_inputs(model_input, self.predictor.info.text_pair)
+        structured = self.predictor.info.task in ("question_answering", "multiple_choice")
+        inputs = _as_inputs(model_input, self.predictor.info.text_pair, structured)
         params = params or {}
         options = PostprocessOptions(
             threshold=float(params.get("threshold", self.predictor.info.threshold)),
@@ -39,19 +40,21 @@ class FinetunePyfunc:
         return self.predictor.predict(inputs, options)
 
 
-def _as_inputs(model_input: Any, text_pair: bool) -> list[Any]:
+def _as_inputs(model_input: Any, text_pair: bool, structured: bool = False) -> list[Any]:
     try:
         import pandas as pd
     except ImportError:  # pragma: no cover - pandas ships with mlflow
         pd = None
     if pd is not None and isinstance(model_input, pd.DataFrame):
+        if structured:  # QA and multiple choice: one {question, context} / {context, choices} object per row
+            return [{k: v for k, v in row.items() if v is not None} for row in model_input.to_dict(orient="records")]
         columns = list(model_input.columns)
         if text_pair and len(columns) >= 2:
             return [[str(a), str(b)] for a, b in zip(model_input[columns[0]], model_input[columns[1]])]
         return [v if isinstance(v, (list, tuple)) else str(v) for v in model_input[columns[0]]]
     if pd is not None and isinstance(model_input, pd.Series):
         model_input = model_input.tolist()
-    if isinstance(model_input, str):
+    if isinstance(model_input, (str, dict)):
         return [model_input]
     if hasattr(model_input, "tolist"):
         model_input = model_input.tolist()
@@ -61,10 +64,9 @@ def _as_inputs(model_input: Any, text_pair: bool) -> list[Any]:
 def _load_pyfunc(data_path: str) -> FinetunePyfunc:
     root = Path(data_path)
     info = ModelInfo(**json.loads((root / METADATA_FILE).read_text()))
-    from transformers import AutoModelForSequenceClassification
+    from finetune.modeling import load_tokenizer, model_class
+    from finetune.tasks import get_task
 
-    from finetune.modeling import load_tokenizer
-
-    model = AutoModelForSequenceClassification.from_pretrained(root / "model", use_safetensors=True)
+    model = model_class(get_task(info.task)).from_pretrained(root / "model", use_safetensors=True)
     tokenizer = load_tokenizer(root / "components" / "tokenizer")
     return FinetunePyfunc(Predictor(model, tokenizer, info))

@@ -12,18 +12,19 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+import transformers
+from transformers import AutoTokenizer
 
-from finetune.bigbird import attention_for_batch
+from finetune.bigbird import RULE_ATTRIBUTE, attention_for_batch, is_bigbird, plan_batches, sparse_min_length
 from finetune.checkpoints import CheckpointError, ResolvedCheckpoint, check_weights_format
 from finetune.recipe import ModelSection
-from finetune.tasks import PostprocessOptions, TaskDefinition, get_task
+from finetune.tasks import Encoded, PostprocessOptions, TaskDefinition, TaskSettings, get_task
 
 METADATA_FILE = "finetune.json"
 
@@ -40,6 +41,19 @@ class ModelInfo:
     checkpoint: str = ""
     recipe_name: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    """The recipe's task settings (finetune.tasks.TaskSettings) the model was trained and evaluated with."""
+    sparse_attention_min_length: int | None = None
+    """Block-sparse BigBird: the padded batch length from which batches run block-sparse (the rule it was trained with)."""
+
+    @property
+    def task_settings(self) -> TaskSettings:
+        return TaskSettings.from_dict({"threshold": self.threshold} | self.settings)
+
+
+def model_class(task: TaskDefinition) -> Any:
+    """The transformers Auto class for the task's head (a fixed registry: names come from task definitions, never YAML)."""
+    return getattr(transformers, task.auto_model)
 
 
 def build_model(resolved: ResolvedCheckpoint, model_cfg: ModelSection, task: TaskDefinition, label_names: list[str] | None):
@@ -53,19 +67,24 @@ def build_model(resolved: ResolvedCheckpoint, model_cfg: ModelSection, task: Tas
     for key in ("attention_type", "block_size", "num_random_blocks"):
         if getattr(model_cfg, key) is not None:
             extra[key] = getattr(model_cfg, key)
+    if task.problem_type is not None:
+        extra["problem_type"] = task.problem_type
+    if task.num_labels(label_names) is not None:
+        extra["num_labels"] = task.num_labels(label_names)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = model_class(task).from_pretrained(
             resolved.path,
-            num_labels=task.num_labels(label_names),
-            problem_type=task.problem_type,
             use_safetensors=not model_cfg.allow_pickle,
             trust_remote_code=model_cfg.trust_remote_code,
             **extra,
         )
     except ValueError as e:
         raise CheckpointError(
-            f"model.checkpoint: {resolved.name} has no sequence-classification head class in transformers ({e})"
+            f"model.checkpoint: {resolved.name} has no {task.auto_model.removeprefix('AutoModelFor')} head class in transformers ({e})"
         ) from None
+    if is_bigbird(model) and model.config.attention_type == "block_sparse":
+        # On the config, so save_pretrained carries the rule to evaluation, the MLflow model and serving.
+        setattr(model.config, RULE_ATTRIBUTE, sparse_min_length(model.config, model_cfg.sparse_attention_min_length))
     tokenizer = load_tokenizer(resolved.path, model_cfg.trust_remote_code)
     return model, tokenizer
 
@@ -74,10 +93,10 @@ def load_tokenizer(path: Path | str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def make_collator(tokenizer: Any, model_config: Any) -> DataCollatorWithPadding:
-    """Dynamic padding to the longest example of each batch (a multiple of the block size for BigBird)."""
+def make_collator(tokenizer: Any, model_config: Any, task: TaskDefinition) -> Any:
+    """The task's collator, padding each batch to its longest example (a multiple of the block size for BigBird)."""
     multiple = model_config.block_size if model_config.model_type == "big_bird" else None
-    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
+    return task.collator(tokenizer, multiple)
 
 
 def save_model_dir(target: Path, model: Any, tokenizer: Any, info: ModelInfo, recipe_yaml: str) -> Path:
@@ -88,6 +107,8 @@ def save_model_dir(target: Path, model: Any, tokenizer: Any, info: ModelInfo, re
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    if is_bigbird(model) and model.config.attention_type == "block_sparse":
+        info = replace(info, sparse_attention_min_length=sparse_min_length(model.config))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / METADATA_FILE).write_text(json.dumps(asdict(info), indent=2))
@@ -116,69 +137,74 @@ class Predictor:
         self.tokenizer = tokenizer
         self.info = info
         self.task = get_task(info.task)
+        self.settings = info.task_settings
         self.batch_size = batch_size
-        self.collator = make_collator(tokenizer, model.config)
+        self.collator = make_collator(tokenizer, model.config, self.task)
+        if is_bigbird(model) and info.sparse_attention_min_length is not None:
+            # finetune.json states the rule the model was trained with; it wins over whatever the config says.
+            setattr(model.config, RULE_ATTRIBUTE, sparse_min_length(model.config, info.sparse_attention_min_length))
 
     @classmethod
     def from_dir(cls, path: Path | str, tokenizer_path: Path | str | None = None, **kwargs: Any) -> "Predictor":
         """Load a model folder written by `save_model_dir` (safetensors only)."""
         info = read_model_info(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+        model = model_class(get_task(info.task)).from_pretrained(path, use_safetensors=True)
         tokenizer = load_tokenizer(tokenizer_path or path)
         return cls(model, tokenizer, info, **kwargs)
 
-    def split_inputs(self, inputs: Sequence[Any]) -> tuple[list[str], list[str] | None]:
-        """Texts (and second texts for pair models) from a list of strings or [text, text_pair] pairs."""
-        if self.info.text_pair:
-            bad = [i for i, x in enumerate(inputs) if not (isinstance(x, (list, tuple)) and len(x) == 2)]
-            if bad:
-                raise ValueError(f"this model reads sentence pairs: inputs {bad[:5]} are not [text, text_pair]")
-            return [str(x[0]) for x in inputs], [str(x[1]) for x in inputs]
-        bad = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
-        if bad:
-            raise ValueError(f"this model reads single texts: inputs {bad[:5]} are not strings")
-        return list(inputs), None
+    def encode_inputs(self, inputs: Sequence[Any]) -> Encoded:
+        """Check inputs (raising `InputError` for the first bad one) and turn them into model features."""
+        inputs = self.task.parse_inputs(inputs, self.info.text_pair)
+        return self.task.encode(self.tokenizer, inputs, self.info.text_pair, self.info.max_length, self.settings)
 
-    @torch.inference_mode()
-    def encode(self, texts: list[str], pairs: list[str] | None) -> tuple[list[dict[str, list[int]]], list[bool]]:
-        """Model features for each input (truncated to max_length), and whether each input was truncated."""
-        limit = self.info.max_length
-        # One tokenisation at limit + 1 tells which inputs are too long; only those are encoded again at the
-        # limit (so pairs are truncated exactly as in training), which keeps the common case to one pass.
-        encoded = self.task.tokenize(self.tokenizer, texts, pairs, limit + 1)
-        features = [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
-        truncated = [len(f["input_ids"]) > limit for f in features]
-        long = [i for i, t in enumerate(truncated) if t]
-        if long:
-            again = self.task.tokenize(self.tokenizer, [texts[i] for i in long],
-                                       [pairs[i] for i in long] if pairs is not None else None, limit)
-            for j, i in enumerate(long):
-                features[i] = {k: again[k][j] for k in again}
-        return features, truncated
+    def outputs(self, features: list[dict[str, Any]]) -> list[np.ndarray]:
+        """The model's output for every feature, in feature order (batches are formed by length to limit padding).
 
-    def logits(self, texts: list[str], pairs: list[str] | None) -> np.ndarray:
-        """Raw logits for every input, in input order (batches are formed by length to limit padding)."""
-        return self.logits_from_features(self.encode(texts, pairs)[0])
-
-    @torch.inference_mode()
-    def logits_from_features(self, features: list[dict[str, list[int]]]) -> np.ndarray:
-        """Raw logits for already encoded inputs (see `encode`), in input order."""
-        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-        out: list[np.ndarray | None] = [None] * len(features)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        Per-token outputs (NER, QA) are cut to each feature's own length. Batches are formed so that a
+        feature's attention type and block layout never depend on the features it is batched with (see
+        `plan_batches`), so a served input gets the same answer however requests are coalesced.
+        """
+        out: list[Any] = [None] * len(features)
+        for idx in plan_batches([_length(f) for f in features], self.batch_size, self.model.config):
             batch = self.collator([features[i] for i in idx])
             with attention_for_batch(self.model, batch["input_ids"]):
-                logits = self._forward(batch)
-            for row, i in zip(logits, idx):
-                out[i] = row
-        return np.stack(out) if out else np.zeros((0, self.model.config.num_labels))
+                rows = self._forward(batch)
+            for row, i in zip(rows, idx):
+                out[i] = row[: _length(features[i])] if self.task.per_token else row
+        return out
 
+    def logits(self, texts: list[str], pairs: list[str] | None) -> np.ndarray:
+        """Sequence tasks: raw logits for every text (or pair), in input order."""
+        return self.logits_from_features(self.encode(texts, pairs)[0])
+
+    def encode(self, texts: list[str], pairs: list[str] | None) -> tuple[list[dict[str, Any]], list[bool]]:
+        """Sequence tasks: features for texts (or pairs), truncated to max_length, and which were truncated."""
+        inputs = list(zip(texts, pairs)) if pairs is not None else list(texts)
+        encoded = self.task.encode(self.tokenizer, inputs, self.info.text_pair, self.info.max_length, self.settings)
+        return encoded.features, encoded.truncated
+
+    def logits_from_features(self, features: list[dict[str, Any]]) -> np.ndarray:
+        """Sequence tasks: raw logits for already encoded inputs (see `encode`), in input order."""
+        rows = self.outputs(features)
+        return np.stack(rows) if rows else np.zeros((0, self.model.config.num_labels))
+
+    @torch.inference_mode()
     def _forward(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
-        return self.model(**batch).logits.float().numpy()
+        return self.task.output_array(self.model(**batch)).float().numpy()
+
+    def answer(self, inputs: Sequence[Any], encoded: Encoded, rows: Sequence[np.ndarray],
+               options: PostprocessOptions | None = None) -> list[dict[str, Any]]:
+        """One answer per input from the outputs of its features (the task definition's post-processing)."""
+        options = options or PostprocessOptions(threshold=self.info.threshold)
+        return self.task.answer(list(inputs), encoded, rows, self.info.label_names, self.settings, options)
 
     def predict(self, inputs: Sequence[Any], options: PostprocessOptions | None = None) -> list[dict[str, Any]]:
-        """One answer per input: label and scores, labels over the threshold, or a value."""
-        texts, pairs = self.split_inputs(inputs)
-        options = options or PostprocessOptions(threshold=self.info.threshold)
-        return self.task.postprocess(self.logits(texts, pairs), self.info.label_names, options)
+        """One answer per input: label and scores, labels over the threshold, a value, entities, an answer span or a choice."""
+        encoded = self.encode_inputs(inputs)
+        return self.answer(inputs, encoded, self.outputs(encoded.features), options)
+
+
+def _length(features: dict[str, Any]) -> int:
+    """Tokens of one feature (for multiple choice, of its longest choice)."""
+    ids = features["input_ids"]
+    return max(len(x) for x in ids) if ids and isinstance(ids[0], list) else len(ids)

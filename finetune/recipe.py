@@ -42,10 +42,36 @@ class ModelSection(_Section):
     """BigBird only: block size of sparse attention (default: the checkpoint's). Inputs are padded to a multiple of it."""
     num_random_blocks: int | None = Field(None, ge=0)
     """BigBird only: random blocks each query block attends to (default: the checkpoint's)."""
+    sparse_attention_min_length: int | None = Field(None, ge=1)
+    """BigBird block_sparse only: a batch runs block-sparse attention when its padded length is at least this many tokens, full attention otherwise (chosen per batch, restored after it; the same rule in training, evaluation and serving). Default: (6 + 2 x num_random_blocks) x block_size, the shortest padded length above the (5 + 2 x num_random_blocks) x block_size tokens transformers needs for block-sparse; less than that is refused."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub checkpoint. Off unless you trust its author."""
     allow_pickle: bool = False
     """Accept checkpoints whose weights exist only as pickle files (pytorch_model.bin); unpickling can run code."""
+
+    @model_validator(mode="after")
+    def _sparse_rule_possible(self) -> "ModelSection":
+        # Checked here when the recipe gives the block layout; otherwise against the checkpoint's layout
+        # in checkpoints.check_model_settings (validate and run both call it before anything loads).
+        from finetune.bigbird import min_sparse_length
+
+        value = self.sparse_attention_min_length
+        if value is None:
+            return self
+        if self.attention_type != "block_sparse":
+            raise ValueError(
+                f"model.sparse_attention_min_length applies only with model.attention_type block_sparse "
+                f"(got attention_type {self.attention_type}); allowed: remove it, or set attention_type: block_sparse"
+            )
+        if self.block_size is not None and self.num_random_blocks is not None:
+            shortest = min_sparse_length(self.block_size, self.num_random_blocks)
+            if value < shortest:
+                raise ValueError(
+                    f"model.sparse_attention_min_length: {value} is below the {shortest} tokens block-sparse attention "
+                    f"needs with block_size {self.block_size} and num_random_blocks {self.num_random_blocks}; "
+                    f"allowed: at least {shortest}"
+                )
+        return self
 
 
 class DataSection(_Section):
@@ -53,16 +79,28 @@ class DataSection(_Section):
     """Hub data set name for datasets.load_dataset (e.g. glue). Give this or `files`, not both."""
     dataset_config: str | None = None
     """Hub data set configuration (e.g. sst2 for glue)."""
-    files: dict[str, str] | None = None
-    """Local files by split name, e.g. {train: data/train.csv, validation: data/dev.csv}: csv, tsv, json, jsonl or parquet."""
+    files: dict[str, str | list[str]] | None = None
+    """Local files by split name, e.g. {train: data/train.csv, validation: data/dev.csv}: csv, tsv, json, jsonl, parquet, CoNLL or SQuAD JSON; a list of files makes one split."""
+    format: Literal["auto", "conll", "squad"] = "auto"
+    """How to read data.files: auto (by file ending; .conll is CoNLL), conll (token per line, tag in the last column, blank line between sentences) or squad (SQuAD v1.1 JSON)."""
     quoting: Literal["minimal", "none"] = "minimal"
     """CSV/TSV quoting: minimal (standard CSV quotes) or none (quote characters are plain text, as in GLUE's TSVs)."""
+    column_names: list[str] | None = None
+    """Names of the columns of CSV/TSV files that have no header row (the first row is then data)."""
     text_column: str = "text"
-    """Column with the input text."""
+    """Column with the input text; token_classification: the column of word lists (CoNLL files: tokens); multiple_choice: the context."""
     text_pair_column: str | None = None
-    """Column with the second text of sentence-pair tasks (e.g. MRPC's second sentence)."""
+    """Column with the second text of sentence-pair tasks (e.g. MRPC's second sentence); multiple_choice: the start of every answer, joined before each ending (SWAG's sent2)."""
     label_column: str = "label"
-    """Column with the gold label: a class name or id, a number for regression, a list (or separated string) for multi-label."""
+    """Column with the gold label: a class name or id, a number for regression, a list (or separated string) for multi-label, a list of tags for token_classification (CoNLL files: ner_tags), the index of the correct choice for multiple_choice."""
+    question_column: str = "question"
+    """question_answering: column with the question."""
+    context_column: str = "context"
+    """question_answering: column with the text the answer is taken from."""
+    answers_column: str = "answers"
+    """question_answering: column with the gold answers, SQuAD style: {text: [...], answer_start: [...]}."""
+    choice_columns: list[str] | None = None
+    """multiple_choice (required there): the columns holding the candidate endings (e.g. [ending0, ending1, ending2, ending3]), or one column holding a list of them."""
     label_names: list[str] | None = None
     """Label names in id order. Default: a ClassLabel feature's names, else the sorted distinct values of the train split."""
     label_separator: str = ","
@@ -88,12 +126,20 @@ class DataSection(_Section):
 
 
 class TaskSection(_Section):
-    type: Literal["classification", "regression", "multi_label"]
-    """The downstream task; a sentence-pair task is any of them with data.text_pair_column set."""
+    type: Literal["classification", "regression", "multi_label", "token_classification", "question_answering", "multiple_choice"]
+    """The downstream task; a sentence-pair task is classification, regression or multi_label with data.text_pair_column set."""
     metric_for_best: str | None = None
     """Metric that picks the best checkpoint and drives early stopping (default: the task's main metric)."""
     threshold: float = Field(0.5, gt=0, lt=1)
     """Multi-label: sigmoid score at or above which a label is predicted."""
+    label_all_tokens: bool = False
+    """token_classification: train on every word piece of a word (B- becomes I- after the first) instead of only the first; evaluation always scores one tag per word."""
+    doc_stride: int = Field(128, ge=1)
+    """question_answering: tokens shared by consecutive windows of a context longer than model.max_length."""
+    max_answer_length: int = Field(30, ge=1)
+    """question_answering: longest answer, in tokens, that post-processing will pick."""
+    n_best_size: int = Field(20, ge=1)
+    """question_answering: best start and end tokens per window combined into candidate answers."""
 
     @model_validator(mode="after")
     def _metric_known(self) -> "TaskSection":
@@ -187,6 +233,21 @@ class Recipe(_Section):
     def _default_output_dir(self) -> "Recipe":
         if self.output_dir is None:
             self.output_dir = f"runs/{self.name}"
+        return self
+
+    @model_validator(mode="after")
+    def _task_needs(self) -> "Recipe":
+        kind = self.task.type
+        if kind == "multiple_choice" and not self.data.choice_columns:
+            raise ValueError("data.choice_columns is required for task.type multiple_choice "
+                             "(the columns of the candidate endings, e.g. [ending0, ending1, ending2, ending3])")
+        if kind != "multiple_choice" and self.data.choice_columns:
+            raise ValueError(f"data.choice_columns is only for task.type multiple_choice, not {kind}")
+        if kind == "question_answering" and self.task.doc_stride >= self.model.max_length // 2:
+            raise ValueError(f"task.doc_stride ({self.task.doc_stride}) must be under half of model.max_length "
+                             f"({self.model.max_length}) so each window adds new context")
+        if kind in ("token_classification", "question_answering") and self.data.text_pair_column:
+            raise ValueError(f"data.text_pair_column is not used by task.type {kind}")
         return self
 
 

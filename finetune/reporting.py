@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from finetune.data import PreparedData, label_counts
 from finetune.modeling import Predictor
 from finetune.recipe import Recipe, recipe_to_yaml
-from finetune.tasks import TaskDefinition
+from finetune.tasks import Reference, TaskDefinition
 
 
 @dataclass
@@ -30,12 +30,12 @@ def eval_loader(dataset, collator, recipe: Recipe) -> DataLoader:
     return DataLoader(dataset, batch_size=recipe.training.eval_batch_size, shuffle=False, collate_fn=collator)
 
 
-def _data_description(recipe: Recipe, data: PreparedData) -> str:
+def _data_description(recipe: Recipe, task: TaskDefinition, data: PreparedData) -> str:
     source = f"hub data set `{recipe.data.dataset}`" + (f" ({recipe.data.dataset_config})" if recipe.data.dataset_config else "")
     if recipe.data.files:
         source = "local files " + ", ".join(f"`{k}`: `{v}`" for k, v in recipe.data.files.items())
-    pair = f" paired with `{recipe.data.text_pair_column}`" if recipe.data.text_pair_column else ""
-    return (f"{source}; text column `{recipe.data.text_column}`{pair}, label column `{recipe.data.label_column}`; "
+    columns = ", ".join(f"{key.removeprefix('data.')} `{column}`" for key, column in task.columns(recipe.data).items())
+    return (f"{source}; {columns}; "
             f"{len(data.train)} training and {len(data.eval)} evaluation examples"
             + (f", {len(data.test)} test examples" if data.test is not None else ""))
 
@@ -57,10 +57,12 @@ def finish_run(recipe: Recipe, task: TaskDefinition, data: PreparedData, collato
 
     accelerator.wait_for_everyone()
     best = accelerator.prepare(Predictor.from_dir(best_dir).model)
-    _, eval_logits = evaluate(best, accelerator.prepare(eval_loader(data.eval, collator, recipe)), accelerator, task, recipe)
+    _, eval_outputs = evaluate(best, accelerator.prepare(eval_loader(data.eval, collator, recipe)), accelerator, task, recipe,
+                               Reference(data.eval_features, data.raw_eval, recipe.data), data.label_names)
     test_metrics: dict[str, float] = {}
     if data.test is not None:
-        test_metrics, _ = evaluate(best, accelerator.prepare(eval_loader(data.test, collator, recipe)), accelerator, task, recipe)
+        test_metrics, _ = evaluate(best, accelerator.prepare(eval_loader(data.test, collator, recipe)), accelerator, task, recipe,
+                                   Reference(data.test_features, data.raw_test, recipe.data), data.label_names)
         tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, step=state.step)
 
     model_uri, champion, problem = None, None, None
@@ -68,11 +70,15 @@ def finish_run(recipe: Recipe, task: TaskDefinition, data: PreparedData, collato
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             raw = data.raw_eval
-            artifacts.write_evaluation_artifacts(
-                out / "evaluation", task=task, label_names=data.label_names, texts=raw[recipe.data.text_column],
-                pairs=raw[recipe.data.text_pair_column] if recipe.data.text_pair_column else None,
-                gold=np.asarray(data.eval["labels"]), logits=eval_logits, threshold=recipe.task.threshold,
-            )
+            if task.name in ("classification", "multi_label", "regression"):
+                artifacts.write_evaluation_artifacts(
+                    out / "evaluation", task=task, label_names=data.label_names, texts=raw[recipe.data.text_column],
+                    pairs=raw[recipe.data.text_pair_column] if recipe.data.text_pair_column else None,
+                    gold=np.asarray(data.eval["labels"]), logits=eval_outputs, threshold=recipe.task.threshold,
+                )
+            else:
+                artifacts.write_span_artifacts(out / "evaluation", task=task, recipe_data=recipe.data, raw=raw,
+                                               outputs=eval_outputs, metrics=state.best_metrics)
             artifacts.write_learning_curves(out, tracker.history(), recipe.task.metric_for_best)
             counts = {"train": label_counts(data.train, task, data.label_names), "eval": label_counts(data.eval, task, data.label_names)}
             if data.test is not None:
@@ -80,7 +86,7 @@ def finish_run(recipe: Recipe, task: TaskDefinition, data: PreparedData, collato
             card = artifacts.write_model_card(
                 out, recipe_yaml=recipe_to_yaml(recipe), recipe_name=recipe.name, checkpoint=recipe.model.checkpoint,
                 task=task, label_names=data.label_names, label_counts=counts, metrics=state.best_metrics,
-                test_metrics=test_metrics, data_description=_data_description(recipe, data),
+                test_metrics=test_metrics, data_description=_data_description(recipe, task, data),
             )
             (best_dir / card.name).write_text(card.read_text())
             tracker.log_artifacts(out)

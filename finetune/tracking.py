@@ -250,11 +250,14 @@ def build_mlflow_model(model_dir: Path, target: Path) -> None:
 
     predictor = Predictor.from_dir(model_dir)
     info = predictor.info
-    example = [["The first sentence.", "The second sentence."]] if info.text_pair else ["a gripping, beautiful film"]
+    example = [predictor.task.example_input(info.text_pair)]
+    if predictor.task.pipeline_task is None:
+        _save_pyfunc_only(predictor, model_dir, target)
+        return
     mlflow.transformers.save_model(
         transformers_model={"model": predictor.model, "tokenizer": predictor.tokenizer},
         path=str(target),
-        task="text-classification",
+        task=predictor.task.pipeline_task,
         pip_requirements=_pip_requirements(),
     )
     mlmodel = Model.load(str(target / "MLmodel"))
@@ -268,5 +271,25 @@ def build_mlflow_model(model_dir: Path, target: Path) -> None:
         code="code",
         env=python_function.get("env"),
     )
-    mlmodel.signature = infer_signature(example)
+    if not isinstance(example[0], dict):  # a dict signature would make MLflow turn inputs into a DataFrame
+        mlmodel.signature = infer_signature(example)
     mlmodel.save(str(target / "MLmodel"))
+
+
+def _save_pyfunc_only(predictor: Predictor, model_dir: Path, target: Path) -> None:
+    """A pyfunc-only MLflow model for tasks with no transformers pipeline (multiple choice).
+
+    The folder the loader reads has the transformers flavour's layout (model/, components/tokenizer/,
+    finetune.json), so `finetune.mlflow_model` loads both kinds the same way.
+    """
+    import mlflow.pyfunc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "finetune_model"
+        predictor.model.save_pretrained(staged / "model", safe_serialization=True)
+        predictor.tokenizer.save_pretrained(staged / "components" / "tokenizer")
+        shutil.copy(model_dir / METADATA_FILE, staged / METADATA_FILE)
+        mlflow.pyfunc.save_model(
+            str(target), loader_module="finetune.mlflow_model", data_path=str(staged), code_paths=[str(PACKAGE_DIR)],
+            pip_requirements=_pip_requirements(),
+        )

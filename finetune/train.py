@@ -32,7 +32,7 @@ from finetune.modeling import ModelInfo, build_model, load_tokenizer, make_colla
 from finetune.optim import make_optimizer, make_scheduler
 from finetune.preflight import choose_mixed_precision, preflight
 from finetune.recipe import Recipe, recipe_to_yaml
-from finetune.tasks import TaskDefinition
+from finetune.tasks import Reference, TaskDefinition, TaskSettings
 from finetune.tracking import NullTracker, Tracker
 
 
@@ -156,23 +156,29 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator: Accelerator, task: TaskDefinition, recipe: Recipe) -> tuple[dict[str, float], np.ndarray]:
-    """Metrics of the task on a split, gathered across processes (without the padding duplicates)."""
+def evaluate(model, loader, accelerator: Accelerator, task: TaskDefinition, recipe: Recipe, reference: Reference,
+             label_names: list[str] | None) -> tuple[dict[str, float], Any]:
+    """Metrics of the task on a split, gathered across processes (without the padding duplicates).
+
+    Returns the metrics and the task's evaluation outputs (logits, or per-example predictions for spans).
+    """
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
-    all_logits, all_labels, losses = [], [], []
+    collected: dict[str, list[np.ndarray]] = {}
+    losses = []
     for batch in loader:
         with attention_for_batch(unwrapped, batch["input_ids"]):
             outputs = model(**batch)
-        logits, labels = accelerator.gather_for_metrics((outputs.logits, batch["labels"]))
-        losses.append(accelerator.gather_for_metrics(outputs.loss.detach().repeat(batch["labels"].shape[0])))
-        all_logits.append(logits.float().cpu().numpy())
-        all_labels.append(labels.cpu().numpy())
-    logits = np.concatenate(all_logits)
-    metrics = task.compute_metrics(logits, np.concatenate(all_labels), recipe.task.threshold)
+        for key, tensor in task.eval_tensors(outputs, batch).items():
+            if tensor.dim() > 1 and task.per_token:  # token axes differ between processes' batches
+                tensor = accelerator.pad_across_processes(tensor, dim=1, pad_index=-100)
+            tensor = accelerator.gather_for_metrics(tensor)
+            collected.setdefault(key, []).append((tensor.float() if tensor.is_floating_point() else tensor).cpu().numpy())
+        losses.append(accelerator.gather_for_metrics(outputs.loss.detach().repeat(batch["input_ids"].shape[0])))
+    metrics, produced = task.evaluation(collected, reference, TaskSettings.from_dict(recipe.task.model_dump()), label_names)
     metrics["loss"] = float(torch.cat(losses).float().mean().item())
     model.train()
-    return metrics, logits
+    return metrics, produced
 
 
 def save_checkpoint(accelerator: Accelerator, model, optimizer, scheduler, tokenizer, recipe: Recipe,
@@ -216,12 +222,13 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
     tokenizer = load_tokenizer(resolved.path, recipe.model.trust_remote_code)
     data = setup_data(recipe, task, tokenizer, accelerator)
     model = setup_model(recipe, task, resolved, data.label_names)
-    collator = make_collator(tokenizer, model.config)
+    collator = make_collator(tokenizer, model.config, task)
     # The shuffle generator is re-seeded with seed + epoch at each epoch, so a resumed run sees the same order.
     generator = torch.Generator()
     train_dl = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, generator=generator,
                           collate_fn=collator, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
     eval_dl = reporting.eval_loader(data.eval, collator, recipe)
+    eval_reference = Reference(data.eval_features, data.raw_eval, recipe.data)
     optimizer = make_optimizer(model, recipe)
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
     updates_per_epoch = max(1, math.ceil(len(train_dl) / cfg.gradient_accumulation_steps))
@@ -242,6 +249,7 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
         task=task.name, label_names=data.label_names, text_pair=recipe.data.text_pair_column is not None,
         max_length=recipe.model.max_length, threshold=recipe.task.threshold,
         checkpoint=recipe.model.checkpoint, recipe_name=recipe.name, metrics=state.best_metrics,
+        settings=recipe.task.model_dump(exclude={"type", "metric_for_best", "threshold"}),
     )
     metric = recipe.task.metric_for_best
     greater = task.greater_is_better(metric)
@@ -259,7 +267,7 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
               + (f"; resumed at step {state.step} (MLflow run {state.run_id})" if resumed_from is not None else ""))
 
     def run_evaluation() -> None:
-        metrics, _ = evaluate(model, eval_dl, accelerator, task, recipe)
+        metrics, _ = evaluate(model, eval_dl, accelerator, task, recipe, eval_reference, data.label_names)
         if not math.isfinite(metrics["loss"]):  # broken weights must never become a checkpoint
             raise diverged(state.step, scheduler.get_last_lr()[0], recipe.output_dir)
         state.last_eval_step = state.step

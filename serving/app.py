@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
-from finetune.tasks import PostprocessOptions
+from finetune.tasks import InputError, PostprocessOptions
 from serving.batcher import Batcher, QueueFull
 from serving.loading import LoadedModel
 
@@ -51,13 +51,31 @@ class PredictOptions(BaseModel):
     truncate: bool = Field(True, description="Truncate inputs longer than the model's max length (flagged `truncated`); false rejects them with 422.")
 
 
+class QuestionInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    question: StrictStr
+    context: StrictStr = Field(description="The text the answer is taken from; any length (read in overlapping windows).")
+
+
+class ChoiceInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    context: StrictStr
+    choices: list[StrictStr] = Field(min_length=2, description="The candidate endings or answers.")
+    start: StrictStr | None = Field(None, description="The beginning every choice continues (SWAG's second sentence).")
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"inputs": ["a gripping, beautiful film"]},
         {"inputs": [["The cat sat.", "A cat was sitting."]], "options": {"top_k": 2}},
+        {"inputs": [{"question": "Where is the Eiffel Tower?", "context": "The Eiffel Tower is in Paris."}]},
+        {"inputs": [{"context": "The man lit the fire.", "choices": ["It got warm.", "It started to snow."]}]},
     ]})
-    inputs: list[Union[StrictStr, list[StrictStr]]] = Field(
-        ..., min_length=1, description="Texts, or [text, text_pair] pairs for sentence-pair models.")
+    inputs: list[Union[StrictStr, list[StrictStr], QuestionInput, ChoiceInput]] = Field(
+        ..., min_length=1, description=(
+            "Texts (classification, regression, multi-label, token classification), [text, text_pair] pairs for "
+            "sentence-pair models, {question, context} for question answering, {context, choices[, start]} for "
+            "multiple choice."))
     options: PredictOptions = PredictOptions()
 
 
@@ -68,7 +86,10 @@ class PredictResponse(BaseModel):
     version: str | None
     predictions: list[dict[str, Any]] = Field(description=(
         "One per input. Classification: label, score, scores (softmax over all labels), top_k if asked. "
-        "Multi-label: labels over the threshold, label_scores, scores (sigmoid). Regression: value. Always: truncated."))
+        "Multi-label: labels over the threshold, label_scores, scores (sigmoid). Regression: value. "
+        "Token classification: entities [{type, text, start, end, score}] (character offsets). "
+        "Question answering: answer, start, end, score. Multiple choice: choice (index), text, score, scores. "
+        "Always: truncated."))
 
 
 class ModelInfoResponse(BaseModel):
@@ -82,6 +103,9 @@ class ModelInfoResponse(BaseModel):
     max_length: int
     threshold: float
     metrics: dict[str, float]
+    sparse_attention_min_length: int | None = Field(None, description=(
+        "Block-sparse BigBird: batches this many padded tokens long or longer run block-sparse attention, shorter ones "
+        "full attention (the rule the model was trained and evaluated with)."))
 
 
 def _inline_refs(schema: dict) -> dict:
@@ -196,8 +220,8 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
     queue_depth = Gauge("finetune_queue_depth", "Inputs waiting for a batch", registry=registry)
     state: dict[str, Any] = {"ready": False}
 
-    def run_batch(features: list[dict]) -> np.ndarray:
-        return predictor.logits_from_features(features)
+    def run_batch(features: list[dict]) -> list[np.ndarray]:
+        return predictor.outputs(features)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -207,8 +231,8 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
         batcher.start()
         state["batcher"] = batcher
         queue_depth.set_function(lambda: batcher.depth)
-        warm, _ = predictor.encode(["warm-up"], ["warm-up"] if info.text_pair else None)
-        await asyncio.wait_for(asyncio.gather(*batcher.submit(warm)), timeout=600)
+        warm = predictor.encode_inputs([predictor.task.example_input(info.text_pair)])
+        await asyncio.wait_for(asyncio.gather(*batcher.submit(warm.features)), timeout=600)
         state["ready"] = True
         yield
         state["ready"] = False
@@ -239,28 +263,18 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
             raise HTTPException(422, detail=detail) from None
         if len(body.inputs) > settings.max_inputs_per_request:
             raise _error(422, ["body", "inputs"], f"{len(body.inputs)} inputs; at most {settings.max_inputs_per_request} per request")
-        texts, pairs = [], []
-        for i, item in enumerate(body.inputs):
-            if info.text_pair:
-                if not (isinstance(item, list) and len(item) == 2):
-                    raise _error(422, ["body", "inputs", i], "this model reads sentence pairs: give [text, text_pair]")
-                text, pair = item
-            else:
-                if not isinstance(item, str):
-                    raise _error(422, ["body", "inputs", i], "this model reads single texts: give a string")
-                text, pair = item, None
-            if not text.strip() or (pair is not None and not pair.strip()):
-                raise _error(422, ["body", "inputs", i], "empty text")
-            texts.append(text)
-            pairs.append(pair)
-        features, truncated = predictor.encode(texts, pairs if info.text_pair else None)
+        inputs = [item.model_dump(exclude_none=True) if isinstance(item, BaseModel) else item for item in body.inputs]
+        try:
+            encoded = predictor.encode_inputs(inputs)
+        except InputError as e:
+            raise _error(422, ["body", "inputs", e.index], str(e)) from None
         if not body.options.truncate:
-            too_long = [i for i, t in enumerate(truncated) if t]
+            too_long = [i for i, t in enumerate(encoded.truncated) if t]
             if too_long:
                 raise _error(422, ["body", "inputs", too_long[0]],
                              f"longer than the {info.max_length} tokens this model reads (or set options.truncate)")
         try:
-            futures = state["batcher"].submit(features)
+            futures = state["batcher"].submit(encoded.features)
         except QueueFull as e:
             raise HTTPException(503, detail=f"busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
         try:
@@ -273,9 +287,7 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
             threshold=body.options.threshold if body.options.threshold is not None else info.threshold,
             top_k=body.options.top_k,
         )
-        answers = predictor.task.postprocess(np.stack(rows), info.label_names, options)
-        for answer, was_truncated in zip(answers, truncated):
-            answer["truncated"] = was_truncated
+        answers = predictor.answer(inputs, encoded, rows, options)
         # Returned as a ready response: the answers are built by the task definition already, and FastAPI's
         # re-validation of them against PredictResponse (still the documented schema) costs throughput.
         return JSONResponse({"model": model.name, "version": model.version, "predictions": answers})
@@ -287,6 +299,7 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
             name=model.name, version=model.version, run_id=model.run_id, source=model.source, task=info.task,
             text_pair=info.text_pair, label_names=info.label_names, max_length=info.max_length,
             threshold=info.threshold, metrics=info.metrics,
+            sparse_attention_min_length=info.sparse_attention_min_length,
         )
 
     @app.get("/healthz")

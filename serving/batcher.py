@@ -32,7 +32,9 @@ class Item:
 
     @property
     def length(self) -> int:
-        return len(self.features["input_ids"])
+        ids = self.features["input_ids"]
+        # A multiple-choice feature holds its choices' token lists; the batch pads to the longest.
+        return max(len(x) for x in ids) if ids and isinstance(ids[0], list) else len(ids)
 
 
 class Batcher:

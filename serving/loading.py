@@ -23,9 +23,13 @@ class LoadedModel:
 
 
 def _from_mlflow_dir(path: Path) -> Predictor:
+    from mlflow.models import Model
+
     from finetune.mlflow_model import _load_pyfunc
 
-    return _load_pyfunc(str(path)).predictor
+    # The pyfunc's data folder is the model root for the transformers flavour and data/<name> for pyfunc-only models.
+    data = Model.load(str(path / "MLmodel")).flavors["python_function"].get("data", ".")
+    return _load_pyfunc(str(path / data)).predictor
 
 
 def _champion_name() -> str:

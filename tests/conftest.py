@@ -20,6 +20,8 @@ GOEMOTIONS_LABELS = (
     "remorse sadness surprise neutral"
 ).split()
 
+CODAH_COLUMNS = ["category", "prompt", "ending0", "ending1", "ending2", "ending3", "label"]
+
 # Nothing in the tests may reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -158,6 +160,18 @@ def tiny_recipe(checkpoint: Path, kind: str = "classification", **sections) -> d
             "quoting": "none", "text_column": "text", "label_column": "labels",
             "label_names": GOEMOTIONS_LABELS, "validation_size": 0.25,
         },
+        "token_classification": {
+            "files": {"train": str(TEST_DATA / "ner_sample.conll")},
+            "text_column": "tokens", "label_column": "ner_tags", "validation_size": 0.25,
+        },
+        "question_answering": {
+            "files": {"train": str(TEST_DATA / "squad_sample.json")}, "format": "squad", "validation_size": 0.25,
+        },
+        "multiple_choice": {
+            "files": {"train": str(TEST_DATA / "codah_sample.tsv")}, "quoting": "none",
+            "column_names": CODAH_COLUMNS, "text_column": "prompt", "label_column": "label",
+            "choice_columns": CODAH_COLUMNS[2:6], "validation_size": 0.25,
+        },
     }
     task_type = "classification" if kind == "pair" else kind
     recipe = {
@@ -168,6 +182,8 @@ def tiny_recipe(checkpoint: Path, kind: str = "classification", **sections) -> d
         "training": {"max_steps": 6, "batch_size": 16, "eval_batch_size": 32, "learning_rate": 1e-3, "logging_steps": 2},
         "tracking": {"log_model": False},
     }
+    if kind == "question_answering":  # windows of 64 tokens overlapping by 16: every context needs several
+        recipe["task"]["doc_stride"] = 16
     for section, values in sections.items():
         if isinstance(values, dict) and isinstance(recipe.get(section), dict):
             recipe[section] = {**recipe[section], **values}

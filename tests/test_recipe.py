@@ -115,7 +115,7 @@ def test_defaults_cycle_is_reported(tmp_path):
     "change,expected",
     [
         ({"training": {"learnign_rate": 1}}, "training.learnign_rate: unknown key (did you mean 'learning_rate'?)"),
-        ({"task": {"type": "summarization"}}, "task.type: Input should be 'classification', 'regression' or 'multi_label'"),
+        ({"task": {"type": "summarization"}}, "task.type: Input should be 'classification', 'regression', 'multi_label', 'token_classification', 'question_answering' or 'multiple_choice'"),
         ({"training": {"batch_size": "big"}}, 'training.batch_size: Input should be a valid integer'),
         ({"task": {"type": "regression", "metric_for_best": "accuracy"}}, "allowed: pearson, spearman, mse, mae, r2"),
         ({"data": {"dataset": "glue", "files": {"train": "x.csv"}}}, "give exactly one of data.dataset"),

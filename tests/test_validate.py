@@ -36,7 +36,7 @@ def test_truncation_share_is_reported(tiny_checkpoints, tmp_path, capsys):
     [
         ("unknown key", {"training": {"lerning_rate": 1e-4}}, "training.lerning_rate: unknown key (did you mean 'learning_rate'?)"),
         ("wrong type", {"training": {"num_epochs": "three"}}, "training.num_epochs: Input should be a valid number"),
-        ("unknown task", {"task": {"type": "translation"}}, "task.type: Input should be 'classification', 'regression' or 'multi_label' (got \"translation\")"),
+        ("unknown task", {"task": {"type": "translation"}}, "task.type: Input should be 'classification', 'regression', 'multi_label', 'token_classification', 'question_answering' or 'multiple_choice' (got \"translation\")"),
         ("missing column", {"data": {"text_column": "review"}}, "data.text_column: column 'review' is not in split 'train'; columns found: sentence, label"),
         ("bad label values", {"data": {"label_names": ["a", "b", "c"], "label_column": "sentence"}},
          "data.label_column: "),
@@ -67,6 +67,12 @@ def test_broken_recipes_are_refused_naming_the_field(tiny_checkpoints, tmp_path,
         ({"max_length": 128}, "model.attention_type: BigBird recipes must state it; allowed: block_sparse, original_full"),
         ({"max_length": 64, "attention_type": "block_sparse"}, "model.max_length: 64 is too short for block_sparse attention with block_size 8 and num_random_blocks 2; allowed: at least 73"),
         ({"max_length": 100, "attention_type": "block_sparse"}, "model.max_length: 100 is not a multiple of block_size 8"),
+        # the block layout comes from the checkpoint here, so the rule is checked against it
+        ({"max_length": 128, "attention_type": "block_sparse", "sparse_attention_min_length": 64},
+         "model.sparse_attention_min_length: 64 is below the 73 tokens block-sparse attention needs with block_size 8 "
+         "and num_random_blocks 2; allowed: at least 73"),
+        ({"max_length": 128, "attention_type": "block_sparse", "sparse_attention_min_length": 200},
+         "model.sparse_attention_min_length: 200 is longer than model.max_length 128, so no batch would use block_sparse"),
     ],
 )
 def test_impossible_bigbird_settings(tiny_checkpoints, tmp_path, capsys, model, expected):
