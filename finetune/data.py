@@ -364,7 +364,7 @@ def tokenize_splits(
         "max_length": recipe.model.max_length,
         "columns": task.columns(data),
         "task": task.name,
-        "settings": recipe.task.model_dump(include={"label_all_tokens", "doc_stride"}),
+        "settings": recipe.task.model_dump(include={"label_all_tokens", "doc_stride", "long_inputs", "chunk_stride"}),
         "labels": label_names,
         "version": 2,
     }
@@ -441,7 +441,11 @@ def length_stats(split: datasets.Dataset, recipe: Recipe, task: TaskDefinition, 
     lengths = np.array(task.token_lengths(rows, data, tokenizer))
     pct = np.percentile(lengths, [50, 90, 95, 99]).round().astype(int).tolist()
     extra: dict[str, Any] = {}
-    if task.name == "question_answering":
+    if recipe.task.long_inputs == "chunk":
+        limit, step = recipe.model.max_length, max(1, recipe.model.max_length - 2 - recipe.task.chunk_stride)
+        windows = 1 + np.maximum(0, -(-(lengths - limit) // step))
+        extra = {"multi_window_share": float((windows > 1).mean()), "windows_max": int(windows.max())}
+    elif task.name == "question_answering":
         questions = [len(ids) for ids in tokenizer(rows[data.question_column], add_special_tokens=False)["input_ids"]]
         windows = np.array(task.windows_needed(lengths, recipe.model.max_length, recipe.task.doc_stride, questions))
         extra = {"multi_window_share": float((windows > 1).mean()), "windows_max": int(windows.max())}
@@ -452,7 +456,7 @@ def length_stats(split: datasets.Dataset, recipe: Recipe, task: TaskDefinition, 
         "p95": pct[2],
         "p99": pct[3],
         "max": int(lengths.max()),
-        "truncated_share": 0.0 if task.name == "question_answering" else float((lengths > recipe.model.max_length).mean()),
+        "truncated_share": 0.0 if extra else float((lengths > recipe.model.max_length).mean()),
     }
 
 

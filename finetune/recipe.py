@@ -140,6 +140,12 @@ class TaskSection(_Section):
     """question_answering: longest answer, in tokens, that post-processing will pick."""
     n_best_size: int = Field(20, ge=1)
     """question_answering: best start and end tokens per window combined into candidate answers."""
+    long_inputs: Literal["truncate", "chunk"] = "truncate"
+    """classification, multi_label, regression: texts longer than model.max_length are truncated, or cut into overlapping windows (chunk) that are trained on with the text's label and whose logits are pooled into one prediction per text in evaluation and serving."""
+    chunk_stride: int = Field(64, ge=0)
+    """long_inputs chunk: tokens shared by consecutive windows."""
+    chunk_pooling: Literal["mean", "max"] = "mean"
+    """long_inputs chunk: how the windows' logits become the text's: their mean, or their element-wise max."""
 
     @model_validator(mode="after")
     def _metric_known(self) -> "TaskSection":
@@ -190,7 +196,11 @@ class TrainingSection(_Section):
     early_stopping_patience: int | None = Field(None, ge=1)
     """Stop after this many evaluations without improvement of task.metric_for_best (null: never)."""
     num_workers: int = Field(0, ge=0)
-    """DataLoader worker processes."""
+    """DataLoader worker processes (0: batches are built in the training process)."""
+    group_by_length: bool = True
+    """Batch examples of similar length together so dynamic padding pads little: the data is shuffled, cut into mega-batches of 50 batches, each sorted by length and cut into batches, and the batches are shuffled. False: plain random batches."""
+    compile: bool = False
+    """torch.compile the model (TorchInductor). Off by default: on 2 CPU cores its compile time did not pay back over a run (BENCHMARKS.md); worth measuring on a GPU. Not with BigBird block-sparse attention."""
     save_total_limit: int = Field(2, ge=1)
     """Training-state checkpoints (for resuming) kept in output_dir/checkpoints; one is written at every evaluation."""
 
@@ -246,8 +256,25 @@ class Recipe(_Section):
         if kind == "question_answering" and self.task.doc_stride >= self.model.max_length // 2:
             raise ValueError(f"task.doc_stride ({self.task.doc_stride}) must be under half of model.max_length "
                              f"({self.model.max_length}) so each window adds new context")
+        if self.task.long_inputs == "chunk":
+            if kind not in ("classification", "multi_label", "regression"):
+                raise ValueError(f"task.long_inputs: chunk is for classification, multi_label and regression, not {kind}")
+            if self.data.text_pair_column:
+                raise ValueError("task.long_inputs: chunk reads single texts; it cannot be used with data.text_pair_column")
+            if self.task.chunk_stride >= self.model.max_length // 2:
+                raise ValueError(f"task.chunk_stride ({self.task.chunk_stride}) must be under half of model.max_length "
+                                 f"({self.model.max_length}) so each window adds new text")
         if kind in ("token_classification", "question_answering") and self.data.text_pair_column:
             raise ValueError(f"data.text_pair_column is not used by task.type {kind}")
+        return self
+
+    @model_validator(mode="after")
+    def _compile_possible(self) -> "Recipe":
+        # Block-sparse BigBird picks its attention per batch in Python (finetune.bigbird); a compiled graph would
+        # freeze one choice or recompile on every switch.
+        if self.training.compile and self.model.attention_type == "block_sparse":
+            raise ValueError("training.compile cannot be used with model.attention_type block_sparse; "
+                             "use original_full attention or training.compile: false")
         return self
 
 

@@ -74,7 +74,7 @@ def finish_run(recipe: Recipe, task: TaskDefinition, data: PreparedData, collato
                 artifacts.write_evaluation_artifacts(
                     out / "evaluation", task=task, label_names=data.label_names, texts=raw[recipe.data.text_column],
                     pairs=raw[recipe.data.text_pair_column] if recipe.data.text_pair_column else None,
-                    gold=np.asarray(data.eval["labels"]), logits=eval_outputs, threshold=recipe.task.threshold,
+                    gold=np.asarray(raw["labels"]), logits=eval_outputs, threshold=recipe.task.threshold,
                 )
             else:
                 artifacts.write_span_artifacts(out / "evaluation", task=task, recipe_data=recipe.data, raw=raw,

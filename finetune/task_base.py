@@ -36,6 +36,9 @@ class TaskSettings:
     doc_stride: int = 128
     max_answer_length: int = 30
     n_best_size: int = 20
+    long_inputs: str = "truncate"
+    chunk_stride: int = 64
+    chunk_pooling: str = "mean"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "TaskSettings":
@@ -78,6 +81,25 @@ class Reference:
     features: Any
     raw: Any
     data: Any  # the recipe's DataSection: which raw columns hold what
+
+
+MAX_CHUNKS_PER_INPUT = 64
+"""Serving with chunking: a text needing more windows than this is refused (422)."""
+
+
+def pool_windows(rows: Sequence[np.ndarray], owners: Sequence[int], n: int, how: str) -> np.ndarray:
+    """One row of logits per document from the logits of its windows: their mean or element-wise max.
+
+    Mean lets every part of the document vote; max lets the most telling window decide (a document is
+    hyperpartisan if any part is). Pooling logits rather than probabilities keeps mean pooling the
+    same as averaging the windows' evidence before the softmax or sigmoid.
+    """
+    rows = [np.asarray(r, dtype=np.float64) for r in rows]
+    pooled = []
+    for i in range(n):
+        mine = np.stack([r for r, o in zip(rows, owners) if o == i])
+        pooled.append(mine.mean(axis=0) if how == "mean" else mine.max(axis=0))
+    return np.stack(pooled) if pooled else np.zeros((0, 0))
 
 
 def batch_texts(batch: dict[str, list], data: Any) -> tuple[list[str], list[str] | None]:
@@ -127,7 +149,7 @@ class TaskDefinition:
     """The transformers pipeline task of the MLflow transformers flavour (None: pyfunc only)."""
     keep_raw_columns: frozenset = frozenset({"labels"})
     """Columns of the labelled split that survive tokenisation (the rest is replaced by features)."""
-    eval_only_columns: tuple = ()
+    eval_only_columns: tuple = ("example_id",)
     """Feature columns evaluation needs for post-processing but the model must not receive."""
     per_token: bool = False
     """Whether a feature's output has one row per token (so it is trimmed to the feature's length)."""
@@ -183,7 +205,21 @@ class TaskDefinition:
     def features(self, batch: dict[str, list], indices: list[int], ctx: FeatureContext) -> dict:
         """Model features for a batch of labelled rows (a `datasets.map(batched=True, with_indices=True)` function)."""
         texts, pairs = batch_texts(batch, ctx.data)
-        return self.tokenize(ctx.tokenizer, texts, pairs, ctx.max_length)
+        if ctx.settings.long_inputs != "chunk":
+            return self.tokenize(ctx.tokenizer, texts, pairs, ctx.max_length)
+        # Chunking: every window of a document is an example with the document's label; evaluation pools
+        # the windows' logits back into one prediction per document (example_id says whose window it is).
+        encoded = self.chunk(ctx.tokenizer, texts, ctx.max_length, ctx.settings.chunk_stride)
+        owners = encoded.pop("overflow_to_sample_mapping")
+        encoded["labels"] = [batch["labels"][o] for o in owners]
+        if not ctx.train:
+            encoded["example_id"] = [indices[o] for o in owners]
+        return encoded
+
+    def chunk(self, tokenizer: Any, texts: Sequence[str], max_length: int, stride: int) -> Any:
+        """Overlapping windows of max_length tokens covering each whole text (`stride` tokens shared)."""
+        return tokenizer(list(texts), truncation=True, max_length=max_length, stride=stride,
+                         return_overflowing_tokens=True)
 
     def token_lengths(self, batch: dict[str, list], data: Any, tokenizer: Any) -> list[int]:
         """Untruncated token counts of a batch of rows, for `finetune validate`."""
@@ -203,7 +239,12 @@ class TaskDefinition:
                    label_names: Sequence[str] | None) -> tuple[dict[str, float], Any]:
         """Metrics from everything gathered over a split, and the outputs the artifacts are made from."""
         logits = np.concatenate(collected["logits"])
-        return self.compute_metrics(logits, np.concatenate(collected["labels"]), settings.threshold), logits
+        labels = np.concatenate(collected["labels"])
+        if settings.long_inputs == "chunk":
+            owners = list(reference.features["example_id"])
+            logits = pool_windows(logits, owners, len(reference.raw), settings.chunk_pooling)
+            labels = np.asarray(reference.raw["labels"])
+        return self.compute_metrics(logits, labels, settings.threshold), logits
 
     def parse_inputs(self, inputs: Sequence[Any], text_pair: bool) -> list[Any]:
         """Check request inputs: strings, or [text, text_pair] pairs for pair models."""
@@ -224,6 +265,15 @@ class TaskDefinition:
         """Features for checked inputs, truncated to max_length, with which inputs were truncated."""
         texts = [x[0] if text_pair else x for x in inputs]
         pairs = [x[1] for x in inputs] if text_pair else None
+        if settings.long_inputs == "chunk":
+            encoded = self.chunk(tokenizer, texts, max_length, settings.chunk_stride)
+            owners = list(encoded.pop("overflow_to_sample_mapping"))
+            for i in range(len(texts)):
+                if owners.count(i) > MAX_CHUNKS_PER_INPUT:
+                    raise InputError(i, f"the text needs {owners.count(i)} windows of {max_length} tokens; "
+                                        f"at most {MAX_CHUNKS_PER_INPUT} per input")
+            features = [{k: encoded[k][j] for k in encoded} for j in range(len(owners))]
+            return Encoded(features, owners, [None] * len(features), [False] * len(texts))
         # One tokenisation at max_length + 1 tells which inputs are too long; only those are encoded again at
         # the limit (so pairs are truncated exactly as in training), which keeps the common case to one pass.
         encoded = self.tokenize(tokenizer, texts, pairs, max_length + 1)
@@ -244,7 +294,10 @@ class TaskDefinition:
     def answer(self, inputs: list[Any], encoded: Encoded, rows: Sequence[np.ndarray], label_names: Sequence[str] | None,
                settings: TaskSettings, options: "PostprocessOptions") -> list[dict[str, Any]]:
         """One JSON-ready answer per input from the outputs of its features."""
-        answers = self.postprocess(np.stack(list(rows)), label_names, options)
+        logits = np.stack(list(rows))
+        if settings.long_inputs == "chunk":
+            logits = pool_windows(logits, encoded.owner, len(inputs), settings.chunk_pooling)
+        answers = self.postprocess(logits, label_names, options)
         for answer, was_truncated in zip(answers, encoded.truncated):
             answer["truncated"] = was_truncated
         return answers

@@ -55,7 +55,8 @@ def validate(path: str, overrides: list[str]) -> int:
             print(f"  {name} label counts: {label_counts(split, task, label_names)}")
             if tokenizer is not None:
                 s = length_stats(split, recipe, task, tokenizer)
-                cut = (f"{s['multi_window_share']:.1%} of contexts need more than one window of max_length "
+                cut = (f"{s['multi_window_share']:.1%} of {'contexts' if task.name == 'question_answering' else 'texts'} "
+                       f"need more than one window of max_length "
                        f"{recipe.model.max_length} (up to {s['windows_max']})" if "multi_window_share" in s else
                        f"{s['truncated_share']:.1%} truncated at max_length {recipe.model.max_length}")
                 print(f"  {name} tokens: p50 {s['p50']}, p90 {s['p90']}, p95 {s['p95']}, p99 {s['p99']}, max {s['max']}; "

@@ -70,10 +70,14 @@ def test_mlflow_pyfunc_models_answer_like_the_model_folder(trained):
 def servers(trained):
     """One server per task, each loading its model from MLflow by run id, as a user would."""
     env = {"MLFLOW_TRACKING_URI": trained["tracking_uri"]}
-    started = {kind: Server("--model", trained[kind].run_id, "--max-wait-ms", "20", env=env) for kind in KINDS}
-    yield started
-    for server in started.values():
-        server.stop()
+    started: dict[str, Server] = {}
+    try:
+        for kind in KINDS:
+            started[kind] = Server("--model", trained[kind].run_id, "--max-wait-ms", "20", env=env)
+        yield started
+    finally:  # also when a later server fails to start, so no process outlives the tests
+        for server in started.values():
+            server.stop()
 
 
 def test_ner_answers_with_entities_and_character_spans(servers, trained):
