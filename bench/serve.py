@@ -1,12 +1,16 @@
-"""Serving benchmark: `finetune serve` against a naive transformers-pipeline FastAPI endpoint.
+"""Serving benchmark: `finetune serve` on each backend against a naive transformers-pipeline FastAPI endpoint.
 
-Both servers load the same model folder on the same machine and face the same load: C concurrent
-clients in a closed loop, one real SST-2 sentence per request, for a fixed time after a warm-up.
-The servers run one after the other, never together, so they do not fight for the cores.
+Servers: `baseline` (a `pipeline("text-classification")` called per request in a plain FastAPI endpoint),
+and `finetune serve` with the `pytorch` (fp32), `onnx` (ONNX Runtime fp32) and `onnx-int8` (dynamic int8)
+backends. All load the same trained model (the ONNX ones its `finetune export`, made here if the folder
+has none) on the same machine and face the same load: C concurrent clients in a closed loop, one real
+SST-2 sentence per request, for a fixed time after a warm-up. Each server also answers the SST-2 dev
+sentences once, so every row carries its accuracy. The servers run one after the other, never together,
+so they do not fight for the cores.
 
-    python bench/serve.py                      # concurrency 1 and 16, 20 s each
+    python bench/serve.py                      # every server, concurrency 1 and 16, 20 s each
     python bench/serve.py --quick              # a smoke run (used by the test suite)
-    python bench/serve.py --server-args "--max-wait-ms 10 --max-batch-size 64"
+    python bench/serve.py --servers baseline,onnx-int8 --server-args "--max-wait-ms 10 --max-batch-size 64"
 """
 
 from __future__ import annotations
@@ -30,16 +34,60 @@ from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "runs" / "quickstart" / "best"
-SERVERS = ("baseline", "finetune")
+# `finetune serve --backend` for each finetune server; the baseline is a separate script (below).
+BACKENDS = {"pytorch": "torch", "onnx": "onnx", "onnx-int8": "onnx-int8"}
+SERVERS = ("baseline", *BACKENDS)
 
 
-def load_sentences() -> list[str]:
-    """SST-2 dev sentences: the full shared copy when present, else the one shipped in the repo."""
+def load_labelled() -> list[tuple[str, str]]:
+    """SST-2 dev (sentence, gold label) pairs: the full shared copy when present, else the one shipped in the repo."""
     shared = ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
     path = shared if shared.exists() else ROOT / "data" / "sst2" / "dev.tsv"
     with open(path, encoding="utf-8", newline="") as f:
         rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        return [r["sentence"].strip() for r in rows if r["sentence"].strip()]
+        return [(r["sentence"].strip(), r["label"].strip()) for r in rows if r["sentence"].strip()]
+
+
+def load_sentences() -> list[str]:
+    """SST-2 dev sentences (see `load_labelled`)."""
+    return [text for text, _ in load_labelled()]
+
+
+def onnx_folder(model_dir: str, int8: bool, workdir: Path) -> str:
+    """A folder with the model's ONNX export: the model folder itself if it has one, else a fresh export.
+
+    The fresh export skips the export's own parity check: every server's accuracy is measured here anyway.
+    """
+    from finetune.export import INT8_FILE, ONNX_FILE
+
+    if (Path(model_dir) / ONNX_FILE).is_file() and (not int8 or (Path(model_dir) / INT8_FILE).is_file()):
+        return model_dir
+    target = workdir / "export"
+    if not (target / (INT8_FILE if int8 else ONNX_FILE)).is_file():
+        cmd = [str(Path(sys.executable).parent / "finetune"), "export", model_dir, str(target), "--no-check",
+               *(["--quantize", "int8"] if int8 else [])]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0:
+            raise RuntimeError(f"{shlex.join(cmd)} failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    return str(target)
+
+
+def measure_accuracy(url: str, labelled: list[tuple[str, str]], label_names: list[str] | None, chunk: int = 32) -> float | None:
+    """Accuracy of a server's answers on labelled sentences (None when gold ids cannot be named)."""
+    import httpx
+
+    def name(gold: str) -> str:
+        return label_names[int(gold)] if label_names and gold.isdigit() and int(gold) < len(label_names) else gold
+
+    right = 0
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for start in range(0, len(labelled), chunk):
+            part = labelled[start : start + chunk]
+            response = client.post("/v1/predict", json={"inputs": [text for text, _ in part]})
+            response.raise_for_status()
+            answers = response.json()["predictions"]
+            right += sum(a.get("label") == name(gold) for a, (_, gold) in zip(answers, part))
+    return right / len(labelled) if labelled else None
 
 
 class BaselineRequest(BaseModel):
@@ -190,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
     parser.add_argument("--quick", action="store_true", help="smoke run: concurrency 1,4 for 2 s after 0.5 s warm-up")
     parser.add_argument("--threads", type=int, help="torch threads for both servers (default: torch's own choice)")
+    parser.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated servers (default {','.join(SERVERS)})")
+    parser.add_argument("--accuracy-sentences", type=int, help="dev sentences each server answers for its accuracy (default all)")
     parser.add_argument("--server-args", default="", help='extra arguments for finetune serve, e.g. "--max-wait-ms 10"')
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
@@ -205,44 +255,68 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.quick:
         args.concurrency, args.duration, args.warmup = "1,4", 2.0, 0.5
+        args.accuracy_sentences = args.accuracy_sentences or 64
     levels = [int(c) for c in args.concurrency.split(",")]
-    sentences = load_sentences()
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = sorted(set(servers) - set(SERVERS))
+    if unknown:
+        print(f"error: unknown server(s) {', '.join(unknown)}; choose from {', '.join(SERVERS)}", file=sys.stderr)
+        return 2
+    labelled = load_labelled()
+    sentences = [text for text, _ in labelled]
+    meta = Path(args.model) / "finetune.json"
+    label_names = json.loads(meta.read_text()).get("label_names") if meta.exists() else None
     threads = ["--threads", str(args.threads)] if args.threads else []
     finetune_bin = Path(sys.executable).parent / "finetune"
 
     # Other work on the machine skews every figure; the load average before we start makes that visible.
     load_before = os.getloadavg()[0]
     results: dict[str, list[dict]] = {}
-    for name in SERVERS:
-        port = free_port()
-        cmd = ([sys.executable, str(Path(__file__).resolve()), "--baseline-server", "--model", args.model, "--port", str(port), *threads]
-               if name == "baseline" else
-               [str(finetune_bin), "serve", "--model", args.model, "--port", str(port), *shlex.split(args.server_args)])
-        server = Server(cmd, port, args.threads)
-        try:
-            server.start()
-            results[name] = [asyncio.run(run_load(server.url, sentences, c, args.duration, args.warmup)) for c in levels]
-        finally:
-            server.stop()
+    accuracy: dict[str, float | None] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as workdir:
+        for name in servers:
+            port = free_port()
+            if name == "baseline":
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-server", "--model", args.model,
+                       "--port", str(port), *threads]
+            else:
+                source = args.model if name == "pytorch" else onnx_folder(args.model, name == "onnx-int8", Path(workdir))
+                cmd = [str(finetune_bin), "serve", "--model", source, "--backend", BACKENDS[name], "--port", str(port),
+                       *shlex.split(args.server_args)]
+            server = Server(cmd, port, args.threads)
+            try:
+                server.start()
+                results[name] = [asyncio.run(run_load(server.url, sentences, c, args.duration, args.warmup)) for c in levels]
+                accuracy[name] = measure_accuracy(server.url, labelled[: args.accuracy_sentences], label_names)
+            finally:
+                server.stop()
 
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores; python {info['python']}, torch {info['torch']}, "
           f"transformers {info['transformers']}, threads {args.threads or 'default'}; load average before {load_before:.2f}")
     print(f"command: python {shlex.join(['bench/serve.py', *(argv if argv is not None else sys.argv[1:])])}")
-    print(f"model: {args.model}; {len(sentences)} SST-2 sentences; {args.duration:g} s per level after {args.warmup:g} s warm-up\n")
-    print(f"{'server':<10} {'clients':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
-    for name in SERVERS:
+    n_acc = len(labelled[: args.accuracy_sentences])
+    print(f"model: {args.model}; {len(sentences)} SST-2 sentences; {args.duration:g} s per level after {args.warmup:g} s "
+          f"warm-up; accuracy on {n_acc} dev sentences\n")
+    print(f"{'server':<10} {'clients':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7} {'accuracy':>9}")
+    for name in servers:
+        acc = f"{accuracy[name]:.4f}" if accuracy.get(name) is not None else "n/a"
         for r in results[name]:
-            print(f"{name:<10} {r['concurrency']:>7} {r['rps']:>9.1f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['errors']:>7}")
+            print(f"{name:<10} {r['concurrency']:>7} {r['rps']:>9.1f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['errors']:>7} {acc:>9}")
     print()
-    for ours, base in zip(results["finetune"], results["baseline"]):
-        print(f"ratio at {ours['concurrency']} clients: throughput {ours['rps'] / max(base['rps'], 1e-9):.2f}x, "
-              f"p99 {ours['p99_ms'] / max(base['p99_ms'], 1e-9):.2f}x (finetune / baseline)")
-    failures = [(n, r) for n in SERVERS for r in results[n] if r["errors"]]
+    # Every backend against the baseline, and the int8 model against the fp32 PyTorch one, level by level.
+    pairs = [(n, "baseline") for n in BACKENDS if n in results and "baseline" in results]
+    pairs += [("onnx-int8", "pytorch")] if {"onnx-int8", "pytorch"} <= set(results) else []
+    for ours_name, base_name in pairs:
+        for ours, base in zip(results[ours_name], results[base_name]):
+            print(f"ratio at {ours['concurrency']} clients: throughput {ours['rps'] / max(base['rps'], 1e-9):.2f}x, "
+                  f"p99 {ours['p99_ms'] / max(base['p99_ms'], 1e-9):.2f}x ({ours_name} / {base_name})")
+    failures = [(n, r) for n in servers for r in results[n] if r["errors"]]
     for name, r in failures:
         print(f"errors from {name} at {r['concurrency']} clients, e.g. {r['first_errors']}", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": {**info, "load_before": load_before}, "args": vars(args), "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"machine": {**info, "load_before": load_before}, "args": vars(args), "results": results,
+                                               "accuracy": accuracy}, indent=2))
     return 1 if failures else 0
 
 

@@ -21,16 +21,15 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from finetune import checkpoints, reporting, resume
+from finetune import batching, checkpoints, reporting, resume, speed
 from finetune.bigbird import attention_for_batch
 from finetune.data import PreparedData, prepare
 from finetune.metrics import is_improvement
 from finetune.modeling import ModelInfo, build_model, load_tokenizer, make_collator, save_model_dir
 from finetune.optim import make_optimizer, make_scheduler
-from finetune.preflight import choose_mixed_precision, preflight
+from finetune.preflight import preflight
 from finetune.recipe import Recipe, recipe_to_yaml
 from finetune.tasks import Reference, TaskDefinition, TaskSettings
 from finetune.tracking import NullTracker, Tracker
@@ -100,9 +99,9 @@ def setup_data(recipe: Recipe, task: TaskDefinition, tokenizer: Any, accelerator
 
 
 def setup_model(recipe: Recipe, task: TaskDefinition, resolved: checkpoints.ResolvedCheckpoint, label_names: list[str] | None):
-    """The pretrained encoder with a fresh head for the task."""
+    """The pretrained encoder with a fresh head for the task (compiled if the recipe says so)."""
     model, _ = build_model(resolved, recipe.model, task, label_names)
-    return model
+    return speed.prepare_model(model, recipe.training)
 
 
 def train_one_epoch(
@@ -207,10 +206,7 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
     """
     cfg = recipe.training
     task, resolved = preflight(recipe)
-    accelerator = Accelerator(
-        mixed_precision=choose_mixed_precision(cfg.mixed_precision),
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-    )
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, **speed.accelerator_options(cfg))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
         raise RuntimeError(
@@ -225,8 +221,7 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
     collator = make_collator(tokenizer, model.config, task)
     # The shuffle generator is re-seeded with seed + epoch at each epoch, so a resumed run sees the same order.
     generator = torch.Generator()
-    train_dl = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                          collate_fn=collator, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
+    train_dl = batching.train_loader(data.train, cfg, collator, generator)
     eval_dl = reporting.eval_loader(data.eval, collator, recipe)
     eval_reference = Reference(data.eval_features, data.raw_eval, recipe.data)
     optimizer = make_optimizer(model, recipe)

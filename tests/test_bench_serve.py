@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -21,19 +22,32 @@ def tiny_model(tiny_checkpoints, tmp_path_factory):
         tracking={"log_model": False, "system_metrics": False, "experiment": "bench"})).best_dir
 
 
-def test_quick_benchmark_runs_both_servers(tiny_model, tmp_path):
+def test_quick_benchmark_runs_every_backend(tiny_model, tmp_path):
+    """Baseline, PyTorch, ONNX fp32 and ONNX int8 (exported by the benchmark itself), each with its accuracy."""
     report = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "bench/serve.py", "--quick", "--model", str(tiny_model), "--json", str(report)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [sys.executable, "bench/serve.py", "--quick", "--model", str(tiny_model), "--json", str(report),
+         "--accuracy-sentences", "16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line.split() for line in result.stdout.splitlines()]
-    for server in ("baseline", "finetune"):
+    for server in ("baseline", "pytorch", "onnx", "onnx-int8"):
         assert {row[1] for row in rows if row and row[0] == server} == {"1", "4"}, result.stdout
-    assert "ratio at 4 clients: throughput" in result.stdout
+        assert "ratio at 4 clients: throughput" in result.stdout
+    for pair in ("(pytorch / baseline)", "(onnx / baseline)", "(onnx-int8 / baseline)", "(onnx-int8 / pytorch)"):
+        assert pair in result.stdout, result.stdout
     assert "torch" in result.stdout and "command: python bench/serve.py --quick" in result.stdout
-    assert report.exists()
+    saved = json.loads(report.read_text())
+    assert set(saved["accuracy"]) == {"baseline", "pytorch", "onnx", "onnx-int8"}
+    assert all(0 <= a <= 1 for a in saved["accuracy"].values())
+    assert not (tiny_model / "model.onnx").exists()  # the export went to a temporary folder, not the model
+
+
+def test_unknown_server_is_refused(tiny_model):
+    result = subprocess.run([sys.executable, "bench/serve.py", "--quick", "--model", str(tiny_model), "--servers", "tensorrt"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "unknown server(s) tensorrt" in result.stderr
 
 
 def test_quick_soak_runs_and_passes(tiny_model):
