@@ -221,7 +221,7 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
     collator = make_collator(tokenizer, model.config, task)
     # The shuffle generator is re-seeded with seed + epoch at each epoch, so a resumed run sees the same order.
     generator = torch.Generator()
-    train_dl = batching.train_loader(data.train, cfg, collator, generator)
+    train_dl = batching.train_loader(data.train, cfg, collator, generator, accelerator.num_processes)
     eval_dl = reporting.eval_loader(data.eval, collator, recipe)
     eval_reference = Reference(data.eval_features, data.raw_eval, recipe.data)
     optimizer = make_optimizer(model, recipe)

@@ -1,0 +1,155 @@
+"""Length-grouped batching (finetune.batching) and the speed switches of the recipe."""
+
+from __future__ import annotations
+
+import random
+
+import datasets
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import BatchSamplerShard
+from torch.utils.data import BatchSampler, RandomSampler
+
+from finetune.batching import LengthGroupedShuffledSampler, example_lengths, train_loader
+from finetune.recipe import RecipeError, TrainingSection, load_recipe
+from finetune.speed import prepare_model
+
+_RNG = random.Random(7)
+LENGTHS = [_RNG.randint(1, 100) for _ in range(1000)]  # 1000 = 31 full batches of 32 + 8
+
+
+def order(seed: int, lengths=LENGTHS, batch_size: int = 32) -> list[int]:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return list(LengthGroupedShuffledSampler(lengths, batch_size, generator))
+
+
+def batches_of(indices: list[int], batch_size: int = 32) -> list[list[int]]:
+    return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+
+
+def padded_tokens(batches: list[list[int]]) -> int:
+    return sum(max(LENGTHS[i] for i in b) * len(b) for b in batches)
+
+
+@pytest.mark.parametrize("size", [1, 31, 32, 33, 1000])
+def test_every_index_exactly_once_per_epoch(size):
+    assert sorted(order(0, LENGTHS[:size])) == list(range(size))
+
+
+def test_only_the_last_batch_is_partial():
+    sizes = [len(b) for b in batches_of(order(0))]
+    assert sizes[:-1] == [32] * 31 and sizes[-1] == 1000 - 31 * 32
+
+
+def test_batches_are_length_grouped():
+    grouped = padded_tokens(batches_of(order(0)))
+    shuffled = list(range(len(LENGTHS)))
+    random.Random(0).shuffle(shuffled)
+    at_random = padded_tokens(batches_of(shuffled))
+    real = sum(LENGTHS)
+    # Mega-batches of 1000 // (32 * 4) = 7 batches: lengths 1..100 spread over ~7 batches each.
+    assert grouped < 0.75 * at_random and grouped < 1.25 * real
+    spreads = [max(LENGTHS[i] for i in b) - min(LENGTHS[i] for i in b) for b in batches_of(order(0))]
+    assert sum(spreads) / len(spreads) < 25  # about 99 for random batches
+
+
+def test_batch_order_is_random_not_a_length_curriculum():
+    longest = [max(LENGTHS[i] for i in b) for b in batches_of(order(0))[:-1]]
+    # transformers' LengthGroupedSampler would go long-to-short within each mega-batch.
+    falling = sum(a >= b for a, b in zip(longest, longest[1:]))
+    assert 0.25 * len(longest) < falling < 0.75 * len(longest)
+
+
+def test_deterministic_per_seed_and_different_across_seeds_and_epochs():
+    assert order(3) == order(3)
+    assert order(3) != order(4)  # seed + epoch: the next epoch is seed + 1
+    generator = torch.Generator()
+    generator.manual_seed(3)
+    sampler = LengthGroupedShuffledSampler(LENGTHS, 32, generator)
+    assert list(sampler) != list(sampler)  # an unseeded second pass continues the stream
+
+
+def test_two_processes_train_on_the_global_batches_of_one_process():
+    """As train_loader sets it up: groups of one global batch (2 x 8), Accelerate deals the 8s to the processes."""
+    shards = []
+    for rank in range(2):
+        generator = torch.Generator()
+        generator.manual_seed(5)
+        batch_sampler = BatchSampler(LengthGroupedShuffledSampler(LENGTHS, 16, generator), 8, drop_last=False)
+        shards.append(list(BatchSamplerShard(batch_sampler, num_processes=2, process_index=rank, even_batches=False)))
+    seen = [i for shard in shards for batch in shard for i in batch]
+    assert sorted(seen) == list(range(len(LENGTHS)))
+    one_process = batches_of(order(5, batch_size=16), 16)  # 62 global batches of 16 + one of 8
+    assert [a + b for a, b in zip(*shards)] == one_process[: len(shards[1])]
+    assert shards[0][len(shards[1]):] == one_process[len(shards[1]):]
+
+
+def _loader(group_by_length: bool, size: int = 200):
+    rng = random.Random(1)
+    ds = datasets.Dataset.from_dict({"input_ids": [[1] * rng.randint(1, 40) for _ in range(size)],
+                                     "labels": list(range(size))})
+
+    def collate(rows):
+        width = max(len(r["input_ids"]) for r in rows)
+        return {"input_ids": torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows]),
+                "labels": torch.tensor([r["labels"] for r in rows])}
+
+    generator = torch.Generator()
+    cfg = TrainingSection(batch_size=16, group_by_length=group_by_length)
+    return ds, generator, train_loader(ds, cfg, collate, generator)
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_resume_with_skip_first_batches_gives_the_remaining_batches(group_by_length):
+    """What train.py does on resume: re-seed with seed + epoch, skip the batches already trained on."""
+    _, generator, loader = _loader(group_by_length)
+    accelerator = Accelerator(cpu=True)
+    loader = accelerator.prepare(loader)
+    generator.manual_seed(42 + 1)
+    full = [b["labels"].tolist() for b in loader]
+    generator.manual_seed(42 + 1)
+    resumed = [b["labels"].tolist() for b in accelerator.skip_first_batches(loader, 5)]
+    assert resumed == full[5:]
+    assert sorted(i for b in full for i in b) == list(range(200))
+
+
+def test_recipe_switch_chooses_the_sampler():
+    ds, _, grouped = _loader(True)
+    _, _, plain = _loader(False)
+    assert isinstance(grouped.sampler, LengthGroupedShuffledSampler) and isinstance(plain.sampler, RandomSampler)
+    assert grouped.sampler.lengths == [len(x) for x in ds["input_ids"]]
+
+
+def test_example_lengths_of_multiple_choice_rows_is_the_longest_choice():
+    ds = datasets.Dataset.from_dict({"input_ids": [[[1, 2], [1, 2, 3, 4]], [[1], [1]]]})
+    assert example_lengths(ds) == [4, 1]
+    assert example_lengths(datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [1]]})) == [3, 1]
+
+
+def test_speed_switches_parse_validate_and_default(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {checkpoint: x}\ndata: {files: {train: t.csv}}\ntask: {type: classification}\n")
+    loaded = load_recipe(recipe)
+    assert loaded.training.group_by_length is True and loaded.training.compile is False
+    changed = load_recipe(recipe, ["training.group_by_length=false", "training.compile=true"])
+    assert changed.training.group_by_length is False and changed.training.compile is True
+    with pytest.raises(RecipeError, match="training.group_by_length"):
+        load_recipe(recipe, ["training.group_by_length=sometimes"])
+    with pytest.raises(RecipeError, match="training.compile cannot be used with model.attention_type block_sparse"):
+        load_recipe(recipe, ["training.compile=true", "model.attention_type=block_sparse"])
+
+
+def test_compile_switch_compiles_in_place():
+    model = torch.nn.Linear(2, 2)
+    assert prepare_model(model, TrainingSection(compile=False))._compiled_call_impl is None
+    compiled = prepare_model(model, TrainingSection(compile=True))
+    assert compiled is model and model._compiled_call_impl is not None
+    assert list(model.state_dict()) == ["weight", "bias"]  # checkpoints and save_pretrained see the plain keys
+
+
+def test_groups_are_one_global_batch():
+    ds, generator, _ = _loader(True)
+    loader = train_loader(ds, TrainingSection(batch_size=16), lambda rows: rows, generator, num_processes=2)
+    assert loader.sampler.batch_size == 32 and loader.batch_size == 16

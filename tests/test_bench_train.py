@@ -1,0 +1,37 @@
+"""`bench/train.py --quick` runs the three ways end to end (no timing is asserted: benchmarks are not tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def test_quick_training_benchmark_runs_all_three_ways(tmp_path):
+    report = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "bench/train.py", "--quick", "--json", str(report)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for way in ("(a) Trainer, padding to max_length", "(b) Trainer, dynamic padding", "(c) finetune"):
+        assert way in out, out
+    assert "ratio (c)/(a): samples/s" in out and "ratio (c)/(b): samples/s" in out
+    assert "fp32 matmul peak (torch.mm, measured now)" in out and "command: python bench/train.py --quick" in out
+    saved = json.loads(report.read_text())
+    for way in "abc":
+        r = saved["results"][way]
+        assert r["samples_per_s"] > 0 and r["real_tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+        assert 0 <= r["dev_accuracy"] <= 1 and r["steps"] == 4  # 128 sentences, batch 32, one epoch
+    assert saved["results"]["c"]["training"]["group_by_length"] is True
+
+
+def test_unknown_way_is_refused():
+    result = subprocess.run([sys.executable, "bench/train.py", "--quick", "--ways", "b,z"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "unknown way(s) z" in result.stderr
