@@ -1,11 +1,13 @@
 """Training benchmark: `finetune` against the Hugging Face Trainer, same checkpoint, data, hyperparameters and steps.
 
-Three ways to fine-tune the same checkpoint on the same seeded SST-2 subset, each in a fresh process, one
-after the other on the same machine:
+Ways to fine-tune the same checkpoint on the same seeded SST-2 subset, each in a fresh process, one after
+the other on the same machine:
 
   (a) the Trainer as `run_glue.py` runs it by default: every example padded to max_length (128);
   (b) the Trainer with dynamic padding (`DataCollatorWithPadding`);
-  (c) `finetune run`, with its defaults (length-grouped batches, ...).
+  (c) `finetune run`, with its defaults (length-grouped batches, fused AdamW, bf16 where the CPU has it, ...);
+  (d) on a CPU that computes bf16 natively, where finetune's `auto` precision trains in bf16: (b) with
+      `--bf16` too, so the table shows how much of (c)'s lead is precision and how much the rest.
 
 Each reports training samples/s, real (non-pad) tokens/s, MFU and the dev accuracy after training. MFU is
 model FLOPs per second over the machine's fp32 matrix-multiply peak, measured here with `torch.mm`; the
@@ -22,8 +24,8 @@ Padding is work the model does but not model FLOPs, so padding lowers MFU.
     python bench/train.py --ways b,c --finetune training.group_by_length=false
     python bench/train.py --time-to-accuracy    # (b) and (c) on all of SST-2 until dev accuracy 0.88
 
-It runs unchanged on a GPU: both sides then train in bf16 (or fp16) autocast, the Trainer as
-`--bf16`/`--fp16` would and finetune through `training.mixed_precision: auto`.
+It runs unchanged on a GPU: every way then trains in bf16 (or fp16) autocast, the Trainer as
+`--bf16`/`--fp16` would and finetune through `training.mixed_precision: auto`, and (d) is not needed.
 """
 
 from __future__ import annotations
@@ -49,12 +51,13 @@ WAYS = {
     "a": "Trainer, padding to max_length (run_glue.py default)",
     "b": "Trainer, dynamic padding (DataCollatorWithPadding)",
     "c": "finetune",
+    "d": "Trainer, dynamic padding, bf16 autocast (--bf16)",
 }
 
 
 @dataclass
 class Spec:
-    """Everything the three ways share; written to JSON for the worker processes."""
+    """Everything the ways share; written to JSON for the worker processes."""
 
     checkpoint: str
     train_file: str
@@ -90,7 +93,7 @@ def read_tsv(path: Path | str) -> list[dict[str, str]]:
 
 
 def write_subset(source: Path, target: Path, size: int | None, seed: int) -> Path:
-    """A seeded random subset of a TSV (all rows when size is None), written as a TSV the three ways all read."""
+    """A seeded random subset of a TSV (all rows when size is None), written as a TSV every way reads."""
     rows = read_tsv(source)
     if size is not None and size < len(rows):
         rows = random.Random(seed).sample(rows, size)
@@ -148,7 +151,7 @@ def model_flops(lengths: list[int], shape: dict[str, int]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# the three ways (each runs in its own process: `--worker WAY`)
+# the ways (each runs in its own process: `--worker WAY`)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -164,8 +167,8 @@ def accuracy(logits, labels) -> float:
     return float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())
 
 
-def run_trainer(spec: Spec, pad_to_max: bool) -> dict:
-    """(a) or (b): the Trainer as a user would write it, following run_glue.py."""
+def run_trainer(spec: Spec, pad_to_max: bool, cpu_bf16: bool = False) -> dict:
+    """(a), (b) or (d): the Trainer as a user would write it, following run_glue.py."""
     import datasets
     import torch
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
@@ -194,7 +197,7 @@ def run_trainer(spec: Spec, pad_to_max: bool) -> dict:
         num_train_epochs=spec.epochs, lr_scheduler_type="linear", warmup_steps=math.ceil(spec.warmup_ratio * steps),
         max_grad_norm=1.0, seed=spec.seed, logging_steps=spec.logging_steps, save_strategy="no",
         eval_strategy="steps" if spec.eval_steps else "no", eval_steps=spec.eval_steps, report_to="none",
-        disable_tqdm=True, use_cpu=not cuda, bf16=bf16, fp16=cuda and not bf16,
+        disable_tqdm=True, use_cpu=not cuda, bf16=bf16 or cpu_bf16, fp16=cuda and not bf16,
     )
     clock: dict = {"evals": [], "eval_seconds": 0.0}
 
@@ -227,6 +230,7 @@ def run_finetune(spec: Spec) -> dict:
 
     from finetune import train
     from finetune.recipe import load_recipe
+    from finetune.speed import precision
 
     work = Path(spec.workdir)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
@@ -270,12 +274,22 @@ def run_finetune(spec: Spec) -> dict:
     _, last_accuracy, wall = clock["evals"][-1]
     return {"train_seconds": result.train_seconds, "wall_seconds": wall, "steps": result.steps,
             "dev_accuracy": last_accuracy, "evals": clock["evals"], "reached": clock.get("reached"),
-            "training": loaded.training.model_dump(mode="json")}
+            "training": loaded.training.model_dump(mode="json"),
+            "precision": precision(loaded)}
+
+
+def finetune_trains_cpu_bf16() -> bool:
+    """Whether finetune's default precision is bf16 on this machine while the Trainer's default is fp32."""
+    import torch
+
+    from finetune.preflight import choose_mixed_precision
+
+    return not torch.cuda.is_available() and choose_mixed_precision("auto") == "bf16"
 
 
 def worker(way: str, spec_file: str, out_file: str) -> int:
     spec = Spec(**json.loads(Path(spec_file).read_text()))
-    result = run_finetune(spec) if way == "c" else run_trainer(spec, pad_to_max=way == "a")
+    result = run_finetune(spec) if way == "c" else run_trainer(spec, pad_to_max=way == "a", cpu_bf16=way == "d")
     Path(out_file).write_text(json.dumps(result))
     return 0
 
@@ -315,10 +329,10 @@ def run_way(way: str, spec: Spec) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the table and ratios."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=CHECKPOINT, help=f"checkpoint for all three ways (default {CHECKPOINT})")
+    parser.add_argument("--checkpoint", default=CHECKPOINT, help=f"checkpoint for every way (default {CHECKPOINT})")
     parser.add_argument("--train-size", type=int, default=4096, help="seeded random SST-2 training sentences (default 4096)")
     parser.add_argument("--dev-size", type=int, help="SST-2 dev sentences to score (default: all 872)")
-    parser.add_argument("--ways", default="a,b,c", help="which ways to run (default a,b,c)")
+    parser.add_argument("--ways", help="which ways to run (default a,b,c, and d on a CPU that computes bf16)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
@@ -341,9 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.train_size, args.dev_size = 128, args.dev_size or 64
     train_size = None if args.time_to_accuracy else args.train_size
-    ways = [w.strip() for w in args.ways.split(",") if w.strip()]
-    if args.time_to_accuracy and args.ways == "a,b,c":
-        ways = ["b", "c"]  # (a) pads to 128 and would take hours on a CPU; run it with --ways a,b,c if wanted
+    if args.ways:
+        ways = [w.strip() for w in args.ways.split(",") if w.strip()]
+    else:
+        # (a) pads to 128 and would take hours to reach the target on a CPU; run it with --ways if wanted.
+        ways = (["b", "c"] if args.time_to_accuracy else ["a", "b", "c"]) + (["d"] if finetune_trains_cpu_bf16() else [])
     unknown = sorted(set(ways) - set(WAYS))
     if unknown:
         print(f"error: unknown way(s) {', '.join(unknown)}; choose from {', '.join(WAYS)}", file=sys.stderr)
@@ -396,14 +412,14 @@ def main(argv: list[str] | None = None) -> int:
         overrides = " ".join(args.finetune) or "none"
         t = results["c"]["training"]
         print(f"finetune (c): group_by_length={t.get('group_by_length')}, compile={t.get('compile')}, "
-              f"mixed_precision={t.get('mixed_precision')}; overrides: {overrides}")
+              f"mixed_precision={t.get('mixed_precision')} (here {results['c']['precision']}); overrides: {overrides}")
     print()
     print(f"{'way':<4} {'what':<52} {'samples/s':>10} {'tokens/s':>9} {'MFU':>6} {'train s':>8} {'steps':>6} {'dev acc':>8}")
     for way, r in results.items():
         print(f"({way}) {WAYS[way]:<52} {r['samples_per_s']:>10.1f} {r['real_tokens_per_s']:>9.0f} "
               f"{r['mfu'] * 100:>5.1f}% {r['train_seconds']:>8.1f} {r['steps']:>6} {r['dev_accuracy']:>8.4f}")
     print()
-    for base in ("a", "b"):
+    for base in ("a", "b", "d"):
         if "c" in results and base in results:
             c, b = results["c"], results[base]
             print(f"ratio (c)/({base}): samples/s {c['samples_per_s'] / b['samples_per_s']:.2f}x, "
@@ -417,8 +433,10 @@ def main(argv: list[str] | None = None) -> int:
                       if reached else f"did not reach {args.target} in {r['steps']} steps (best {max(e[1] for e in r['evals']):.4f})")
             print(f"time to accuracy {args.target} ({way}): {figure}")
             print(f"  evaluations (step, accuracy, s): {', '.join(f'({s}, {a:.3f}, {t:.0f})' for s, a, t in r['evals'])}")
-        if all(r.get("reached") for r in results.values()) and {"b", "c"} <= set(results):
-            print(f"ratio (b)/(c) wall time to {args.target}: {results['b']['reached'][2] / results['c']['reached'][2]:.2f}x")
+        for base in ("b", "d"):
+            if {base, "c"} <= set(results) and results[base].get("reached") and results["c"].get("reached"):
+                print(f"ratio ({base})/(c) wall time to {args.target}: "
+                      f"{results[base]['reached'][2] / results['c']['reached'][2]:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": {**info, "load_before": load_before}, "args": vars(args),
                                                "peak_flops": peak, "epoch_flops": epoch_flops, "results": results},

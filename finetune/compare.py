@@ -53,6 +53,7 @@ def compare_table(experiment: str | None = None, metric: str | None = None) -> t
             **{k: r.data.params.get(k) for k in differing},
             "train_seconds": None if seconds is None else round(seconds, 1),
             "samples_per_s": _round(r.data.metrics.get("train/samples_per_second_overall")),
+            "peak_memory_mb": _round(r.data.metrics.get("train/peak_memory_mb")),
             "champion": "yes" if r.info.run_id in champions else "",
         }
         rows.append(row)

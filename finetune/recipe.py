@@ -186,7 +186,7 @@ class TrainingSection(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this (null: no clipping)."""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    """auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU. fp16/bf16 need a GPU."""
+    """auto: bf16 on GPUs that support it, else fp16 on GPU; on a CPU, bf16 for the training forward pass when the CPU computes bf16 natively (AVX512-BF16 or AMX), else fp32. Evaluation on a CPU always runs in fp32, as serving does. fp16 needs a GPU. Block-sparse BigBird always trains in fp32 (transformers' block-sparse attention fails under autocast)."""
     eval_strategy: Literal["epoch", "steps"] = "epoch"
     """Evaluate after every epoch, or every `eval_steps` optimizer steps."""
     eval_steps: int | None = Field(None, ge=1)
@@ -269,12 +269,20 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
-    def _compile_possible(self) -> "Recipe":
+    def _block_sparse_speed_settings(self) -> "Recipe":
+        if self.model.attention_type != "block_sparse":
+            return self
         # Block-sparse BigBird picks its attention per batch in Python (finetune.bigbird); a compiled graph would
         # freeze one choice or recompile on every switch.
-        if self.training.compile and self.model.attention_type == "block_sparse":
+        if self.training.compile:
             raise ValueError("training.compile cannot be used with model.attention_type block_sparse; "
                              "use original_full attention or training.compile: false")
+        # transformers 5's block-sparse attention scatters its float32 softmax weights into a tensor of the
+        # matmul's dtype, which autocast makes half precision: every autocast forward pass fails.
+        if self.training.mixed_precision in ("bf16", "fp16"):
+            raise ValueError(f"training.mixed_precision: {self.training.mixed_precision} cannot be used with "
+                             "model.attention_type block_sparse (transformers' block-sparse attention fails under "
+                             "autocast); allowed with block_sparse: auto (trains in fp32) or no")
         return self
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -24,6 +25,21 @@ class FinalReport:
     model_uri: str | None
     champion: dict[str, Any] | None
     tracking_problem: str | None = None
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process so far (and peak CUDA memory allocated, on a GPU), in MiB.
+
+    ru_maxrss is the high-water mark the kernel keeps, so it catches short peaks a sampling monitor
+    (MLflow's system metrics) would miss; it is KiB on Linux and bytes on macOS.
+    """
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    peaks = {"train/peak_memory_mb": round(rss, 1)}
+    if torch.cuda.is_available():
+        peaks["train/peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peaks
 
 
 def eval_loader(dataset, collator, recipe: Recipe) -> DataLoader:
@@ -50,7 +66,8 @@ def finish_run(recipe: Recipe, task: TaskDefinition, data: PreparedData, collato
     throughput = state.samples / state.train_seconds if state.train_seconds else 0.0
     tracker.log_metrics(
         {f"best/{k}": v for k, v in state.best_metrics.items()}
-        | {"train/runtime_seconds": state.train_seconds, "train/samples_per_second_overall": throughput},
+        | {"train/runtime_seconds": state.train_seconds, "train/samples_per_second_overall": throughput}
+        | peak_memory_mb(),
         step=state.step,
     )
     tracker.set_tags({"finetune.best_step": state.best_step, "finetune.attention_batches": state.attention_counts or "n/a"})

@@ -114,9 +114,10 @@ def train_one_epoch(
     unwrapped = accelerator.unwrap_model(model)
     running_loss = torch.zeros((), device=accelerator.device)
     loss_count, window_start, window_samples = 0, time.perf_counter(), 0
+    autocast = speed.training_autocast(recipe)
     for batch in loader:
         with accelerator.accumulate(model):
-            with attention_for_batch(unwrapped, batch["input_ids"], state.attention_counts):
+            with attention_for_batch(unwrapped, batch["input_ids"], state.attention_counts), autocast:
                 loss = model(**batch).loss
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm:
@@ -206,7 +207,7 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
     """
     cfg = recipe.training
     task, resolved = preflight(recipe)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, **speed.accelerator_options(cfg))
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, **speed.accelerator_options(recipe))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
         raise RuntimeError(

@@ -139,6 +139,20 @@ def test_speed_switches_parse_validate_and_default(tmp_path):
         load_recipe(recipe, ["training.group_by_length=sometimes"])
     with pytest.raises(RecipeError, match="training.compile cannot be used with model.attention_type block_sparse"):
         load_recipe(recipe, ["training.compile=true", "model.attention_type=block_sparse"])
+    with pytest.raises(RecipeError, match=r"training.mixed_precision: bf16 cannot be used with model.attention_type "
+                                          r"block_sparse .*allowed with block_sparse: auto \(trains in fp32\) or no"):
+        load_recipe(recipe, ["training.mixed_precision=bf16", "model.attention_type=block_sparse"])
+
+
+def test_block_sparse_bigbird_trains_in_fp32_whatever_auto_would_pick(tmp_path, monkeypatch):
+    from finetune import preflight, speed
+
+    monkeypatch.setattr(preflight, "cpu_computes_bf16", lambda: True)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {checkpoint: x}\ndata: {files: {train: t.csv}}\ntask: {type: classification}\n")
+    assert speed.precision(load_recipe(recipe, ["model.attention_type=block_sparse"])) == "no"
+    assert speed.precision(load_recipe(recipe, ["model.attention_type=original_full"])) == (
+        "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp16")
 
 
 def test_compile_switch_compiles_in_place():
@@ -153,3 +167,43 @@ def test_groups_are_one_global_batch():
     ds, generator, _ = _loader(True)
     loader = train_loader(ds, TrainingSection(batch_size=16), lambda rows: rows, generator, num_processes=2)
     assert loader.sampler.batch_size == 32 and loader.batch_size == 16
+
+
+def test_auto_precision_on_a_cpu_follows_its_bf16_support(monkeypatch):
+    from finetune import preflight
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU rule applies only without a GPU")
+    monkeypatch.setattr(preflight, "cpu_computes_bf16", lambda: False)
+    assert preflight.choose_mixed_precision("auto") == "no"
+    monkeypatch.setattr(preflight, "cpu_computes_bf16", lambda: True)
+    assert preflight.choose_mixed_precision("auto") == "bf16"
+    assert preflight.choose_mixed_precision("no") == "no"
+    with pytest.raises(RecipeError, match="fp16 needs a CUDA GPU"):
+        preflight.choose_mixed_precision("fp16")
+
+
+@pytest.mark.parametrize("precision,train_dtype", [("bf16", torch.bfloat16), ("no", torch.float32)])
+def test_cpu_bf16_trains_in_bf16_and_evaluates_in_fp32(tiny_checkpoints, monkeypatch, precision, train_dtype):
+    """Only the training forward is autocast: evaluation sees the fp32 model, exactly as serving does."""
+    from finetune import speed, train
+    from finetune.recipe import Recipe
+    from tests.conftest import tiny_recipe
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU Accelerate's mixed precision applies")
+    seen: dict[str, set] = {"train": set(), "eval": set()}
+    plain_prepare = speed.prepare_model
+
+    def spying_prepare(model, cfg):
+        model.register_forward_hook(lambda m, args, out: seen["train" if m.training else "eval"].add(out.logits.dtype))
+        return plain_prepare(model, cfg)
+
+    monkeypatch.setattr(speed, "prepare_model", spying_prepare)
+    result = train.main(Recipe.model_validate(tiny_recipe(
+        tiny_checkpoints["bert"], training={"max_steps": 3, "batch_size": 8, "mixed_precision": precision},
+        tracking={"log_model": False, "system_metrics": False})))
+    assert seen == {"train": {train_dtype}, "eval": {torch.float32}}
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(result.best_dir / "model.safetensors").values()} == {torch.float32}

@@ -67,6 +67,7 @@ def test_champion_moves_only_when_beaten_and_compare_ranks_runs(tiny_checkpoints
     assert [r["run"] for r in rows][0] == "strong"
     assert {r["training.learning_rate"] for r in rows} == {"1e-09", "0.003"}
     assert [r["champion"] for r in rows] == ["yes", "", ""]
+    assert all(r["train_seconds"] > 0 and r["samples_per_s"] > 0 and r["peak_memory_mb"] > 100 for r in rows)
     assert cli(["compare", "--format", "markdown"]) == 0
     markdown = capsys.readouterr().out
     assert markdown.splitlines()[0].startswith("| run | run_id | checkpoint | task | accuracy |")
