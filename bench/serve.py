@@ -180,13 +180,18 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def run_load(url: str, sentences: list[str], concurrency: int, duration: float, warmup: float) -> dict:
-    """Closed-loop load: each client sends its next sentence as soon as the previous answer arrives."""
-    import httpx
+    """Closed-loop load: each client sends its next sentence as soon as the previous answer arrives.
+
+    aiohttp rather than httpx: the load generator shares the machine with the server under test, and
+    httpx's AsyncClient costs about 1.9 ms of CPU per request here against aiohttp's 0.1 ms (measured
+    against a trivial endpoint), which at 150 requests/s would take a sixth of the two cores.
+    """
+    import aiohttp
 
     latencies: list[float] = []
     errors: list[str] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
         begin = time.perf_counter()
         measure_from, stop = begin + warmup, begin + warmup + duration
         last_end = measure_from
@@ -196,9 +201,10 @@ async def run_load(url: str, sentences: list[str], concurrency: int, duration: f
             i = k * len(sentences) // concurrency  # offset so clients do not send the same sentence in lockstep
             while (sent := time.perf_counter()) < stop:
                 try:
-                    response = await client.post("/v1/predict", json={"inputs": [sentences[i % len(sentences)]]})
-                    error = None if response.status_code == 200 else f"HTTP {response.status_code}: {response.text[:200]}"
-                except httpx.HTTPError as e:
+                    async with session.post("/v1/predict", json={"inputs": [sentences[i % len(sentences)]]}) as response:
+                        text = await response.text()
+                    error = None if response.status == 200 else f"HTTP {response.status}: {text[:200]}"
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                     error = f"{type(e).__name__}: {e}"
                 done = time.perf_counter()
                 if sent >= measure_from:  # warm-up requests fill caches and connection pools; they do not count

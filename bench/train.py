@@ -21,6 +21,7 @@ Padding is work the model does but not model FLOPs, so padding lowers MFU.
 
     python bench/train.py                       # (a), (b), (c) on 4,096 sentences, one epoch, batch 32
     python bench/train.py --quick               # smoke run (the test suite runs this)
+    python bench/train.py --ways b,c --repeats 5   # means over five training seeds
     python bench/train.py --ways b,c --finetune training.group_by_length=false
     python bench/train.py --time-to-accuracy    # (b) and (c) on all of SST-2 until dev accuracy 0.88
 
@@ -326,6 +327,18 @@ def run_way(way: str, spec: Spec) -> dict:
     return json.loads(out_file.read_text())
 
 
+def mean_of_repeats(runs: list[dict]) -> dict:
+    """One way's result over its repeats: mean training time and accuracy, and every repeat's accuracy."""
+    import statistics
+
+    merged = dict(runs[0])
+    merged["train_seconds"] = statistics.fmean(r["train_seconds"] for r in runs)
+    merged["dev_accuracies"] = [r["dev_accuracy"] for r in runs]
+    merged["dev_accuracy"] = statistics.fmean(merged["dev_accuracies"])
+    merged["dev_accuracy_sd"] = statistics.stdev(merged["dev_accuracies"]) if len(runs) > 1 else 0.0
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the table and ratios."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -337,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--max-length", type=int, default=128, help="truncation (and (a)'s padding) length (default 128)")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42, help="data subset seed, and the first training seed")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="train every way this many times with seeds seed, seed+1, ...; the table shows means "
+                             "(accuracy on 872 sentences moves by about a point from seed to seed)")
     parser.add_argument("--finetune", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides for (c)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 128 sentences, 64 dev sentences")
     parser.add_argument("--time-to-accuracy", action="store_true",
@@ -354,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.quick:
         args.train_size, args.dev_size = 128, args.dev_size or 64
+    if args.repeats < 1 or (args.repeats > 1 and args.time_to_accuracy):
+        print("error: --repeats must be at least 1, and 1 with --time-to-accuracy", file=sys.stderr)
+        return 2
     train_size = None if args.time_to_accuracy else args.train_size
     if args.ways:
         ways = [w.strip() for w in args.ways.split(",") if w.strip()]
@@ -384,8 +403,13 @@ def main(argv: list[str] | None = None) -> int:
         peak = peak_matmul_flops(n=1024, repeats=5, trials=3) if args.quick else peak_matmul_flops()
         results = {}
         for way in ways:
-            (Path(workdir) / way).mkdir()
-            results[way] = run_way(way, Spec(**{**asdict(spec), "workdir": str(Path(workdir) / way)}))
+            # Repeats differ in the training seed only (head initialisation, data order, dropout), never the data.
+            runs = []
+            for k in range(args.repeats):
+                folder = Path(workdir) / f"{way}-{k}"
+                folder.mkdir()
+                runs.append(run_way(way, Spec(**{**asdict(spec), "seed": args.seed + k, "workdir": str(folder)})))
+            results[way] = mean_of_repeats(runs)
 
     info = machine()
     epoch_flops = model_flops(lengths, shape)
@@ -414,10 +438,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune (c): group_by_length={t.get('group_by_length')}, compile={t.get('compile')}, "
               f"mixed_precision={t.get('mixed_precision')} (here {results['c']['precision']}); overrides: {overrides}")
     print()
+    if args.repeats > 1:
+        print(f"each way trained {args.repeats} times (seeds {args.seed}..{args.seed + args.repeats - 1}): "
+              "time and accuracy are means, +- the accuracy's standard deviation")
     print(f"{'way':<4} {'what':<52} {'samples/s':>10} {'tokens/s':>9} {'MFU':>6} {'train s':>8} {'steps':>6} {'dev acc':>8}")
     for way, r in results.items():
+        spread = f" +- {r['dev_accuracy_sd']:.4f}" if args.repeats > 1 else ""
         print(f"({way}) {WAYS[way]:<52} {r['samples_per_s']:>10.1f} {r['real_tokens_per_s']:>9.0f} "
-              f"{r['mfu'] * 100:>5.1f}% {r['train_seconds']:>8.1f} {r['steps']:>6} {r['dev_accuracy']:>8.4f}")
+              f"{r['mfu'] * 100:>5.1f}% {r['train_seconds']:>8.1f} {r['steps']:>6} {r['dev_accuracy']:>8.4f}{spread}")
     print()
     for base in ("a", "b", "d"):
         if "c" in results and base in results:

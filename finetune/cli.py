@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--timeout", type=float, default=30.0, help="seconds before a request gets 504")
 
     export = sub.add_parser("export", help="export a trained model to ONNX Runtime, checked against PyTorch")
-    export.add_argument("model", help="a trained model folder (runs/<name>/best)")
+    export.add_argument("model", help="a trained model folder (runs/<name>/best), an MLflow run id, or a runs:/ or models:/ URI "
+                                      "(e.g. models:/sst2-sentiment@champion)")
     export.add_argument("target", help="folder to write (the model folder plus model.onnx)")
     export.add_argument("--format", choices=["onnx"], default="onnx")
     export.add_argument("--quantize", choices=["int8"], help="also write a dynamically quantized model.int8.onnx")
@@ -132,14 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return cmd_serve(args)
         if args.command == "export":
-            from finetune.export import ExportError, export_onnx
-
-            try:
-                report = export_onnx(args.model, args.target, args.quantize, check=not args.no_check)
-            except ExportError as e:
-                raise RecipeError(str(e)) from None
-            print(json.dumps(report, indent=2))
-            return 0
+            return cmd_export(args)
         if args.command == "convert":
             return cmd_convert(args)
         if args.command == "ui":
@@ -207,6 +202,19 @@ def cmd_promote(run_id: str, name: str | None) -> int:
     except ValueError as e:
         raise RecipeError(str(e)) from None
     print(f"{done['name']} version {done['version']} is now champion (was: {done['previous'] or 'none'})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from finetune.export import ExportError, export_onnx
+    from serving.loading import ModelSourceError, model_folder
+
+    with tempfile.TemporaryDirectory(prefix="finetune-export-") as tmp:
+        try:
+            report = export_onnx(model_folder(args.model, Path(tmp)), args.target, args.quantize, check=not args.no_check)
+        except (ExportError, ModelSourceError) as e:
+            raise RecipeError(str(e)) from None
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -83,6 +83,9 @@ def export_onnx(model_dir: str | Path, target: str | Path, quantize: str | None 
             "with Python control flow that tracing freezes into a wrong graph. Export a model trained with "
             "model.attention_type: original_full, or serve this one with the PyTorch backend."
         )
+    if check and not (model_dir / "recipe.yaml").is_file():
+        raise ExportError(f"{model_dir} has no recipe.yaml, so the export cannot be checked on the recipe's "
+                          "evaluation data; pass --no-check to export it unchecked")
     if target.resolve() != model_dir.resolve():
         shutil.copytree(model_dir, target, dirs_exist_ok=True)
     # Tracing passes inputs by position, so they go in the order of the model's forward() signature.

@@ -8,6 +8,7 @@ same task definition as evaluation and the HTTP server.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,21 @@ def _load_pyfunc(data_path: str) -> FinetunePyfunc:
     model = model_class(get_task(info.task)).from_pretrained(root / "model", use_safetensors=True)
     tokenizer = load_tokenizer(root / "components" / "tokenizer")
     return FinetunePyfunc(Predictor(model, tokenizer, info))
+
+
+def unpack_model_folder(mlflow_dir: Path, target: Path, recipe_yaml: str | None) -> Path:
+    """The model folder training wrote, rebuilt from a logged MLflow model (weights, tokenizer, finetune.json).
+
+    `recipe_yaml` (the run's recipe.yaml) is written beside them when given.
+    """
+    from mlflow.models import Model
+
+    data = Model.load(str(Path(mlflow_dir) / "MLmodel")).flavors["python_function"].get("data", ".")
+    root = Path(mlflow_dir) / data
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(root / "model", target, dirs_exist_ok=True)
+    shutil.copytree(root / "components" / "tokenizer", target, dirs_exist_ok=True)
+    shutil.copy(root / METADATA_FILE, target / METADATA_FILE)
+    if recipe_yaml is not None:
+        (target / "recipe.yaml").write_text(recipe_yaml)
+    return target

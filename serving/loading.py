@@ -61,21 +61,34 @@ def _from_folder(path: Path, backend: str) -> Predictor:
     return Predictor.from_dir(path)
 
 
-def load_model(source: str | None = None, name: str | None = None, backend: str = "auto") -> LoadedModel:
-    """Load what `finetune serve` was asked to serve.
+@dataclass
+class Located:
+    """Where a model to serve or export is, on this machine, and what it is in the registry."""
+
+    path: Path
+    name: str | None
+    version: str | None
+    run_id: str | None
+    source: str
+
+    @property
+    def is_mlflow_model(self) -> bool:
+        return (self.path / "MLmodel").is_file()
+
+
+def locate(source: str | None = None, name: str | None = None) -> Located:
+    """Find (downloading if needed) the model a source names.
 
     source: a model folder (runs/<name>/best or an MLflow model folder), an MLflow run id, a runs:/ URI,
     or a models:/ URI. Without a source, the `champion` alias of `name` (or of the only registered
-    model that has one) is served.
+    model that has one).
     """
     import mlflow
 
     from finetune.tracking import tracking_uri
 
     if source and Path(source).is_dir():
-        path = Path(source)
-        predictor = _from_mlflow_dir(path) if (path / "MLmodel").is_file() else _from_folder(path, backend)
-        return LoadedModel(predictor, predictor.info.recipe_name or path.name, None, None, str(path))
+        return Located(Path(source), None, None, None, str(source))
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     version = run_id = None
@@ -103,5 +116,43 @@ def load_model(source: str | None = None, name: str | None = None, backend: str 
         local = Path(mlflow.artifacts.download_artifacts(source))
     except Exception as e:
         raise ModelSourceError(f"--model {source!r}: cannot fetch it from {tracking_uri()} ({e})") from None
-    predictor = _from_mlflow_dir(local)
-    return LoadedModel(predictor, name or predictor.info.recipe_name, version, run_id, source)
+    return Located(local, name, version, run_id, source)
+
+
+def load_model(source: str | None = None, name: str | None = None, backend: str = "auto") -> LoadedModel:
+    """Load what `finetune serve` was asked to serve (see `locate` for the sources)."""
+    found = locate(source, name)
+    if found.is_mlflow_model:
+        if backend in ("onnx", "onnx-int8"):
+            # ONNX Runtime serves an export, which is made and checked once by `finetune export`, not at start-up.
+            raise ModelSourceError(
+                f"--backend {backend} serves an ONNX export, and {found.source} is an MLflow model: make the export "
+                f"with `finetune export {found.source} DST{' --quantize int8' if backend == 'onnx-int8' else ''}`, "
+                f"then `finetune serve --model DST --backend {backend}`")
+        predictor = _from_mlflow_dir(found.path)
+    else:
+        predictor = _from_folder(found.path, backend)
+    return LoadedModel(predictor, found.name or predictor.info.recipe_name or found.path.name, found.version,
+                       found.run_id, found.source)
+
+
+def model_folder(source: str, target: Path) -> Path:
+    """A plain finetune model folder (what training writes to runs/<name>/best) for any source `locate` takes.
+
+    A folder is returned as it is; an MLflow model is unpacked into `target` with its run's recipe.yaml, which
+    `finetune export` needs to check the export on the recipe's evaluation data.
+    """
+    import mlflow
+
+    found = locate(source)
+    if not found.is_mlflow_model:
+        return found.path
+    from finetune.mlflow_model import unpack_model_folder
+
+    recipe = None
+    if found.run_id:
+        try:
+            recipe = Path(mlflow.artifacts.download_artifacts(f"runs:/{found.run_id}/recipe.yaml")).read_text()
+        except Exception:  # an old or foreign run without it: the export then runs without the parity check
+            recipe = None
+    return unpack_model_folder(found.path, target, recipe)

@@ -34,6 +34,16 @@ def test_quick_training_benchmark_runs_every_way(tmp_path):
     assert saved["results"]["c"]["training"]["group_by_length"] is True
 
 
+def test_repeats_average_over_training_seeds(tmp_path):
+    report = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "bench/train.py", "--quick", "--ways", "c", "--repeats", "2", "--json", str(report)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "each way trained 2 times (seeds 42..43)" in result.stdout
+    c = json.loads(report.read_text())["results"]["c"]
+    assert len(c["dev_accuracies"]) == 2 and c["dev_accuracy"] == sum(c["dev_accuracies"]) / 2
+
+
 def test_unknown_way_is_refused():
     result = subprocess.run([sys.executable, "bench/train.py", "--quick", "--ways", "b,z"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)

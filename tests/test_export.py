@@ -71,3 +71,31 @@ def test_serving_the_onnx_export(trained, tmp_path):
         assert got["label"] == expected["label"] and got["score"] == pytest.approx(expected["score"], abs=1e-4)
     finally:
         server.stop()
+
+
+@pytest.mark.e2e
+def test_exporting_the_registry_champion(tiny_checkpoints, tmp_path, capsys):
+    """`finetune export models:/NAME@champion` rebuilds the model folder from MLflow, with the run's recipe for the check."""
+    from serving.loading import ModelSourceError, load_model
+
+    best = train.main(Recipe.model_validate(tiny_recipe(
+        tiny_checkpoints["bert"], tracking={"log_model": True, "register_as": "exported", "system_metrics": False}))).best_dir
+    # ONNX Runtime serves exports only: asked of an MLflow model, it says how to make one instead of serving PyTorch.
+    with pytest.raises(ModelSourceError, match=r"finetune export models:/exported@champion DST --quantize int8"):
+        load_model(None, "exported", backend="onnx-int8")
+    capsys.readouterr()
+    assert cli(["export", "models:/exported@champion", str(tmp_path / "onnx")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["examples"] == 64 and report["onnx_fp32_agreement"] == 1.0
+    texts = ["a gripping, beautiful film", "dull"]
+    np.testing.assert_allclose(OnnxPredictor.from_dir(tmp_path / "onnx").logits(texts, None),
+                               Predictor.from_dir(best).logits(texts, None), atol=1e-4)
+    assert load_model(str(tmp_path / "onnx")).predictor.__class__ is OnnxPredictor
+
+
+def test_export_without_a_recipe_needs_no_check(trained, tmp_path):
+    best = trained()
+    (best / "recipe.yaml").unlink()
+    with pytest.raises(ExportError, match="no recipe.yaml, so the export cannot be checked.*--no-check"):
+        export_onnx(best, tmp_path / "onnx")
+    assert export_onnx(best, tmp_path / "onnx", check=False)["onnx"] == "model.onnx"
