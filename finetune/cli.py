@@ -211,7 +211,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="finetune-export-") as tmp:
         try:
-            report = export_onnx(model_folder(args.model, Path(tmp)), args.target, args.quantize, check=not args.no_check)
+            report = export_onnx(model_folder(args.model, Path(tmp)), args.target, args.quantize, check=not args.no_check,
+                                 source=args.model)
         except (ExportError, ModelSourceError) as e:
             raise RecipeError(str(e)) from None
     print(json.dumps(report, indent=2))

@@ -37,16 +37,21 @@ def test_export_matches_pytorch(trained, tmp_path, family, kind):
     np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4)
 
 
-def test_int8_export_is_checked_against_fp32(trained, tmp_path):
+def test_int8_export_is_checked_against_fp32_alone_and_batched(trained, tmp_path, monkeypatch):
+    import finetune.export as export
+
     best = trained()
-    try:
-        report = export_onnx(best, tmp_path / "q", quantize="int8")
-    except ExportError as e:  # allowed outcome: refused with the figures
-        assert "int8 quantization costs too much" in str(e) and "agreement" in str(e)
-        assert not (tmp_path / "q" / "model.int8.onnx").exists()
-        return
-    assert abs(report["onnx_int8"] - report["onnx_fp32"]) <= 0.01
+    report = export_onnx(best, tmp_path / "q", quantize="int8")
     assert (tmp_path / "q" / "model.int8.onnx").is_file()
+    for key in ("onnx_int8", "onnx_int8_alone"):  # within the guard's one point of fp32, both ways of batching
+        assert abs(report[key] - report["onnx_fp32"]) <= export.MAX_INT8_DROP
+    assert 0.5 <= report["onnx_int8_alone_vs_batched_agreement"] <= 1.0 and 0.5 <= report["onnx_int8_agreement"] <= 1.0
+    # A guard nothing can pass: refused with both figures, and the int8 file removed (the fp32 one kept).
+    monkeypatch.setattr(export, "MAX_INT8_DROP", -1.0)
+    with pytest.raises(ExportError, match=r"int8 quantization costs too much: accuracy .* in batches of 16 and .* one "
+                                          r"input at a time, against .* in fp32"):
+        export_onnx(best, tmp_path / "r", quantize="int8")
+    assert not (tmp_path / "r" / "model.int8.onnx").exists() and (tmp_path / "r" / "model.onnx").is_file()
 
 
 def test_block_sparse_bigbird_export_is_refused(tiny_checkpoints, tmp_path, capsys):
