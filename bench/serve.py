@@ -27,9 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
+from machine_info import describe_machine
 from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,18 +223,6 @@ async def run_load(url: str, sentences: list[str], concurrency: int, duration: f
             "errors": len(errors), "first_errors": errors[:3]}
 
 
-def machine() -> dict:
-    """CPU model, usable cores and library versions, to print beside the figures."""
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    versions = {p: metadata.version(p) for p in ("torch", "transformers", "fastapi", "uvicorn")}
-    return {"cpu": cpu, "cores": cores, "python": sys.version.split()[0], **versions}
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the exit code (non-zero if any request failed)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -297,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 server.stop()
 
-    info = machine()
+    info = describe_machine(("torch", "transformers", "fastapi", "uvicorn"))
     print(f"machine: {info['cpu']}, {info['cores']} cores; python {info['python']}, torch {info['torch']}, "
           f"transformers {info['transformers']}, threads {args.threads or 'default'}; load average before {load_before:.2f}")
     print(f"command: python {shlex.join(['bench/serve.py', *(argv if argv is not None else sys.argv[1:])])}")

@@ -43,8 +43,9 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
+
+from machine_info import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = "sentence-transformers/all-MiniLM-L6-v2"
@@ -300,22 +301,6 @@ def worker(way: str, spec_file: str, out_file: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    """CPU model, usable cores, torch threads and library versions, to print beside the figures."""
-    import torch
-
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    versions = {p: metadata.version(p) for p in ("torch", "transformers", "accelerate")}
-    return {"cpu": cpu, "cores": cores, "gpu": gpu, "threads": torch.get_num_threads(), "python": sys.version.split()[0],
-            **versions}
-
-
 def run_way(way: str, spec: Spec) -> dict:
     """One way in a fresh process, so none inherits another's warmed-up caches or allocator state."""
     spec_file, out_file = Path(spec.workdir) / f"spec-{way}.json", Path(spec.workdir) / f"result-{way}.json"
@@ -411,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run_way(way, Spec(**{**asdict(spec), "seed": args.seed + k, "workdir": str(folder)})))
             results[way] = mean_of_repeats(runs)
 
-    info = machine()
+    info = describe_machine(("torch", "transformers", "accelerate"))
     epoch_flops = model_flops(lengths, shape)
     for r in results.values():
         # Samples and FLOPs of the steps actually trained (all of them, unless time to accuracy stopped early).

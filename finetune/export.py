@@ -137,10 +137,8 @@ def _parity(model_dir: Path, target: Path, reference: Predictor, int8: bool) -> 
     results: dict[str, Any] = {"examples": len(texts), "metric": metric}
     torch_logits = reference.logits_from_features(features)
     results["pytorch"] = task.compute_metrics(torch_logits, gold, recipe.task.threshold)[metric]
-    predictions = lambda logits: task.predictions(logits, recipe.task.threshold)  # noqa: E731
-
     def agreement(a: np.ndarray, b: np.ndarray) -> float:
-        same = predictions(a) == predictions(b)
+        same = task.predictions(a, recipe.task.threshold) == task.predictions(b, recipe.task.threshold)
         return float(np.mean(same.all(axis=-1) if same.ndim > 1 else same))
 
     def score(logits: np.ndarray) -> float:
