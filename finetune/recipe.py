@@ -296,6 +296,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"recipe file not found: {path}") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{path} is a directory; a recipe is a YAML file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read recipe file {path}: {e}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -327,8 +331,9 @@ def _load_with_defaults(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, An
     defaults = data.pop("defaults", [])
     if isinstance(defaults, str):
         defaults = [defaults]
-    if not isinstance(defaults, list) or not all(isinstance(d, str) for d in defaults):
-        raise RecipeError(f"{path}: `defaults` must be a list of recipe files, got {defaults!r}")
+    if not isinstance(defaults, list) or not all(isinstance(d, str) and d.strip() for d in defaults):
+        raise RecipeError(f"{path}: `defaults` must be a list of recipe file names (relative to this file), "
+                          f"got {defaults!r}")
     merged: dict[str, Any] = {}
     for base in defaults:
         merged = deep_merge(merged, _load_with_defaults(path.parent / base, (*seen, path)))

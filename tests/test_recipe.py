@@ -111,6 +111,17 @@ def test_defaults_cycle_is_reported(tmp_path):
         load_recipe(tmp_path / "a.yaml")
 
 
+@pytest.mark.parametrize("defaults,expected", [
+    ("", "`defaults` must be a list of recipe file names"),  # found by the property test: '' named the folder
+    (["sub"], "is a directory; a recipe is a YAML file"),
+])
+def test_defaults_naming_no_file_are_refused_by_name(tmp_path, defaults, expected):
+    (tmp_path / "sub").mkdir()
+    child = write_recipe(tmp_path / "child.yaml", {"defaults": defaults})
+    with pytest.raises(RecipeError, match=expected):
+        load_recipe(child)
+
+
 @pytest.mark.parametrize(
     "change,expected",
     [
