@@ -50,6 +50,20 @@ def recipe_params(recipe: Recipe) -> tuple[dict[str, str], dict[str, str]]:
     return params, cut
 
 
+def latest_per_step(history: list[Metric]) -> list[tuple[int, float]]:
+    """A metric's (step, value) curve with one value per step: the last one logged.
+
+    A run killed after its last checkpoint has already logged values for steps it then trains again when
+    resumed; MLflow keeps both (it cannot delete points), and the resumed values are the ones that lead to
+    the final model, so the curves drawn from the history keep those.
+    """
+    latest: dict[int, Metric] = {}
+    for m in history:
+        if m.step not in latest or m.timestamp >= latest[m.step].timestamp:
+            latest[m.step] = m
+    return [(step, latest[step].value) for step in sorted(latest)]
+
+
 class Tracker:
     """One MLflow run for one training run (continued, not duplicated, when the training resumes)."""
 
@@ -161,10 +175,7 @@ class Tracker:
         def read() -> dict[str, list[tuple[int, float]]]:
             client = mlflow.MlflowClient()
             run = client.get_run(self.run_id)
-            return {
-                name: [(m.step, m.value) for m in sorted(client.get_metric_history(self.run_id, name), key=lambda m: m.step)]
-                for name in run.data.metrics
-            }
+            return {name: latest_per_step(client.get_metric_history(self.run_id, name)) for name in run.data.metrics}
 
         found = (self.guarded("read metric history", read) if not self.unsent else None) or self.local_history
         return {k: v for k, v in found.items() if k.startswith(("train/loss", "eval/"))}

@@ -215,3 +215,14 @@ def test_ui_serves_on_loopback(tmp_path):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+def test_curves_keep_the_resumed_values_where_a_killed_run_logged_past_its_checkpoint():
+    from mlflow.entities import Metric
+
+    from finetune.tracking import latest_per_step
+
+    # Killed at step 30 after checkpointing at 20: steps 20-30 are trained (and logged) again when resumed.
+    first = [Metric("train/loss", v, 1000 + s, s) for s, v in ((10, 0.9), (20, 0.8), (30, 0.75))]
+    again = [Metric("train/loss", v, 5000 + s, s) for s, v in ((30, 0.7), (40, 0.6))]
+    assert latest_per_step(again + first) == [(10, 0.9), (20, 0.8), (30, 0.7), (40, 0.6)]
