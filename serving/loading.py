@@ -153,6 +153,6 @@ def model_folder(source: str, target: Path) -> Path:
     if found.run_id:
         try:
             recipe = Path(mlflow.artifacts.download_artifacts(f"runs:/{found.run_id}/recipe.yaml")).read_text()
-        except Exception:  # an old or foreign run without it: the export then runs without the parity check
+        except Exception:  # an old or foreign run without it: the export then asks for --no-check
             recipe = None
     return unpack_model_folder(found.path, target, recipe)
