@@ -1,8 +1,8 @@
 """Serving benchmark: `finetune serve` on each backend against a naive transformers-pipeline FastAPI endpoint.
 
 Servers: `baseline` (a `pipeline("text-classification")` called per request in a plain FastAPI endpoint),
-and `finetune serve` with the `pytorch` (fp32), `onnx` (ONNX Runtime fp32) and `onnx-int8` (dynamic int8)
-backends. All load the same trained model (the ONNX ones its `finetune export`, made here if the folder
+and `finetune serve` with the `pytorch` (fp32, the default), `pytorch-bf16` (`--precision bf16`, on CPUs that
+compute bf16 natively), `onnx` (ONNX Runtime fp32) and `onnx-int8` (dynamic int8) backends. All load the same trained model (the ONNX ones its `finetune export`, made here if the folder
 has none) on the same machine and face the same load: C concurrent clients in a closed loop, one real
 SST-2 sentence per request, for a fixed time after a warm-up. Each server also answers the SST-2 dev
 sentences once, so every row carries its accuracy. The servers run one after the other, never together,
@@ -34,9 +34,17 @@ from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "runs" / "quickstart" / "best"
-# `finetune serve --backend` for each finetune server; the baseline is a separate script (below).
-BACKENDS = {"pytorch": "torch", "onnx": "onnx", "onnx-int8": "onnx-int8"}
+# `finetune serve` arguments for each finetune server; the baseline is a separate script (below).
+BACKENDS = {"pytorch": ["--backend", "torch"], "pytorch-bf16": ["--backend", "torch", "--precision", "bf16"],
+            "onnx": ["--backend", "onnx"], "onnx-int8": ["--backend", "onnx-int8"]}
 SERVERS = ("baseline", *BACKENDS)
+
+
+def default_servers() -> list[str]:
+    """Every server, but bf16 only on a CPU that computes it natively (elsewhere torch emulates it, slowly)."""
+    from finetune.preflight import cpu_computes_bf16
+
+    return [s for s in SERVERS if s != "pytorch-bf16" or cpu_computes_bf16()]
 
 
 def load_labelled() -> list[tuple[str, str]]:
@@ -232,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
     parser.add_argument("--quick", action="store_true", help="smoke run: concurrency 1,4 for 2 s after 0.5 s warm-up")
     parser.add_argument("--threads", type=int, help="torch threads for both servers (default: torch's own choice)")
-    parser.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated servers (default {','.join(SERVERS)})")
+    parser.add_argument("--servers", help=f"comma-separated servers from {','.join(SERVERS)} (default: all; "
+                                           "pytorch-bf16 only where the CPU computes bf16)")
     parser.add_argument("--accuracy-sentences", type=int, help="dev sentences each server answers for its accuracy (default all)")
     parser.add_argument("--server-args", default="", help='extra arguments for finetune serve, e.g. "--max-wait-ms 10"')
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -251,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         args.concurrency, args.duration, args.warmup = "1,4", 2.0, 0.5
         args.accuracy_sentences = args.accuracy_sentences or 64
     levels = [int(c) for c in args.concurrency.split(",")]
-    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()] if args.servers else default_servers()
     unknown = sorted(set(servers) - set(SERVERS))
     if unknown:
         print(f"error: unknown server(s) {', '.join(unknown)}; choose from {', '.join(SERVERS)}", file=sys.stderr)
@@ -274,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-server", "--model", args.model,
                        "--port", str(port), *threads]
             else:
-                source = args.model if name == "pytorch" else onnx_folder(args.model, name == "onnx-int8", Path(workdir))
-                cmd = [str(finetune_bin), "serve", "--model", source, "--backend", BACKENDS[name], "--port", str(port),
+                onnx = name.startswith("onnx")
+                source = onnx_folder(args.model, name == "onnx-int8", Path(workdir)) if onnx else args.model
+                cmd = [str(finetune_bin), "serve", "--model", source, *BACKENDS[name], "--port", str(port),
                        *shlex.split(args.server_args)]
             server = Server(cmd, port, args.threads)
             try:
@@ -292,15 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     n_acc = len(labelled[: args.accuracy_sentences])
     print(f"model: {args.model}; {len(sentences)} SST-2 sentences; {args.duration:g} s per level after {args.warmup:g} s "
           f"warm-up; accuracy on {n_acc} dev sentences\n")
-    print(f"{'server':<10} {'clients':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7} {'accuracy':>9}")
+    print(f"{'server':<12} {'clients':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7} {'accuracy':>9}")
     for name in servers:
         acc = f"{accuracy[name]:.4f}" if accuracy.get(name) is not None else "n/a"
         for r in results[name]:
-            print(f"{name:<10} {r['concurrency']:>7} {r['rps']:>9.1f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['errors']:>7} {acc:>9}")
+            print(f"{name:<12} {r['concurrency']:>7} {r['rps']:>9.1f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['errors']:>7} {acc:>9}")
     print()
-    # Every backend against the baseline, and the int8 model against the fp32 PyTorch one, level by level.
+    # Every backend against the baseline, and each faster one against the fp32 PyTorch default, level by level.
     pairs = [(n, "baseline") for n in BACKENDS if n in results and "baseline" in results]
-    pairs += [("onnx-int8", "pytorch")] if {"onnx-int8", "pytorch"} <= set(results) else []
+    pairs += [(n, "pytorch") for n in BACKENDS if n != "pytorch" and {n, "pytorch"} <= set(results)]
     for ours_name, base_name in pairs:
         for ours, base in zip(results[ours_name], results[base_name]):
             print(f"ratio at {ours['concurrency']} clients: throughput {ours['rps'] / max(base['rps'], 1e-9):.2f}x, "

@@ -40,6 +40,7 @@ class OnnxPredictor(Predictor):
         # event loop that parses and answers requests between batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.onnx_file = onnx_path.name
         self.input_names = [i.name for i in self.session.get_inputs()]
         # Predictor's own set-up, so the two backends never drift apart; the collator and the BigBird
         # guard read only the model's config.
@@ -56,6 +57,10 @@ class OnnxPredictor(Predictor):
         if not onnx_path.is_file():
             raise ExportError(f"{path} has no {onnx_path.name}; make it with finetune export --format onnx")
         return cls(onnx_path, load_tokenizer(path), read_model_info(path), AutoConfig.from_pretrained(path), **kwargs)
+
+    @property
+    def runtime(self) -> str:
+        return f"onnxruntime {'int8' if self.onnx_file == INT8_FILE else 'fp32'}"
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
         return self.session.run(None, {k: batch[k].numpy() for k in self.input_names})[0]

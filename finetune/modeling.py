@@ -132,8 +132,9 @@ def read_model_info(path: Path | str) -> ModelInfo:
 class Predictor:
     """A trained model ready to answer: tokenise, batch, run, post-process through the task definition."""
 
-    def __init__(self, model: Any, tokenizer: Any, info: ModelInfo, batch_size: int = 32):
+    def __init__(self, model: Any, tokenizer: Any, info: ModelInfo, batch_size: int = 32, precision: str = "fp32"):
         self.model = model.eval()
+        self.precision = check_inference_precision(precision, model.config)
         self.tokenizer = tokenizer
         self.info = info
         self.task = get_task(info.task)
@@ -151,6 +152,11 @@ class Predictor:
         model = model_class(get_task(info.task)).from_pretrained(path, use_safetensors=True)
         tokenizer = load_tokenizer(tokenizer_path or path)
         return cls(model, tokenizer, info, **kwargs)
+
+    @property
+    def runtime(self) -> str:
+        """What runs the forward pass, for people: "pytorch fp32", "pytorch bf16", "onnxruntime int8"..."""
+        return f"pytorch {self.precision}"
 
     def encode_inputs(self, inputs: Sequence[Any]) -> Encoded:
         """Check inputs (raising `InputError` for the first bad one) and turn them into model features."""
@@ -190,7 +196,9 @@ class Predictor:
 
     @torch.inference_mode()
     def _forward(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
-        return self.task.output_array(self.model(**batch)).float().numpy()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            output = self.model(**batch)
+        return self.task.output_array(output).float().numpy()
 
     def answer(self, inputs: Sequence[Any], encoded: Encoded, rows: Sequence[np.ndarray],
                options: PostprocessOptions | None = None) -> list[dict[str, Any]]:
@@ -202,6 +210,24 @@ class Predictor:
         """One answer per input: label and scores, labels over the threshold, a value, entities, an answer span or a choice."""
         encoded = self.encode_inputs(inputs)
         return self.answer(inputs, encoded, self.outputs(encoded.features), options)
+
+
+INFERENCE_PRECISIONS = ("fp32", "bf16")
+
+
+def check_inference_precision(precision: str, config: Any) -> str:
+    """The precision a Predictor runs in: fp32 (what evaluation uses, so answers match the logged metrics
+    exactly) or bf16 autocast (faster on CPUs that compute bf16 natively; answers can differ near ties).
+
+    Raises ValueError naming the allowed values, or why a model cannot run in bf16.
+    """
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"precision {precision!r}: allowed values are {', '.join(INFERENCE_PRECISIONS)}")
+    if precision == "bf16" and getattr(config, "model_type", None) == "big_bird" and config.attention_type == "block_sparse":
+        # The same limit training has: transformers' block-sparse attention fails under autocast.
+        raise ValueError("precision bf16: block-sparse BigBird runs in fp32 only (transformers' block-sparse "
+                         "attention fails under autocast); allowed for this model: fp32")
+    return precision
 
 
 def _length(features: dict[str, Any]) -> int:

@@ -97,6 +97,7 @@ class ModelInfoResponse(BaseModel):
     version: str | None
     run_id: str | None
     source: str
+    runtime: str = Field(description='What runs the model: "pytorch fp32", "pytorch bf16", "onnxruntime fp32" or "onnxruntime int8".')
     task: str
     text_pair: bool
     label_names: list[str] | None
@@ -296,7 +297,8 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
     async def model_info() -> ModelInfoResponse:
         """What is being served, and the evaluation metrics it was chosen on."""
         return ModelInfoResponse(
-            name=model.name, version=model.version, run_id=model.run_id, source=model.source, task=info.task,
+            name=model.name, version=model.version, run_id=model.run_id, source=model.source,
+            runtime=predictor.runtime, task=info.task,
             text_pair=info.text_pair, label_names=info.label_names, max_length=info.max_length,
             threshold=info.threshold, metrics=info.metrics,
             sparse_attention_min_length=info.sparse_attention_min_length,

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.modeling import Predictor
+from finetune.modeling import Predictor, check_inference_precision
 
 
 class ModelSourceError(ValueError):
@@ -119,8 +119,18 @@ def locate(source: str | None = None, name: str | None = None) -> Located:
     return Located(local, name, version, run_id, source)
 
 
-def load_model(source: str | None = None, name: str | None = None, backend: str = "auto") -> LoadedModel:
-    """Load what `finetune serve` was asked to serve (see `locate` for the sources)."""
+def load_model(source: str | None = None, name: str | None = None, backend: str = "auto",
+               precision: str = "fp32") -> LoadedModel:
+    """Load what `finetune serve` was asked to serve (see `locate` for the sources).
+
+    precision applies to the PyTorch backend (see `check_inference_precision`); asking for bf16 makes
+    `auto` choose PyTorch.
+    """
+    if precision != "fp32":
+        if backend in ("onnx", "onnx-int8"):
+            raise ModelSourceError(f"--precision {precision} is for the PyTorch backend (--backend torch or auto); "
+                                   f"ONNX Runtime runs the export as it was made (fp32, or int8 with --backend onnx-int8)")
+        backend = "torch"
     found = locate(source, name)
     if found.is_mlflow_model:
         if backend in ("onnx", "onnx-int8"):
@@ -132,6 +142,10 @@ def load_model(source: str | None = None, name: str | None = None, backend: str 
         predictor = _from_mlflow_dir(found.path)
     else:
         predictor = _from_folder(found.path, backend)
+    try:
+        predictor.precision = check_inference_precision(precision, predictor.model.config)
+    except ValueError as e:
+        raise ModelSourceError(f"--{e}") from None
     return LoadedModel(predictor, found.name or predictor.info.recipe_name or found.path.name, found.version,
                        found.run_id, found.source)
 

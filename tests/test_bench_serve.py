@@ -23,7 +23,11 @@ def tiny_model(tiny_checkpoints, tmp_path_factory):
 
 
 def test_quick_benchmark_runs_every_backend(tiny_model, tmp_path):
-    """Baseline, PyTorch, ONNX fp32 and ONNX int8 (exported by the benchmark itself), each with its accuracy."""
+    """Baseline, PyTorch (and PyTorch bf16 where the CPU computes it), ONNX fp32 and ONNX int8 (exported by the
+    benchmark itself), each with its accuracy."""
+    from finetune.preflight import cpu_computes_bf16
+
+    servers = {"baseline", "pytorch", "onnx", "onnx-int8"} | ({"pytorch-bf16"} if cpu_computes_bf16() else set())
     report = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "bench/serve.py", "--quick", "--model", str(tiny_model), "--json", str(report),
@@ -32,14 +36,15 @@ def test_quick_benchmark_runs_every_backend(tiny_model, tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line.split() for line in result.stdout.splitlines()]
-    for server in ("baseline", "pytorch", "onnx", "onnx-int8"):
+    for server in servers:
         assert {row[1] for row in rows if row and row[0] == server} == {"1", "4"}, result.stdout
         assert "ratio at 4 clients: throughput" in result.stdout
-    for pair in ("(pytorch / baseline)", "(onnx / baseline)", "(onnx-int8 / baseline)", "(onnx-int8 / pytorch)"):
+    for pair in ["(pytorch / baseline)", "(onnx / baseline)", "(onnx-int8 / baseline)", "(onnx-int8 / pytorch)"] + (
+            ["(pytorch-bf16 / baseline)", "(pytorch-bf16 / pytorch)"] if "pytorch-bf16" in servers else []):
         assert pair in result.stdout, result.stdout
     assert "torch" in result.stdout and "command: python bench/serve.py --quick" in result.stdout
     saved = json.loads(report.read_text())
-    assert set(saved["accuracy"]) == {"baseline", "pytorch", "onnx", "onnx-int8"}
+    assert set(saved["accuracy"]) == servers
     assert all(0 <= a <= 1 for a in saved["accuracy"].values())
     assert not (tiny_model / "model.onnx").exists()  # the export went to a temporary folder, not the model
 

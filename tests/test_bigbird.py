@@ -249,3 +249,20 @@ def test_serving_long_documents_with_the_trained_rule(tiny_checkpoints, tmp_path
         assert refused.status_code == 422 and "longer than the 128 tokens" in refused.text
     finally:
         server.stop()
+
+
+def test_block_sparse_bigbird_is_served_in_fp32_only(tiny_checkpoints):
+    """bf16 autocast breaks transformers' block-sparse attention, so asking for it is refused with the reason."""
+    from transformers import AutoConfig
+
+    from finetune.modeling import check_inference_precision
+
+    config = AutoConfig.from_pretrained(tiny_checkpoints["big_bird"])
+    config.attention_type = "block_sparse"
+    assert check_inference_precision("fp32", config) == "fp32"
+    with pytest.raises(ValueError, match="block-sparse BigBird runs in fp32 only"):
+        check_inference_precision("bf16", config)
+    with pytest.raises(ValueError, match="allowed values are fp32, bf16"):
+        check_inference_precision("fp16", config)
+    config.attention_type = "original_full"
+    assert check_inference_precision("bf16", config) == "bf16"

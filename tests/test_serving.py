@@ -107,6 +107,7 @@ def test_info_health_readiness_and_docs(classifier):
     info = httpx.get(f"{classifier.url}/v1/model").json()
     assert info["task"] == "classification" and info["label_names"] == ["negative", "positive"]
     assert info["max_length"] == 64 and "accuracy" in info["metrics"]
+    assert info["runtime"] == "pytorch fp32"  # the default: answers exactly as evaluation scored them
     assert httpx.get(f"{classifier.url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{classifier.url}/readyz").json() == {"status": "ready"}
     schema = httpx.get(f"{classifier.url}/openapi.json").json()
@@ -204,6 +205,30 @@ def test_other_tasks(models, kind):
             assert server.post({"inputs": ["x"], "options": {"threshold": 1.5}}).status_code == 422
     finally:
         server.stop()
+
+
+def test_bf16_precision_is_served_and_reported(models):
+    """--precision bf16 runs the PyTorch model under bf16 autocast: near the fp32 answers, and /v1/model says so."""
+    from serving.loading import ModelSourceError, load_model
+
+    path = str(models["regression"][0])
+    texts = ["a fine film", "dull and far too long", "the best thing I have seen this year", "meh"]
+    fp32 = [a["value"] for a in Predictor.from_dir(path).predict(texts)]
+    bf16 = [a["value"] for a in Predictor.from_dir(path, precision="bf16").predict(texts)]
+    assert bf16 != fp32, "bf16 autocast did not run"
+    assert bf16 == pytest.approx(fp32, abs=0.05)
+    server = Server("--model", path, "--precision", "bf16")
+    try:
+        assert httpx.get(f"{server.url}/v1/model").json()["runtime"] == "pytorch bf16"
+        served = [a["value"] for a in server.post({"inputs": texts}).json()["predictions"]]
+        assert served == pytest.approx(bf16, abs=1e-6)
+    finally:
+        server.stop()
+    with pytest.raises(ModelSourceError, match="--precision bf16 is for the PyTorch backend"):
+        load_model(path, backend="onnx", precision="bf16")
+    with pytest.raises(SystemExit):  # argparse names the allowed values
+        from finetune.cli import build_parser
+        build_parser().parse_args(["serve", "--precision", "fp16"])
 
 
 def test_api_key_queue_limit_and_timeout(models):
