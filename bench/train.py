@@ -22,6 +22,7 @@ Padding is work the model does but not model FLOPs, so padding lowers MFU.
     python bench/train.py                       # (a), (b), (c) on 4,096 sentences, one epoch, batch 32
     python bench/train.py --quick               # smoke run (the test suite runs this)
     python bench/train.py --ways b,c --repeats 5   # means over five training seeds
+    python bench/train.py --ways b,c --repeats 10 --first-training-seed 47   # ten more seeds, same data
     python bench/train.py --ways b,c --finetune training.group_by_length=false
     python bench/train.py --time-to-accuracy    # (b) and (c) on all of SST-2 until dev accuracy 0.88
 
@@ -335,9 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--max-length", type=int, default=128, help="truncation (and (a)'s padding) length (default 128)")
-    parser.add_argument("--seed", type=int, default=42, help="data subset seed, and the first training seed")
+    parser.add_argument("--seed", type=int, default=42, help="data subset seed, and the first training seed unless --first-training-seed")
+    parser.add_argument("--first-training-seed", type=int,
+                        help="training seed of the first repeat (default --seed); more seeds on the same data subset")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="train every way this many times with seeds seed, seed+1, ...; the table shows means "
+                        help="train every way this many times with training seeds seed, seed+1, ...; the table shows means "
                              "(accuracy on 872 sentences moves by about a point from seed to seed)")
     parser.add_argument("--finetune", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides for (c)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 128 sentences, 64 dev sentences")
@@ -359,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --repeats must be at least 1, and 1 with --time-to-accuracy", file=sys.stderr)
         return 2
     train_size = None if args.time_to_accuracy else args.train_size
+    first_seed = args.seed if args.first_training_seed is None else args.first_training_seed
     if args.ways:
         ways = [w.strip() for w in args.ways.split(",") if w.strip()]
     else:
@@ -377,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         dev_file = write_subset(data / "dev.tsv", work / "dev.tsv", args.dev_size, args.seed)
         spec = Spec(checkpoint=args.checkpoint, train_file=str(train_file), dev_file=str(dev_file),
                     max_length=args.max_length, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                    epochs=args.epochs, seed=args.seed, finetune_overrides=list(args.finetune), workdir=workdir,
+                    epochs=args.epochs, seed=first_seed, finetune_overrides=list(args.finetune), workdir=workdir,
                     logging_steps=2 if args.quick else 50,
                     eval_steps=args.eval_steps if args.time_to_accuracy else None,
                     target=args.target if args.time_to_accuracy else None)
@@ -393,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in range(args.repeats):
                 folder = Path(workdir) / f"{way}-{k}"
                 folder.mkdir()
-                runs.append(run_way(way, Spec(**{**asdict(spec), "seed": args.seed + k, "workdir": str(folder)})))
+                runs.append(run_way(way, Spec(**{**asdict(spec), "seed": first_seed + k, "workdir": str(folder)})))
             results[way] = mean_of_repeats(runs)
 
     info = describe_machine(("torch", "transformers", "accelerate"))
@@ -424,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
               f"mixed_precision={t.get('mixed_precision')} (here {results['c']['precision']}); overrides: {overrides}")
     print()
     if args.repeats > 1:
-        print(f"each way trained {args.repeats} times (seeds {args.seed}..{args.seed + args.repeats - 1}): "
+        print(f"each way trained {args.repeats} times (seeds {first_seed}..{first_seed + args.repeats - 1}): "
               "time and accuracy are means, +- the accuracy's standard deviation")
     print(f"{'way':<4} {'what':<52} {'samples/s':>10} {'tokens/s':>9} {'MFU':>6} {'train s':>8} {'steps':>6} {'dev acc':>8}")
     for way, r in results.items():

@@ -35,12 +35,15 @@ def test_quick_training_benchmark_runs_every_way(tmp_path):
 
 
 def test_repeats_average_over_training_seeds(tmp_path):
+    """More training seeds on the same data subset: the subset stays seed 42, the runs train with seeds 7 and 8."""
     report = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "bench/train.py", "--quick", "--ways", "c", "--repeats", "2", "--json", str(report)],
+    result = subprocess.run([sys.executable, "bench/train.py", "--quick", "--ways", "c", "--repeats", "2",
+                             "--first-training-seed", "7", "--json", str(report)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "each way trained 2 times (seeds 42..43)" in result.stdout
+    assert "each way trained 2 times (seeds 7..8)" in result.stdout and "seeded subset, seed 42" in result.stdout
     c = json.loads(report.read_text())["results"]["c"]
+    assert c["training"]["seed"] == 7  # the first repeat's recipe
     assert len(c["dev_accuracies"]) == 2 and c["dev_accuracy"] == sum(c["dev_accuracies"]) / 2
 
 
