@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import numpy as np
 import pytest
 
@@ -74,8 +75,13 @@ def test_serving_the_onnx_export(trained, tmp_path):
     try:
         (got,) = server.post({"inputs": ["a gripping, beautiful film"]}).json()["predictions"]
         assert got["label"] == expected["label"] and got["score"] == pytest.approx(expected["score"], abs=1e-4)
+        assert httpx.get(f"{server.url}/v1/model").json()["runtime"] == "onnxruntime fp32"
     finally:
         server.stop()
+    # The export folder keeps the safetensors weights, so asking for bf16 serves them with PyTorch instead.
+    from serving.loading import load_model
+
+    assert load_model(str(tmp_path / "onnx"), precision="bf16").predictor.runtime == "pytorch bf16"
 
 
 @pytest.mark.e2e
