@@ -5,8 +5,8 @@ and `finetune serve` with the `pytorch` (fp32, the default), `pytorch-bf16` (`--
 compute bf16 natively), `onnx` (ONNX Runtime fp32) and `onnx-int8` (dynamic int8) backends. All load the
 same trained model (the ONNX ones its `finetune export`, made here if the folder has none) on the same
 machine and face the same load: C concurrent clients in a closed loop, one real SST-2 sentence per request,
-for a fixed time after a warm-up. Each server also answers the SST-2 dev sentences once, so every row carries its accuracy. The servers run one after the other, never together,
-so they do not fight for the cores.
+for a fixed time after a warm-up. Each server also answers the SST-2 dev sentences once, so every row
+carries its accuracy. The servers run one after the other, never together, so they do not fight for the cores.
 
     python bench/serve.py                      # every server, concurrency 1 and 16, 20 s each
     python bench/serve.py --quick              # a smoke run (used by the test suite)
