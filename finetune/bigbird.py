@@ -33,6 +33,11 @@ def is_bigbird(model: torch.nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) == "big_bird"
 
 
+def is_block_sparse(config) -> bool:
+    """Whether a model config is a BigBird set up for block-sparse attention (chosen per batch by the rule)."""
+    return getattr(config, "model_type", None) == "big_bird" and getattr(config, "attention_type", None) == "block_sparse"
+
+
 def min_sparse_length(block_size: int, num_random_blocks: int) -> int:
     """Shortest padded length at which block-sparse attention can run (transformers falls back at or below
     (5 + 2 * num_random_blocks) * block_size)."""
@@ -96,7 +101,7 @@ def plan_batches(lengths: list[int], batch_size: int, config=None) -> list[list[
     the block layout it is computed with. Other models are simply cut into batches of `batch_size`.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    if config is None or getattr(config, "model_type", None) != "big_bird" or config.attention_type != "block_sparse":
+    if config is None or not is_block_sparse(config):
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     block = config.block_size
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune.bigbird import is_block_sparse
 from finetune.modeling import ModelInfo, Predictor
 
 ONNX_FILE = "model.onnx"
@@ -87,7 +88,7 @@ def export_onnx(model_dir: str | Path, target: str | Path, quantize: str | None 
             "its outputs are per token or per choice and its parity check is not written yet. Serve it with the "
             "PyTorch backend."
         )
-    if config.model_type == "big_bird" and config.attention_type == "block_sparse":
+    if is_block_sparse(config):
         raise ExportError(
             "BigBird with block_sparse attention cannot be exported to ONNX: its sparse attention pattern is built "
             "with Python control flow that tracing freezes into a wrong graph. Export a model trained with "

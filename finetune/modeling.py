@@ -21,7 +21,7 @@ import torch
 import transformers
 from transformers import AutoTokenizer
 
-from finetune.bigbird import RULE_ATTRIBUTE, attention_for_batch, is_bigbird, plan_batches, sparse_min_length
+from finetune.bigbird import RULE_ATTRIBUTE, attention_for_batch, is_bigbird, is_block_sparse, plan_batches, sparse_min_length
 from finetune.checkpoints import CheckpointError, ResolvedCheckpoint, check_weights_format
 from finetune.recipe import ModelSection
 from finetune.tasks import Encoded, PostprocessOptions, TaskDefinition, TaskSettings, get_task
@@ -82,7 +82,7 @@ def build_model(resolved: ResolvedCheckpoint, model_cfg: ModelSection, task: Tas
         raise CheckpointError(
             f"model.checkpoint: {resolved.name} has no {task.auto_model.removeprefix('AutoModelFor')} head class in transformers ({e})"
         ) from None
-    if is_bigbird(model) and model.config.attention_type == "block_sparse":
+    if is_block_sparse(model.config):
         # On the config, so save_pretrained carries the rule to evaluation, the MLflow model and serving.
         setattr(model.config, RULE_ATTRIBUTE, sparse_min_length(model.config, model_cfg.sparse_attention_min_length))
     tokenizer = load_tokenizer(resolved.path, model_cfg.trust_remote_code)
@@ -107,7 +107,7 @@ def save_model_dir(target: Path, model: Any, tokenizer: Any, info: ModelInfo, re
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    if is_bigbird(model) and model.config.attention_type == "block_sparse":
+    if is_block_sparse(model.config):
         info = replace(info, sparse_attention_min_length=sparse_min_length(model.config))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -223,7 +223,7 @@ def check_inference_precision(precision: str, config: Any) -> str:
     """
     if precision not in INFERENCE_PRECISIONS:
         raise ValueError(f"precision {precision!r}: allowed values are {', '.join(INFERENCE_PRECISIONS)}")
-    if precision == "bf16" and getattr(config, "model_type", None) == "big_bird" and config.attention_type == "block_sparse":
+    if precision == "bf16" and is_block_sparse(config):
         # The same limit training has: transformers' block-sparse attention fails under autocast.
         raise ValueError("precision bf16: block-sparse BigBird runs in fp32 only (transformers' block-sparse "
                          "attention fails under autocast); allowed for this model: fp32")
