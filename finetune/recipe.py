@@ -291,15 +291,25 @@ class Recipe(_Section):
 # ---------------------------------------------------------------------------------------------
 
 
+MAX_RECIPE_BYTES = 1_000_000
+"""A recipe file, or a file it names in `defaults`, larger than this is refused unread."""
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if "\x00" in str(path):
+        raise RecipeError(f"recipe file name {str(path)[:200]!r} contains a NUL character")
+    if path.is_dir():
+        raise RecipeError(f"{path} is a directory; a recipe is a YAML file")
+    if path.exists() and not path.is_file():
+        raise RecipeError(f"{path} is not a regular file; a recipe is a YAML file")
+    if path.is_file() and path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path} is {path.stat().st_size} bytes; a recipe file may be at most {MAX_RECIPE_BYTES}")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"recipe file not found: {path}") from None
-    except IsADirectoryError:
-        raise RecipeError(f"{path} is a directory; a recipe is a YAML file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"cannot read recipe file {path}: {e}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RecipeError(f"cannot read recipe file {path}: {type(e).__name__}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -333,10 +343,16 @@ def _load_with_defaults(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, An
         defaults = [defaults]
     if not isinstance(defaults, list) or not all(isinstance(d, str) and d.strip() for d in defaults):
         raise RecipeError(f"{path}: `defaults` must be a list of recipe file names (relative to this file), "
-                          f"got {defaults!r}")
+                          f"got {repr(defaults)[:200]}")
     merged: dict[str, Any] = {}
     for base in defaults:
-        merged = deep_merge(merged, _load_with_defaults(path.parent / base, (*seen, path)))
+        if "\x00" in base:
+            raise RecipeError(f"{path}: `defaults` entry {base[:200]!r} contains a NUL character")
+        named = path.parent / base
+        # defaults may name only recipe files: anything else (a key file, /etc/shadow) is refused unread.
+        if not named.is_dir() and named.suffix.lower() not in (".yaml", ".yml"):
+            raise RecipeError(f"{path}: `defaults` entry {base[:200]!r} is not a recipe file; allowed: .yaml or .yml files")
+        merged = deep_merge(merged, _load_with_defaults(named, (*seen, path)))
     return deep_merge(merged, data)
 
 

@@ -30,7 +30,7 @@ def test_quick_benchmark_runs_every_backend(tiny_model, tmp_path):
     servers = {"baseline", "pytorch", "onnx", "onnx-int8"} | ({"pytorch-bf16"} if cpu_computes_bf16() else set())
     report = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "bench/serve.py", "--quick", "--model", str(tiny_model), "--json", str(report),
+        [sys.executable, str(ROOT / "bench" / "serve.py"), "--quick", "--model", str(tiny_model), "--json", str(report),
          "--accuracy-sentences", "16"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
@@ -50,14 +50,14 @@ def test_quick_benchmark_runs_every_backend(tiny_model, tmp_path):
 
 
 def test_unknown_server_is_refused(tiny_model):
-    result = subprocess.run([sys.executable, "bench/serve.py", "--quick", "--model", str(tiny_model), "--servers", "tensorrt"],
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--quick", "--model", str(tiny_model), "--servers", "tensorrt"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "unknown server(s) tensorrt" in result.stderr
 
 
 def test_quick_soak_runs_and_passes(tiny_model):
     """`bench/soak.py --quick`: mixed valid and invalid load; no 5xx, right answers, bounded memory."""
-    result = subprocess.run([sys.executable, "bench/soak.py", "--quick", "--model", str(tiny_model)],
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--quick", "--model", str(tiny_model)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "5xx: 0; wrong or failed answers: 0" in result.stdout

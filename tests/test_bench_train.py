@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 def test_quick_training_benchmark_runs_every_way(tmp_path):
     report = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "bench/train.py", "--quick", "--json", str(report)],
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"), "--quick", "--json", str(report)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
@@ -37,7 +37,7 @@ def test_quick_training_benchmark_runs_every_way(tmp_path):
 def test_repeats_average_over_training_seeds(tmp_path):
     """More training seeds on the same data subset: the subset stays seed 42, the runs train with seeds 7 and 8."""
     report = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "bench/train.py", "--quick", "--ways", "c", "--repeats", "2",
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"), "--quick", "--ways", "c", "--repeats", "2",
                              "--first-training-seed", "7", "--json", str(report)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -48,6 +48,6 @@ def test_repeats_average_over_training_seeds(tmp_path):
 
 
 def test_unknown_way_is_refused():
-    result = subprocess.run([sys.executable, "bench/train.py", "--quick", "--ways", "b,z"],
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"), "--quick", "--ways", "b,z"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "unknown way(s) z" in result.stderr

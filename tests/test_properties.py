@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from finetune.recipe import RecipeError, load_recipe, parse_override
@@ -23,6 +23,11 @@ VALID = {"model": {"checkpoint": "bert-base-uncased"}, "data": {"files": {"train
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(documents)
+@example({"defaults": "\x00"})  # found on 2026-12-01: a raw "embedded null byte" ValueError
+@example({"defaults": ["a\x00b.yaml"]})
+@example({"defaults": ""})  # found on 2026-11-30: '' named the recipe's own folder
+@example({"defaults": ["."]})
+@example({"defaults": ["/etc/passwd"]})
 def test_any_yaml_document_gives_a_recipe_or_a_named_error(tmp_path, document):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(document))
