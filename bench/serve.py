@@ -42,7 +42,7 @@ SERVERS = ("baseline", *BACKENDS)
 
 def default_servers() -> list[str]:
     """Every server, but bf16 only on a CPU that computes it natively (elsewhere torch emulates it, slowly)."""
-    from finetune.preflight import cpu_computes_bf16
+    from finetune.training.preflight import cpu_computes_bf16
 
     return [s for s in SERVERS if s != "pytorch-bf16" or cpu_computes_bf16()]
 
@@ -66,7 +66,7 @@ def onnx_folder(model_dir: str, int8: bool, workdir: Path) -> str:
 
     The fresh export skips the export's own parity check: every server's accuracy is measured here anyway.
     """
-    from finetune.export import INT8_FILE, ONNX_FILE
+    from finetune.export.onnx import INT8_FILE, ONNX_FILE
 
     if (Path(model_dir) / ONNX_FILE).is_file() and (not int8 or (Path(model_dir) / INT8_FILE).is_file()):
         return model_dir

@@ -97,7 +97,7 @@ def main() -> int:
         sys.exit(f"no model at {args.model}: run scripts/quickstart.sh first, or pass --model")
 
     sys.path.insert(0, str(ROOT))
-    from finetune.modeling import Predictor
+    from finetune.models.predictor import Predictor
 
     sentences = _sentences()
     predictor = Predictor.from_dir(args.model)

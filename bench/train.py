@@ -231,9 +231,9 @@ def run_finetune(spec: Spec) -> dict:
     """(c): `finetune run` on a recipe with the same settings, plus any --finetune overrides."""
     import yaml
 
-    from finetune import train
-    from finetune.recipe import load_recipe
-    from finetune.speed import precision
+    from finetune.training import train
+    from finetune.config.recipe import load_recipe
+    from finetune.training.speed import precision
 
     work = Path(spec.workdir)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
@@ -256,11 +256,9 @@ def run_finetune(spec: Spec) -> dict:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     loaded = load_recipe(path, spec.finetune_overrides)
     clock: dict = {"evals": []}
-    original = train.train_one_epoch
 
-    def timed_epoch(*args, **kwargs):  # the loop's first batch starts the wall clock, as on_train_begin does for (a)/(b)
+    def start_clock() -> None:  # just before the first batch, as the Trainer's on_train_begin does for (a)/(b)
         clock.setdefault("start", time.perf_counter())
-        return original(*args, **kwargs)
 
     def on_evaluate(step: int, metrics: dict[str, float]) -> bool:
         clock["evals"].append((step, metrics["accuracy"], time.perf_counter() - clock["start"]))
@@ -269,11 +267,7 @@ def run_finetune(spec: Spec) -> dict:
             return True
         return False
 
-    train.train_one_epoch = timed_epoch
-    try:
-        result = train.main(loaded, on_evaluate=on_evaluate)
-    finally:
-        train.train_one_epoch = original
+    result = train.main(loaded, hooks=train.TrainingHooks(on_train_begin=start_clock, on_evaluate=on_evaluate))
     _, last_accuracy, wall = clock["evals"][-1]
     return {"train_seconds": result.train_seconds, "wall_seconds": wall, "steps": result.steps,
             "dev_accuracy": last_accuracy, "evals": clock["evals"], "reached": clock.get("reached"),
@@ -285,7 +279,7 @@ def finetune_trains_cpu_bf16() -> bool:
     """Whether finetune's default precision is bf16 on this machine while the Trainer's default is fp32."""
     import torch
 
-    from finetune.preflight import choose_mixed_precision
+    from finetune.training.preflight import choose_mixed_precision
 
     return not torch.cuda.is_available() and choose_mixed_precision("auto") == "bf16"
 

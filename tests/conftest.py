@@ -143,8 +143,8 @@ def wait_for_http(url: str, proc, timeout: float = 120, interval: float = 0.3) -
 def train_outside_test(root: Path, recipe: dict):
     """Train a recipe dict with its MLflow store and cache under `root` (for module-scoped fixtures, which run
     outside the per-test isolation); returns the RunResult."""
-    from finetune import train
-    from finetune.recipe import Recipe
+    from finetune.training import train
+    from finetune.config.recipe import Recipe
 
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "FINETUNE_CACHE_DIR")}
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"

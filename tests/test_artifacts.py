@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from finetune.artifacts import write_evaluation_artifacts, write_learning_curves, write_model_card
-from finetune.tasks import get_task
+from finetune.reports.artifacts import write_learning_curves, write_model_card
+from finetune.tasks import Reference, TaskSettings, get_task
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRICKY = ['plain', 'a, comma', 'say "hi", then\nleave', "it's; fine", 'x', 'last, "one"']
@@ -31,6 +31,18 @@ def assert_png(path: Path, min_side: int = 100) -> tuple[int, int]:
     assert min(width, height) >= min_side
     assert pixels.std() > 0  # not a blank canvas
     return width, height
+
+
+def write_evaluation_artifacts(out_dir, *, task, label_names, texts, pairs, gold, logits, threshold=0.5):
+    """The evaluation files a sentence task writes for a split with these texts, gold labels and logits."""
+    import datasets
+
+    columns = {"text": list(texts), "labels": [g.tolist() if hasattr(g, "tolist") else g for g in gold]}
+    data = type("Data", (), {"text_column": "text", "text_pair_column": "pair" if pairs is not None else None})
+    if pairs is not None:
+        columns["pair"] = list(pairs)
+    reference = Reference(None, datasets.Dataset.from_dict(columns), data)
+    return task.write_artifacts(out_dir, reference, logits, {}, label_names, TaskSettings(threshold=threshold))
 
 
 def one_hot_logits(pred: list[int], n: int, confidence: list[float] | None = None) -> np.ndarray:
@@ -213,7 +225,7 @@ def test_model_card(tmp_path):
         task=get_task("classification"), label_names=["negative", "positive"],
         label_counts={"train": {"negative": 120, "positive": 136}, "validation": {"negative": 30, "positive": 34}},
         metrics={"accuracy": 0.8125, "f1_macro": 0.8}, test_metrics={"accuracy": 0.7031},
-        data_description="SST-2 movie review sentences.",
+        data_description="SST-2 movie review sentences.", train_examples=256,
     )
     assert path == tmp_path / "MODEL_CARD.md"
     card = path.read_text()

@@ -11,9 +11,9 @@ from accelerate import Accelerator
 from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler, RandomSampler
 
-from finetune.batching import LengthGroupedShuffledSampler, example_lengths, train_loader
-from finetune.recipe import RecipeError, TrainingSection, load_recipe
-from finetune.speed import prepare_model
+from finetune.data.batching import LengthGroupedShuffledSampler, example_lengths, train_loader
+from finetune.config.recipe import RecipeError, TrainingSection, load_recipe
+from finetune.training.speed import prepare_model
 
 _RNG = random.Random(7)
 LENGTHS = [_RNG.randint(1, 100) for _ in range(1000)]  # 1000 = 31 full batches of 32 + 8
@@ -145,7 +145,7 @@ def test_speed_switches_parse_validate_and_default(tmp_path):
 
 
 def test_block_sparse_bigbird_trains_in_fp32_whatever_auto_would_pick(tmp_path, monkeypatch):
-    from finetune import preflight, speed
+    from finetune.training import preflight, speed
 
     monkeypatch.setattr(preflight, "cpu_computes_bf16", lambda: True)
     recipe = tmp_path / "r.yaml"
@@ -170,7 +170,7 @@ def test_groups_are_one_global_batch():
 
 
 def test_auto_precision_on_a_cpu_follows_its_bf16_support(monkeypatch):
-    from finetune import preflight
+    from finetune.training import preflight
 
     if torch.cuda.is_available():
         pytest.skip("the CPU rule applies only without a GPU")
@@ -186,8 +186,8 @@ def test_auto_precision_on_a_cpu_follows_its_bf16_support(monkeypatch):
 @pytest.mark.parametrize("precision,train_dtype", [("bf16", torch.bfloat16), ("no", torch.float32)])
 def test_cpu_bf16_trains_in_bf16_and_evaluates_in_fp32(tiny_checkpoints, monkeypatch, precision, train_dtype):
     """Only the training forward is autocast: evaluation sees the fp32 model, exactly as serving does."""
-    from finetune import speed, train
-    from finetune.recipe import Recipe
+    from finetune.training import speed, train
+    from finetune.config.recipe import Recipe
     from tests.conftest import tiny_recipe
 
     if torch.cuda.is_available():

@@ -25,7 +25,7 @@ def tiny_model(tiny_checkpoints, tmp_path_factory):
 def test_quick_benchmark_runs_every_backend(tiny_model, tmp_path):
     """Baseline, PyTorch (and PyTorch bf16 where the CPU computes it), ONNX fp32 and ONNX int8 (exported by the
     benchmark itself), each with its accuracy."""
-    from finetune.preflight import cpu_computes_bf16
+    from finetune.training.preflight import cpu_computes_bf16
 
     servers = {"baseline", "pytorch", "onnx", "onnx-int8"} | ({"pytorch-bf16"} if cpu_computes_bf16() else set())
     report = tmp_path / "bench.json"

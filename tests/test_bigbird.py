@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from finetune import train
+from finetune.training import train
 from tests.conftest import FLOAT32_BATCH_RTOL, assert_equal_up_to_float32_rounding
-from finetune.bigbird import (
+from finetune.models.bigbird import (
     attention_for_batch, attention_for_length, default_sparse_min_length, min_sparse_length, plan_batches, sparse_min_length,
 )
-from finetune.recipe import Recipe, RecipeError, load_recipe
+from finetune.config.recipe import Recipe, RecipeError, load_recipe
 from tests.conftest import DATA, tiny_recipe, write_recipe
 
 
@@ -123,7 +123,10 @@ def attention_spy(monkeypatch):
             seen.append((input_ids.shape[-1], chosen, model.base_model.attention_type, model.training))
         assert model.base_model.attention_type == model.config.attention_type
 
+    from finetune.training import evaluation
+
     monkeypatch.setattr(train, "attention_for_batch", spy)
+    monkeypatch.setattr(evaluation, "attention_for_batch", spy)
     return seen
 
 
@@ -153,8 +156,9 @@ def test_eval_outputs_are_deterministic(tiny_checkpoints):
     logits every time, alone or batched with inputs of other lengths, and after training-mode passes."""
     from transformers import AutoTokenizer
 
-    from finetune.bigbird import attention_for_config
-    from finetune.modeling import ModelInfo, Predictor
+    from finetune.models.bigbird import attention_for_config
+    from finetune.models.modeling import ModelInfo
+    from finetune.models.predictor import Predictor
 
     path = tiny_checkpoints["big_bird"]
     torch.manual_seed(0)
@@ -201,7 +205,7 @@ def test_eval_outputs_are_deterministic(tiny_checkpoints):
 def test_batches_are_padded_to_a_multiple_of_the_block_size(tiny_checkpoints):
     from transformers import AutoConfig, AutoTokenizer
 
-    from finetune.modeling import make_collator
+    from finetune.models.modeling import make_collator
 
     path = tiny_checkpoints["big_bird"]
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -218,7 +222,7 @@ def test_serving_long_documents_with_the_trained_rule(tiny_checkpoints, tmp_path
     what it truncated, and answers an input the same whether it comes alone or with others."""
     import httpx
 
-    from finetune.modeling import Predictor
+    from finetune.models.predictor import Predictor
     from tests.test_serving import Server
 
     data_file = _mixed_length_file(tmp_path / "mixed.csv")
@@ -263,7 +267,7 @@ def test_block_sparse_bigbird_is_served_in_fp32_only(tiny_checkpoints):
     """bf16 autocast breaks transformers' block-sparse attention, so asking for it is refused with the reason."""
     from transformers import AutoConfig
 
-    from finetune.modeling import check_inference_precision
+    from finetune.models.predictor import check_inference_precision
 
     config = AutoConfig.from_pretrained(tiny_checkpoints["big_bird"])
     config.attention_type = "block_sparse"

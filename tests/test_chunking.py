@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from finetune.modeling import Predictor
-from finetune.recipe import Recipe, RecipeError, load_recipe
-from finetune.task_base import pool_windows
+from finetune.models.predictor import Predictor
+from finetune.config.recipe import Recipe, RecipeError, load_recipe
+from finetune.tasks.sequence import pool_windows
 from finetune.tasks import softmax
 from tests.conftest import tiny_recipe, write_recipe
 
@@ -43,8 +43,8 @@ def chunked(tiny_checkpoints, tmp_path_factory):
 
 
 def test_training_on_windows_and_evaluating_per_text(chunked):
-    from finetune import data as D
-    from finetune.modeling import load_tokenizer
+    from finetune.data import features as D
+    from finetune.models.modeling import load_tokenizer
     from finetune.tasks import get_task
 
     result, recipe = chunked

@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from finetune import train
+from finetune.training import train
 from finetune.cli import main as cli
-from finetune.convert import ConversionError, convert_to_bigbird, parity, tile_positions
-from finetune.recipe import Recipe
+from finetune.errors import ConversionError
+from finetune.models.convert import convert_to_bigbird, parity, tile_positions
+from finetune.config.recipe import Recipe
 from tests.test_bigbird import _mixed_length_file, mixed_length_recipe
 
 OPTIONS = dict(max_length=1024, block_size=8, num_random_blocks=2)
@@ -64,7 +65,7 @@ def test_unsupported_sources_and_settings_are_refused(tiny_checkpoints, tmp_path
 
 
 def test_a_conversion_that_does_not_reproduce_the_source_fails(tiny_checkpoints, tmp_path, monkeypatch):
-    from finetune import convert
+    from finetune.models import convert
 
     # A mapping mistake (two layers swapped) must be caught by the parity check, and nothing left behind.
     real = convert.weight_map

@@ -5,8 +5,10 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from finetune.data import DataError, encode_labels, make_splits, prepare, resolve_label_names
-from finetune.recipe import DataSection, Recipe
+from finetune.data.features import prepare
+from finetune.data.loading import encode_labels, make_splits, resolve_label_names
+from finetune.errors import DataError
+from finetune.config.recipe import DataSection, Recipe
 from finetune.tasks import get_task
 from tests.conftest import tiny_recipe
 
@@ -58,7 +60,7 @@ def test_regression_refuses_non_numbers():
 def test_carved_validation_split_is_seeded_and_stratified(tiny_checkpoints):
     recipe = Recipe.model_validate(tiny_recipe(tiny_checkpoints["bert"], "pair"))
     task = get_task("classification")
-    from finetune.data import load_raw
+    from finetune.data.loading import load_raw
 
     raw = load_raw(recipe.data)
     names = resolve_label_names(raw["train"], recipe.data, task)

@@ -11,7 +11,7 @@ import mlflow
 import pytest
 import yaml
 
-from finetune.recipe import flatten, load_recipe
+from finetune.config.recipe import flatten, load_recipe
 from tests.conftest import tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.e2e

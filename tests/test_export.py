@@ -8,11 +8,12 @@ import httpx
 import numpy as np
 import pytest
 
-from finetune import train
+from finetune.training import train
 from finetune.cli import main as cli
-from finetune.export import ExportError, OnnxPredictor, export_onnx
-from finetune.modeling import Predictor
-from finetune.recipe import Recipe
+from finetune.errors import ExportError
+from finetune.export.onnx import OnnxPredictor, export_onnx
+from finetune.models.predictor import Predictor
+from finetune.config.recipe import Recipe
 from tests.conftest import tiny_recipe
 
 pytest.importorskip("onnxruntime")
@@ -39,7 +40,7 @@ def test_export_matches_pytorch(trained, tmp_path, family, kind):
 
 
 def test_int8_export_is_checked_against_fp32_alone_and_batched(trained, tmp_path, monkeypatch):
-    import finetune.export as export
+    import finetune.export.onnx as export
 
     best = trained()
     report = export_onnx(best, tmp_path / "q", quantize="int8")
@@ -87,7 +88,8 @@ def test_serving_the_onnx_export(trained, tmp_path):
 @pytest.mark.e2e
 def test_exporting_the_registry_champion(tiny_checkpoints, tmp_path, capsys):
     """`finetune export models:/NAME@champion` rebuilds the model folder from MLflow, with the run's recipe for the check."""
-    from serving.loading import ModelSourceError, load_model
+    from finetune.errors import ModelSourceError
+    from serving.loading import load_model
 
     best = train.main(Recipe.model_validate(tiny_recipe(
         tiny_checkpoints["bert"], tracking={"log_model": True, "register_as": "exported", "system_metrics": False}))).best_dir

@@ -117,11 +117,11 @@ def test_tracking_server_going_away_does_not_kill_training(tiny_checkpoints, tmp
 def test_a_full_disk_is_reported_before_training(tiny_checkpoints, tmp_path, monkeypatch):
     import shutil as sh
 
-    from finetune import train
-    from finetune.recipe import Recipe, RecipeError
+    from finetune.training import train
+    from finetune.config.recipe import Recipe, RecipeError
 
     usage = sh.disk_usage(tmp_path)
-    monkeypatch.setattr("finetune.preflight.shutil.disk_usage", lambda path: usage._replace(free=1000))
+    monkeypatch.setattr("finetune.training.preflight.shutil.disk_usage", lambda path: usage._replace(free=1000))
     recipe = Recipe.model_validate(tiny_recipe(tiny_checkpoints["bert"], output_dir=str(tmp_path / "out")))
     with pytest.raises(RecipeError, match=r"output_dir: .* has 0.0 GiB free, but this run needs about"):
         train.main(recipe)

@@ -7,7 +7,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from finetune.recipe import RecipeError, load_recipe, parse_override
+from finetune.config.recipe import RecipeError, load_recipe, parse_override
 
 KEYS = ["model", "data", "task", "training", "tracking", "output_dir", "name", "defaults", "checkpoint", "learning_rate",
         "type", "files", "max_length", "seed", "label_names", "eval_strategy", "attention_type", "x"]

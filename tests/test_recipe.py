@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from finetune.cli import build_parser
-from finetune.recipe import Recipe, RecipeError, describe_fields, flatten, load_recipe
+from finetune.config.recipe import Recipe, RecipeError, describe_fields, flatten, load_recipe
 from tests.conftest import ROOT, write_recipe
 
 SHIPPED = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name != "accelerate")

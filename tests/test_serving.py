@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from finetune.modeling import Predictor
+from finetune.models.predictor import Predictor
 from tests.conftest import tiny_recipe, train_outside_test, wait_for_http
 
 pytestmark = pytest.mark.e2e
@@ -209,7 +209,8 @@ def test_other_tasks(models, kind):
 
 def test_bf16_precision_is_served_and_reported(models):
     """--precision bf16 runs the PyTorch model under bf16 autocast: near the fp32 answers, and /v1/model says so."""
-    from serving.loading import ModelSourceError, load_model
+    from finetune.errors import ModelSourceError
+    from serving.loading import load_model
 
     path = str(models["regression"][0])
     texts = ["a fine film", "dull and far too long", "the best thing I have seen this year", "meh"]

@@ -12,7 +12,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from finetune.modeling import Predictor
+from finetune.models.predictor import Predictor
 from tests.conftest import tiny_recipe, train_outside_test, write_recipe
 from tests.test_serving import Server
 
@@ -163,7 +163,8 @@ def httpx_get(server: Server, path: str) -> dict:
 
 
 def test_onnx_export_refuses_span_tasks_with_a_reason(trained, tmp_path):
-    from finetune.export import ExportError, export_onnx
+    from finetune.errors import ExportError
+    from finetune.export.onnx import export_onnx
 
     with pytest.raises(ExportError, match="not token_classification"):
         export_onnx(trained["token_classification"].best_dir, tmp_path / "onnx")

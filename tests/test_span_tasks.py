@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from finetune import metrics as M
-from finetune.readers import read_conll, read_squad
-from finetune.task_ner import align_labels, continuation_tags, merge_entities, tag_order
-from finetune.task_qa import answer_positions, best_span, context_offsets, tokenize_windows
+from finetune.tasks import metrics as M
+from finetune.data.readers import read_conll, read_squad
+from finetune.tasks.token_classification import align_labels, continuation_tags, merge_entities, tag_order
+from finetune.tasks.question_answering import answer_positions, best_span, context_offsets, tokenize_windows
 from finetune.tasks import IGNORE_INDEX as X
 from finetune.tasks import InputError, get_task
 

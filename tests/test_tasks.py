@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from finetune.metrics import is_improvement
+from finetune.tasks.metrics import is_improvement
 from finetune.tasks import PostprocessOptions, get_task
 
 
@@ -51,5 +51,5 @@ def test_improvement_respects_direction():
 
 
 def test_unknown_task_lists_known_ones():
-    with pytest.raises(ValueError, match="known tasks: classification, multi_label, regression"):
+    with pytest.raises(ValueError, match="known tasks: classification, regression, multi_label"):
         get_task("ner")

@@ -14,9 +14,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from finetune import train
+from finetune.training import train
 from finetune.cli import main as cli
-from finetune.recipe import Recipe
+from finetune.config.recipe import Recipe
 from tests.conftest import DATA, first_rows, tiny_recipe
 
 pytestmark = pytest.mark.e2e
@@ -115,7 +115,7 @@ def test_resumed_run_continues_the_same_mlflow_run_and_ends_where_an_uninterrupt
         return False
 
     with pytest.raises(Interrupted):
-        train.main(recipe(str(tmp_path / "broken")), on_evaluate=crash)
+        train.main(recipe(str(tmp_path / "broken")), hooks=train.TrainingHooks(on_evaluate=crash))
     assert (tmp_path / "broken" / "checkpoints" / "step-8" / "model.safetensors").is_file()
     assert sorted(p.name for p in (tmp_path / "broken" / "checkpoints").iterdir()) == ["step-4", "step-8"]
     (broken_run,) = [r for r in mlflow.search_runs(experiment_names=["resume"], output_format="list")
@@ -220,7 +220,7 @@ def test_ui_serves_on_loopback(tmp_path):
 def test_curves_keep_the_resumed_values_where_a_killed_run_logged_past_its_checkpoint():
     from mlflow.entities import Metric
 
-    from finetune.tracking import latest_per_step
+    from finetune.tracking.tracker import latest_per_step
 
     # Killed at step 30 after checkpointing at 20: steps 20-30 are trained (and logged) again when resumed.
     first = [Metric("train/loss", v, 1000 + s, s) for s, v in ((10, 0.9), (20, 0.8), (30, 0.75))]

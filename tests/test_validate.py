@@ -120,7 +120,7 @@ def test_pickle_only_checkpoints_are_refused_unless_allowed(tiny_checkpoints, tm
 
 
 def test_remote_code_stays_off_by_default():
-    from finetune.recipe import ModelSection
+    from finetune.config.recipe import ModelSection
 
     assert ModelSection(checkpoint="x").trust_remote_code is False
     assert ModelSection(checkpoint="x").allow_pickle is False

@@ -1,0 +1,96 @@
+"""Length-grouped batching: batches of examples of similar length, in random order.
+
+With dynamic padding a batch costs as much as its longest example times its size. Drawn at random,
+most of a batch of short sentences is padding (SST-2: 13 real tokens on average, 40 padded in a
+random batch of 32). Grouping by length inside random mega-batches removes most of that padding
+while each batch is still a random draw from its region of the data.
+
+transformers' `get_length_grouped_indices` does the grouping; what this module adds is the batch
+order. Its `LengthGroupedSampler` yields each mega-batch's batches longest first, so every epoch
+would run as 50 repetitions of a long-to-short length curriculum; here the full batches are shuffled
+across the epoch (the one partial batch, if any, stays last so the DataLoader's batching lines up).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
+
+MEGA_BATCH_MULT = 50  # transformers' default: a mega-batch of 50 batches is sorted by length at a time
+
+
+class LengthGroupedShuffledSampler(Sampler[int]):
+    """Indices such that every `batch_size` consecutive ones have similar lengths, batches in random order.
+
+    The order depends only on `generator`'s state when iteration starts, so seeding it (with seed +
+    epoch) before each epoch gives every process the same order and a resumed run the same batches:
+    `accelerator.skip_first_batches` then skips exactly the batches already trained on.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator,
+                 mega_batch_mult: int = MEGA_BATCH_MULT):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        # Named `generator` so Accelerate synchronises it across processes, as it does a RandomSampler's.
+        self.generator = generator
+        self.mega_batch_mult = mega_batch_mult
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.lengths:
+            return iter(())
+        mult = max(1, min(self.mega_batch_mult, len(self.lengths) // (self.batch_size * 4)))
+        grouped = get_length_grouped_indices(self.lengths, self.batch_size, mega_batch_mult=mult,
+                                             generator=self.generator)
+        batches = [grouped[i : i + self.batch_size] for i in range(0, len(grouped), self.batch_size)]
+        partial = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+        order = torch.randperm(len(batches), generator=self.generator).tolist()
+        return iter([i for b in order for i in batches[b]] + [i for batch in partial for i in batch])
+
+
+def example_lengths(dataset, column: str = "input_ids") -> list[int]:
+    """Padded length each example of a tokenised dataset needs (multiple choice: its longest choice)."""
+    if hasattr(dataset, "with_format"):  # a datasets.Dataset: Arrow computes flat lengths (67k rows in 1 ms, not 1 s)
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        values = dataset.with_format("arrow")[column]
+        if not pa.types.is_list(values.type.value_type):
+            return pc.list_value_length(values).to_pylist()
+        rows = dataset[column]
+    else:
+        rows = [example[column] for example in dataset]
+    return [max(map(len, row), default=0) if row and isinstance(row[0], list) else len(row) for row in rows]
+
+
+def train_loader(dataset, cfg, collator, generator: torch.Generator, num_processes: int = 1) -> DataLoader:
+    """The training DataLoader of a recipe's `training` section: length-grouped or plain random batches.
+
+    Either way the order comes from `generator` alone (the loop seeds it with seed + epoch), which is what
+    makes resuming and several processes see the same batches. Groups are one global batch (batch_size x
+    processes; Accelerate deals consecutive batches to the processes), so N processes train on the same
+    examples at each step as one process with an N times larger batch.
+    """
+    # The DataLoader takes the generator in both cases: it draws its workers' base seed from it, which would
+    # otherwise come from (and shift) the global RNG that dropout uses, and a resumed run would drift.
+    if cfg.group_by_length:
+        group = cfg.batch_size * num_processes
+        order = {"sampler": LengthGroupedShuffledSampler(example_lengths(dataset), group, generator)}
+    else:
+        order = {"shuffle": True}
+    # Pinned host memory lets a CUDA copy run asynchronously (see finetune.training.speed); workers build the next
+    # batches while the GPU trains on this one, and stay alive between epochs.
+    return DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collator, num_workers=cfg.num_workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=cfg.num_workers > 0, generator=generator, **order)
+
+
+def eval_loader(dataset, collator, batch_size: int) -> DataLoader:
+    """Evaluation batches in data order (post-processing maps outputs back to rows by position)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)

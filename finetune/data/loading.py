@@ -1,0 +1,218 @@
+"""Loading, checking, labelling and splitting the data a recipe names.
+
+Everything here uses `datasets`; what it adds is the checks (with messages naming the column and the
+values found), a stable label order and the carved validation split. How a label value becomes an id is
+the task's (`Task.label_names_from`, `Task.encode_labels`); tokenising is in `finetune.data.features`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from finetune.config.recipe import DataSection, Recipe
+from finetune.data.readers import FormatError, rows_from_files
+from finetune.errors import DataError
+from finetune.tasks import Task
+
+log = logging.getLogger(__name__)
+
+# File endings -> (datasets builder, extra builder arguments).
+FILE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+
+# ---------------------------------------------------------------------------------------------
+# raw loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_raw(data: DataSection) -> datasets.DatasetDict:
+    """Load every split the recipe names, from the hub or from local files."""
+    if data.dataset is not None:
+        try:
+            return datasets.load_dataset(data.dataset, data.dataset_config)
+        except Exception as e:  # datasets raises many types for "unreachable"/"not found"
+            offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
+            raise DataError(
+                f"data.dataset: cannot load {data.dataset!r}"
+                f"{' (config ' + repr(data.dataset_config) + ')' if data.dataset_config else ''}: "
+                f"{type(e).__name__}: {str(e).splitlines()[0][:300]}\n"
+                f"  {'Offline mode is on; ' if offline else ''}without internet, download it elsewhere and use "
+                "data.files with local csv/tsv/json/jsonl/parquet files instead."
+            ) from None
+    assert data.files is not None
+    files = {split: [names] if isinstance(names, str) else list(names) for split, names in data.files.items()}
+    for split, names in files.items():
+        if not names:
+            raise DataError(f"data.files.{split}: no files given")
+        for name in names:
+            if not Path(name).is_file():
+                raise DataError(f"data.files.{split}: file not found: {name} (resolved to {Path(name).resolve()})")
+    reader = data.format
+    if reader == "auto" and all(Path(n).suffix.lower() == ".conll" for names in files.values() for n in names):
+        reader = "conll"
+    if reader != "auto":
+        return _read_with(reader, files)
+    builders = set()
+    kwargs: dict[str, Any] = {}
+    for split, names in files.items():
+        for name in names:
+            suffix = Path(name).suffix.lower()
+            if suffix not in FILE_FORMATS:
+                raise DataError(
+                    f"data.files.{split}: {name} has an unknown ending {suffix!r}; allowed: {', '.join(FILE_FORMATS)} "
+                    "(or set data.format to conll or squad)"
+                )
+            builder, extra = FILE_FORMATS[suffix]
+            builders.add(builder)
+            kwargs.update(extra)
+    if len(builders) > 1:
+        raise DataError(f"data.files: all splits must share one format, got {', '.join(sorted(builders))}")
+    builder = builders.pop()
+    if builder == "csv":
+        kwargs["quoting"] = 3 if data.quoting == "none" else 0  # csv.QUOTE_NONE / QUOTE_MINIMAL
+        kwargs["keep_default_na"] = False  # the text "null" or "NA" is a sentence, not a missing value
+        if data.column_names:
+            kwargs["column_names"] = list(data.column_names)
+    resolved = {split: [str(Path(p).resolve()) for p in names] for split, names in files.items()}
+    return datasets.load_dataset(builder, data_files=resolved, **kwargs)
+
+
+def _read_with(reader: str, files: dict[str, list[str]]) -> datasets.DatasetDict:
+    """CoNLL or SQuAD files, one Dataset per split."""
+    splits = {}
+    for split, names in files.items():
+        paths = [str(Path(n).resolve()) for n in names]
+        stamps = [(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+        try:
+            # from_generator keys its cache on these arguments, so edited files are read again.
+            splits[split] = datasets.Dataset.from_generator(
+                rows_from_files, gen_kwargs={"reader": reader, "paths": paths, "stamps": stamps}, split=split)
+        except FormatError as e:
+            raise DataError(f"data.files.{split}: {e}") from None
+        except Exception as e:  # datasets wraps generator errors in its own type
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, FormatError):
+                raise DataError(f"data.files.{split}: {cause}") from None
+            raise
+    return datasets.DatasetDict(splits)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks and labels
+# ---------------------------------------------------------------------------------------------
+
+
+def check_columns(raw: datasets.DatasetDict, data: DataSection, task: Task) -> None:
+    """Every split used must have the columns the recipe names for its task."""
+    wanted = task.columns(data)
+    for split_name, split in raw.items():
+        for key, column in wanted.items():
+            if column not in split.column_names:
+                raise DataError(
+                    f"{key}: column {column!r} is not in split {split_name!r}; "
+                    f"columns found: {', '.join(split.column_names)}"
+                )
+    if data.train_split not in raw:
+        raise DataError(f"data.train_split: no split {data.train_split!r}; splits found: {', '.join(raw)}")
+    if data.test_split and data.test_split not in raw:
+        raise DataError(f"data.test_split: no split {data.test_split!r}; splits found: {', '.join(raw)}")
+
+
+def resolve_label_names(train: datasets.Dataset, data: DataSection, task: Task) -> list[str] | None:
+    """Label names in id order: from the recipe, a ClassLabel feature, or the train split's values."""
+    if not task.has_label_names:
+        return None
+    feature = train.features[data.label_column]
+    inner = getattr(feature, "feature", None)  # Sequence(ClassLabel) / List(ClassLabel) for multi-label
+    class_label = feature if isinstance(feature, datasets.ClassLabel) else inner
+    if isinstance(class_label, datasets.ClassLabel):
+        if data.label_names and len(data.label_names) != class_label.num_classes:
+            raise DataError(
+                f"data.label_names: {len(data.label_names)} names given but column {data.label_column!r} "
+                f"has {class_label.num_classes} classes: {class_label.names}"
+            )
+        return list(data.label_names or class_label.names)
+    if data.label_names:
+        if len(set(data.label_names)) != len(data.label_names):
+            raise DataError(f"data.label_names: names must be distinct, got {data.label_names}")
+        return list(data.label_names)
+    try:
+        return task.label_names_from(train[data.label_column], data)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+def encode_labels(ds: datasets.Dataset, data: DataSection, task: Task, label_names: list[str] | None,
+                  split: str) -> datasets.Dataset:
+    """Add a `labels` column in the form the task's loss reads, refusing values it cannot map."""
+    column = data.label_column
+    if "data.label_column" not in task.columns(data):  # the task reads its targets while tokenising (QA answers)
+        return ds
+    feature = ds.features[column]
+    by_position = data.label_names is not None or isinstance(feature, datasets.ClassLabel) or isinstance(
+        getattr(feature, "feature", None), datasets.ClassLabel
+    )
+    encoding = task.encode_labels(ds[column], label_names, by_position, data)
+    if encoding.bad:
+        shown = sorted({str(b) for b in encoding.bad})[:10]
+        raise DataError(
+            f"data.label_column: {len(encoding.bad)} value(s) in column {column!r} of split {split!r} cannot be used as "
+            f"{task.name} labels: {shown}; allowed: {encoding.allowed}"
+        )
+    ds = ds.remove_columns(column) if column == "labels" else ds
+    return ds.add_column("labels", encoding.labels).cast_column("labels", encoding.feature)
+
+
+# ---------------------------------------------------------------------------------------------
+# splits
+# ---------------------------------------------------------------------------------------------
+
+
+def make_splits(
+    raw: datasets.DatasetDict, recipe: Recipe, task: Task, label_names: list[str] | None
+) -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset | None]:
+    """Train, evaluation and optional test splits, labelled; evaluation is carved from train if absent."""
+    data, seed = recipe.data, recipe.training.seed
+    train = encode_labels(raw[data.train_split], data, task, label_names, data.train_split)
+    if data.eval_split in raw:
+        evaluation = encode_labels(raw[data.eval_split], data, task, label_names, data.eval_split)
+    else:
+        stratify = "labels" if task.stratify else None
+        try:
+            parts = train.train_test_split(test_size=data.validation_size, seed=seed, stratify_by_column=stratify)
+        except ValueError:  # too few examples of a class to stratify: carve at random instead
+            parts = train.train_test_split(test_size=data.validation_size, seed=seed)
+        train, evaluation = parts["train"], parts["test"]
+    test = None
+    if data.test_split:
+        test = encode_labels(raw[data.test_split], data, task, label_names, data.test_split)
+    if data.max_train_samples and data.max_train_samples < len(train):
+        train = train.shuffle(seed=seed).select(range(data.max_train_samples))
+    if data.max_eval_samples and data.max_eval_samples < len(evaluation):
+        evaluation = evaluation.select(range(data.max_eval_samples))
+    for name, split in (("train", train), ("evaluation", evaluation)):
+        if len(split) == 0:
+            raise DataError(f"data: the {name} split is empty")
+    return train, evaluation, test
+
+
+def load_splits(
+    recipe: Recipe, task: Task
+) -> tuple[list[str] | None, datasets.Dataset, datasets.Dataset, datasets.Dataset | None]:
+    """Load, check and label the recipe's data: (label names, train, evaluation, test or None), untokenised."""
+    raw = load_raw(recipe.data)
+    check_columns(raw, recipe.data, task)
+    label_names = resolve_label_names(raw[recipe.data.train_split], recipe.data, task)
+    return (label_names, *make_splits(raw, recipe, task, label_names))
+
+

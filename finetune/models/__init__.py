@@ -1,0 +1,1 @@
+"""Models: finding pretrained checkpoints, building task models, saved model folders, predicting, BigBird."""

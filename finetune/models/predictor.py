@@ -1,0 +1,124 @@
+"""A trained model ready to answer: tokenise, batch, run, post-process through the task definition.
+
+Everything that predicts (`finetune predict`, the MLflow model, the server, export checks) goes through
+`Predictor`, so post-processing is the task definition's, everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from finetune.models.bigbird import RULE_ATTRIBUTE, attention_for_batch, is_bigbird, is_block_sparse, plan_batches, sparse_min_length
+from finetune.models.modeling import ModelInfo, load_tokenizer, make_collator, model_class, read_model_info
+from finetune.tasks import Encoded, PostprocessOptions, get_task
+
+
+class Predictor:
+    """A trained model ready to answer: tokenise, batch, run, post-process through the task definition."""
+
+    def __init__(self, model: Any, tokenizer: Any, info: ModelInfo, batch_size: int = 32, precision: str = "fp32"):
+        self.model = model.eval()
+        self.precision = check_inference_precision(precision, model.config)
+        self.tokenizer = tokenizer
+        self.info = info
+        self.task = get_task(info.task)
+        self.settings = info.task_settings
+        self.batch_size = batch_size
+        self.collator = make_collator(tokenizer, model.config, self.task)
+        if is_bigbird(model) and info.sparse_attention_min_length is not None:
+            # finetune.json states the rule the model was trained with; it wins over whatever the config says.
+            setattr(model.config, RULE_ATTRIBUTE, sparse_min_length(model.config, info.sparse_attention_min_length))
+
+    @classmethod
+    def from_dir(cls, path: Path | str, tokenizer_path: Path | str | None = None, **kwargs: Any) -> "Predictor":
+        """Load a model folder written by `save_model_dir` (safetensors only)."""
+        info = read_model_info(path)
+        model = model_class(get_task(info.task)).from_pretrained(path, use_safetensors=True)
+        tokenizer = load_tokenizer(tokenizer_path or path)
+        return cls(model, tokenizer, info, **kwargs)
+
+    @property
+    def runtime(self) -> str:
+        """What runs the forward pass, for people: "pytorch fp32", "pytorch bf16", "onnxruntime int8"..."""
+        return f"pytorch {self.precision}"
+
+    def encode_inputs(self, inputs: Sequence[Any]) -> Encoded:
+        """Check inputs (raising `InputError` for the first bad one) and turn them into model features."""
+        inputs = self.task.parse_inputs(inputs, self.info.text_pair)
+        return self.task.encode(self.tokenizer, inputs, self.info.text_pair, self.info.max_length, self.settings)
+
+    def outputs(self, features: list[dict[str, Any]]) -> list[np.ndarray]:
+        """The model's output for every feature, in feature order (batches are formed by length to limit padding).
+
+        Per-token outputs (NER, QA) are cut to each feature's own length. Batches are formed so that a
+        feature's attention type and block layout never depend on the features it is batched with (see
+        `plan_batches`), so a served input gets the same answer however requests are coalesced.
+        """
+        out: list[Any] = [None] * len(features)
+        for idx in plan_batches([_length(f) for f in features], self.batch_size, self.model.config):
+            batch = self.collator([features[i] for i in idx])
+            with attention_for_batch(self.model, batch["input_ids"]):
+                rows = self._forward(batch)
+            for row, i in zip(rows, idx):
+                out[i] = row[: _length(features[i])] if self.task.per_token else row
+        return out
+
+    def logits(self, texts: list[str], pairs: list[str] | None) -> np.ndarray:
+        """Sequence tasks: raw logits for every text (or pair), in input order."""
+        return self.logits_from_features(self.encode(texts, pairs)[0])
+
+    def encode(self, texts: list[str], pairs: list[str] | None) -> tuple[list[dict[str, Any]], list[bool]]:
+        """Sequence tasks: features for texts (or pairs), truncated to max_length, and which were truncated."""
+        inputs = list(zip(texts, pairs)) if pairs is not None else list(texts)
+        encoded = self.task.encode(self.tokenizer, inputs, self.info.text_pair, self.info.max_length, self.settings)
+        return encoded.features, encoded.truncated
+
+    def logits_from_features(self, features: list[dict[str, Any]]) -> np.ndarray:
+        """Sequence tasks: raw logits for already encoded inputs (see `encode`), in input order."""
+        rows = self.outputs(features)
+        return np.stack(rows) if rows else np.zeros((0, self.model.config.num_labels))
+
+    @torch.inference_mode()
+    def _forward(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            output = self.model(**batch)
+        return self.task.output_array(output).float().numpy()
+
+    def answer(self, inputs: Sequence[Any], encoded: Encoded, rows: Sequence[np.ndarray],
+               options: PostprocessOptions | None = None) -> list[dict[str, Any]]:
+        """One answer per input from the outputs of its features (the task definition's post-processing)."""
+        options = options or PostprocessOptions(threshold=self.info.threshold)
+        return self.task.answer(list(inputs), encoded, rows, self.info.label_names, self.settings, options)
+
+    def predict(self, inputs: Sequence[Any], options: PostprocessOptions | None = None) -> list[dict[str, Any]]:
+        """One answer per input: label and scores, labels over the threshold, a value, entities, an answer span or a choice."""
+        encoded = self.encode_inputs(inputs)
+        return self.answer(inputs, encoded, self.outputs(encoded.features), options)
+
+
+INFERENCE_PRECISIONS = ("fp32", "bf16")
+
+
+def check_inference_precision(precision: str, config: Any) -> str:
+    """The precision a Predictor runs in: fp32 (what evaluation uses, so answers match the logged metrics
+    exactly) or bf16 autocast (faster on CPUs that compute bf16 natively; answers can differ near ties).
+
+    Raises ValueError naming the allowed values, or why a model cannot run in bf16.
+    """
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"precision {precision!r}: allowed values are {', '.join(INFERENCE_PRECISIONS)}")
+    if precision == "bf16" and is_block_sparse(config):
+        # The same limit training has: transformers' block-sparse attention fails under autocast.
+        raise ValueError("precision bf16: block-sparse BigBird runs in fp32 only (transformers' block-sparse "
+                         "attention fails under autocast); allowed for this model: fp32")
+    return precision
+
+
+def _length(features: dict[str, Any]) -> int:
+    """Tokens of one feature (for multiple choice, of its longest choice)."""
+    ids = features["input_ids"]
+    return max(len(x) for x in ids) if ids and isinstance(ids[0], list) else len(ids)

@@ -1,0 +1,272 @@
+"""What a task definition is: the interface every task implements, and the types that cross it.
+
+A task says, in one class: which recipe fields it needs, how label values become label ids, how rows
+become model features, which head it puts on the encoder, **its loss** (computed here from the model's
+outputs, never by the head), which metrics apply, what files evaluation writes for a person, how inputs
+look on the command line and over HTTP, and how outputs become answers. Training, evaluation, `finetune
+validate`, the MLflow model and the server all go through it, so they cannot drift apart, and a new task
+is one module registered in `finetune.tasks`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from finetune.errors import InputError
+import finetune.tasks.metrics as M
+from finetune.tasks.settings import TaskSettings
+
+IGNORE_INDEX = -100
+"""Label id left out of the loss (padding, continuation word pieces), as in the Hugging Face heads."""
+
+__all__ = ["IGNORE_INDEX", "Encoded", "FeatureContext", "InputError", "LabelEncoding", "PostprocessOptions",
+           "Reference", "Task", "TaskSettings", "softmax", "sigmoid"]
+
+
+@dataclass
+class Encoded:
+    """Request inputs turned into model features.
+
+    One input can give several features (QA windows over a long context), so each feature says
+    which input it belongs to (`owner`) and carries what post-processing needs (`meta`: offsets).
+    """
+
+    features: list[dict[str, Any]]
+    owner: list[int]
+    meta: list[Any]
+    truncated: list[bool]
+    """Per input: whether part of it was cut off to fit the model's length."""
+
+
+@dataclass
+class FeatureContext:
+    """What turning labelled rows into model features needs besides the rows themselves."""
+
+    data: Any  # the recipe's DataSection
+    tokenizer: Any
+    max_length: int
+    settings: TaskSettings
+    label_names: Sequence[str] | None
+    train: bool
+    """Training features (QA: answer positions only) or evaluation ones (QA: also offsets and example ids)."""
+
+
+@dataclass
+class Reference:
+    """An evaluation split as post-processing needs it: its features (with eval-only columns) and raw rows."""
+
+    features: Any
+    raw: Any
+    data: Any  # the recipe's DataSection: which raw columns hold what
+
+
+@dataclass
+class LabelEncoding:
+    """A label column turned into what the task's loss reads, and the values that could not be."""
+
+    labels: list[Any]
+    bad: list[Any]
+    feature: Any
+    """The `datasets` feature of the new `labels` column."""
+    allowed: str
+    """What a label value may be, for the error message when `bad` is not empty."""
+
+
+@dataclass(frozen=True)
+class PostprocessOptions:
+    """Per-request knobs for turning outputs into answers."""
+
+    threshold: float = 0.5
+    """Multi-label: a label is predicted when its sigmoid score is at least this."""
+    top_k: int | None = None
+    """Classification: also return the k best labels with scores."""
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+class Task:
+    """The interface of a task definition; subclasses set the class attributes and implement the methods.
+
+    Methods with a body here are shared defaults; the ones that raise NotImplementedError every task writes.
+    """
+
+    name: str = ""
+    description: str = ""
+    metrics: dict[str, M.Metric] = {}
+    default_metric: str = ""
+    has_label_names: bool = True
+    """False for tasks that predict a number or a position (regression, QA, multiple choice): no label set."""
+    auto_model: str = "AutoModelForSequenceClassification"
+    """The transformers Auto class that puts this task's head on an encoder."""
+    hf_problem_type: str | None = None
+    """Saved as `config.problem_type` so transformers' own pipelines (the MLflow transformers flavour) read the
+    logits the way this task does (softmax or sigmoid); the loss is always the task's own (`loss`)."""
+    pipeline_task: str | None = None
+    """The transformers pipeline task of the MLflow transformers flavour (None: pyfunc only)."""
+    target_keys: tuple[str, ...] = ("labels",)
+    """Batch keys the loss reads as targets; they are never passed to the model."""
+    keep_raw_columns: frozenset = frozenset({"labels"})
+    """Columns of the labelled split that survive tokenisation (the rest is replaced by features)."""
+    eval_only_columns: tuple[str, ...] = ("example_id",)
+    """Feature columns evaluation needs for post-processing but the model must not receive."""
+    per_token: bool = False
+    """Whether a feature's output has one row per token (so it is trimmed to the feature's length)."""
+    structured_inputs: bool = False
+    """Inputs are JSON objects (QA: question and context), not texts: on the CLI each argument is parsed as JSON."""
+    onnx_export: bool = False
+    """Whether `finetune export` can make and check an ONNX Runtime copy of models of this task."""
+    stratify: bool = False
+    """Whether an evaluation split carved from train keeps the label proportions."""
+    reads_text_pair: bool = True
+    """Whether `data.text_pair_column` means something to this task."""
+    reads_choice_columns: bool = False
+    """Whether `data.choice_columns` means something to this task."""
+    reads_chunks: bool = False
+    """Whether the task can read long texts in windows (`task.long_inputs: chunk`)."""
+
+    # --- recipe ------------------------------------------------------------------------------
+    def check_recipe(self, recipe: Any) -> list[str]:
+        """Problems with the task-specific fields of a recipe, one message each (empty: none)."""
+        problems = []
+        if recipe.data.text_pair_column and not self.reads_text_pair:
+            problems.append(f"data.text_pair_column is not used by task.type {self.name}")
+        if recipe.data.choice_columns and not self.reads_choice_columns:
+            problems.append(f"data.choice_columns is not used by task.type {self.name}")
+        if recipe.task.long_inputs == "chunk" and not self.reads_chunks:
+            from finetune.tasks.registry import TASKS
+
+            able = [name for name, task in TASKS.items() if task.reads_chunks]
+            problems.append(f"task.long_inputs: chunk is for {', '.join(able[:-1])} and {able[-1]}, not {self.name}")
+        return problems
+
+    def greater_is_better(self, metric: str) -> bool:
+        return self.metrics[metric].greater_is_better
+
+    # --- data ------------------------------------------------------------------------------
+    def columns(self, data: Any) -> dict[str, str]:
+        """Recipe key -> column name of every column this task reads."""
+        wanted = {"data.text_column": data.text_column, "data.label_column": data.label_column}
+        if data.text_pair_column:
+            wanted["data.text_pair_column"] = data.text_pair_column
+        return wanted
+
+    def label_names_from(self, values: Sequence[Any], data: Any) -> list[str] | None:
+        """The label set, in id order, from the train split's label column (when neither the recipe nor a
+        ClassLabel feature names it). Raises ValueError with a message when the column cannot give one."""
+        return None
+
+    def encode_labels(self, values: Sequence[Any], label_names: Sequence[str] | None, by_position: bool,
+                      data: Any) -> LabelEncoding | None:
+        """The label column as the loss reads it (None: the labels are read while tokenising, as QA's answers)."""
+        raise NotImplementedError
+
+    def features(self, batch: dict[str, list], indices: list[int], ctx: FeatureContext) -> dict:
+        """Model features for a batch of labelled rows (a `datasets.map(batched=True, with_indices=True)` function)."""
+        raise NotImplementedError
+
+    def token_lengths(self, batch: dict[str, list], data: Any, tokenizer: Any) -> list[int]:
+        """Untruncated token counts of a batch of rows, for `finetune validate`."""
+        raise NotImplementedError
+
+    def window_stats(self, rows: dict[str, list], lengths: np.ndarray, data: Any, tokenizer: Any, max_length: int,
+                     settings: TaskSettings) -> dict[str, Any] | None:
+        """For tasks that read long inputs in windows: the share of inputs needing more than one and the most
+        any needs (`multi_window_share`, `windows_max`, `unit`); None for tasks that truncate."""
+        return None
+
+    def label_counts(self, split: Any, label_names: Sequence[str] | None) -> dict[str, Any]:
+        """How many examples of a labelled split carry each label (or what describes its targets)."""
+        raise NotImplementedError
+
+    def collator(self, tokenizer: Any, pad_to_multiple_of: int | None) -> Any:
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+
+    # --- model and loss ----------------------------------------------------------------------
+    def num_labels(self, label_names: Sequence[str] | None) -> int | None:
+        """Outputs of the head (None: the head's size is fixed by its architecture)."""
+        return len(label_names) if label_names is not None else None
+
+    def loss(self, outputs: Any, targets: dict[str, Any], settings: TaskSettings) -> Any:
+        """The training loss of a batch from the model's outputs and the batch's targets (`target_keys`)."""
+        raise NotImplementedError
+
+    def split_batch(self, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A collated batch as (model inputs, loss targets): the targets never reach the model, so no head
+        computes a loss of its own."""
+        inputs = {k: v for k, v in batch.items() if k not in self.target_keys}
+        return inputs, {k: batch[k] for k in self.target_keys if k in batch}
+
+    # --- evaluation ----------------------------------------------------------------------
+    def eval_tensors(self, outputs: Any, batch: dict) -> dict:
+        """What evaluation gathers from every batch (across processes)."""
+        return {"logits": outputs.logits, "labels": batch["labels"]}
+
+    def evaluation(self, collected: dict[str, list[np.ndarray]], reference: Reference, settings: TaskSettings,
+                   label_names: Sequence[str] | None) -> tuple[dict[str, float], Any]:
+        """Metrics from everything gathered over a split, and the outputs the artifacts are made from."""
+        raise NotImplementedError
+
+    def write_artifacts(self, out_dir: Path, reference: Reference, outputs: Any, metrics: dict[str, float],
+                        label_names: Sequence[str] | None, settings: TaskSettings) -> list[Path]:
+        """The evaluation files a person reads (predictions.csv mistakes first, per-class tables, plots)."""
+        raise NotImplementedError
+
+    # --- inputs and answers ----------------------------------------------------------------
+    def parse_inputs(self, inputs: Sequence[Any], text_pair: bool) -> list[Any]:
+        """Check request inputs, raising `InputError` naming the first bad one."""
+        raise NotImplementedError
+
+    def encode(self, tokenizer: Any, inputs: list[Any], text_pair: bool, max_length: int,
+               settings: TaskSettings) -> Encoded:
+        """Features for checked inputs, truncated to max_length, with which inputs were truncated."""
+        raise NotImplementedError
+
+    def output_array(self, outputs: Any) -> Any:
+        """The one tensor a forward pass answers with (batch first)."""
+        return outputs.logits
+
+    def answer(self, inputs: list[Any], encoded: Encoded, rows: Sequence[np.ndarray], label_names: Sequence[str] | None,
+               settings: TaskSettings, options: PostprocessOptions) -> list[dict[str, Any]]:
+        """One JSON-ready answer per input from the outputs of its features."""
+        raise NotImplementedError
+
+    def example_input(self, text_pair: bool) -> Any:
+        """A valid input, for warm-up and the MLflow signature."""
+        return ["The first sentence.", "The second sentence."] if text_pair else "a gripping, beautiful film"
+
+    def inputs_from_cli(self, arguments: Sequence[str], text_pair: bool) -> list[Any]:
+        """`finetune predict MODEL ARG ...`: the inputs the arguments stand for (raises InputError)."""
+        if self.structured_inputs:
+            inputs = []
+            for i, text in enumerate(arguments):
+                try:
+                    inputs.append(json.loads(text))
+                except json.JSONDecodeError as e:
+                    example = json.dumps(self.example_input(text_pair))
+                    raise InputError(i, f"this model reads JSON objects such as '{example}': {e}") from None
+            return inputs
+        if text_pair:
+            if len(arguments) % 2:
+                raise InputError(len(arguments) - 1, "this model reads sentence pairs: give texts two by two "
+                                                     f"(got {len(arguments)})")
+            return [[arguments[i], arguments[i + 1]] for i in range(0, len(arguments), 2)]
+        return list(arguments)
+
+    def format_answer(self, item: Any, answer: dict[str, Any]) -> str:
+        """One terminal line for an answer (`finetune predict` without --json)."""
+        return f"{json.dumps(answer)}\t{item}"

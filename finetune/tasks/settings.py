@@ -1,0 +1,49 @@
+"""The task knobs a recipe sets, in one typed place.
+
+`TaskSettings` is built once from the recipe's `task` section (which extends it with the task type and the
+metric that picks the best model) and travels with every saved model in `finetune.json`, so training,
+evaluation, the MLflow model and the server read the same values. Each field says which tasks use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TaskSettings(BaseModel):
+    """The settings every task definition reads (fields a task does not use are ignored by it)."""
+
+    # Models saved by a later version may carry knobs this one does not know: they are ignored, not refused.
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True, validate_default=True, frozen=True)
+
+    threshold: float = Field(0.5, gt=0, lt=1)
+    """Multi-label: sigmoid score at or above which a label is predicted."""
+    label_all_tokens: bool = False
+    """token_classification: train on every word piece of a word (B- becomes I- after the first) instead of only the first; evaluation always scores one tag per word."""
+    doc_stride: int = Field(128, ge=1)
+    """question_answering: tokens shared by consecutive windows of a context longer than model.max_length."""
+    max_answer_length: int = Field(30, ge=1)
+    """question_answering: longest answer, in tokens, that post-processing will pick."""
+    n_best_size: int = Field(20, ge=1)
+    """question_answering: best start and end tokens per window combined into candidate answers."""
+    long_inputs: Literal["truncate", "chunk"] = "truncate"
+    """classification, multi_label, regression: texts longer than model.max_length are truncated, or cut into overlapping windows (chunk) that are trained on with the text's label and whose logits are pooled into one prediction per text in evaluation and serving."""
+    chunk_stride: int = Field(64, ge=0)
+    """long_inputs chunk: tokens shared by consecutive windows."""
+    chunk_pooling: Literal["mean", "max"] = "mean"
+    """long_inputs chunk: how the windows' logits become the text's: their mean, or their element-wise max."""
+
+    @classmethod
+    def of(cls, values: Any) -> "TaskSettings":
+        """The settings of a recipe's task section, a saved model's settings dict, or None (the defaults)."""
+        if isinstance(values, TaskSettings) and type(values) is cls:
+            return values
+        if isinstance(values, BaseModel):
+            values = values.model_dump()
+        return cls.model_validate(values or {})
+
+    def saved(self) -> dict[str, Any]:
+        """What goes into a model's finetune.json."""
+        return TaskSettings.of(self).model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""MLflow: the run tracker, the logged model, the registry and its champion, comparing runs."""

@@ -1,0 +1,85 @@
+"""`finetune compare`: one row per run, best first, with what differs between the runs."""
+
+from __future__ import annotations
+
+import collections
+import json
+from typing import Any
+
+import mlflow
+import pandas as pd
+
+from finetune.tracking.registry import champion_run_ids
+from finetune.tasks import TASKS
+
+# Params that identify a run rather than describe how it was trained.
+_NOT_HYPERPARAMETERS = {"name", "output_dir", "tracking.run_name", "tracking.experiment", "tracking.tracking_uri"}
+
+
+def collect_runs(experiment: str | None) -> list[Any]:
+    """Finished runs of one experiment (or of all), without sweep parent runs."""
+    client = mlflow.MlflowClient()
+    if experiment:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            names = [e.name for e in client.search_experiments()]
+            raise ValueError(f"no experiment {experiment!r}; experiments: {', '.join(names) or 'none yet'}")
+        ids = [found.experiment_id]
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, filter_string="attributes.status = 'FINISHED'", max_results=5000)
+    return [r for r in runs if r.data.tags.get("finetune.sweep_parent") != "true" and "finetune.task" in r.data.tags]
+
+
+def compare_table(experiment: str | None = None, metric: str | None = None) -> tuple[pd.DataFrame, str]:
+    """The comparison as a DataFrame sorted best first, and the metric it is sorted on."""
+    runs = collect_runs(experiment)
+    if not runs:
+        return pd.DataFrame(), metric or ""
+    if metric is None:
+        metric = collections.Counter(r.data.params.get("task.metric_for_best") for r in runs).most_common(1)[0][0]
+    tasks = {r.data.tags["finetune.task"] for r in runs}
+    greater = all(TASKS[t].greater_is_better(metric) for t in tasks if metric in TASKS[t].metrics)
+    keys = sorted({k for r in runs for k in r.data.params} - _NOT_HYPERPARAMETERS)
+    differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+    champions = champion_run_ids()
+    rows = []
+    for r in runs:
+        value = r.data.metrics.get(f"best/{metric}")
+        seconds = r.data.metrics.get("train/runtime_seconds")
+        row = {
+            "run": r.info.run_name, "run_id": r.info.run_id, "checkpoint": r.data.params.get("model.checkpoint"),
+            "task": r.data.tags["finetune.task"], metric: None if value is None else round(value, 4),
+            **{k: r.data.params.get(k) for k in differing},
+            "train_seconds": None if seconds is None else round(seconds, 1),
+            "samples_per_s": _round(r.data.metrics.get("train/samples_per_second_overall")),
+            "peak_memory_mb": _round(r.data.metrics.get("train/peak_memory_mb")),
+            "champion": "yes" if r.info.run_id in champions else "",
+        }
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame["_missing"] = frame[metric].isna()
+    frame = frame.sort_values(["_missing", metric], ascending=[True, not greater]).drop(columns="_missing")
+    return frame.reset_index(drop=True), metric
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def render(frame: pd.DataFrame, fmt: str) -> str:
+    """The table as text: table (aligned columns), markdown, csv or json."""
+    if frame.empty:
+        return "no finished runs" if fmt in ("table", "markdown") else ("" if fmt == "csv" else "[]")
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    if fmt == "json":
+        return json.dumps(json.loads(frame.to_json(orient="records")), indent=2)
+    cells = frame.astype(object).where(frame.notna(), "").astype(str)
+    if fmt == "markdown":
+        # Written out here because pandas' to_markdown needs the optional tabulate package.
+        header = "| " + " | ".join(cells.columns) + " |"
+        rule = "|" + "|".join("---" for _ in cells.columns) + "|"
+        lines = ["| " + " | ".join(v.replace("|", "\\|") for v in row) + " |" for row in cells.itertuples(index=False)]
+        return "\n".join([header, rule, *lines])
+    return cells.to_string(index=False)

@@ -1,0 +1,58 @@
+"""Hardware settings of the training loop: precision, compilation, host-to-device copies, threads.
+
+Each choice here was measured (BENCHMARKS.md, `bench/train.py`); the GPU ones follow the PyTorch and
+Accelerate performance guides and are written so the same recipe runs unchanged on a CPU or a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from accelerate.utils import DataLoaderConfiguration
+
+from finetune.config.recipe import Recipe, TrainingSection
+from finetune.training.preflight import choose_mixed_precision
+
+
+def precision(recipe: Recipe) -> str:
+    """The precision this run trains in ("no", "bf16" or "fp16"): the recipe's, with `auto` resolved for this machine.
+
+    Block-sparse BigBird trains in fp32 whatever `auto` would pick: transformers' block-sparse attention fails
+    under autocast (the recipe refuses bf16/fp16 for it outright).
+    """
+    if recipe.model.attention_type == "block_sparse":
+        return "no"
+    return choose_mixed_precision(recipe.training.mixed_precision)
+
+
+def accelerator_options(recipe: Recipe) -> dict[str, Any]:
+    """Keyword arguments for `Accelerator`: mixed precision on GPUs, and asynchronous copies of pinned batches on CUDA."""
+    cuda = torch.cuda.is_available()
+    # With pinned host memory (train_loader pins on CUDA) a non-blocking copy overlaps the next batch's
+    # transfer with compute instead of stalling the step on it. On a CPU, bf16 goes through
+    # training_autocast instead: Accelerate would wrap every forward pass, evaluation's too.
+    return {"mixed_precision": precision(recipe) if cuda else "no",
+            "dataloader_config": DataLoaderConfiguration(non_blocking=cuda)}
+
+
+def training_autocast(recipe: Recipe) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the training forward pass on a CPU when the recipe's precision resolves to bf16.
+
+    Only the training forward: evaluation then runs the fp32 weights in fp32, exactly as `finetune serve`,
+    `predict` and the MLflow model do, so the metric that picks the best model is the one users get. The
+    weights and optimizer state stay fp32 (autocast casts per operation). On GPUs Accelerate's own mixed
+    precision applies (accelerator_options) and this is a no-op.
+    """
+    if torch.cuda.is_available() or precision(recipe) != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def prepare_model(model: torch.nn.Module, cfg: TrainingSection) -> torch.nn.Module:
+    """Compile in place when the recipe asks (`nn.Module.compile`), so state-dict keys, saving and resuming are unchanged."""
+    if cfg.compile:
+        # dynamic=None: the first new sequence length recompiles once with symbolic shapes, later ones reuse it.
+        model.compile(dynamic=None)
+    return model

@@ -1,0 +1,311 @@
+"""The training loop: one recipe in, one fine-tuned model (and one MLflow run) out.
+
+Read it top to bottom: `main` sets up the Accelerator, then `setup_data`, `setup_model`, and
+alternates `train_one_epoch` and `evaluate` (finetune.training.evaluation), calling `save_checkpoint`
+at every evaluation (the best model, and the full training state for resuming). The loss is the task
+definition's (`Task.loss`), computed from the model's outputs. It runs unchanged on CPU, one GPU, or
+several processes under `accelerate launch`. What happens after training (final scores, artifacts, the
+logged and registered model) is in `finetune.training.finish`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from tqdm.auto import tqdm
+
+from finetune.config.recipe import Recipe, TrainingSection, recipe_to_yaml
+from finetune.data import batching
+from finetune.data.features import PreparedData, prepare
+from finetune.errors import TrainingDiverged
+from finetune.models import pretrained
+from finetune.models.bigbird import attention_for_batch
+from finetune.models.modeling import ModelInfo, build_model, load_tokenizer, make_collator, save_model_dir
+from finetune.tasks import Reference, Task, TaskSettings
+from finetune.tasks.metrics import is_improvement
+from finetune.tracking.tracker import NullTracker, Tracker
+from finetune.training import finish, speed
+from finetune.training import state as training_state
+from finetune.training.evaluation import evaluate
+from finetune.training.optim import make_optimizer, make_scheduler
+from finetune.training.preflight import preflight
+
+
+@dataclass
+class RunState:
+    """Where training is; saved with every checkpoint so a resumed run continues exactly."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batches_in_epoch: int = 0  # batches of the current epoch already trained on
+    samples: int = 0  # training examples seen, all processes
+    best_metric: float | None = None
+    best_step: int | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    evals_without_improvement: int = 0
+    last_eval_step: int = -1
+    stop: bool = False
+    attention_counts: dict[str, int] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    run_id: str | None = None
+    recipe_hash: str = ""
+
+
+@dataclass
+class TrainingHooks:
+    """Calls into a run from outside the loop (a sweep's pruner, the training benchmark's clock)."""
+
+    on_train_begin: Callable[[], None] | None = None
+    """Called once, just before the first training batch (resumed runs included)."""
+    on_evaluate: Callable[[int, dict[str, float]], bool] | None = None
+    """Called after every evaluation with the step and the metrics; returning True stops training early."""
+
+
+def diverged(step: int, lr: float, output_dir: str) -> TrainingDiverged:
+    last = training_state.latest_checkpoint(output_dir)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+    return TrainingDiverged(
+        f"the loss is not a finite number at step {step} (learning rate {lr:.3g}); {kept}. Try a lower "
+        "training.learning_rate, a longer warmup, training.max_grad_norm (e.g. 1.0), or mixed_precision: no."
+    )
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports back."""
+
+    best_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    best_dir: Path
+    run_id: str | None
+    model_uri: str | None
+    steps: int
+    train_seconds: float
+    attention_batches: dict[str, int] = field(default_factory=dict)
+    """BigBird: how many training batches ran with each attention type."""
+    resumed_from: int | None = None
+    """The step a resumed run continued from."""
+    tracking_problem: str | None = None
+    """What did not reach MLflow, if the tracking server failed during the run."""
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+# ---------------------------------------------------------------------------------------------
+
+
+def setup_data(recipe: Recipe, task: Task, tokenizer: Any, accelerator: Accelerator) -> PreparedData:
+    """Load, label, split and tokenise once (on the main process first, so others read its cache)."""
+    with accelerator.main_process_first():
+        return prepare(recipe, task, tokenizer)
+
+
+def setup_model(recipe: Recipe, task: Task, resolved: pretrained.ResolvedCheckpoint, label_names: list[str] | None):
+    """The pretrained encoder with a fresh head for the task (compiled if the recipe says so)."""
+    model, _ = build_model(resolved, recipe.model, task, label_names)
+    return speed.prepare_model(model, recipe.training)
+
+
+def train_one_epoch(
+    model, loader, optimizer, scheduler, accelerator: Accelerator, task: Task, settings: TaskSettings,
+    cfg: TrainingSection, autocast, state: RunState, total_steps: int, progress, tracker,
+    on_step_end: Callable[[], None], output_dir: str,
+) -> None:
+    """One pass over the training data (or until max_steps), logging loss, learning rate and throughput."""
+    model.train()
+    unwrapped = accelerator.unwrap_model(model)
+    running_loss = torch.zeros((), device=accelerator.device)
+    loss_count, window_start, window_samples = 0, time.perf_counter(), 0
+    for batch in loader:
+        inputs, targets = task.split_batch(batch)
+        with accelerator.accumulate(model):
+            # The loss inside the autocast region, as the Hugging Face heads compute it: autocast runs the
+            # loss functions in fp32 whatever the logits' precision.
+            with attention_for_batch(unwrapped, inputs["input_ids"], state.attention_counts), autocast:
+                loss = task.loss(model(**inputs), targets, settings)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        # Summed on the device and read only every logging_steps, so no step waits on the host.
+        running_loss += loss.detach()
+        loss_count += 1
+        batch_samples = batch["input_ids"].shape[0] * accelerator.num_processes
+        state.samples += batch_samples
+        state.batches_in_epoch += 1
+        window_samples += batch_samples
+        if not accelerator.sync_gradients:
+            continue
+        state.step += 1
+        progress.update(1)
+        if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+            mean_loss = accelerator.reduce(running_loss / loss_count, reduction="mean").item()
+            if not math.isfinite(mean_loss):
+                raise diverged(state.step, scheduler.get_last_lr()[0], output_dir)
+            elapsed = time.perf_counter() - window_start
+            throughput = window_samples / elapsed if elapsed > 0 else 0.0
+            tracker.log_metrics(
+                {"train/loss": mean_loss, "train/learning_rate": scheduler.get_last_lr()[0],
+                 "train/samples_per_second": throughput},
+                step=state.step,
+            )
+            progress.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{throughput:.1f}")
+            running_loss.zero_()
+            loss_count, window_start, window_samples = 0, time.perf_counter(), 0
+        on_step_end()
+        if state.stop or state.step >= total_steps:
+            return
+
+
+def save_checkpoint(accelerator: Accelerator, model, optimizer, scheduler, tokenizer, recipe: Recipe,
+                    info: ModelInfo, state: RunState, improved: bool) -> None:
+    """Save the training state for resuming, and the model as the best one when it improved (both atomically)."""
+    accelerator.wait_for_everyone()
+    if improved and accelerator.is_main_process:
+        save_model_dir(Path(recipe.output_dir) / "best", accelerator.unwrap_model(model), tokenizer, info,
+                       recipe_to_yaml(recipe))
+    training_state.save_training_state(accelerator, model, optimizer, scheduler, asdict(state), recipe.output_dir,
+                                       keep=recipe.training.save_total_limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+
+def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
+         hooks: TrainingHooks | None = None) -> RunResult:
+    """Fine-tune as the recipe says; log to MLflow; return the best metrics and where the model is.
+
+    `resume_run` continues from the newest checkpoint in output_dir (and its MLflow run). `nested`
+    makes the MLflow run a child of the active one (sweeps). `hooks` lets a caller watch and stop the run
+    (see `TrainingHooks`).
+    """
+    cfg = recipe.training
+    hooks = hooks or TrainingHooks()
+    settings = TaskSettings.of(recipe.task)
+    task, resolved = preflight(recipe)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, **speed.accelerator_options(recipe))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:
+        raise RuntimeError(
+            f"{launched} processes were launched but Accelerate runs each one alone ({accelerator.distributed_type}); "
+            "they would train separate models. On machines without a GPU, launch with ACCELERATE_USE_CPU=1 "
+            "(see recipes/accelerate/cpu-2proc.yaml)."
+        )
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(resolved.path, recipe.model.trust_remote_code)
+    data = setup_data(recipe, task, tokenizer, accelerator)
+    model = setup_model(recipe, task, resolved, data.label_names)
+    collator = make_collator(tokenizer, model.config, task)
+    # The shuffle generator is re-seeded with seed + epoch at each epoch, so a resumed run sees the same order.
+    generator = torch.Generator()
+    train_dl = batching.train_loader(data.train, cfg, collator, generator, accelerator.num_processes)
+    eval_dl = batching.eval_loader(data.eval, collator, cfg.eval_batch_size)
+    eval_reference = Reference(data.eval_features, data.raw_eval, recipe.data)
+    optimizer = make_optimizer(model, cfg)
+    model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    updates_per_epoch = max(1, math.ceil(len(train_dl) / cfg.gradient_accumulation_steps))
+    total_steps = cfg.max_steps or math.ceil(cfg.num_epochs * updates_per_epoch)
+    scheduler = accelerator.prepare(make_scheduler(optimizer, cfg, total_steps, accelerator.num_processes))
+
+    # Running an interrupted recipe again continues it; --resume continues even if the recipe changed.
+    state = RunState(recipe_hash=hashlib.sha256(recipe_to_yaml(recipe).encode()).hexdigest()[:16])
+    with accelerator.main_process_first():
+        checkpoint = training_state.find_resumable(recipe.output_dir, state.recipe_hash, resume_run) \
+            if accelerator.is_main_process else training_state.latest_checkpoint(recipe.output_dir)
+    if checkpoint is not None:
+        state = RunState(**training_state.load_training_state(accelerator, model, optimizer, scheduler, checkpoint))
+    elif resume_run and accelerator.is_main_process:
+        print(f"nothing to resume in {recipe.output_dir}/checkpoints: starting from the beginning")
+    resumed_from = state.step if checkpoint is not None else None
+    info = ModelInfo(
+        task=task.name, label_names=data.label_names, text_pair=recipe.data.text_pair_column is not None,
+        max_length=recipe.model.max_length, checkpoint=recipe.model.checkpoint, recipe_name=recipe.name,
+        metrics=state.best_metrics, settings=settings.saved(),
+    )
+    metric = recipe.task.metric_for_best
+    greater = task.greater_is_better(metric)
+    tracker = (
+        Tracker(recipe, {"finetune.checkpoint_source": resolved.source}, run_id=state.run_id, nested=nested)
+        if accelerator.is_main_process else NullTracker()
+    )
+    # Every process keeps the run id in its checkpoint state, so it comes from the main one.
+    state.run_id = broadcast_object_list([tracker.run_id])[0] if accelerator.num_processes > 1 else tracker.run_id
+    tracker.log_inputs(data)
+    if accelerator.is_main_process:
+        print(f"training {total_steps} steps ({updates_per_epoch}/epoch) on {len(data.train)} examples "
+              f"with {accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}, "
+              f"evaluating on {len(data.eval)}; tokenised data {'from cache' if data.cache_hit else 'built'}"
+              + (f"; resumed at step {state.step} (MLflow run {state.run_id})" if resumed_from is not None else ""))
+
+    def run_evaluation() -> None:
+        metrics, _ = evaluate(model, eval_dl, accelerator, task, settings, eval_reference, data.label_names)
+        if not math.isfinite(metrics["loss"]):  # broken weights must never become a checkpoint
+            raise diverged(state.step, scheduler.get_last_lr()[0], recipe.output_dir)
+        state.last_eval_step = state.step
+        tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
+        improved = is_improvement(metrics[metric], state.best_metric, greater)
+        if improved:
+            state.best_metric, state.best_step, state.best_metrics = metrics[metric], state.step, metrics
+            state.evals_without_improvement = 0
+            info.metrics = metrics
+        else:
+            state.evals_without_improvement += 1
+            if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
+                state.stop = True
+        state.train_seconds += time.perf_counter() - started
+        save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, recipe, info, state, improved)
+        reset_clock()
+        if hooks.on_evaluate is not None and hooks.on_evaluate(state.step, metrics):
+            state.stop = True
+        if accelerator.is_main_process:
+            tqdm.write(f"step {state.step}: eval {metric} {metrics[metric]:.4f} (best {state.best_metric:.4f} at step {state.best_step})")
+
+    def on_step_end() -> None:
+        if cfg.eval_strategy == "steps" and state.step % cfg.eval_steps == 0:
+            run_evaluation()
+
+    def reset_clock() -> None:
+        nonlocal started
+        started = time.perf_counter()
+
+    status = "FAILED"
+    started = time.perf_counter()
+    try:
+        progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="training")
+        autocast = speed.training_autocast(recipe)
+        if hooks.on_train_begin is not None:
+            hooks.on_train_begin()
+        while state.step < total_steps and not state.stop:
+            generator.manual_seed(cfg.seed + state.epoch)
+            loader = accelerator.skip_first_batches(train_dl, state.batches_in_epoch) if state.batches_in_epoch else train_dl
+            train_one_epoch(model, loader, optimizer, scheduler, accelerator, task, settings, cfg, autocast, state,
+                            total_steps, progress, tracker, on_step_end, recipe.output_dir)
+            if state.step < total_steps and not state.stop:
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            if cfg.eval_strategy == "epoch" and state.last_eval_step != state.step:
+                run_evaluation()
+        if state.last_eval_step != state.step:
+            run_evaluation()
+        progress.close()
+        final = finish.finish_run(recipe, task, data, collator, accelerator, tracker, state)
+        if accelerator.is_main_process:
+            training_state.mark_finished(recipe.output_dir)
+        status = "FINISHED"
+    finally:
+        tracker.end(status)
+    return RunResult(state.best_metrics, final.test_metrics, Path(recipe.output_dir) / "best", state.run_id,
+                     final.model_uri, state.step, state.train_seconds, state.attention_counts, resumed_from,
+                     final.tracking_problem)
