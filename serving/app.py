@@ -17,6 +17,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
@@ -239,8 +240,10 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
         state["ready"] = False
         await batcher.stop()  # finishes whatever requests are still waiting
 
-    app = FastAPI(title="finetune inference", version="1", lifespan=lifespan,
-                  description=f"Serves {model.name} ({info.task}{', sentence pairs' if info.text_pair else ''}).")
+    # FastAPIOffline: FastAPI with /docs and /redoc loading their JavaScript and CSS from this server (the
+    # package ships Swagger UI and ReDoc), not from a CDN, so the docs work offline and do not change under us.
+    app = FastAPIOffline(title="finetune inference", version="1", lifespan=lifespan,
+                         description=f"Serves {model.name} ({info.task}{', sentence pairs' if info.text_pair else ''}).")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
