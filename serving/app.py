@@ -1,4 +1,4 @@
-"""The FastAPI application: predict, model info, health, readiness, Prometheus metrics.
+"""The FastAPI application: predict, model info, health, readiness, Prometheus metrics, the playground page.
 
 Answers come from the task definition (`TaskDefinition.postprocess`), the same code evaluation uses.
 """
@@ -11,12 +11,15 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
@@ -25,9 +28,20 @@ from serving.batcher import Batcher, QueueFull
 from serving.loading import LoadedModel
 
 log = logging.getLogger(__name__)
-OPEN_ROUTES = {"/healthz", "/readyz"}
+STATIC = Path(__file__).parent / "static"
+# The playground is a static page: it stays reachable without the API key, and asks for the key itself
+# when the data it fetches (/v1/model, /v1/predict) needs one.
+PLAYGROUND = {"/", "/static/playground.js", "/static/playground.css"}
+OPEN_ROUTES = {"/healthz", "/readyz"} | PLAYGROUND
 # Metrics are labelled by these paths only, so random URLs cannot blow up the label set.
-_ROUTES = {"/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"}
+_ROUTES = {"/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"} | PLAYGROUND
+# No inline script or style on the page, and nothing fetched from anywhere but this server.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
 
 
 @dataclass
@@ -239,8 +253,16 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
         state["ready"] = False
         await batcher.stop()  # finishes whatever requests are still waiting
 
-    app = FastAPI(title="finetune inference", version="1", lifespan=lifespan,
-                  description=f"Serves {model.name} ({info.task}{', sentence pairs' if info.text_pair else ''}).")
+    # FastAPIOffline: FastAPI with /docs and /redoc loading their JavaScript and CSS from this server (the
+    # package ships Swagger UI and ReDoc), not from a CDN, so the docs work offline and do not change under us.
+    app = FastAPIOffline(title="finetune inference", version="1", lifespan=lifespan,
+                         description=f"Serves {model.name} ({info.task}{', sentence pairs' if info.text_pair else ''}).")
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        """A page to try the model by hand; it calls /v1/model and /v1/predict like any client."""
+        return FileResponse(STATIC / "index.html", headers=_PAGE_HEADERS)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):

@@ -38,7 +38,7 @@ def serve(args: argparse.Namespace) -> int:
               + ("" if settings.api_key else " without an API key"), file=sys.stderr)
     version = f" version {loaded.version}" if loaded.version else ""
     print(f"serving {loaded.name}{version} ({loaded.predictor.info.task}, {loaded.predictor.runtime}) from {loaded.source} "
-          f"at http://{args.host}:{args.port}  (docs: /docs)", flush=True)
+          f"at http://{args.host}:{args.port}  (playground: /, docs: /docs)", flush=True)
     uvicorn.run(create_app(loaded, settings), host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=30)
     return 0

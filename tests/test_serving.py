@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urljoin
 
 import httpx
 import mlflow
@@ -114,6 +116,25 @@ def test_info_health_readiness_and_docs(classifier):
     body = schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert "inputs" in body["properties"] and "$ref" not in str(body)
     assert httpx.get(f"{classifier.url}/docs").status_code == 200
+
+
+def test_docs_and_playground_load_nothing_from_elsewhere(classifier):
+    """/docs, /redoc and the playground reference only this server's assets (no CDN), and each is served."""
+    for page in ("/docs", "/redoc", "/"):
+        response = httpx.get(f"{classifier.url}{page}")
+        assert response.status_code == 200 and "text/html" in response.headers["content-type"], page
+        assert not re.search(r"\bhttps?://|//cdn|fonts\.googleapis", response.text), (page, response.text[:2000])
+        refs = re.findall(r"""(?:src|href)=["']([^"']+)["']""", response.text)
+        refs += re.findall(r"""\burl:\s*["']([^"']+)["']""", response.text)  # Swagger UI's OpenAPI document
+        assert refs, page
+        for ref in refs:
+            if ref.startswith("data:"):
+                continue
+            asset = httpx.get(urljoin(f"{classifier.url}{page}", ref))
+            assert asset.status_code == 200 and asset.content, (page, ref, asset.status_code)
+    assert "swagger-ui-bundle.js" in httpx.get(f"{classifier.url}/docs").text
+    for own in ("/static/playground.js", "/static/playground.css"):  # vendored bundles are checked in a browser
+        assert not re.search(r"\bhttps?://", httpx.get(f"{classifier.url}{own}").text), own
 
 
 def test_form_encoded_curl_body_is_accepted(classifier):
@@ -240,8 +261,10 @@ def test_api_key_queue_limit_and_timeout(models):
         assert keyed.post({"inputs": ["x"]}, headers={"X-API-Key": "wrong"}).status_code == 401
         assert keyed.post({"inputs": ["x"]}, headers={"X-API-Key": "s3cret"}).status_code == 200
         assert keyed.post({"inputs": ["x"]}, headers={"Authorization": "Bearer s3cret"}).status_code == 200
-        for route in ("/v1/model", "/metrics", "/docs", "/openapi.json"):
+        for route in ("/v1/model", "/metrics", "/docs", "/openapi.json", "/static-offline-docs/swagger-ui.css"):
             assert httpx.get(f"{keyed.url}{route}").status_code == 401, route
+        for route in ("/", "/static/playground.js", "/static/playground.css"):  # the page asks for the key itself
+            assert httpx.get(f"{keyed.url}{route}").status_code == 200, route
         assert httpx.get(f"{keyed.url}/healthz").status_code == 200 and httpx.get(f"{keyed.url}/readyz").status_code == 200
     finally:
         keyed.stop()
