@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # One image for every role in docker-compose.yml: `finetune run` (trainer), `finetune serve` (serving) and
-# `mlflow server` (its Postgres and S3 drivers come from the `server` extra).
+# `mlflow server` (its Postgres and S3 drivers and the basic-auth app's Flask-WTF come from the `server` extra).
 #
 #   docker build -t finetune .                                   # CPU PyTorch (the default)
 #   docker build -t finetune:cuda --build-arg TORCH_INDEX_URL= .  # CUDA: PyPI's Linux x86_64 torch wheels are
@@ -35,6 +35,8 @@ RUN pip install -c constraints.txt ".[server]" \
 # Shipped recipes and the SST-2 sample, at the paths the recipes name relative to the working directory.
 COPY recipes/ recipes/
 COPY data/ data/
+# The tracking server's auth configuration and the job that makes its users (docker-compose.yml).
+COPY deploy/ deploy/
 # runs/ (models, checkpoints) and the caches must be writable by the unprivileged user; compose mounts
 # volumes there, and a fresh named volume takes the ownership of the directory it is mounted on.
 RUN mkdir -p /app/runs /home/finetune/.cache && chown finetune:finetune /app/runs /home/finetune/.cache
