@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import tempfile
@@ -65,23 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--study-name", help="Optuna study name (needed to share a study between workers)")
 
     serve = sub.add_parser("serve", help="serve a model over HTTP (default: the registry's champion)")
-    serve.add_argument("--model", help="a model folder, an MLflow run id, or a runs:/ or models:/ URI (default: the champion)")
-    serve.add_argument("--name", help="registered model whose champion to serve (default: the only one with a champion)")
-    serve.add_argument("--recipe", help="serve the champion of this recipe's tracking.register_as")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", help="require this key (X-API-Key or Authorization: Bearer) on every route but /healthz and /readyz; default $FINETUNE_API_KEY")
-    serve.add_argument("--backend", choices=["auto", "torch", "onnx", "onnx-int8"], default="auto",
-                       help="auto: ONNX Runtime when the model folder has model.onnx (finetune export), else PyTorch")
-    serve.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                       help="PyTorch backend: fp32 answers exactly as evaluation scored the model; bf16 (autocast) is "
-                            "faster on CPUs that compute bf16 natively (AVX512-BF16, AMX) but may flip answers near a tie")
-    serve.add_argument("--max-batch-size", type=int, default=16,
-                       help="inputs per forward pass at most (16 measured fastest per sentence on 2 CPU cores)")
-    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
-    serve.add_argument("--max-queue", type=int, default=512, help="inputs waiting at most; beyond it requests get 503")
-    serve.add_argument("--max-inputs", type=int, default=64, help="inputs per request at most")
-    serve.add_argument("--timeout", type=float, default=30.0, help="seconds before a request gets 504")
+    from serving.cli import add_arguments as add_serve_arguments
+
+    add_serve_arguments(serve)
 
     export = sub.add_parser("export", help="export a trained model to ONNX Runtime, checked against PyTorch")
     export.add_argument("model", help="a trained model folder (runs/<name>/best), an MLflow run id, or a runs:/ or models:/ URI "
@@ -223,33 +208,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from serving.cli import serve
 
-    from serving.app import Settings, create_app
-    from serving.loading import ModelSourceError, load_model
-
-    name = args.name
-    if args.recipe:
-        name = load_recipe(args.recipe).tracking.register_as
-        if not name:
-            raise RecipeError(f"{args.recipe} sets no tracking.register_as, so it has no champion; use --model")
-    try:
-        loaded = load_model(args.model, name, args.backend, args.precision)
-    except ModelSourceError as e:
-        raise RecipeError(str(e)) from None
-    settings = Settings(
-        max_inputs_per_request=args.max_inputs, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue, request_timeout_s=args.timeout, api_key=args.api_key or os.environ.get("FINETUNE_API_KEY"),
-    )
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {args.host} exposes the model beyond this machine"
-              + ("" if settings.api_key else " without an API key"), file=sys.stderr)
-    version = f" version {loaded.version}" if loaded.version else ""
-    print(f"serving {loaded.name}{version} ({loaded.predictor.info.task}, {loaded.predictor.runtime}) from {loaded.source} "
-          f"at http://{args.host}:{args.port}  (docs: /docs)", flush=True)
-    uvicorn.run(create_app(loaded, settings), host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=30)
-    return 0
+    return serve(args)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
