@@ -98,9 +98,9 @@ def check_allowed_origins(origins: Iterable[str]) -> list[str]:
     """The --allowed-origins entries, each `*` or scheme://host[:port]; ValueError naming a malformed one."""
     checked = []
     for origin in origins:
-        parts = urlsplit(origin)
         try:
-            parts.port
+            parts = urlsplit(origin)
+            parts.port  # raises for a port that is not a number
         except ValueError:
             parts = None
         if origin != "*" and (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
@@ -164,7 +164,10 @@ class Guard:
 
     @staticmethod
     def _same_origin(origin: str, host: tuple[str, int | None]) -> bool:
-        parts = urlsplit(origin)
+        try:
+            parts = urlsplit(origin)
+        except ValueError:  # e.g. "http://[::1"
+            return False
         if parts.scheme not in ("http", "https") or parts.path:
             return False  # includes "null" (sandboxed frames, file: pages)
         split = _split_host(parts.netloc)
