@@ -27,7 +27,9 @@ from serving.gates import LOOPBACK_NAMES, ApiKey, BodyReader, Guard, Metrics, cl
 from serving.loading import LoadedModel
 
 log = logging.getLogger(__name__)
-# Requests with more characters are tokenised in a lane of their own (about 20 ms of tokenising and up).
+# Tokenising lanes by request size: up to INLINE_CHARS (about 2 ms of tokenising) on the event loop itself,
+# where a thread hop would cost more than the work; up to LARGE_REQUEST_CHARS in one thread; beyond, another.
+INLINE_CHARS = 2_000
 LARGE_REQUEST_CHARS = 20_000
 # A character a reader would see: anything but whitespace, control and format characters (zero-width
 # spaces, joiners, direction marks, BOM), code points Unicode says to render as nothing (fillers, variation
@@ -197,15 +199,17 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
                           on_batch=batch_sizes.observe)
         batcher.start()
         state["batcher"] = batcher
-        # Tokenising and post-processing run in threads, off the event loop (a 1 MB text takes a second to
-        # tokenise; the tokenizers library releases the GIL meanwhile). Two lanes, each one thread with its own
-        # tokenizer (a fast tokenizer must not be used by two threads at once; the inference thread never calls
-        # it, its collator pads in Python): requests over LARGE_REQUEST_CHARS take one, the rest the other, so
-        # short requests never queue behind megabytes of text.
-        large = copy.copy(predictor)
-        large.tokenizer = copy.deepcopy(predictor.tokenizer)
-        state["lanes"] = [(ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenise"), predictor),
-                          (ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenise-large"), large)]
+        # Tokenising and post-processing of all but short requests run in threads, off the event loop (a 1 MB
+        # text takes a second to tokenise; the tokenizers library releases the GIL meanwhile), in two lanes by size
+        # so that short requests never queue behind megabytes of text. Each lane has its own tokenizer: a fast
+        # tokenizer must not be used by two threads at once (the inference thread never calls it; its collator
+        # pads in Python).
+        lanes: list[tuple[ThreadPoolExecutor | None, Any]] = [(None, predictor)]
+        for name in ("tokenise", "tokenise-large"):
+            copied = copy.copy(predictor)
+            copied.tokenizer = copy.deepcopy(predictor.tokenizer)
+            lanes.append((ThreadPoolExecutor(max_workers=1, thread_name_prefix=name), copied))
+        state["lanes"] = lanes
         queue_depth.set_function(lambda: batcher.depth)
         warm = predictor.encode_inputs([predictor.task.example_input(info.text_pair)])
         await asyncio.wait_for(asyncio.gather(*batcher.submit(warm.features)), timeout=600)
@@ -213,12 +217,15 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
         yield
         state["ready"] = False
         await batcher.stop()  # finishes whatever requests are still waiting
-        for executor, _ in state["lanes"]:
+        for executor, _ in state["lanes"][1:]:
             executor.shutdown(wait=True)
 
-    def off_loop(lane: int, chars: int, method: str, *args) -> asyncio.Future:
-        """Call the lane's predictor.method(*args) in its thread, counting `chars` as waiting until it is done
-        (or cancelled); 503 when too many characters are waiting already."""
+    async def in_lane(lane: int, chars: int, method: str, *args):
+        """The lane's predictor.method(*args), in the lane's thread (the event loop for lane 0), counting `chars`
+        as waiting until it is done or cancelled; 503 when too many characters are waiting already."""
+        executor, lane_predictor = state["lanes"][lane]
+        if executor is None:
+            return getattr(lane_predictor, method)(*args)
         if state["pending_chars"] + chars > settings.max_pending_chars:
             raise HTTPException(503, detail=f"busy: {state['pending_chars']} characters are waiting to be tokenised "
                                             f"(limit {settings.max_pending_chars}); retry shortly",
@@ -231,15 +238,14 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
                 state["pending_chars"] -= chars
             loop.call_soon_threadsafe(done)
 
-        executor, lane_predictor = state["lanes"][lane]
         job = executor.submit(getattr(lane_predictor, method), *args)
         job.add_done_callback(release)
-        return asyncio.wrap_future(job)  # cancelling it drops the job if it has not started
+        return await asyncio.wrap_future(job)  # cancelling it drops the job if it has not started
 
     async def answer(body: PredictRequest, inputs: list, chars: int) -> JSONResponse:
-        lane = int(chars > LARGE_REQUEST_CHARS)
+        lane = 0 if chars <= INLINE_CHARS else 1 if chars <= LARGE_REQUEST_CHARS else 2
         try:
-            encoded = await off_loop(lane, chars, "encode_inputs", inputs)
+            encoded = await in_lane(lane, chars, "encode_inputs", inputs)
         except InputError as e:
             raise _error(422, ["body", "inputs", e.index], str(e)) from None
         if not body.options.truncate:
@@ -262,7 +268,7 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
             threshold=body.options.threshold if body.options.threshold is not None else info.threshold,
             top_k=body.options.top_k,
         )
-        answers = await off_loop(lane, 0, "answer", inputs, encoded, rows, options)
+        answers = await in_lane(lane, 0, "answer", inputs, encoded, rows, options)
         # Returned as a ready response: the answers are built by the task definition already, and FastAPI's
         # re-validation of them against PredictResponse (still the documented schema) costs throughput.
         return JSONResponse({"model": model.name, "version": model.version, "predictions": answers})
