@@ -205,6 +205,10 @@ def test_compose_services_dependencies_and_healthchecks(services):
     args = build_parser().parse_args(serving["command"])
     assert args.command == "serve"
     assert (args.host, args.port) == ("0.0.0.0", 8000)
+    # Bound to every address of the container, so `finetune serve` would refuse to start without a key; the port
+    # is published on the host's loopback by default, and the Host names clients use through it are allowed.
+    assert args.insecure_no_api_key and args.allowed_hosts == ["localhost", "127.0.0.1", "[::1]"]
+    assert serving["ports"] == ["127.0.0.1:8000:8000"]
     # The default recipe registers the model the service serves by default.
     trainer_recipe = _flag(services["trainer-cpu"]["command"], "run")
     assert yaml.safe_load((ROOT / trainer_recipe).read_text())["tracking"]["register_as"] == args.name
