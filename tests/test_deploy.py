@@ -207,7 +207,8 @@ def test_compose_services_dependencies_and_healthchecks(services):
     assert (args.host, args.port) == ("0.0.0.0", 8000)
     # Bound to every address of the container, so `finetune serve` would refuse to start without a key; the port
     # is published on the host's loopback by default, and the Host names clients use through it are allowed.
-    assert args.insecure_no_api_key and args.allowed_hosts == ["localhost", "127.0.0.1", "[::1]"]
+    # FINETUNE_API_KEY is always required, so the service never runs open; other containers call it as `serving`.
+    assert not args.insecure_no_api_key and args.allowed_hosts == ["localhost", "127.0.0.1", "[::1]", "serving"]
     assert serving["ports"] == ["127.0.0.1:8000:8000"]
     # The default recipe registers the model the service serves by default.
     trainer_recipe = _flag(services["trainer-cpu"]["command"], "run")
