@@ -78,7 +78,7 @@ def claim(out: Path | str, recipe_name: str, recipe_hash: str, kind: str = "run"
                                   "kind": kind}
     if kind == "run":
         marker.update(recipe=recipe_name, recipe_hash=recipe_hash, state="running", pid=os.getpid(),
-                      host=socket.gethostname())
+                      pid_started=_process_started(os.getpid()), host=socket.gethostname())
     else:
         marker.setdefault("recipe", recipe_name)
     _write_marker(out, marker)
@@ -89,6 +89,13 @@ def update_marker(out: Path | str, **values: Any) -> None:
     marker = read_marker(out)
     if marker is not None:
         _write_marker(Path(out), marker | values)
+
+
+def release(out: Path | str) -> None:
+    """After a run of this process ended: a marker still saying it is running says it failed."""
+    marker = read_marker(out)
+    if marker is not None and marker.get("state") == "running" and marker.get("pid") == os.getpid():
+        update_marker(out, state="failed")
 
 
 def may_claim(out: Path | str) -> bool:
@@ -117,17 +124,25 @@ def folder_size(path: Path) -> int:
     return total
 
 
+def _process_started(pid: int) -> float | None:
+    """When process `pid` started (None if there is none): with the pid, it tells a live run from a reused pid."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, ValueError):
+        return None
+
+
 def _running(marker: dict[str, Any]) -> bool:
-    """Whether the marker's run is in progress: a live process of this host that marked it."""
+    """Whether the marker's run is in progress: the process of this host that marked it is still alive."""
     if marker.get("state") != "running" or marker.get("host") != socket.gethostname():
         return False
     try:
-        os.kill(int(marker["pid"]), 0)
-    except (KeyError, ValueError, TypeError, ProcessLookupError):
+        started = _process_started(int(marker["pid"]))
+    except (KeyError, ValueError, TypeError):
         return False
-    except PermissionError:  # another user's live process
-        return True
-    return int(marker["pid"]) != os.getpid()
+    return started is not None and abs(started - float(marker.get("pid_started") or 0)) < 1
 
 
 @dataclass

@@ -192,6 +192,13 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
     makes the MLflow run a child of the active one (sweeps). `hooks` lets a caller watch and stop the run
     (see `TrainingHooks`). `overwrite` lets the run use an output_dir finetune did not make.
     """
+    try:
+        return _train(recipe, resume_run, nested, hooks, overwrite)
+    finally:  # a run that raised is no longer in progress, though this process lives on (sweeps, notebooks)
+        outputs.release(recipe.output_dir)
+
+
+def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks | None, overwrite: bool) -> RunResult:
     cfg = recipe.training
     hooks = hooks or TrainingHooks()
     settings = TaskSettings.of(recipe.task)
