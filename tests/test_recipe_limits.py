@@ -71,11 +71,13 @@ def test_alias_bombs_in_overrides_and_self_references_are_refused(tmp_path):
     f"{VALID}tracking: {{run_name: hunter2-secret-value\n",  # an unclosed flow mapping
     f"{VALID}training:\n\tseed: hunter2-secret-value\n",  # a tab
     f"{VALID}x: !!python/object/apply:os.system [hunter2-secret-value]\n",  # a tag that would run code
-], ids=["unclosed", "tab", "python tag"])
+    f"{VALID}x: hunter2-secret-value\x01\n",  # a control character
+], ids=["unclosed", "tab", "python tag", "control character"])
 def test_yaml_errors_give_the_place_but_never_the_files_content(tmp_path, text):
     path = tmp_path / "r.yaml"
     path.write_text(text)
-    with pytest.raises(RecipeError, match=r"is not valid YAML: .*\(line \d+, column \d+\)") as info:
+    place = r"\((line \d+, column \d+|character #x1 at position \d+)\)"
+    with pytest.raises(RecipeError, match=rf"is not valid YAML: .*{place}") as info:
         load_recipe(path)
     assert "hunter2" not in str(info.value)
 

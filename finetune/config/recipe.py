@@ -371,6 +371,8 @@ def _safe_load(text: str) -> Any:
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
     """What PyYAML found and where, without the quoted line of the file it appends (which could be any content)."""
+    if isinstance(error, yaml.reader.ReaderError):  # a character YAML does not allow, e.g. NUL or other control codes
+        return f"{error.reason} (character #x{error.character:x} at position {error.position})"
     mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
     problem = getattr(error, "problem", None) or getattr(error, "context", None) or type(error).__name__
     where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -432,7 +434,7 @@ def _load_with_defaults(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, An
         defaults = [defaults]
     if not isinstance(defaults, list) or not all(isinstance(d, str) and d.strip() for d in defaults):
         raise RecipeError(f"{path}: `defaults` must be a list of recipe file names (relative to this file), "
-                          f"got {repr(defaults)[:200]}")
+                          f"got {_short(repr(defaults))}")
     merged: dict[str, Any] = {}
     for base in defaults:
         if "\x00" in base:
