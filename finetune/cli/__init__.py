@@ -232,8 +232,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from finetune.tracking.sources import model_folder
 
     with tempfile.TemporaryDirectory(prefix="finetune-export-") as tmp:
-        report = export_onnx(model_folder(args.model, Path(tmp)), args.target, args.quantize, check=not args.no_check,
-                             source=args.model)
+        # An MLflow model is unpacked into a subfolder: the temporary folder itself is 0700, and the export copies
+        # the unpacked folder's permissions to DST.
+        report = export_onnx(model_folder(args.model, Path(tmp) / "model"), args.target, args.quantize,
+                             check=not args.no_check, source=args.model)
     print(json.dumps(report, indent=2))
     return 0
 

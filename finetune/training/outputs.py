@@ -46,7 +46,9 @@ def read_marker(folder: Path | str) -> dict[str, Any] | None:
 
 
 def _entries(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if p.name != PROBE_FILE] if folder.is_dir() else []
+    """A folder's entries but finetune's probe and a marker a kill left half-written (neither makes it foreign)."""
+    leftovers = (PROBE_FILE, f".{MARKER_FILE}.tmp")
+    return [p for p in folder.iterdir() if p.name not in leftovers] if folder.is_dir() else []
 
 
 def check_output_dir(out: Path | str, overwrite: bool) -> None:
