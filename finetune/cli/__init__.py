@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
     run.add_argument("--resume", action="store_true",
                      help="continue from the newest checkpoint in output_dir/checkpoints, in the same MLflow run")
+    run.add_argument("--overwrite", action="store_true",
+                     help="use an output_dir that holds files finetune did not write (no .finetune-run.json): finetune "
+                          "adopts it, replacing its best/ and checkpoints/step-N and leaving everything else alone")
 
     validate = sub.add_parser(
         "validate", help="check a recipe, its checkpoint and its data without training",
@@ -101,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     ui.add_argument("--port", type=int, default=5000)
 
+    runs = sub.add_parser("runs", help="list the output folders under runs/: size, state and MLflow run")
+    runs.add_argument("root", nargs="?", default="runs", help="the folder holding output folders (default runs)")
+    runs.add_argument("--format", choices=["table", "json"], default="table")
+
+    clean = sub.add_parser("clean", help="delete what finetune wrote in output folders (nothing else)")
+    clean.add_argument("paths", nargs="+", metavar="PATH",
+                       help="output folders (runs/NAME), or a folder holding them (runs)")
+    clean.add_argument("--resume-checkpoints", action="store_true",
+                       help="delete only the resume checkpoints (checkpoints/step-N, superseded), keeping best/")
+    clean.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
+
     sub.add_parser("fields", help="list every recipe key with its type, default and meaning")
     return parser
 
@@ -115,7 +129,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(_fields_epilog())
             return 0
         if args.command == "run":
-            return cmd_run(args.recipe, args.overrides, args.resume)
+            return cmd_run(args.recipe, args.overrides, args.resume, args.overwrite)
+        if args.command == "runs":
+            from finetune.cli.runs import cmd_runs
+
+            return cmd_runs(args.root, args.format)
+        if args.command == "clean":
+            from finetune.cli.runs import cmd_clean
+
+            return cmd_clean(args.paths, args.resume_checkpoints, args.dry_run)
         if args.command == "compare":
             return cmd_compare(args.experiment, args.metric, args.format)
         if args.command == "promote":
@@ -145,12 +167,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
-def cmd_run(path: str, overrides: list[str], resume: bool = False) -> int:
+def cmd_run(path: str, overrides: list[str], resume: bool = False, overwrite: bool = False) -> int:
     recipe = load_recipe(path, overrides)
     print(f"# resolved recipe ({path})\n{recipe_to_yaml(recipe)}")
     from finetune.training import train
 
-    result = train.main(recipe, resume_run=resume)
+    result = train.main(recipe, resume_run=resume, overwrite=overwrite)
     return 3 if result.tracking_problem else 0  # trained, but the MLflow record is incomplete
 
 
@@ -195,8 +217,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from finetune.tracking.sources import model_folder
 
     with tempfile.TemporaryDirectory(prefix="finetune-export-") as tmp:
-        report = export_onnx(model_folder(args.model, Path(tmp)), args.target, args.quantize, check=not args.no_check,
-                             source=args.model)
+        # An MLflow model is unpacked into a subfolder: the temporary folder itself is 0700, and the export copies
+        # the unpacked folder's permissions to DST.
+        report = export_onnx(model_folder(args.model, Path(tmp) / "model"), args.target, args.quantize,
+                             check=not args.no_check, source=args.model)
     print(json.dumps(report, indent=2))
     return 0
 

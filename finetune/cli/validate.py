@@ -11,10 +11,12 @@ from typing import Any
 from finetune.config.recipe import Recipe, load_recipe
 from finetune.data.features import length_stats
 from finetune.data.loading import load_splits
-from finetune.errors import CheckpointError, DataError
+from finetune.errors import CheckpointError, DataError, RecipeError
 from finetune.models import pretrained
 from finetune.models.modeling import load_tokenizer
 from finetune.tasks import get_task
+from finetune.training.outputs import check_output_dir
+from finetune.training.preflight import choose_mixed_precision
 
 
 def _check_checkpoint(recipe: Recipe, problems: list[str]) -> Any:
@@ -40,6 +42,13 @@ def validate(path: str, overrides: list[str]) -> int:
     print(f"recipe: {path} (name {recipe.name}, task {task.name}"
           f"{', sentence pairs' if recipe.data.text_pair_column else ''}, metric {recipe.task.metric_for_best})")
     problems: list[str] = []
+    # What `finetune run` refuses before it loads anything, so that validate and run agree.
+    for check in (lambda: choose_mixed_precision(recipe.training.mixed_precision),
+                  lambda: check_output_dir(recipe.output_dir, overwrite=False)):
+        try:
+            check()
+        except RecipeError as e:
+            problems.append(str(e))
     tokenizer = _check_checkpoint(recipe, problems)
     try:
         label_names, train, evaluation, test = load_splits(recipe, task)

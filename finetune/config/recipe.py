@@ -26,7 +26,17 @@ __all__ = ["Recipe", "RecipeError", "ModelSection", "DataSection", "TaskSection"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+    # Infinity and NaN are never a setting: `num_epochs: .inf` would pass and then crash the run.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True, allow_inf_nan=False)
+
+
+# Upper bounds of the numeric fields, so that every value `validate` accepts, `run` can use.
+MAX_TOKENS = 16384
+"""The longest model.max_length; no token count or length in the recipe may exceed it."""
+MAX_COUNT = 2**31 - 1
+"""Counts of steps, examples and evaluations: at most what a 32-bit index holds (torch, numpy, C loops)."""
+MAX_SEED = 2**32 - 1
+"""numpy (which Accelerate's set_seed seeds) takes seeds 0 to 2**32 - 1."""
 
 
 class ModelSection(_Section):
@@ -34,20 +44,29 @@ class ModelSection(_Section):
     """Pretrained checkpoint: a Hugging Face hub id (e.g. bert-base-uncased) or a local directory saved with save_pretrained."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the checkpoint; ignored for local directories."""
-    max_length: int = Field(128, ge=8, le=16384)
+    max_length: int = Field(128, ge=8, le=MAX_TOKENS)
     """Longest input in tokens; longer inputs are truncated (validate reports how many)."""
     attention_type: Literal["block_sparse", "original_full"] | None = None
     """BigBird only, and required there: block_sparse or original_full attention. Never switched silently."""
-    block_size: int | None = Field(None, ge=1)
+    block_size: int | None = Field(None, ge=1, le=MAX_TOKENS)
     """BigBird only: block size of sparse attention (default: the checkpoint's). Inputs are padded to a multiple of it."""
-    num_random_blocks: int | None = Field(None, ge=0)
+    num_random_blocks: int | None = Field(None, ge=0, le=MAX_TOKENS)
     """BigBird only: random blocks each query block attends to (default: the checkpoint's)."""
-    sparse_attention_min_length: int | None = Field(None, ge=1)
+    sparse_attention_min_length: int | None = Field(None, ge=1, le=MAX_TOKENS)
     """BigBird block_sparse only: a batch runs block-sparse attention when its padded length is at least this many tokens, full attention otherwise (chosen per batch, restored after it; the same rule in training, evaluation and serving). Default: (6 + 2 x num_random_blocks) x block_size, the shortest padded length above the (5 + 2 x num_random_blocks) x block_size tokens transformers needs for block-sparse; less than that is refused."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub checkpoint. Off unless you trust its author."""
     allow_pickle: bool = False
     """Accept checkpoints whose weights exist only as pickle files (pytorch_model.bin); unpickling can run code."""
+
+    @model_validator(mode="after")
+    def _block_fits(self) -> "ModelSection":
+        # Inputs are padded to a multiple of block_size (with either attention type): a block longer than the
+        # longest input would pad every batch to it.
+        if self.block_size is not None and self.block_size > self.max_length:
+            raise ValueError(f"model.block_size: {self.block_size} is longer than model.max_length {self.max_length}; "
+                             f"allowed: 1 to {self.max_length}")
+        return self
 
     @model_validator(mode="after")
     def _sparse_rule_possible(self) -> "ModelSection":
@@ -113,9 +132,9 @@ class DataSection(_Section):
     """Optional split scored once with the best model at the end."""
     validation_size: float = Field(0.1, gt=0, lt=1)
     """Share of train carved off for evaluation when the data has no `eval_split`."""
-    max_train_samples: int | None = Field(None, ge=1)
+    max_train_samples: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Use only the first N training examples (after shuffling with the seed), for quick runs."""
-    max_eval_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Evaluate on only the first N examples of the evaluation split."""
 
     @model_validator(mode="after")
@@ -163,48 +182,50 @@ class TaskSection(TaskSettings):
 
 
 class TrainingSection(_Section):
-    seed: int = 42
-    """Seed for data order, weight init of the head, dropout and the carved validation split."""
-    num_epochs: float = Field(3, gt=0)
+    seed: int = Field(42, ge=0, le=MAX_SEED)
+    """Seed for data order, weight init of the head, dropout and the carved validation split (0 to 2**32 - 1)."""
+    num_epochs: float = Field(3, gt=0, le=1_000_000)
     """Passes over the training data (fractions allowed); `max_steps` wins when set."""
-    max_steps: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Stop after this many optimizer steps."""
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, le=MAX_COUNT)
     """Training examples per device per forward pass."""
-    eval_batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(64, ge=1, le=MAX_COUNT)
     """Evaluation examples per device per forward pass."""
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_COUNT)
     """Forward passes per optimizer step; the effective batch is batch_size x this x processes."""
     learning_rate: float = Field(5e-5, gt=0, lt=1)
     """Peak learning rate of AdamW."""
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = Field(0.01, ge=0, le=10)
     """AdamW weight decay; never applied to biases and LayerNorm weights."""
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     """Learning-rate schedule after warmup."""
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     """Share of the optimizer steps spent warming up linearly from zero (ignored when warmup_steps is set)."""
-    warmup_steps: int | None = Field(None, ge=0)
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_COUNT)
     """Warmup length in optimizer steps."""
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, le=1e6)
     """Clip the global gradient norm to this (null: no clipping)."""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """auto: bf16 on GPUs that support it, else fp16 on GPU; on a CPU, bf16 for the training forward pass when the CPU computes bf16 natively (AVX512-BF16 or AMX), else fp32. Evaluation on a CPU always runs in fp32, as serving does. fp16 needs a GPU. Block-sparse BigBird always trains in fp32 (transformers' block-sparse attention fails under autocast)."""
     eval_strategy: Literal["epoch", "steps"] = "epoch"
     """Evaluate after every epoch, or every `eval_steps` optimizer steps."""
-    eval_steps: int | None = Field(None, ge=1)
+    eval_steps: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Optimizer steps between evaluations when eval_strategy is steps."""
-    logging_steps: int = Field(10, ge=1)
+    logging_steps: int = Field(10, ge=1, le=MAX_COUNT)
     """Optimizer steps between logged train loss, learning rate and throughput."""
-    early_stopping_patience: int | None = Field(None, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Stop after this many evaluations without improvement of task.metric_for_best (null: never)."""
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=256)
     """DataLoader worker processes (0: batches are built in the training process)."""
     group_by_length: bool = True
     """Batch examples of similar length together so dynamic padding pads little: the data is shuffled, cut into mega-batches of 50 batches, each sorted by length and cut into batches, and the batches are shuffled. False: plain random batches."""
     compile: bool = False
     """torch.compile the model (TorchInductor). Off by default: on 2 CPU cores its compile time did not pay back over a run (BENCHMARKS.md); worth measuring on a GPU. Not with BigBird block-sparse attention."""
-    save_total_limit: int = Field(2, ge=1)
+    save_total_limit: int = Field(2, ge=1, le=1000)
     """Training-state checkpoints (for resuming) kept in output_dir/checkpoints; one is written at every evaluation."""
+    keep_checkpoints: bool = False
+    """Keep the training-state checkpoints when the run finishes. A finished run is never resumed, so by default they are deleted (each holds the weights and AdamW's two moments, about 3x the model) and only best/ stays; keep them to continue training later with --resume and a larger max_steps."""
 
     @model_validator(mode="after")
     def _eval_steps_given(self) -> "TrainingSection":
@@ -279,6 +300,88 @@ class Recipe(_Section):
 
 MAX_RECIPE_BYTES = 1_000_000
 """A recipe file, or a file it names in `defaults`, larger than this is refused unread."""
+MAX_RECIPE_NODES = 100_000
+"""YAML nodes (mappings, lists, scalars) a recipe may hold once its aliases are expanded; recipes hold hundreds."""
+MAX_RECIPE_DEPTH = 64
+"""Levels of nesting a recipe may have (its sections nest three or four deep)."""
+
+
+class _RefusedYaml(ValueError):
+    """A YAML document too large once expanded, too deep, or referring to itself."""
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a composed document whose aliases expand to more than MAX_RECIPE_NODES nodes, or that nests too deep.
+
+    An alias is the node its anchor names, shared: nine aliases of a list of nine aliases ... compose quickly but
+    expand to 9**9 nodes in everything that walks the data afterwards (validation, merging, error messages).
+    Sizes are counted over the shared nodes with memoisation, so counting costs as much as composing, and
+    iteratively, so a deep document cannot exhaust Python's stack here.
+    """
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool, int]] = [(root, False, 1)]
+    while stack:
+        node, children_done, depth = stack.pop()
+        key = id(node)
+        if children_done:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
+            if sizes[key] > MAX_RECIPE_NODES:
+                raise _RefusedYaml(f"it expands to more than {MAX_RECIPE_NODES} YAML nodes (its aliases repeat "
+                                   f"parts of it); a recipe holds a few hundred")
+            continue
+        if key in sizes:
+            continue
+        if depth > MAX_RECIPE_DEPTH:
+            raise _RefusedYaml(f"it nests deeper than {MAX_RECIPE_DEPTH} levels")
+        on_path.add(key)
+        stack.append((node, True, depth))
+        for child in _children(node):
+            if id(child) in on_path:
+                raise _RefusedYaml(f"an alias at line {child.start_mark.line + 1} refers to a node that contains it")
+            if id(child) not in sizes:
+                stack.append((child, False, depth + 1))
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (data only, never objects) that checks a document's expanded size before constructing it."""
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        _check_expansion(node)
+        return node
+
+
+def _safe_load(text: str) -> Any:
+    """yaml.safe_load, bounded: raises _RefusedYaml (see `_check_expansion`) or yaml.YAMLError."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: data only, never objects
+    except RecursionError:  # PyYAML composes recursively: a document nested thousands deep
+        raise _RefusedYaml(f"it nests deeper than {MAX_RECIPE_DEPTH} levels") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What PyYAML found and where, without the quoted line of the file it appends (which could be any content)."""
+    if isinstance(error, yaml.reader.ReaderError):  # a character YAML does not allow, e.g. NUL or other control codes
+        return f"{error.reason} (character #x{error.character:x} at position {error.position})"
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or getattr(error, "context", None) or type(error).__name__
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{_short(str(problem), 120)}{where}"
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """Text cut to `limit` characters, so no message repeats a long value in full."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -297,9 +400,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise RecipeError(f"cannot read recipe file {path}: {type(e).__name__}") from None
     try:
-        data = yaml.safe_load(text)
+        data = _safe_load(text)
+    except _RefusedYaml as e:
+        raise RecipeError(f"{path} is refused: {e}") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path} is not valid YAML: {e}") from None
+        raise RecipeError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -329,7 +434,7 @@ def _load_with_defaults(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, An
         defaults = [defaults]
     if not isinstance(defaults, list) or not all(isinstance(d, str) and d.strip() for d in defaults):
         raise RecipeError(f"{path}: `defaults` must be a list of recipe file names (relative to this file), "
-                          f"got {repr(defaults)[:200]}")
+                          f"got {_short(repr(defaults))}")
     merged: dict[str, Any] = {}
     for base in defaults:
         if "\x00" in base:
@@ -396,9 +501,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     except (ValidationError, TypeError, AttributeError):
         try:
             # lists and mappings (e.g. data.label_names=[neg,pos]) are written as YAML/JSON
-            value = TypeAdapter(annotation).validate_python(yaml.safe_load(raw))
-        except (ValidationError, yaml.YAMLError) as e:
-            raise RecipeError(f"override {key}={raw!r}: {_first_message(e)}") from None
+            value = TypeAdapter(annotation).validate_python(_safe_load(raw))
+        except (ValidationError, yaml.YAMLError, _RefusedYaml) as e:
+            raise RecipeError(f"override {_short(key)}={_short(raw)!r}: {_first_message(e)}") from None
     if isinstance(value, BaseModel):
         value = value.model_dump()
     return key.split("."), value
@@ -406,8 +511,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def _first_message(error: Exception) -> str:
     if isinstance(error, ValidationError):
-        return error.errors()[0]["msg"]
-    return str(error)
+        return _short(error.errors()[0]["msg"], 300)
+    if isinstance(error, yaml.YAMLError):
+        return f"not valid YAML: {_yaml_problem(error)}"
+    return _short(str(error), 300)
 
 
 def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
@@ -423,7 +530,7 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     """A message a person can act on: one line per problem, naming field, value and what is allowed."""
     lines = [f"{source}: the recipe is not valid:"]
     for err in error.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(recipe)"
+        loc = _short(".".join(str(p) for p in err["loc"]), 120) or "(recipe)"
         if err["type"] == "extra_forbidden":
             parent_model = _section_model(err["loc"][:-1])
             allowed = list(parent_model.model_fields) if parent_model else []
@@ -431,9 +538,10 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
             lines.append(f"  - {loc}: unknown key{suggestion}; allowed here: {', '.join(allowed)}")
             continue
-        msg = err["msg"].removeprefix("Value error, ")
+        msg = _short(err["msg"].removeprefix("Value error, "), 400)
         value = err.get("input")
-        shown = "" if isinstance(value, dict) or err["type"] == "missing" else f" (got {json.dumps(value, default=str)})"
+        shown = "" if isinstance(value, dict) or err["type"] == "missing" else \
+            f" (got {_short(json.dumps(value, default=str))})"
         lines.append(f"  - {loc}: {msg}{shown}")
     return "\n".join(lines)
 

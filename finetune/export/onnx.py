@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.errors import ExportError
+from finetune.errors import CheckpointError, ExportError
 from finetune.models.bigbird import is_block_sparse
-from finetune.models.modeling import ModelInfo, load_tokenizer, read_model_info
+from finetune.models.checksums import read_manifest, write_manifest
+from finetune.models.integrity import check_model_folder
+from finetune.models.modeling import MANIFEST_FILE, ModelInfo
 from finetune.models.predictor import Predictor
 
 ONNX_FILE = "model.onnx"
@@ -38,7 +40,11 @@ class OnnxPredictor(Predictor):
         # ONNX Runtime's worker threads spin while idle by default; in a server they would take CPU from the
         # event loop that parses and answers requests between batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own exception types: named with the file, not a traceback
+            raise CheckpointError(f"{onnx_path}: ONNX Runtime cannot load it ({type(e).__name__}: {str(e)[:200]}); "
+                                  "make the export again with finetune export") from None
         self.onnx_file = onnx_path.name
         self.input_names = [i.name for i in self.session.get_inputs()]
         # Predictor's own set-up, so the two backends never drift apart; the collator and the BigBird
@@ -53,7 +59,8 @@ class OnnxPredictor(Predictor):
         onnx_path = path / (INT8_FILE if int8 else ONNX_FILE)
         if not onnx_path.is_file():
             raise ExportError(f"{path} has no {onnx_path.name}; make it with finetune export --format onnx")
-        return cls(onnx_path, load_tokenizer(path), read_model_info(path), AutoConfig.from_pretrained(path), **kwargs)
+        checked = check_model_folder(path)  # the ONNX files too, once the export has recorded their checksums
+        return cls(onnx_path, checked.tokenizer, checked.info, AutoConfig.from_pretrained(path), **kwargs)
 
     @property
     def runtime(self) -> str:
@@ -122,8 +129,20 @@ def export_onnx(model_dir: str | Path, target: str | Path, quantize: str | None 
     report: dict[str, Any] = {"source": source or str(model_dir), "onnx": ONNX_FILE, "int8": INT8_FILE if quantize else None}
     if check:
         report.update(_parity(model_dir, target, predictor, quantize == "int8"))
+    _record_onnx_checksums(target)
     (target / "export_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _record_onnx_checksums(target: Path) -> None:
+    """Add the ONNX files to the copied model folder's checksums, so serving the export verifies them too
+    (a folder saved before checksums existed stays unverified)."""
+    listed = read_manifest(target, MANIFEST_FILE)
+    if listed is None:
+        return
+    files = [rel for rel in listed if rel not in (ONNX_FILE, INT8_FILE)]
+    files += [name for name in (ONNX_FILE, INT8_FILE) if (target / name).is_file()]
+    write_manifest(target, files, MANIFEST_FILE)
 
 
 def _parity(model_dir: Path, target: Path, reference: Predictor, int8: bool) -> dict[str, Any]:

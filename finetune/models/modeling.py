@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,13 @@ from transformers import AutoTokenizer
 from finetune.config.recipe import ModelSection
 from finetune.errors import CheckpointError
 from finetune.models.bigbird import RULE_ATTRIBUTE, is_block_sparse, sparse_min_length
+from finetune.models.checksums import fsync_path, fsync_tree, write_manifest
 from finetune.models.pretrained import ResolvedCheckpoint, check_weights_format
 from finetune.tasks import Task, TaskSettings
 
 METADATA_FILE = "finetune.json"
+MANIFEST_FILE = "checksums.json"
+"""Sizes and SHA-256 of the weights, config and tokenizer files, recorded when the folder is saved."""
 
 
 @dataclass
@@ -111,32 +113,75 @@ def make_collator(tokenizer: Any, model_config: Any, task: Task) -> Any:
 
 
 def save_model_dir(target: Path, model: Any, tokenizer: Any, info: ModelInfo, recipe_yaml: str) -> Path:
-    """Save a complete, loadable model folder; written beside the target then renamed into place.
+    """Save a complete, loadable model folder; written beside the target, synced to disk, then renamed into place.
 
-    The rename means a crash mid-save leaves the previous best model intact instead of half a new one.
+    The folder records the checksums of its weights, config and tokenizer files (`MANIFEST_FILE`), which every
+    loader compares (`finetune.models.integrity`). The rename means a crash mid-save leaves the previous best model
+    intact instead of half a new one; `recover_model_dir` finishes or undoes a save a crash interrupted.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    tmp, aside = staging_dirs(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()  # not mkdtemp: a model folder gets the user's usual permissions (umask), not 0700
     if is_block_sparse(model.config):
         info = replace(info, sparse_attention_min_length=sparse_min_length(model.config))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    write_manifest(tmp, [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()], MANIFEST_FILE)
     (tmp / METADATA_FILE).write_text(json.dumps(asdict(info), indent=2))
     (tmp / "recipe.yaml").write_text(recipe_yaml)
-    old = target.with_name(f".{target.name}-old")
+    fsync_tree(tmp)
     if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(target, aside)
     os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_path(target.parent)
+    shutil.rmtree(aside, ignore_errors=True)
     return target
 
 
+def staging_dirs(target: Path) -> tuple[Path, Path]:
+    """Where `save_model_dir` writes a new folder, and where it moves the old one aside during the swap."""
+    return target.with_name(f".{target.name}-new"), target.with_name(f".{target.name}-old")
+
+
+def recover_model_dir(target: Path) -> list[str]:
+    """Finish or undo a `save_model_dir` a crash interrupted; returns what was done, for people.
+
+    Killed between its two renames, a save leaves no `target` and the previous folder aside: that one is moved
+    back, since the training-state checkpoint a run resumes from was written after the previous best model and
+    before the new one (a resumed run evaluates that step again and saves the new one again). Half-written
+    folders (`.NAME-new`, and the `.NAME-xxxxxxxx` folders of earlier versions) are removed.
+    """
+    target = Path(target)
+    tmp, aside = staging_dirs(target)
+    done = []
+    if aside.is_dir():
+        if target.exists():
+            shutil.rmtree(aside)
+        else:
+            os.replace(aside, target)
+            fsync_path(target.parent)
+            done.append(f"restored {target} from {aside.name} (a save was interrupted between its two renames)")
+    if target.parent.is_dir():
+        for leftover in sorted(target.parent.glob(f".{target.name}-*")):
+            if leftover.is_dir() and leftover != aside:
+                shutil.rmtree(leftover)
+                done.append(f"removed {leftover}, a {target.name} folder whose save was interrupted")
+    return done
+
+
 def read_model_info(path: Path | str) -> ModelInfo:
+    """The ModelInfo of a model folder, or a CheckpointError naming finetune.json and what is wrong with it."""
     meta = Path(path) / METADATA_FILE
     if not meta.is_file():
         raise CheckpointError(f"{path} is not a finetune model folder (no {METADATA_FILE})")
-    return ModelInfo.from_dict(json.loads(meta.read_text()))
-
-
+    try:
+        values = json.loads(meta.read_text(encoding="utf-8"))
+        if not isinstance(values, dict):
+            raise ValueError(f"a JSON object is expected, not {type(values).__name__}")
+        return ModelInfo.from_dict(values)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{meta} is unreadable ({type(e).__name__}: {str(e)[:200]}); the model folder is "
+                              "damaged: save or download it again") from None

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from finetune.models.bigbird import RULE_ATTRIBUTE, attention_for_batch, is_bigbird, is_block_sparse, plan_batches, sparse_min_length
-from finetune.models.modeling import ModelInfo, load_tokenizer, make_collator, model_class, read_model_info
+from finetune.models.integrity import check_model_folder, load_weights
+from finetune.models.modeling import ModelInfo, make_collator
 from finetune.tasks import Encoded, PostprocessOptions, get_task
 
 
@@ -35,11 +36,9 @@ class Predictor:
 
     @classmethod
     def from_dir(cls, path: Path | str, tokenizer_path: Path | str | None = None, **kwargs: Any) -> "Predictor":
-        """Load a model folder written by `save_model_dir` (safetensors only)."""
-        info = read_model_info(path)
-        model = model_class(get_task(info.task)).from_pretrained(path, use_safetensors=True)
-        tokenizer = load_tokenizer(tokenizer_path or path)
-        return cls(model, tokenizer, info, **kwargs)
+        """Load a model folder written by `save_model_dir` (safetensors only), once `check_model_folder` passes."""
+        checked = check_model_folder(path, tokenizer_dir=tokenizer_path)
+        return cls(load_weights(checked), checked.tokenizer, checked.info, **kwargs)
 
     @property
     def runtime(self) -> str:

@@ -16,21 +16,22 @@ class TaskSettings(BaseModel):
     """The settings every task definition reads (fields a task does not use are ignored by it)."""
 
     # Models saved by a later version may carry knobs this one does not know: they are ignored, not refused.
-    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True, validate_default=True, frozen=True)
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True, validate_default=True, frozen=True,
+                              allow_inf_nan=False)
 
     threshold: float = Field(0.5, gt=0, lt=1)
     """Multi-label: sigmoid score at or above which a label is predicted."""
     label_all_tokens: bool = False
     """token_classification: train on every word piece of a word (B- becomes I- after the first) instead of only the first; evaluation always scores one tag per word."""
-    doc_stride: int = Field(128, ge=1)
+    doc_stride: int = Field(128, ge=1, le=16384)
     """question_answering: tokens shared by consecutive windows of a context longer than model.max_length."""
-    max_answer_length: int = Field(30, ge=1)
+    max_answer_length: int = Field(30, ge=1, le=16384)
     """question_answering: longest answer, in tokens, that post-processing will pick."""
-    n_best_size: int = Field(20, ge=1)
+    n_best_size: int = Field(20, ge=1, le=1000)
     """question_answering: best start and end tokens per window combined into candidate answers."""
     long_inputs: Literal["truncate", "chunk"] = "truncate"
     """classification, multi_label, regression: texts longer than model.max_length are truncated, or cut into overlapping windows (chunk) that are trained on with the text's label and whose logits are pooled into one prediction per text in evaluation and serving."""
-    chunk_stride: int = Field(64, ge=0)
+    chunk_stride: int = Field(64, ge=0, le=16384)
     """long_inputs chunk: tokens shared by consecutive windows."""
     chunk_pooling: Literal["mean", "max"] = "mean"
     """long_inputs chunk: how the windows' logits become the text's: their mean, or their element-wise max."""

@@ -12,7 +12,6 @@ finetune.json with the installed finetune, and refuses a model finetune did not 
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,9 +20,11 @@ from typing import Any
 import mlflow
 
 from finetune.errors import ModelSourceError
-from finetune.models.modeling import METADATA_FILE, ModelInfo, load_tokenizer, model_class
+from finetune.models.checksums import write_manifest
+from finetune.models.integrity import check_model_folder, load_weights
+from finetune.models.modeling import MANIFEST_FILE, METADATA_FILE
 from finetune.models.predictor import Predictor
-from finetune.tasks import PostprocessOptions, get_task
+from finetune.tasks import PostprocessOptions
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 LOADER_MODULE = "finetune.tracking.mlflow_model"
@@ -81,14 +82,28 @@ def _load_pyfunc(data_path: str) -> FinetunePyfunc:
     return FinetunePyfunc(predictor_from_data(Path(data_path)))
 
 
-def predictor_from_data(root: Path) -> Predictor:
-    """The Predictor of a logged model's data folder (model/, components/tokenizer/, finetune.json)."""
-    for needed in (METADATA_FILE, "model/config.json", "components/tokenizer"):
+WEIGHTS_DIR, TOKENIZER_DIR = "model", "components/tokenizer"  # the transformers flavour's layout
+
+
+def _check_data(root: Path):
+    """`check_model_folder` on a logged model's data folder (model/, components/tokenizer/, finetune.json)."""
+    for needed in (METADATA_FILE, f"{WEIGHTS_DIR}/config.json", TOKENIZER_DIR):
         if not (root / needed).exists():
             raise ModelSourceError(f"{root} is not a model logged by finetune: it has no {needed}")
-    info = ModelInfo.from_dict(json.loads((root / METADATA_FILE).read_text()))
-    model = model_class(get_task(info.task)).from_pretrained(root / "model", use_safetensors=True)
-    return Predictor(model, load_tokenizer(root / "components" / "tokenizer"), info)
+    return check_model_folder(root, root / WEIGHTS_DIR, root / TOKENIZER_DIR)
+
+
+def predictor_from_data(root: Path) -> Predictor:
+    """The Predictor of a logged model's data folder, once `check_model_folder` passes."""
+    checked = _check_data(root)
+    return Predictor(load_weights(checked), checked.tokenizer, checked.info)
+
+
+def _record_checksums(root: Path) -> None:
+    """checksums.json of a data folder MLflow has written (it saves the weights and tokenizer again itself)."""
+    files = [p.relative_to(root).as_posix() for sub in (WEIGHTS_DIR, TOKENIZER_DIR)
+             for p in (root / sub).rglob("*") if p.is_file()]
+    write_manifest(root, files, MANIFEST_FILE)
 
 
 def data_folder(mlflow_dir: Path) -> Path:
@@ -121,9 +136,12 @@ def unpack_model_folder(mlflow_dir: Path, target: Path, recipe_yaml: str | None)
     `recipe_yaml` (the run's recipe.yaml) is written beside them when given.
     """
     root = data_folder(mlflow_dir)
+    _check_data(root)  # the copy gets checksums of its own, so the original is verified first
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(root / "model", target, dirs_exist_ok=True)
-    shutil.copytree(root / "components" / "tokenizer", target, dirs_exist_ok=True)
+    shutil.copytree(root / WEIGHTS_DIR, target, dirs_exist_ok=True)
+    shutil.copytree(root / TOKENIZER_DIR, target, dirs_exist_ok=True)
+    (target / MANIFEST_FILE).unlink(missing_ok=True)
+    write_manifest(target, [p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()], MANIFEST_FILE)
     shutil.copy(root / METADATA_FILE, target / METADATA_FILE)
     if recipe_yaml is not None:
         (target / "recipe.yaml").write_text(recipe_yaml)
@@ -164,6 +182,7 @@ def build_mlflow_model(model_dir: Path, target: Path) -> None:
     mlmodel = Model.load(str(target / "MLmodel"))
     python_function = mlmodel.flavors.pop("python_function")
     shutil.copy(model_dir / METADATA_FILE, target / METADATA_FILE)
+    _record_checksums(target)
     shutil.copytree(PACKAGE_DIR, target / "code" / "finetune", ignore=shutil.ignore_patterns("__pycache__"))
     add_to_model(
         mlmodel,
@@ -190,6 +209,7 @@ def _save_pyfunc_only(predictor: Predictor, model_dir: Path, target: Path) -> No
         predictor.model.save_pretrained(staged / "model", safe_serialization=True)
         predictor.tokenizer.save_pretrained(staged / "components" / "tokenizer")
         shutil.copy(model_dir / METADATA_FILE, staged / METADATA_FILE)
+        _record_checksums(staged)
         mlflow.pyfunc.save_model(
             str(target), loader_module=LOADER_MODULE, data_path=str(staged), code_paths=[str(PACKAGE_DIR)],
             pip_requirements=_pip_requirements(),

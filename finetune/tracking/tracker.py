@@ -24,6 +24,8 @@ from finetune.tracking.mlflow_model import build_mlflow_model
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+UNSENT_METRICS_FILE = "mlflow_unsent_metrics.jsonl"
+"""Written to output_dir when metrics could not reach MLflow during a run."""
 
 
 def tracking_uri(recipe: Recipe | None = None) -> str:
@@ -184,7 +186,7 @@ class Tracker:
         lines = [f"MLflow at {tracking_uri(self.recipe)} failed during this run ({len(self.failures)} failed call(s); "
                  f"first: {self.failures[0]})."]
         if self.unsent:
-            path = Path(output_dir) / "mlflow_unsent_metrics.jsonl"
+            path = Path(output_dir) / UNSENT_METRICS_FILE
             with open(path, "w") as f:
                 for m in self.unsent:
                     f.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")

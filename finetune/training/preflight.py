@@ -11,6 +11,7 @@ from finetune.config.recipe import Recipe
 from finetune.errors import RecipeError
 from finetune.models import pretrained
 from finetune.tasks import Task, get_task
+from finetune.training.outputs import check_output_dir
 
 
 def cpu_computes_bf16() -> bool:
@@ -37,8 +38,9 @@ def choose_mixed_precision(requested: str) -> str:
     return requested
 
 
-def preflight(recipe: Recipe) -> tuple[Task, pretrained.ResolvedCheckpoint]:
-    """Everything checkable before loading data: task, checkpoint, model settings, a writable output folder."""
+def preflight(recipe: Recipe, overwrite: bool = False) -> tuple[Task, pretrained.ResolvedCheckpoint]:
+    """Everything checkable before loading data: task, checkpoint, model settings, a writable output folder that
+    is new, empty or finetune's own (`overwrite`: any folder, see `finetune.training.outputs`)."""
     task = get_task(recipe.task.type)
     resolved = pretrained.resolve_checkpoint(recipe.model.checkpoint, recipe.model.revision, recipe.model.allow_pickle)
     config = pretrained.load_config(resolved, recipe.model.trust_remote_code)
@@ -49,6 +51,10 @@ def preflight(recipe: Recipe) -> tuple[Task, pretrained.ResolvedCheckpoint]:
     out = Path(recipe.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RecipeError(f"output_dir: cannot write to {out.resolve()}: {e.strerror}") from None
+    check_output_dir(out, overwrite)  # before the probe: nothing is written into a folder finetune did not make
+    try:
         probe = out / ".write-test"
         probe.write_text("ok")
         probe.unlink()

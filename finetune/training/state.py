@@ -4,8 +4,12 @@ A checkpoint is a folder `output_dir/checkpoints/step-<N>/` holding the model we
 and scheduler state (and the fp16 gradient scaler's, on GPUs), every process's random-number states, the loop counters and the MLflow run id.
 Written by hand rather than with `accelerator.save_state` because that pickles the optimizer and RNG
 states, and loading a pickle can run code: here tensors go to safetensors and the rest to JSON, so
-resuming never unpickles anything. Each checkpoint is written to a temporary folder and renamed into
-place, and only the newest `keep` are kept, so a crash mid-write never destroys the last good one.
+resuming never unpickles anything. Each checkpoint is written to a temporary folder, its `manifest.json`
+(sizes and SHA-256 of every file) last, synced to disk and renamed into place, and only the newest `keep`
+are kept, so a crash mid-write never destroys the last good one. Before a checkpoint is resumed it is
+compared with its manifest; a damaged one is named and removed and the next older one is tried.
+Only `step-N` folders are ever deleted here; checkpoints a run will not continue are moved aside to
+`checkpoints/superseded/`, never dropped silently.
 """
 
 from __future__ import annotations
@@ -16,53 +20,154 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from finetune.errors import CheckpointError
+from finetune.models.checksums import fsync_path, manifest_problem, write_manifest
+
 STATE_FILE = "trainer_state.json"
 FINISHED_FILE = "FINISHED"
+MANIFEST_FILE = "manifest.json"
+SUPERSEDED_DIR = "superseded"
+REQUIRED_FILES = (STATE_FILE, "model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_TMP_DIR = re.compile(r"^\.step-(\d+)\.tmp$")
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def step_dirs(output_dir: str | Path) -> list[Path]:
+    """The `step-N` checkpoint folders of output_dir, oldest first."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """Every resume checkpoint finetune wrote under output_dir: step-N, interrupted saves, and those set aside."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = step_dirs(output_dir) + sorted(p for p in root.iterdir() if _TMP_DIR.match(p.name) and p.is_dir())
+    superseded = root / SUPERSEDED_DIR
+    if superseded.is_dir():
+        for run in sorted(p for p in superseded.iterdir() if p.is_dir()):
+            found += sorted(p for p in run.iterdir() if _STEP_DIR.match(p.name) and p.is_dir())
+    return found
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
-    found = []
-    root = checkpoints_dir(output_dir)
-    if root.is_dir():
-        for child in root.iterdir():
-            match = _STEP_DIR.match(child.name)
-            if match and (child / STATE_FILE).is_file():
-                found.append((int(match.group(1)), child))
-    return max(found)[1] if found else None
-
-
-def find_resumable(output_dir: str | Path, recipe_hash: str, force: bool) -> Path | None:
-    """The checkpoint to continue from: the newest one of an unfinished run of the same recipe
-    (or of any recipe with `force`, i.e. --resume). Checkpoints that will not be resumed are removed,
-    so a new run never mixes its checkpoints with an older run's."""
-    latest = latest_checkpoint(output_dir)
-    root = checkpoints_dir(output_dir)
-    if latest is not None and not (root / FINISHED_FILE).exists():
-        saved = json.loads((latest / STATE_FILE).read_text()).get("recipe_hash")
-        if force or saved == recipe_hash:
-            return latest
-    if root.exists():
-        shutil.rmtree(root)
+    """The newest checkpoint that was written to the end (it has its manifest, or the state file earlier
+    versions wrote last), or None; `find_resumable` also compares its files with the manifest."""
+    for path in reversed(step_dirs(output_dir)):
+        if (path / MANIFEST_FILE).is_file() or (path / STATE_FILE).is_file():
+            return path
     return None
 
 
-def mark_finished(output_dir: str | Path) -> None:
-    """Record that the run finished, so running the recipe again starts a new run instead of resuming."""
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint folder (a missing, truncated or altered file), or None when it is intact."""
+    if (path / MANIFEST_FILE).is_file():
+        return manifest_problem(path, MANIFEST_FILE, REQUIRED_FILES)
+    # Written by a version without manifests: every file must at least be there and readable.
+    for name in REQUIRED_FILES:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    for name in sorted(p.name for p in path.iterdir()):
+        try:
+            if name.endswith(".json"):
+                json.loads((path / name).read_text())
+            elif name.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(str(path / name), "pt") as f:
+                    f.keys()
+        except Exception as e:  # JSON, Unicode and safetensors errors alike: the file is damaged
+            return f"{name} is unreadable ({type(e).__name__})"
+    return None
+
+
+def _recover_interrupted_saves(root: Path, say: Callable[[str], None]) -> None:
+    """A `.step-N.tmp` a killed save left: put in place if its manifest was written and matches, else removed."""
+    for tmp in sorted(p for p in root.iterdir() if _TMP_DIR.match(p.name) and p.is_dir()):
+        target = root / f"step-{_TMP_DIR.match(tmp.name).group(1)}"
+        if (tmp / MANIFEST_FILE).is_file() and checkpoint_problem(tmp) is None and not target.exists():
+            os.replace(tmp, target)
+            say(f"{tmp} was written completely before its save was interrupted: kept as {target.name}")
+        else:
+            shutil.rmtree(tmp)
+            say(f"removed {tmp}, a checkpoint whose save was interrupted")
+
+
+def _set_aside(root: Path, folders: list[Path], why: str, say: Callable[[str], None]) -> None:
+    """Move checkpoints a new run will not continue to checkpoints/superseded/<run>/ and say where they went."""
+    try:
+        saved = json.loads((folders[-1] / STATE_FILE).read_text())
+        label = saved.get("run_id") or f"recipe-{saved.get('recipe_hash') or 'unknown'}"
+    except (OSError, ValueError, AttributeError):
+        label = "unknown-run"
+    aside = root / SUPERSEDED_DIR / str(label)
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = root / SUPERSEDED_DIR / f"{label}-{n}"
+    aside.mkdir(parents=True)
+    for folder in folders:
+        os.replace(folder, aside / folder.name)
+    say(f"{why}: its checkpoints ({', '.join(f.name for f in folders)}) are kept in {aside} (move one back into "
+        f"{root} and use --resume to continue it; `finetune clean --resume-checkpoints {root.parent}` deletes them)")
+
+
+def find_resumable(output_dir: str | Path, recipe_hash: str, force: bool,
+                   say: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint to continue from: the newest intact one of an unfinished run of the same recipe
+    (or of any recipe with `force`, i.e. --resume).
+
+    Interrupted saves are finished or removed, damaged checkpoints are named and removed (the next older one is
+    tried), and checkpoints that will not be resumed are moved aside (`_set_aside`), so a new run never mixes its
+    checkpoints with an older run's and never drops them silently. `say` tells the user what was done.
+    """
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return None
+    _recover_interrupted_saves(root, say)
+    finished = (root / FINISHED_FILE).exists()
+    if not finished:
+        for path in reversed(step_dirs(output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                saved = json.loads((path / STATE_FILE).read_text()).get("recipe_hash")
+                if force or saved == recipe_hash:
+                    return path
+                break
+            shutil.rmtree(path)
+            say(f"checkpoint {path} is damaged ({problem}): removed it; trying the one before")
+    left = step_dirs(output_dir)
+    if left:
+        why = (f"the run in {output_dir} finished" if finished else
+               f"{output_dir} holds an unfinished run of another recipe (up to {left[-1].name}); this run starts afresh")
+        _set_aside(root, left, why, say)
+    (root / FINISHED_FILE).unlink(missing_ok=True)
+    return None
+
+
+def mark_finished(output_dir: str | Path, keep_checkpoints: bool = False) -> None:
+    """Record that the run finished, so running the recipe again starts a new run instead of resuming; a finished
+    run is never resumed, so its checkpoints are deleted unless the recipe keeps them."""
     root = checkpoints_dir(output_dir)
     if root.is_dir():
         (root / FINISHED_FILE).write_text("finished\n")
+        if not keep_checkpoints:
+            for path in step_dirs(output_dir):
+                shutil.rmtree(path)
 
 
 def _plain(state: dict[str, Any]) -> dict[str, Any]:
@@ -144,18 +249,36 @@ def save_training_state(accelerator, model, optimizer, scheduler, counters: dict
         (tmp / STATE_FILE).write_text(json.dumps(counters, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        for path in files:  # the data on disk before the manifest that vouches for it
+            fsync_path(path)
+        write_manifest(tmp, [p.name for p in files], MANIFEST_FILE)
+        fsync_path(tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
-        for old in sorted(
-            (p for p in root.iterdir() if _STEP_DIR.match(p.name)), key=lambda p: int(p.name.split("-")[1])
-        )[:-keep]:
+        fsync_path(root)
+        for old in step_dirs(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return target
 
 
 def load_training_state(accelerator, model, optimizer, scheduler, checkpoint: Path) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and this process's RNG states; returns the saved counters."""
+    """Restore model, optimizer, scheduler and this process's RNG states; returns the saved counters.
+
+    The checkpoint is intact (`find_resumable` checked it), so a failure here means it does not fit this run
+    (a changed model under --resume, say): a CheckpointError that names it.
+    """
+    try:
+        return _load_training_state(accelerator, model, optimizer, scheduler, checkpoint)
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot resume from {checkpoint}: it does not fit this run ({type(e).__name__}: {str(e)[:200]}); "
+            f"use another output_dir, or delete the checkpoints with `finetune clean --resume-checkpoints "
+            f"{checkpoint.parent.parent}`") from None
+
+
+def _load_training_state(accelerator, model, optimizer, scheduler, checkpoint: Path) -> dict[str, Any]:
     counters = json.loads((checkpoint / STATE_FILE).read_text())
     accelerator.unwrap_model(model).load_state_dict(load_file(str(checkpoint / "model.safetensors")))
     optimizer.load_state_dict(

@@ -9,6 +9,7 @@ share one study. The parent run logs the best trial, its score and its recipe.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -61,6 +62,10 @@ def sweep(path: str, overrides: list[str], grid: list[str], search: list[str], t
         for value in values:
             load_recipe(path, [*overrides, f"{key}={value}"])
     results: list[tuple[float, str, list[str], str]] = []
+    from finetune.training import outputs
+
+    if outputs.may_claim(base.output_dir):  # the trials' parent folder is finetune's too (a foreign one is left unmarked)
+        outputs.claim(Path(base.output_dir), base.name, "", kind="sweep")
     mlflow.set_tracking_uri(tracking_uri(base))
     use_experiment(base.tracking.experiment or base.name)
     with mlflow.start_run(run_name=f"sweep-{base.name}", tags={"finetune.sweep_parent": "true",

@@ -33,7 +33,7 @@ from finetune.models.modeling import ModelInfo, build_model, load_tokenizer, mak
 from finetune.tasks import Reference, Task, TaskSettings
 from finetune.tasks.metrics import is_improvement
 from finetune.tracking.tracker import NullTracker, Tracker
-from finetune.training import finish, speed
+from finetune.training import finish, outputs, speed
 from finetune.training import state as training_state
 from finetune.training.evaluation import evaluate
 from finetune.training.optim import make_optimizer, make_scheduler
@@ -185,17 +185,24 @@ def save_checkpoint(accelerator: Accelerator, model, optimizer, scheduler, token
 
 
 def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
-         hooks: TrainingHooks | None = None) -> RunResult:
+         hooks: TrainingHooks | None = None, overwrite: bool = False) -> RunResult:
     """Fine-tune as the recipe says; log to MLflow; return the best metrics and where the model is.
 
     `resume_run` continues from the newest checkpoint in output_dir (and its MLflow run). `nested`
     makes the MLflow run a child of the active one (sweeps). `hooks` lets a caller watch and stop the run
-    (see `TrainingHooks`).
+    (see `TrainingHooks`). `overwrite` lets the run use an output_dir finetune did not make.
     """
+    try:
+        return _train(recipe, resume_run, nested, hooks, overwrite)
+    finally:  # a run that raised is no longer in progress, though this process lives on (sweeps, notebooks)
+        outputs.release(recipe.output_dir)
+
+
+def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks | None, overwrite: bool) -> RunResult:
     cfg = recipe.training
     hooks = hooks or TrainingHooks()
     settings = TaskSettings.of(recipe.task)
-    task, resolved = preflight(recipe)
+    task, resolved = preflight(recipe, overwrite)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, **speed.accelerator_options(recipe))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
@@ -223,8 +230,12 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
     # Running an interrupted recipe again continues it; --resume continues even if the recipe changed.
     state = RunState(recipe_hash=hashlib.sha256(recipe_to_yaml(recipe).encode()).hexdigest()[:16])
     with accelerator.main_process_first():
-        checkpoint = training_state.find_resumable(recipe.output_dir, state.recipe_hash, resume_run) \
-            if accelerator.is_main_process else training_state.latest_checkpoint(recipe.output_dir)
+        if accelerator.is_main_process:
+            outputs.claim(recipe.output_dir, recipe.name, state.recipe_hash)
+            outputs.recover(recipe.output_dir)
+            checkpoint = training_state.find_resumable(recipe.output_dir, state.recipe_hash, resume_run, outputs.warn)
+        else:  # the main process has already checked, recovered and set aside what it will not resume
+            checkpoint = training_state.latest_checkpoint(recipe.output_dir)
     if checkpoint is not None:
         state = RunState(**training_state.load_training_state(accelerator, model, optimizer, scheduler, checkpoint))
     elif resume_run and accelerator.is_main_process:
@@ -245,6 +256,7 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
     state.run_id = broadcast_object_list([tracker.run_id])[0] if accelerator.num_processes > 1 else tracker.run_id
     tracker.log_inputs(data)
     if accelerator.is_main_process:
+        outputs.update_marker(recipe.output_dir, mlflow_run_id=state.run_id)
         print(f"training {total_steps} steps ({updates_per_epoch}/epoch) on {len(data.train)} examples "
               f"with {accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}, "
               f"evaluating on {len(data.eval)}; tokenised data {'from cache' if data.cache_hit else 'built'}"
@@ -302,7 +314,8 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
         progress.close()
         final = finish.finish_run(recipe, task, data, collator, accelerator, tracker, state)
         if accelerator.is_main_process:
-            training_state.mark_finished(recipe.output_dir)
+            training_state.mark_finished(recipe.output_dir, cfg.keep_checkpoints)
+            outputs.update_marker(recipe.output_dir, state="finished")
         status = "FINISHED"
     finally:
         tracker.end(status)
