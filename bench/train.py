@@ -159,7 +159,7 @@ def model_flops(lengths: list[int], shape: dict[str, int]) -> float:
 
 
 def resolve(checkpoint: str) -> Path:
-    from finetune.checkpoints import resolve_checkpoint
+    from finetune.models.pretrained import resolve_checkpoint
 
     return resolve_checkpoint(checkpoint).path
 
