@@ -130,18 +130,22 @@ def write_learning_curves(out_dir: Path, history: dict[str, list[tuple[int, floa
 
 def write_model_card(out_dir: Path, *, recipe_yaml: str, recipe_name: str, checkpoint: str, task: Any,
                      label_names: list[str] | None, label_counts: dict[str, dict], metrics: dict[str, float],
-                     test_metrics: dict[str, float], data_description: str, train_examples: int | None = None) -> Path:
+                     test_metrics: dict[str, float], data_description: str, train_examples: int | None = None,
+                     teacher: str | None = None) -> Path:
     """Write MODEL_CARD.md: model, task, data, labels, eval/test metrics, the resolved recipe, use and limits.
 
     `label_counts` maps split name to the task's `label_counts` of that split (label -> count, or what
-    describes its targets); `train_examples` is the number of training examples (texts, not windows).
+    describes its targets); `train_examples` is the number of training examples (texts, not windows);
+    `teacher` the model it was distilled from, if any.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     recipe = yaml.safe_load(recipe_yaml) or {}
     max_length = (recipe.get("model") or {}).get("max_length", 128)
     lines = [f"# Model card: {recipe_name}", "",
-             f"- **Base checkpoint:** `{checkpoint}`", f"- **Task:** {task.name}: {task.description}", "",
+             f"- **Base checkpoint:** `{checkpoint}`", f"- **Task:** {task.name}: {task.description}",
+             *([f"- **Distilled from:** `{teacher}` (the teacher's outputs on the training data; the `distillation` "
+                "section of the recipe below has the temperature and weights)"] if teacher else []), "",
              "## Data", "", data_description.strip() or "_not described_", ""]
     if label_counts:
         splits = list(label_counts)
