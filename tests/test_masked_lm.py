@@ -12,7 +12,7 @@ import torch
 
 from finetune.cli import main as cli
 from finetune.config.recipe import Recipe, load_recipe
-from finetune.errors import ExportError, ModelSourceError, RecipeError
+from finetune.errors import ExportError, ModelSourceError
 from finetune.models.modeling import build_model, load_tokenizer, make_collator
 from finetune.models.pretrained import resolve_checkpoint
 from finetune.tasks import IGNORE_INDEX, FeatureContext, TaskSettings, get_task
