@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
         work = Path(args.workdir or (tmp if args.quick else ROOT / "runs" / "bench-distill"))
-        runner = Runner(work)
+        runner = Runner(work, in_process=args.quick)
         sample = ROOT / "data" / "sst2"
         small = [f"data.files.train={sample / 'train.tsv'}", f"data.files.validation={sample / 'dev.tsv'}",
                  "data.max_train_samples=128", "data.max_eval_samples=64", "training.max_steps=4",

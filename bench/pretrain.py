@@ -13,7 +13,7 @@ short  The quickstart fine-tuned from MiniLM and from MiniLM after task-adaptive
 Every command runs in a fresh process from the repository root, one after the other, and logs to one MLflow store
 in the work folder; the pretraining runs once and every seed fine-tunes from it.
 
-    python bench/pretrain.py long               # about 3.5 h on 2 CPU cores (see BENCHMARKS.md)
+    python bench/pretrain.py long               # about 4 h on 2 CPU cores (see BENCHMARKS.md)
     python bench/pretrain.py short              # about 25 min
     python bench/pretrain.py long --ways chunks,bigbird,bigbird-mlm   # also the converted BigBird without pretraining
     python bench/pretrain.py --quick --checkpoint DIR   # both comparisons, tiny data, a few steps (the test suite)
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as tmp:
         workdir = Path(args.workdir or (tmp if args.quick else ROOT / "runs" / "bench-pretrain"))
-        runner = Runner(workdir)
+        runner = Runner(workdir, in_process=args.quick)
         quick = write_quick_documents(Path(tmp)) if args.quick else None
         report: dict = {}
         if args.comparison in ("long", "both"):

@@ -183,3 +183,15 @@ def test_distillation_is_refused_where_it_means_nothing(tiny_checkpoints):
                                           distillation=teacher))
     with pytest.raises(ValueError, match="distillation.alpha"):
         Recipe.model_validate(tiny_recipe(tiny_checkpoints["bert"], distillation={**teacher, "alpha": 1.5}))
+
+
+def test_validate_checks_the_teacher(teacher_dir, tiny_checkpoints, tmp_path, capsys):
+    from finetune.cli import main as cli
+    from tests.conftest import write_recipe
+
+    good = student_recipe(tiny_checkpoints["bert"], teacher_dir, tmp_path).model_dump(mode="json")
+    assert cli(["validate", str(write_recipe(tmp_path / "good.yaml", good))]) == 0
+    assert f"teacher: {teacher_dir} (classification, 2 layers)" in capsys.readouterr().out
+    bad = {**good, "data": {**good["data"], "label_names": ["bad", "good"]}}
+    assert cli(["validate", str(write_recipe(tmp_path / "bad.yaml", bad))]) == 1
+    assert "distillation.teacher: " in capsys.readouterr().out
