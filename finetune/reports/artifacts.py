@@ -164,16 +164,19 @@ def write_model_card(out_dir: Path, *, recipe_yaml: str, recipe_name: str, check
         else:
             lines.append("_not computed_\n")
     lines += ["## Recipe", "", "The full resolved recipe of this run:", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
-    lines += ["## Intended use", "",
-              f"{task.description.capitalize()} of text like the training data described above. "
-              "Check the metrics on your own data before relying on it.", ""]
+    use = (f"{task.description.capitalize()} of text like the training data described above. "
+           "Check the metrics on your own data before relying on it.") if getattr(task, "serves", True) else (
+        "A checkpoint to fine-tune (`model.checkpoint`) on text like the training data described above; it does not "
+        "answer requests itself.")
+    lines += ["## Intended use", "", use, ""]
     size = f"{train_examples} examples" if train_examples else "the training split above"
     label_limit = (["- The label set is fixed to the labels above; inputs outside it are forced into one of them."]
                    if label_names else [])
     lines += ["## Limitations", "",
               f"- Trained on {size}; performance on text from other domains is unknown.",
               *label_limit,
-              f"- Inputs longer than {max_length} tokens are truncated; text beyond that is ignored.",
+              *([f"- Inputs longer than {max_length} tokens are truncated; text beyond that is ignored."]
+                if getattr(task, "serves", True) else []),
               "- Assumes the language of the training data (typically English); other languages are untested.",
               f"- Inherits the biases of the base checkpoint `{checkpoint}` and of its pretraining corpus.", ""]
     path = out_dir / "MODEL_CARD.md"
