@@ -39,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="use an output_dir that holds files finetune did not write (no .finetune-run.json): finetune "
                           "adopts it, replacing its best/ and checkpoints/step-N and leaving everything else alone")
 
+    pretrain = sub.add_parser(
+        "pretrain", help="continue pretraining a checkpoint with masked-language modelling (task.type: masked_lm)",
+        epilog=_fields_epilog(), formatter_class=fmt)
+    pretrain.add_argument("recipe", help="recipe YAML file with task.type: masked_lm")
+    pretrain.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    pretrain.add_argument("--resume", action="store_true",
+                          help="continue from the newest checkpoint in output_dir/checkpoints, in the same MLflow run")
+    pretrain.add_argument("--overwrite", action="store_true",
+                          help="use an output_dir that holds files finetune did not write (see finetune run --help)")
+
     validate = sub.add_parser(
         "validate", help="check a recipe, its checkpoint and its data without training",
         epilog=_fields_epilog(), formatter_class=fmt,
@@ -83,10 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-check", action="store_true", help="skip the parity check on the recipe's evaluation data")
 
     convert = sub.add_parser(
-        "convert", help="turn a BERT or DistilBERT checkpoint into a long-context BigBird checkpoint (warm start)")
+        "convert", help="turn a BERT or DistilBERT checkpoint into a long-context BigBird checkpoint (warm start), "
+                        "or keep some of its layers (a student to distil)")
     convert.add_argument("source", help="a BERT-family checkpoint: a hub id or a folder, resolved like model.checkpoint")
-    convert.add_argument("target", help="folder to write the BigBird checkpoint to (safetensors and tokenizer)")
-    convert.add_argument("--to", choices=["bigbird"], required=True, help="the long-context architecture to convert to")
+    convert.add_argument("target", help="folder to write the new checkpoint to (safetensors and tokenizer)")
+    convert.add_argument("--to", choices=["bigbird", "fewer-layers"], required=True,
+                         help="bigbird: a long-context BigBird; fewer-layers: only the layers named by --layers")
+    convert.add_argument("--layers", help="fewer-layers: the layers to keep, e.g. 0,2,4 (renumbered 0, 1, 2 in this order)")
     convert.add_argument("--max-length", type=int, default=4096,
                          help="positions of the new model; the 512 learned ones are tiled up to it (default 4096)")
     convert.add_argument("--attention-type", choices=["block_sparse", "original_full"], default="block_sparse",
@@ -130,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return cmd_run(args.recipe, args.overrides, args.resume, args.overwrite)
+        if args.command == "pretrain":
+            return cmd_run(args.recipe, args.overrides, args.resume, args.overwrite, pretraining=True)
         if args.command == "runs":
             from finetune.cli.runs import cmd_runs
 
@@ -167,8 +182,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
-def cmd_run(path: str, overrides: list[str], resume: bool = False, overwrite: bool = False) -> int:
+def cmd_run(path: str, overrides: list[str], resume: bool = False, overwrite: bool = False,
+            pretraining: bool = False) -> int:
+    """`finetune run`, and `finetune pretrain`: the same loop, with a check that the recipe pretrains (a fine-tuning
+    recipe given to `pretrain` by mistake would train a classifier while you wait for a pretrained checkpoint)."""
     recipe = load_recipe(path, overrides)
+    from finetune.tasks import get_task
+
+    if pretraining and get_task(recipe.task.type).serves:  # a served task is a fine-tuning one
+        raise RecipeError(f"{path}: finetune pretrain trains task.type masked_lm, and this recipe's task is "
+                          f"{recipe.task.type}; run it with `finetune run {path}`, or set task.type: masked_lm")
     print(f"# resolved recipe ({path})\n{recipe_to_yaml(recipe)}")
     from finetune.training import train
 
@@ -233,7 +256,23 @@ def cmd_serve(argv: list[str]) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Warm-start a BigBird checkpoint from a BERT-family one and print the conversion report."""
+    """Warm-start a BigBird checkpoint from a BERT-family one, or keep some of its layers; print the report."""
+    from finetune.errors import ConversionError
+
+    if args.to == "fewer-layers":
+        from finetune.models.layer_selection import parse_layers, select_layers
+
+        if args.layers is None:
+            raise ConversionError("--to fewer-layers needs --layers, the layers to keep, e.g. --layers 0,2,4")
+        report = select_layers(args.source, args.target, parse_layers(args.layers), allow_pickle=args.allow_pickle,
+                               overwrite=args.overwrite)
+        print(json.dumps(report, indent=2))
+        print(f"kept layers {','.join(map(str, report['layers_kept']))} of the {report['source_layers']} of "
+              f"{report['source']}: {report['parameters']:,} of {report['source_parameters']:,} parameters. Use it as "
+              f"model.checkpoint: {report['target']}", file=sys.stderr)
+        return 0
+    if args.layers is not None:
+        raise ConversionError("--layers is for --to fewer-layers; --to bigbird keeps every layer")
     from finetune.models.convert import convert_to_bigbird
 
     report = convert_to_bigbird(

@@ -35,6 +35,21 @@ def _check_checkpoint(recipe: Recipe, problems: list[str]) -> Any:
     return load_tokenizer(resolved.path, recipe.model.trust_remote_code)
 
 
+def _check_teacher(recipe: Recipe, label_names: list[str] | None, problems: list[str]) -> None:
+    """A distillation teacher must exist and answer the same task and labels (its outputs are computed at `run`)."""
+    from finetune.errors import RecipeError
+    from finetune.training.teacher import check_teacher, load_teacher
+
+    try:
+        teacher, _ = load_teacher(recipe.distillation.teacher)
+        hidden = pretrained.load_config(pretrained.resolve_checkpoint(recipe.model.checkpoint)).hidden_size
+        check_teacher(teacher, recipe, label_names, hidden)
+    except (RecipeError, CheckpointError) as e:
+        problems.append(str(e))
+        return
+    print(f"teacher: {recipe.distillation.teacher} ({teacher.info.task}, {teacher.model.config.num_hidden_layers} layers)")
+
+
 def validate(path: str, overrides: list[str]) -> int:
     """Validate and report; returns the process exit code (0 when everything checks out)."""
     recipe = load_recipe(path, overrides)  # schema errors raise RecipeError, reported by the CLI
@@ -55,6 +70,8 @@ def validate(path: str, overrides: list[str]) -> int:
     except DataError as e:
         problems.append(str(e))
     else:
+        if recipe.distillation is not None:
+            _check_teacher(recipe, label_names, problems)
         carved = "" if str(evaluation.split) == recipe.data.eval_split \
             else f" (carved: {recipe.data.validation_size:.0%} of train)"
         print(f"data: train {len(train)}, eval {len(evaluation)}{carved}" + (f", test {len(test)}" if test is not None else ""))

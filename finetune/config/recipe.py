@@ -22,7 +22,7 @@ from finetune.errors import RecipeError
 from finetune.tasks import TASKS, TaskSettings
 
 __all__ = ["Recipe", "RecipeError", "ModelSection", "DataSection", "TaskSection", "TrainingSection",
-           "TrackingSection", "load_recipe", "parse_override", "recipe_to_yaml", "flatten", "describe_fields"]
+           "TrackingSection", "DistillationSection", "load_recipe", "parse_override", "recipe_to_yaml", "flatten", "describe_fields"]
 
 
 class _Section(BaseModel):
@@ -99,7 +99,9 @@ class DataSection(_Section):
     dataset_config: str | None = None
     """Hub data set configuration (e.g. sst2 for glue)."""
     files: dict[str, str | list[str]] | None = None
-    """Local files by split name, e.g. {train: data/train.csv, validation: data/dev.csv}: csv, tsv, json, jsonl, parquet, CoNLL or SQuAD JSON; a list of files makes one split."""
+    """Local files by split name, e.g. {train: data/train.csv, validation: data/dev.csv}: csv, tsv, json, jsonl, parquet, txt (one text per line, column `text`), CoNLL or SQuAD JSON; a list of files makes one split."""
+    texts_from: str | None = None
+    """masked_lm: pretrain on the training texts of another recipe (a YAML file, relative to the directory you run from): every text column its task reads, of its whole train split (its max_train_samples is not applied), in data.text_column; the held-out share is carved from them (data.validation_size). Give this, `dataset` or `files`."""
     format: Literal["auto", "conll", "squad"] = "auto"
     """How to read data.files: auto (by file ending; .conll is CoNLL), conll (token per line, tag in the last column, blank line between sentences) or squad (SQuAD v1.1 JSON)."""
     quoting: Literal["minimal", "none"] = "minimal"
@@ -139,6 +141,11 @@ class DataSection(_Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSection":
+        if self.texts_from is not None:
+            if self.dataset is not None or self.files is not None:
+                raise ValueError("data.texts_from takes the texts of another recipe; give it alone, without "
+                                 "data.dataset or data.files")
+            return self
         if (self.dataset is None) == (self.files is None):
             raise ValueError("give exactly one of data.dataset (a hub data set) or data.files (local files)")
         return self
@@ -164,7 +171,12 @@ class TaskSection(TaskSettings):
     @classmethod
     def _known_task(cls, value: str) -> str:
         if value not in TASKS:
-            names = [repr(n) for n in TASKS]
+            # The list names the fine-tuning tasks; a near miss of a pretraining one (masked_lm) is named instead.
+            names = [repr(n) for n, task in TASKS.items() if task.serves]
+            close = difflib.get_close_matches(value, list(TASKS), n=1)
+            if close and not TASKS[close[0]].serves:
+                raise ValueError(f"Input should be {close[0]!r} (continued pretraining, `finetune pretrain`) or a "
+                                 f"fine-tuning task: {', '.join(names)}")
             raise ValueError(f"Input should be {', '.join(names[:-1])} or {names[-1]}")
         return value
 
@@ -249,6 +261,17 @@ class TrackingSection(_Section):
     """Log CPU, memory (and GPU where present) usage while training."""
 
 
+class DistillationSection(_Section):
+    teacher: str = Field(min_length=1)
+    """The teacher model: anything `finetune predict` accepts (a model folder, an MLflow run id, a runs:/ or models:/ URI), trained on the same task and label set. Its outputs on every training example are computed once, before training, and cached with the features."""
+    temperature: float = Field(2.0, gt=0)
+    """Softens both models' outputs before they are compared (classification: softmax(logits / T); multi_label: sigmoid(logits / T)); the distillation term is scaled by T squared so its gradients keep their size. Not used by regression, which matches the teacher's values."""
+    alpha: float = Field(0.5, ge=0, le=1)
+    """Weight of the distillation term: loss = (1 - alpha) x the task's loss + alpha x T^2 x KL(teacher || student) (regression: the squared difference to the teacher's value). 0 trains on the labels alone, 1 on the teacher alone."""
+    hidden_weight: float = Field(0.0, ge=0)
+    """Adds hidden_weight x the mean squared difference between the student's and the teacher's last hidden state of the first token ([CLS]), cached like the outputs; only when both models have the same hidden size. 0: off."""
+
+
 class Recipe(_Section):
     """One fine-tuning run, fully described."""
 
@@ -259,6 +282,8 @@ class Recipe(_Section):
     task: TaskSection
     training: TrainingSection = TrainingSection()
     tracking: TrackingSection = TrackingSection()
+    distillation: DistillationSection | None = None
+    """Train against a teacher model's outputs as well as the labels (classification, multi_label and regression)."""
     output_dir: str | None = None
     """Where checkpoints and the best model go (default: runs/<name>)."""
 
@@ -273,6 +298,21 @@ class Recipe(_Section):
         problems = TASKS[self.task.type].check_recipe(self)
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _distillation_fits(self) -> "Recipe":
+        if self.distillation is None:
+            return self
+        from finetune.tasks.distillation import DISTILLATION_LOSSES
+
+        if self.task.type not in DISTILLATION_LOSSES:
+            able = list(DISTILLATION_LOSSES)
+            raise ValueError(f"distillation is for {', '.join(able[:-1])} and {able[-1]} recipes, not task.type "
+                             f"{self.task.type}")
+        if self.task.long_inputs == "chunk":
+            raise ValueError("distillation cannot be used with task.long_inputs: chunk (the teacher's outputs are "
+                             "per text, the student trains on windows); allowed: long_inputs: truncate")
         return self
 
     @model_validator(mode="after")

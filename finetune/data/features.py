@@ -73,7 +73,8 @@ def tokenize_splits(
         "max_length": recipe.model.max_length,
         "columns": task.columns(data),
         "task": task.name,
-        "settings": recipe.task.model_dump(include={"label_all_tokens", "doc_stride", "long_inputs", "chunk_stride"}),
+        "settings": recipe.task.model_dump(include={"label_all_tokens", "doc_stride", "long_inputs", "chunk_stride",
+                                                    *task.feature_settings}),
         "labels": label_names,
         "version": 2,
     }

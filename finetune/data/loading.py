@@ -17,7 +17,7 @@ import datasets
 from finetune.config.recipe import DataSection, Recipe
 from finetune.data.readers import FormatError, rows_from_files
 from finetune.errors import DataError
-from finetune.tasks import Task
+from finetune.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ FILE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     ".json": ("json", {}),
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),
+    ".txt": ("text", {}),  # one text per line, in a column `text` (unlabelled text for masked_lm)
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -36,7 +37,9 @@ FILE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def load_raw(data: DataSection) -> datasets.DatasetDict:
-    """Load every split the recipe names, from the hub or from local files."""
+    """Load every split the recipe names, from the hub, from local files, or (data.texts_from) another recipe's texts."""
+    if data.texts_from is not None:
+        return recipe_texts(data.texts_from, data.text_column, data.train_split)
     if data.dataset is not None:
         try:
             return datasets.load_dataset(data.dataset, data.dataset_config)
@@ -85,6 +88,48 @@ def load_raw(data: DataSection) -> datasets.DatasetDict:
             kwargs["column_names"] = list(data.column_names)
     resolved = {split: [str(Path(p).resolve()) for p in names] for split, names in files.items()}
     return datasets.load_dataset(builder, data_files=resolved, **kwargs)
+
+
+# Recipe keys of columns that hold targets, not text to pretrain on.
+_TARGET_KEYS = ("data.label_column", "data.answers_column")
+
+
+def recipe_texts(path: str, column: str, split: str) -> datasets.DatasetDict:
+    """The training texts of another recipe as one split with a single text column (task-adaptive pretraining).
+
+    Every text column its task reads is taken (texts, second texts, questions, contexts, endings; a word list is
+    joined with spaces), from its whole train split; empty and repeated texts (a QA context asked about five
+    times) are dropped, keeping the first.
+    """
+    from finetune.config.recipe import load_recipe
+    from finetune.errors import RecipeError
+
+    where = Path(path)
+    if not where.is_file():
+        raise DataError(f"data.texts_from: recipe file not found: {path} (resolved to {where.resolve()})")
+    try:
+        other = load_recipe(where)
+    except RecipeError as e:
+        raise DataError(f"data.texts_from: {e}") from None
+    if other.data.texts_from is not None:
+        raise DataError(f"data.texts_from: {path} takes its texts from another recipe itself; name that one")
+    task = get_task(other.task.type)
+    raw = load_raw(other.data)
+    check_columns(raw, other.data, task)
+    rows = raw[other.data.train_split]
+    columns = [name for key, name in task.columns(other.data).items() if key not in _TARGET_KEYS]
+    texts: dict[str, None] = {}
+    for name in columns:
+        for value in rows[name]:
+            if isinstance(value, (list, tuple)):
+                value = " ".join(str(v) for v in value)
+            text = "" if value is None else str(value).strip()
+            if text:
+                texts.setdefault(text, None)
+    if not texts:
+        raise DataError(f"data.texts_from: {path} has no text in columns {', '.join(columns)} of its "
+                        f"{other.data.train_split!r} split")
+    return datasets.DatasetDict({split: datasets.Dataset.from_dict({column: list(texts)})})
 
 
 def _read_with(reader: str, files: dict[str, list[str]]) -> datasets.DatasetDict:

@@ -85,6 +85,8 @@ def export_onnx(model_dir: str | Path, target: str | Path, quantize: str | None 
     model_dir, target = Path(model_dir), Path(target)
     predictor = Predictor.from_dir(model_dir)
     config = predictor.model.config
+    if not predictor.task.serves:
+        raise ExportError(predictor.task.not_served(source or str(model_dir)))
     if not predictor.task.onnx_export:
         from finetune.tasks import TASKS
 

@@ -85,16 +85,18 @@ def build_model(resolved: ResolvedCheckpoint, model_cfg: ModelSection, task: Tas
     if task.num_labels(label_names) is not None:
         extra["num_labels"] = task.num_labels(label_names)
     try:
-        model = model_class(task).from_pretrained(
+        model, loading = model_class(task).from_pretrained(
             resolved.path,
             use_safetensors=not model_cfg.allow_pickle,
             trust_remote_code=model_cfg.trust_remote_code,
+            output_loading_info=True,
             **extra,
         )
     except ValueError as e:
         raise CheckpointError(
             f"model.checkpoint: {resolved.name} has no {task.auto_model.removeprefix('AutoModelFor')} head class in transformers ({e})"
         ) from None
+    task.model_loaded(model, loading, resolved.name, resolved.path)
     if is_block_sparse(model.config):
         # On the config, so save_pretrained carries the rule to evaluation, the MLflow model and serving.
         setattr(model.config, RULE_ATTRIBUTE, sparse_min_length(model.config, model_cfg.sparse_attention_min_length))
@@ -106,10 +108,10 @@ def load_tokenizer(path: Path | str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def make_collator(tokenizer: Any, model_config: Any, task: Task) -> Any:
+def make_collator(tokenizer: Any, model_config: Any, task: Task, settings: TaskSettings | None = None) -> Any:
     """The task's collator, padding each batch to its longest example (a multiple of the block size for BigBird)."""
     multiple = model_config.block_size if model_config.model_type == "big_bird" else None
-    return task.collator(tokenizer, multiple)
+    return task.collator(tokenizer, multiple, settings=settings)
 
 
 def save_model_dir(target: Path, model: Any, tokenizer: Any, info: ModelInfo, recipe_yaml: str) -> Path:

@@ -130,18 +130,22 @@ def write_learning_curves(out_dir: Path, history: dict[str, list[tuple[int, floa
 
 def write_model_card(out_dir: Path, *, recipe_yaml: str, recipe_name: str, checkpoint: str, task: Any,
                      label_names: list[str] | None, label_counts: dict[str, dict], metrics: dict[str, float],
-                     test_metrics: dict[str, float], data_description: str, train_examples: int | None = None) -> Path:
+                     test_metrics: dict[str, float], data_description: str, train_examples: int | None = None,
+                     teacher: str | None = None) -> Path:
     """Write MODEL_CARD.md: model, task, data, labels, eval/test metrics, the resolved recipe, use and limits.
 
     `label_counts` maps split name to the task's `label_counts` of that split (label -> count, or what
-    describes its targets); `train_examples` is the number of training examples (texts, not windows).
+    describes its targets); `train_examples` is the number of training examples (texts, not windows);
+    `teacher` the model it was distilled from, if any.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     recipe = yaml.safe_load(recipe_yaml) or {}
     max_length = (recipe.get("model") or {}).get("max_length", 128)
     lines = [f"# Model card: {recipe_name}", "",
-             f"- **Base checkpoint:** `{checkpoint}`", f"- **Task:** {task.name}: {task.description}", "",
+             f"- **Base checkpoint:** `{checkpoint}`", f"- **Task:** {task.name}: {task.description}",
+             *([f"- **Distilled from:** `{teacher}` (the teacher's outputs on the training data; the `distillation` "
+                "section of the recipe below has the temperature and weights)"] if teacher else []), "",
              "## Data", "", data_description.strip() or "_not described_", ""]
     if label_counts:
         splits = list(label_counts)
@@ -160,16 +164,19 @@ def write_model_card(out_dir: Path, *, recipe_yaml: str, recipe_name: str, check
         else:
             lines.append("_not computed_\n")
     lines += ["## Recipe", "", "The full resolved recipe of this run:", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
-    lines += ["## Intended use", "",
-              f"{task.description.capitalize()} of text like the training data described above. "
-              "Check the metrics on your own data before relying on it.", ""]
+    use = (f"{task.description.capitalize()} of text like the training data described above. "
+           "Check the metrics on your own data before relying on it.") if getattr(task, "serves", True) else (
+        "A checkpoint to fine-tune (`model.checkpoint`) on text like the training data described above; it does not "
+        "answer requests itself.")
+    lines += ["## Intended use", "", use, ""]
     size = f"{train_examples} examples" if train_examples else "the training split above"
     label_limit = (["- The label set is fixed to the labels above; inputs outside it are forced into one of them."]
                    if label_names else [])
     lines += ["## Limitations", "",
               f"- Trained on {size}; performance on text from other domains is unknown.",
               *label_limit,
-              f"- Inputs longer than {max_length} tokens are truncated; text beyond that is ignored.",
+              *([f"- Inputs longer than {max_length} tokens are truncated; text beyond that is ignored."]
+                if getattr(task, "serves", True) else []),
               "- Assumes the language of the training data (typically English); other languages are untested.",
               f"- Inherits the biases of the base checkpoint `{checkpoint}` and of its pretraining corpus.", ""]
     path = out_dir / "MODEL_CARD.md"

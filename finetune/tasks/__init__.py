@@ -12,6 +12,7 @@ from finetune.tasks.base import (
     TaskSettings, sigmoid, softmax,
 )
 from finetune.tasks.classification import CLASSIFICATION
+from finetune.tasks.masked_lm import MASKED_LM
 from finetune.tasks.multi_label import MULTI_LABEL
 from finetune.tasks.multiple_choice import MULTIPLE_CHOICE
 from finetune.tasks.question_answering import QUESTION_ANSWERING
@@ -22,5 +23,6 @@ from finetune.tasks.token_classification import TOKEN_CLASSIFICATION
 __all__ = ["TASKS", "get_task", "register_task", "IGNORE_INDEX", "Encoded", "FeatureContext", "InputError",
            "LabelEncoding", "PostprocessOptions", "Reference", "Task", "TaskSettings", "sigmoid", "softmax"]
 
-for _task in (CLASSIFICATION, REGRESSION, MULTI_LABEL, TOKEN_CLASSIFICATION, QUESTION_ANSWERING, MULTIPLE_CHOICE):
+for _task in (CLASSIFICATION, REGRESSION, MULTI_LABEL, TOKEN_CLASSIFICATION, QUESTION_ANSWERING, MULTIPLE_CHOICE,
+              MASKED_LM):
     register_task(_task)

@@ -136,6 +136,12 @@ class Task:
     """Whether `data.choice_columns` means something to this task."""
     reads_chunks: bool = False
     """Whether the task can read long texts in windows (`task.long_inputs: chunk`)."""
+    serves: bool = True
+    """Whether its models answer inputs (`finetune predict`, `serve`, `export`, the logged MLflow model). False for
+    tasks whose output is a checkpoint to fine-tune (masked_lm): those are refused with `not_served`."""
+    feature_settings: tuple[str, ...] = ()
+    """Task settings, beyond the ones every task's features depend on, that change this task's features (part of
+    the tokenisation cache key)."""
 
     # --- recipe ------------------------------------------------------------------------------
     def check_recipe(self, recipe: Any) -> list[str]:
@@ -191,7 +197,8 @@ class Task:
         """How many examples of a labelled split carry each label (or what describes its targets)."""
         raise NotImplementedError
 
-    def collator(self, tokenizer: Any, pad_to_multiple_of: int | None) -> Any:
+    def collator(self, tokenizer: Any, pad_to_multiple_of: int | None, settings: TaskSettings | None = None) -> Any:
+        """The function that turns a list of features into a padded batch (masked_lm: also masks it)."""
         from transformers import DataCollatorWithPadding
 
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
@@ -200,6 +207,15 @@ class Task:
     def num_labels(self, label_names: Sequence[str] | None) -> int | None:
         """Outputs of the head (None: the head's size is fixed by its architecture)."""
         return len(label_names) if label_names is not None else None
+
+    def model_loaded(self, model: Any, loading_info: dict[str, Any], checkpoint: str, path: Path) -> None:
+        """Called once the task's head is on the pretrained encoder (`checkpoint` as the recipe names it, `path` its
+        folder), with transformers' loading report (missing and unexpected weights): a task can finish setting up
+        its head here (masked_lm ties a new one)."""
+
+    def not_served(self, where: str) -> str:
+        """Why a model of a task that does not serve (`serves` False) cannot answer, and what to do instead."""
+        return f"{where} is a {self.name} model, which does not answer inputs"
 
     def loss(self, outputs: Any, targets: dict[str, Any], settings: TaskSettings) -> Any:
         """The training loss of a batch from the model's outputs and the batch's targets (`target_keys`)."""

@@ -114,7 +114,7 @@ class MultipleChoiceTask(Task):
             lengths.append(max(len(ids) for ids in tokenizer(a, b, truncation=False, verbose=False)["input_ids"]))
         return lengths
 
-    def collator(self, tokenizer: Any, pad_to_multiple_of: int | None) -> Any:
+    def collator(self, tokenizer: Any, pad_to_multiple_of: int | None, settings: TaskSettings | None = None) -> Any:
         from transformers import DataCollatorForMultipleChoice
 
         collate = DataCollatorForMultipleChoice(tokenizer, pad_to_multiple_of=pad_to_multiple_of)

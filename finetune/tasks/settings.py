@@ -35,6 +35,12 @@ class TaskSettings(BaseModel):
     """long_inputs chunk: tokens shared by consecutive windows."""
     chunk_pooling: Literal["mean", "max"] = "mean"
     """long_inputs chunk: how the windows' logits become the text's: their mean, or their element-wise max."""
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    """masked_lm: share of words (of tokens, without whole_word_mask) chosen as prediction targets; of the chosen tokens 80% become [MASK], 10% a random token and 10% stay as they are (BERT's rule). Drawn again for every batch, so each epoch masks differently; the held-out share is masked once, with a fixed seed, so its perplexity is comparable between evaluations and runs."""
+    whole_word_mask: bool = True
+    """masked_lm: mask every word piece of a chosen word together (words as the tokenizer's pre-tokenizer splits them: at spaces and punctuation), not single pieces."""
+    pack_sequences: bool = True
+    """masked_lm: concatenate texts (a [SEP] between two) and cut the stream into sequences of model.max_length tokens, so no position is padding and long-context models see full-length inputs; false: one text per sequence, a text longer than model.max_length cut into consecutive sequences."""
 
     @classmethod
     def of(cls, values: Any) -> "TaskSettings":

@@ -160,7 +160,7 @@ class TokenClassificationTask(Task):
         encoded = tokenizer(words, is_split_into_words=True, truncation=False, verbose=False)
         return [len(ids) for ids in encoded["input_ids"]]
 
-    def collator(self, tokenizer: Any, pad_to_multiple_of: int | None) -> Any:
+    def collator(self, tokenizer: Any, pad_to_multiple_of: int | None, settings: TaskSettings | None = None) -> Any:
         from transformers import DataCollatorForTokenClassification
 
         return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad_to_multiple_of)

@@ -129,6 +129,8 @@ def load_predictor(found: Located, backend: str = "auto", precision: str = "fp32
         predictor = OnnxPredictor.from_dir(found.path, int8=backend == "onnx-int8")
     else:
         predictor = Predictor.from_dir(found.path)
+    if not predictor.task.serves:
+        raise ModelSourceError(predictor.task.not_served(found.source))
     try:
         predictor.precision = check_inference_precision(precision, predictor.model.config)
     except ValueError as e:

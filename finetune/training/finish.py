@@ -96,10 +96,16 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
                 task=task, label_names=data.label_names, label_counts=counts, metrics=state.best_metrics,
                 test_metrics=test_metrics, data_description=_data_description(recipe, task, data),
                 train_examples=len(data.raw_train),
+                teacher=recipe.distillation.teacher if recipe.distillation is not None else None,
             )
             (best_dir / card.name).write_text(card.read_text())
             tracker.log_artifacts(out)
-        if recipe.tracking.log_model:
+        if recipe.tracking.log_model and not task.serves:
+            # A checkpoint to fine-tune (masked_lm) is kept as plain files, not as a model MLflow would serve.
+            import mlflow
+
+            tracker.guarded("log the checkpoint", mlflow.log_artifacts, str(best_dir), "checkpoint")
+        elif recipe.tracking.log_model:
             model_uri = tracker.log_best_model(best_dir)
             if recipe.tracking.register_as and model_uri:
                 champion = tracker.guarded(
@@ -112,7 +118,7 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
             print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
         if champion:
             print(f"registered {champion['name']} version {champion['version']}: {champion['decision']}")
-        print(f"model: {best_dir}")
+        print(f"model: {best_dir}" if task.serves else f"checkpoint: {best_dir} (fine-tune it: model.checkpoint: {best_dir})")
         print(f"MLflow: {tracker.url_hint}")
         problem = tracker.report_failures(recipe.output_dir)
         if problem:

@@ -31,9 +31,10 @@ from finetune.models import pretrained
 from finetune.models.bigbird import attention_for_batch
 from finetune.models.modeling import ModelInfo, build_model, load_tokenizer, make_collator, save_model_dir
 from finetune.tasks import Reference, Task, TaskSettings
+from finetune.tasks.distillation import DistilledTask
 from finetune.tasks.metrics import is_improvement
 from finetune.tracking.tracker import NullTracker, Tracker
-from finetune.training import finish, outputs, speed
+from finetune.training import finish, outputs, speed, teacher
 from finetune.training import state as training_state
 from finetune.training.evaluation import evaluate
 from finetune.training.optim import make_optimizer, make_scheduler
@@ -203,6 +204,9 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     hooks = hooks or TrainingHooks()
     settings = TaskSettings.of(recipe.task)
     task, resolved = preflight(recipe, overwrite)
+    if recipe.distillation is not None:
+        d = recipe.distillation
+        task = DistilledTask(task, d.temperature, d.alpha, d.hidden_weight)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, **speed.accelerator_options(recipe))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
@@ -214,8 +218,11 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(resolved.path, recipe.model.trust_remote_code)
     data = setup_data(recipe, task, tokenizer, accelerator)
+    if recipe.distillation is not None:
+        with accelerator.main_process_first():  # the main process computes the teacher's outputs, the others read them
+            data = teacher.add_teacher_outputs(data, recipe, pretrained.load_config(resolved).hidden_size)
     model = setup_model(recipe, task, resolved, data.label_names)
-    collator = make_collator(tokenizer, model.config, task)
+    collator = make_collator(tokenizer, model.config, task, settings)
     # The shuffle generator is re-seeded with seed + epoch at each epoch, so a resumed run sees the same order.
     generator = torch.Generator()
     train_dl = batching.train_loader(data.train, cfg, collator, generator, accelerator.num_processes)
@@ -248,8 +255,11 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     )
     metric = recipe.task.metric_for_best
     greater = task.greater_is_better(metric)
+    tags = {"finetune.checkpoint_source": resolved.source}
+    if recipe.distillation is not None:
+        tags["finetune.teacher"] = recipe.distillation.teacher
     tracker = (
-        Tracker(recipe, {"finetune.checkpoint_source": resolved.source}, run_id=state.run_id, nested=nested)
+        Tracker(recipe, tags, run_id=state.run_id, nested=nested)
         if accelerator.is_main_process else NullTracker()
     )
     # Every process keeps the run id in its checkpoint state, so it comes from the main one.

@@ -1,0 +1,129 @@
+"""Distillation benchmark: a 3-layer student distilled from the 6-layer MiniLM fine-tuned on SST-2, against the same
+student fine-tuned without a teacher, and the serving throughput of teacher and student.
+
+  1. the teacher: recipes/offline/sst2-minilm.yaml (all of SST-2 from ../shared/data), unless --teacher names one;
+  2. the student's start: `finetune convert --to fewer-layers --layers 0,2,4` of the teacher (every other layer,
+     its head too, as DistilBERT was initialised);
+  3. that student fine-tuned without a teacher (sst2-minilm-3layers.yaml) and distilled (sst2-minilm-student.yaml:
+     temperature 2, alpha 0.5), each over --seeds training seeds;
+  4. `bench/serve.py --servers pytorch` on the teacher and on the distilled student at --clients concurrent clients.
+
+It prints one markdown table (layers, dev accuracy, requests/s, p99) and checks the issue's targets: the student at
+least 1.8x the teacher's throughput, within 1.5 points of its accuracy, and better than the student without teacher.
+
+    python bench/distill.py                                  # about 30 min on 2 CPU cores
+    python bench/distill.py --teacher runs/sst2-minilm/best  # reuse a trained teacher
+    python bench/distill.py --quick --checkpoint DIR         # tiny data, a few steps (the test suite)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from recipe_runs import ROOT, Runner, markdown, mean_sd, minutes
+
+OFFLINE = "recipes/offline"
+TARGET_SPEEDUP, TARGET_POINTS = 1.8, 0.015
+
+
+def serve_throughput(model: Path, clients: int, quick: bool, workdir: Path) -> dict:
+    """requests/s and p99 of `finetune serve` (PyTorch fp32) on `model` at `clients` concurrent clients."""
+    report = workdir / f"serve-{model.parent.name}.json"
+    command = [sys.executable, str(ROOT / "bench" / "serve.py"), "--servers", "pytorch", "--model", str(model),
+               "--json", str(report)]
+    command += ["--quick", "--accuracy-sentences", "16"] if quick else ["--concurrency", str(clients)]
+    print(f"$ python {shlex.join(command[1:])}", flush=True)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
+        raise SystemExit(f"bench/serve.py failed on {model}")
+    level = json.loads(report.read_text())["results"]["pytorch"][-1]  # the highest concurrency measured
+    return {"clients": level["concurrency"], "rps": level["rps"], "p99_ms": level["p99_ms"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", help="a trained teacher model folder (default: train recipes/offline/sst2-minilm.yaml)")
+    parser.add_argument("--layers", help="layers of the teacher the student keeps (default: every other one, 0,2,4)")
+    parser.add_argument("--seeds", type=int, default=1, help="training seeds per student (default 1)")
+    parser.add_argument("--first-seed", type=int, default=42)
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients of the serving benchmark (default 16)")
+    parser.add_argument("--checkpoint", help="the teacher's starting checkpoint (default: its recipe's, the offline MiniLM)")
+    parser.add_argument("--workdir", help="where runs and the MLflow store go (default runs/bench-distill; --quick: temporary)")
+    parser.add_argument("--quick", action="store_true", help="tiny data, a few steps (smoke run)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
+        work = Path(args.workdir or (tmp if args.quick else ROOT / "runs" / "bench-distill"))
+        runner = Runner(work, in_process=args.quick)
+        sample = ROOT / "data" / "sst2"
+        small = [f"data.files.train={sample / 'train.tsv'}", f"data.files.validation={sample / 'dev.tsv'}",
+                 "data.max_train_samples=128", "data.max_eval_samples=64", "training.max_steps=4",
+                 "training.eval_steps=2"] if args.quick else []
+        teacher_dir = Path(args.teacher) if args.teacher else work / "teacher" / "best"
+        results: dict = {}
+        if not args.teacher:
+            run = runner.finetune("run", f"{OFFLINE}/sst2-minilm.yaml", *small, f"output_dir={work / 'teacher'}",
+                                  *([f"model.checkpoint={args.checkpoint}"] if args.checkpoint else []),
+                                  "tracking.experiment=bench-distill")
+            results["teacher_seconds"] = run.seconds
+        from transformers import AutoConfig
+
+        layers = args.layers or ",".join(map(str, range(0, AutoConfig.from_pretrained(teacher_dir).num_hidden_layers, 2)))
+        start = work / "student-start"
+        runner.finetune("convert", "--to", "fewer-layers", "--layers", layers, "--overwrite", str(teacher_dir), str(start))
+        teacher_accuracy = json.loads((teacher_dir / "finetune.json").read_text())["metrics"]["accuracy"]
+        students = {}
+        for name, recipe in (("without teacher", "sst2-minilm-3layers.yaml"), ("distilled", "sst2-minilm-student.yaml")):
+            extra = [f"distillation.teacher={teacher_dir}"] if name == "distilled" else []
+            runs = [runner.finetune("run", f"{OFFLINE}/{recipe}", f"model.checkpoint={start}", *small, *extra,
+                                    f"training.seed={seed}", f"output_dir={work / recipe.removesuffix('.yaml') / str(seed)}",
+                                    "tracking.experiment=bench-distill")
+                    for seed in seeds]
+            students[name] = {"dev_accuracy": [r.metrics["best/accuracy"] for r in runs],
+                              "seconds": [r.seconds for r in runs],
+                              "best": str(work / recipe.removesuffix(".yaml") / str(seeds[0]) / "best")}
+        n_teacher = AutoConfig.from_pretrained(teacher_dir).num_hidden_layers
+        serving = {"teacher": serve_throughput(teacher_dir, args.clients, args.quick, work),
+                   "distilled": serve_throughput(Path(students["distilled"]["best"]), args.clients, args.quick, work)}
+    results |= {"layers": layers, "teacher_accuracy": teacher_accuracy, "students": students, "serving": serving}
+
+    print(f"\ncommand: python {shlex.join(['bench/distill.py', *(argv if argv is not None else sys.argv[1:])])}; "
+          f"{minutes(time.perf_counter() - started)} in all")
+    clients = serving["teacher"]["clients"]
+    rows = [["teacher", str(n_teacher), f"{teacher_accuracy:.4f}", f"{serving['teacher']['rps']:.1f}",
+             f"{serving['teacher']['p99_ms']:.1f}", "1.00x"]]
+    for name, s in students.items():
+        served = serving.get(name)
+        rows.append([f"student {name} (layers {layers})", str(len(layers.split(","))), mean_sd(s["dev_accuracy"]),
+                     f"{served['rps']:.1f}" if served else "(same model size)", f"{served['p99_ms']:.1f}" if served else "",
+                     f"{served['rps'] / serving['teacher']['rps']:.2f}x" if served else ""])
+    print(f"\n### SST-2 dev accuracy and `finetune serve` (PyTorch fp32) at {clients} clients\n")
+    print(markdown(["model", "layers", "dev accuracy", "requests/s", "p99 ms", "throughput vs teacher"], rows))
+    distilled = statistics.mean(students["distilled"]["dev_accuracy"])
+    plain = statistics.mean(students["without teacher"]["dev_accuracy"])
+    speedup = serving["distilled"]["rps"] / serving["teacher"]["rps"]
+    checks = [(f"throughput {speedup:.2f}x the teacher's (target >= {TARGET_SPEEDUP}x)", speedup >= TARGET_SPEEDUP),
+              (f"{(teacher_accuracy - distilled) * 100:.2f} points below the teacher (target <= {TARGET_POINTS * 100:.1f})",
+               teacher_accuracy - distilled <= TARGET_POINTS),
+              (f"{(distilled - plain) * 100:+.2f} points against the student without teacher (target > 0)", distilled > plain)]
+    for text, met in checks:
+        print(f"- {'met' if met else 'MISSED'}: {text}")
+    results["targets_met"] = all(met for _, met in checks)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

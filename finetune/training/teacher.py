@@ -1,0 +1,139 @@
+"""The teacher of a distillation recipe: found like any model source, run once over the training texts, cached.
+
+The teacher reads the raw training texts with its own tokenizer, length and settings (a teacher that reads
+long texts in windows has its window logits pooled as it would serve them), so student and teacher need
+not share a tokenizer. Its outputs become the `teacher_logits` (and `teacher_hidden`) columns of the
+training features and are kept on disk under the tokenisation cache, keyed by the teacher's files and the
+training data, so neither another epoch nor another run of the recipe computes them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from finetune.config.recipe import Recipe
+from finetune.data.features import PreparedData, cache_root
+from finetune.errors import RecipeError
+from finetune.models.bigbird import attention_for_batch, plan_batches
+from finetune.models.predictor import Predictor
+from finetune.tasks.distillation import TEACHER_HIDDEN, TEACHER_LOGITS
+from finetune.tasks.sequence import batch_texts, pool_windows
+
+ENCODE_CHUNK = 2048
+"""Texts encoded at a time, so the features of a large training set never sit in memory at once."""
+
+
+def load_teacher(source: str) -> tuple[Predictor, Path]:
+    """The teacher's Predictor (PyTorch, fp32) from anything `finetune predict` accepts, and where its files are."""
+    from finetune.errors import ModelSourceError
+    from finetune.tracking.sources import load_predictor, locate
+
+    try:
+        found = locate(source)
+        return load_predictor(found, backend="torch"), found.path
+    except ModelSourceError as e:
+        raise RecipeError(f"distillation.teacher: {e}") from None
+
+
+def check_teacher(teacher: Predictor, recipe: Recipe, label_names: list[str] | None, student_hidden: int) -> None:
+    """Refuse a teacher whose outputs do not mean what the student's mean, naming both sides."""
+    source, info = recipe.distillation.teacher, teacher.info
+    if info.task != recipe.task.type:
+        raise RecipeError(f"distillation.teacher: {source} is a {info.task} model; this recipe trains "
+                          f"{recipe.task.type}, and a teacher must be of the same task")
+    if info.label_names != label_names:
+        raise RecipeError(f"distillation.teacher: {source} has the labels {info.label_names}, this recipe "
+                          f"{label_names}; they must be the same, in the same order")
+    pairs = recipe.data.text_pair_column is not None
+    if info.text_pair != pairs:
+        raise RecipeError(f"distillation.teacher: {source} reads {'pairs' if info.text_pair else 'single texts'}, "
+                          f"this recipe {'pairs' if pairs else 'single texts'}")
+    if recipe.distillation.hidden_weight and teacher.model.config.hidden_size != student_hidden:
+        raise RecipeError(f"distillation.hidden_weight: the teacher's hidden size is {teacher.model.config.hidden_size}, "
+                          f"the student's {student_hidden}; hidden states can be matched only when they are the same "
+                          "(set hidden_weight: 0)")
+
+
+def model_digest(path: Path) -> str:
+    """A hash of a model folder's weights and configuration (its content, wherever it was downloaded to)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")):
+        digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:24]
+
+
+@torch.inference_mode()
+def teacher_outputs(teacher: Predictor, texts: list[str], pairs: list[str] | None, hidden: bool,
+                    batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+    """The teacher's logits (and first-token last hidden state) for every text, in order, in fp32 eval mode."""
+    task, settings, model = teacher.task, teacher.settings, teacher.model.eval()
+    logits_out, hidden_out = [], []
+    progress = tqdm(total=len(texts), desc="teacher outputs", disable=len(texts) < 1000)
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        part = texts[start : start + ENCODE_CHUNK]
+        inputs = [list(p) for p in zip(part, pairs[start : start + ENCODE_CHUNK])] if pairs is not None else part
+        encoded = task.encode(teacher.tokenizer, inputs, teacher.info.text_pair, teacher.info.max_length, settings)
+        features = encoded.features
+        rows: list[Any] = [None] * len(features)
+        states: list[Any] = [None] * len(features)
+        for idx in plan_batches([len(f["input_ids"]) for f in features], batch_size, model.config):
+            batch = teacher.collator([features[i] for i in idx])
+            with attention_for_batch(model, batch["input_ids"]):
+                out = model(**batch, output_hidden_states=hidden)
+            for j, i in enumerate(idx):
+                rows[i] = out.logits[j].float().numpy()
+                if hidden:
+                    states[i] = out.hidden_states[-1][j, 0].float().numpy()
+        if settings.long_inputs == "chunk":  # one row per text, as the teacher answers when it serves
+            rows = list(pool_windows(rows, encoded.owner, len(part), settings.chunk_pooling))
+            if hidden:
+                states = list(pool_windows(states, encoded.owner, len(part), "mean"))
+        logits_out += rows
+        hidden_out += states
+        progress.update(len(part))
+    progress.close()
+    return np.stack(logits_out).astype(np.float32), (np.stack(hidden_out).astype(np.float32) if hidden else None)
+
+
+def add_teacher_outputs(data: PreparedData, recipe: Recipe, student_hidden: int) -> PreparedData:
+    """The prepared data with the teacher's outputs on every training example as feature columns (cached)."""
+    cfg = recipe.distillation
+    teacher, folder = load_teacher(cfg.teacher)
+    check_teacher(teacher, recipe, data.label_names, student_hidden)
+    if len(data.train) != len(data.raw_train):
+        raise RecipeError("distillation needs one training feature per training text (task.long_inputs: truncate)")
+    hidden = bool(cfg.hidden_weight)
+    key = hashlib.sha256(json.dumps({
+        "teacher": model_digest(folder), "train": data.raw_train._fingerprint,
+        "columns": [recipe.data.text_column, recipe.data.text_pair_column], "hidden": hidden, "version": 1,
+    }, sort_keys=True).encode()).hexdigest()[:24]
+    cached = cache_root().parent / "teacher" / f"{key}.npz"
+    if cached.is_file():
+        saved = np.load(cached)
+        logits, states = saved["logits"], (saved["hidden"] if hidden else None)
+        print(f"teacher outputs of {cfg.teacher} on {len(logits)} training examples: from cache")
+    else:
+        texts, pairs = batch_texts(data.raw_train[:], recipe.data)
+        logits, states = teacher_outputs(teacher, texts, pairs, hidden)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cached.parent, suffix=".npz", delete=False) as f:
+            np.savez(f, logits=logits, **({"hidden": states} if hidden else {}))
+        os.replace(f.name, cached)  # written whole, then renamed: an interrupted run leaves no half file
+        print(f"teacher outputs of {cfg.teacher} on {len(logits)} training examples: computed once, cached")
+    data.train = data.train.add_column(TEACHER_LOGITS, logits.tolist())
+    if hidden:
+        data.train = data.train.add_column(TEACHER_HIDDEN, states.tolist())
+    return data
+

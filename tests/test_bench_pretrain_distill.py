@@ -1,0 +1,47 @@
+"""`bench/pretrain.py --quick` and `bench/distill.py --quick` run every comparison end to end on a tiny checkpoint
+and print their tables (no figure is asserted: benchmarks are not tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def test_quick_pretraining_benchmark_runs_both_comparisons(tiny_checkpoints, tmp_path):
+    report = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "pretrain.py"), "--quick", "--checkpoint",
+                           str(tiny_checkpoints["bert"]), "--json", str(report)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    for line in ("| MiniLM + chunks | 1 |", "| MiniLM as BigBird 1536, MLM-pretrained | 1 |",
+                 "| MiniLM + chunks (BENCHMARKS.md, 1 seed) | 1 | 0.8232 |", "| quickstart after task-adaptive MLM | 1 |",
+                 "Pretraining (hyperpartisan-bigbird-mlm.yaml):", "command: python bench/pretrain.py --quick"):
+        assert line in out, out
+    saved = json.loads(report.read_text())
+    assert [s for s, _ in saved["long"]["pretraining"]["perplexity_curve"]] == [2, 4]
+    assert set(saved["long"]["pretraining"]["by_position"]) == {"positions 0-511"}  # 256 tokens: all below 512
+    for way in saved["long"]["ways"].values():
+        assert all(0 <= a <= 1 for a in way["test_accuracy"])
+    assert all(0 <= a <= 1 for r in saved["short"]["ways"].values() for a in r["dev_accuracy"])
+
+
+def test_quick_distillation_benchmark_trains_teacher_students_and_serves_both(tiny_checkpoints, tmp_path):
+    report = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "distill.py"), "--quick", "--checkpoint",
+                           str(tiny_checkpoints["bert"]), "--json", str(report)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "| teacher | 2 |" in out and "| student distilled (layers 0) | 1 |" in out, out
+    assert "student without teacher (layers 0)" in out and "throughput vs teacher" in out
+    assert out.count("- met: ") + out.count("- MISSED: ") == 3
+    saved = json.loads(report.read_text())
+    assert saved["layers"] == "0" and saved["serving"]["teacher"]["rps"] > 0 and saved["serving"]["distilled"]["rps"] > 0
