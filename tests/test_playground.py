@@ -188,7 +188,7 @@ def test_classification_behind_an_api_key(browser, models, artifacts, capsys):
         # A 4xx is shown with the server's reason, and the page keeps working.
         assert _submit_text(browser, "   ") == "error"
         error = _by_id(browser, "error")
-        assert error.is_displayed() and "422" in error.text and "inputs[0]: empty text" in error.text
+        assert error.is_displayed() and "422" in error.text and "inputs[0]: no visible characters" in error.text
         assert _submit_text(browser, text) == "done" and not _by_id(browser, "error").is_displayed()
 
         assert _off_server(_requested_urls(browser), server.url) == []
