@@ -11,10 +11,10 @@ from typing import Any
 from finetune.config.recipe import Recipe, load_recipe
 from finetune.data.features import length_stats
 from finetune.data.loading import load_splits
-from finetune.errors import CheckpointError, DataError
+from finetune.errors import CheckpointError, DataError, RecipeError
 from finetune.models import pretrained
 from finetune.models.modeling import load_tokenizer
-from finetune.tasks import get_task
+from finetune.tasks import TaskSettings, get_task
 
 
 def _check_checkpoint(recipe: Recipe, problems: list[str]) -> Any:
@@ -51,6 +51,14 @@ def validate(path: str, overrides: list[str]) -> int:
         print(f"data: train {len(train)}, eval {len(evaluation)}{carved}" + (f", test {len(test)}" if test is not None else ""))
         if label_names is not None:
             print(f"labels ({len(label_names)}): {', '.join(label_names)}")
+        settings = TaskSettings.of(recipe.task)
+        try:
+            task.settings_for_training(settings, train, label_names)
+        except RecipeError as e:
+            problems.append(str(e))
+        skew = task.skew_warning(train, label_names, settings)
+        if skew:
+            print(f"warning: {skew}")
         for name, split in (("train", train), ("eval", evaluation), ("test", test)):
             if split is None:
                 continue

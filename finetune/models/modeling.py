@@ -42,6 +42,15 @@ class ModelInfo:
     """The recipe's task settings (`TaskSettings`) the model was trained and evaluated with."""
     sparse_attention_min_length: int | None = None
     """Block-sparse BigBird: the padded batch length from which batches run block-sparse (the rule it was trained with)."""
+    calibration: dict[str, Any] | None = None
+    """Temperature scaling fitted after training (`finetune.tasks.calibration.CalibrationReport.saved`); the temperature
+    itself is in the settings, where the task reads it."""
+    parent: dict[str, Any] | None = None
+    """The fine-tuned model this one started from (`model.checkpoint` naming a run or model folder): its source, run,
+    task and labels, and whether its head was kept."""
+    adapter: dict[str, Any] | None = None
+    """Adapter models (`model.adapter`): the adapter settings and the base checkpoint the adapter applies to
+    (`finetune.models.adapters`); None for a full model."""
 
     @property
     def task_settings(self) -> TaskSettings:
@@ -131,6 +140,14 @@ def save_model_dir(target: Path, model: Any, tokenizer: Any, info: ModelInfo, re
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def write_model_info(path: Path | str, info: ModelInfo) -> None:
+    """Rewrite a model folder's finetune.json (after calibration), by a rename so readers never see half a file."""
+    target = Path(path) / METADATA_FILE
+    tmp = target.with_name(f".{METADATA_FILE}.tmp")
+    tmp.write_text(json.dumps(asdict(info), indent=2))
+    os.replace(tmp, target)
 
 
 def read_model_info(path: Path | str) -> ModelInfo:

@@ -207,6 +207,7 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(resolved.path, recipe.model.trust_remote_code)
     data = setup_data(recipe, task, tokenizer, accelerator)
+    settings = task.settings_for_training(settings, data.train, data.label_names)  # class_weights: balanced -> numbers
     model = setup_model(recipe, task, resolved, data.label_names)
     collator = make_collator(tokenizer, model.config, task)
     # The shuffle generator is re-seeded with seed + epoch at each epoch, so a resumed run sees the same order.
@@ -300,7 +301,7 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
         if state.last_eval_step != state.step:
             run_evaluation()
         progress.close()
-        final = finish.finish_run(recipe, task, data, collator, accelerator, tracker, state)
+        final = finish.finish_run(recipe, task, data, collator, accelerator, tracker, state, settings)
         if accelerator.is_main_process:
             training_state.mark_finished(recipe.output_dir)
         status = "FINISHED"
