@@ -13,7 +13,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_serializer, model_validator
@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from finetune.errors import RecipeError
 from finetune.tasks import TASKS, TaskSettings
 
-__all__ = ["Recipe", "RecipeError", "ModelSection", "DataSection", "TaskSection", "TrainingSection",
+__all__ = ["Recipe", "RecipeError", "AdapterSection", "ModelSection", "DataSection", "TaskSection", "TrainingSection",
            "TrackingSection", "load_recipe", "parse_override", "recipe_to_yaml", "flatten", "describe_fields"]
 
 
@@ -29,9 +29,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
 
 
+class AdapterSection(_Section):
+    type: Literal["lora"] = "lora"
+    """The adapter kind (the peft library's LoRA: low-rank updates added to the encoder's linear layers)."""
+    r: int = Field(8, ge=1, le=1024)
+    """Rank of the low-rank update of each adapted layer."""
+    alpha: float = Field(16, gt=0)
+    """LoRA scaling: the update is multiplied by alpha / r."""
+    dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout on the adapted layers' inputs to the low-rank update, while training."""
+    target_modules: list[str] | None = None
+    """Names of the linear layers to adapt (the last part of the module name, e.g. [query, value] for BERT, [q_lin, v_lin] for DistilBERT). Default: the attention query and value projections (peft's choice for the family). Names the model lacks are refused with the ones it has."""
+
+
 class ModelSection(_Section):
     checkpoint: str
-    """Pretrained checkpoint: a Hugging Face hub id (e.g. bert-base-uncased) or a local directory saved with save_pretrained."""
+    """What to start from: a Hugging Face hub id (e.g. bert-base-uncased) or a local directory saved with save_pretrained (a pretrained encoder: a fresh head is added), or a fine-tuned model as finetune predict takes it: an MLflow run id, runs:/ID/model, models:/NAME@ALIAS, models:/NAME/VERSION, or a runs/<name>/best folder (its encoder is reused, and its head too when the task and label set are the same; otherwise a fresh head replaces it, and the run says so)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the checkpoint; ignored for local directories."""
     max_length: int = Field(128, ge=8, le=16384)
@@ -48,6 +61,8 @@ class ModelSection(_Section):
     """Run Python code shipped with a hub checkpoint. Off unless you trust its author."""
     allow_pickle: bool = False
     """Accept checkpoints whose weights exist only as pickle files (pytorch_model.bin); unpickling can run code."""
+    adapter: AdapterSection | None = None
+    """Train a LoRA adapter instead of the encoder's weights: {type: lora, r, alpha, dropout, target_modules}. The encoder stays frozen; the adapter and the task head train, and the saved model is the adapter, the head and a reference to the base checkpoint (a few MB). null: full fine-tuning."""
 
     @model_validator(mode="after")
     def _sparse_rule_possible(self) -> "ModelSection":
@@ -205,6 +220,12 @@ class TrainingSection(_Section):
     """torch.compile the model (TorchInductor). Off by default: on 2 CPU cores its compile time did not pay back over a run (BENCHMARKS.md); worth measuring on a GPU. Not with BigBird block-sparse attention."""
     save_total_limit: int = Field(2, ge=1)
     """Training-state checkpoints (for resuming) kept in output_dir/checkpoints; one is written at every evaluation."""
+    freeze: Union[Literal["none", "embeddings", "encoder"], Annotated[int, Field(ge=1)]] = "none"
+    """What does not train: none; embeddings; N (an integer: the embeddings and the first N encoder layers); encoder (the whole encoder: a linear probe on frozen features, whose encoder outputs are then computed once per text and cached, so only the head trains). Frozen parameters get no gradient and no optimizer state. Not with model.adapter (which freezes the encoder itself)."""
+    layer_lr_decay: float | None = Field(None, gt=0, le=1)
+    """Layer-wise learning-rate decay: the top encoder layer trains at learning_rate, each layer below at this factor times the one above, the embeddings lowest (learning_rate x decay^layers). null: one learning rate for the encoder."""
+    head_learning_rate: float | None = Field(None, gt=0, lt=1)
+    """Learning rate of the task head (the parameters outside the encoder). null: learning_rate."""
 
     @model_validator(mode="after")
     def _eval_steps_given(self) -> "TrainingSection":
@@ -252,6 +273,13 @@ class Recipe(_Section):
         problems = TASKS[self.task.type].check_recipe(self)
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _one_way_to_freeze(self) -> "Recipe":
+        if self.model.adapter is not None and self.training.freeze != "none":
+            raise ValueError(f"training.freeze: {self.training.freeze} cannot be used with model.adapter, which already "
+                             "freezes the whole encoder (only the adapter and the head train); allowed with an adapter: none")
         return self
 
     @model_validator(mode="after")
@@ -506,6 +534,10 @@ def describe_fields(model: type[BaseModel] = Recipe, prefix: str = "") -> list[s
 
 def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
+    if origin is Annotated:  # constrained numbers: the constraint is in the field's text
+        return _type_name(typing.get_args(annotation)[0])
+    if origin is list:
+        return f"list[{', '.join(_type_name(a) for a in typing.get_args(annotation))}]"
     if origin is Literal:
         return " | ".join(str(a) for a in typing.get_args(annotation))
     if origin in (Union, types.UnionType):

@@ -98,6 +98,8 @@ def export_onnx(model_dir: str | Path, target: str | Path, quantize: str | None 
                           "evaluation data; pass --no-check to export it unchecked")
     if target.resolve() != model_dir.resolve():
         shutil.copytree(model_dir, target, dirs_exist_ok=True)
+    if predictor.info.adapter:
+        predictor = _merge_adapter(predictor, target)
     # Tracing passes inputs by position, so they go in the order of the model's forward() signature.
     order = list(inspect.signature(predictor.model.forward).parameters)
     names = sorted((n for n in predictor.tokenizer.model_input_names
@@ -124,6 +126,23 @@ def export_onnx(model_dir: str | Path, target: str | Path, quantize: str | None 
         report.update(_parity(model_dir, target, predictor, quantize == "int8"))
     (target / "export_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _merge_adapter(predictor: Predictor, target: Path) -> Predictor:
+    """An adapter model folded into its base: the export folder becomes a plain full model (safetensors, config,
+    finetune.json without the adapter) beside model.onnx, so it serves without the base checkpoint."""
+    from dataclasses import replace
+
+    from finetune.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merged
+    from finetune.models.modeling import write_model_info
+
+    model = merged(predictor.model)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        (target / name).unlink(missing_ok=True)
+    model.save_pretrained(target, safe_serialization=True)
+    info = replace(predictor.info, adapter=None)
+    write_model_info(target, info)
+    return Predictor(model, predictor.tokenizer, info)
 
 
 def _parity(model_dir: Path, target: Path, reference: Predictor, int8: bool) -> dict[str, Any]:

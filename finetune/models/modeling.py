@@ -92,16 +92,20 @@ def build_model(resolved: ResolvedCheckpoint, model_cfg: ModelSection, task: Tas
     if task.num_labels(label_names) is not None:
         extra["num_labels"] = task.num_labels(label_names)
     try:
-        model = model_class(task).from_pretrained(
+        model, loading = model_class(task).from_pretrained(
             resolved.path,
             use_safetensors=not model_cfg.allow_pickle,
             trust_remote_code=model_cfg.trust_remote_code,
+            output_loading_info=True,
             **extra,
         )
     except ValueError as e:
         raise CheckpointError(
             f"model.checkpoint: {resolved.name} has no {task.auto_model.removeprefix('AutoModelFor')} head class in transformers ({e})"
         ) from None
+    # Parameters the checkpoint did not have (the head, or a pooler a checkpoint lacks) were freshly initialised:
+    # freezing (`training.freeze`) leaves them trainable.
+    model.finetune_fresh_parameters = frozenset(loading.get("missing_keys") or ())
     if is_block_sparse(model.config):
         # On the config, so save_pretrained carries the rule to evaluation, the MLflow model and serving.
         setattr(model.config, RULE_ATTRIBUTE, sparse_min_length(model.config, model_cfg.sparse_attention_min_length))
@@ -130,6 +134,10 @@ def save_model_dir(target: Path, model: Any, tokenizer: Any, info: ModelInfo, re
     if is_block_sparse(model.config):
         info = replace(info, sparse_attention_min_length=sparse_min_length(model.config))
     model.save_pretrained(tmp, safe_serialization=True)
+    if hasattr(model, "peft_config"):
+        # An adapter model saves only the adapter and the head; the task model's config keeps labels and head size.
+        model.get_base_model().config.save_pretrained(tmp)
+        (tmp / "README.md").unlink(missing_ok=True)  # peft's template card; MODEL_CARD.md is the model's
     tokenizer.save_pretrained(tmp)
     (tmp / METADATA_FILE).write_text(json.dumps(asdict(info), indent=2))
     (tmp / "recipe.yaml").write_text(recipe_yaml)

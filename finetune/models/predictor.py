@@ -34,10 +34,19 @@ class Predictor:
             setattr(model.config, RULE_ATTRIBUTE, sparse_min_length(model.config, info.sparse_attention_min_length))
 
     @classmethod
-    def from_dir(cls, path: Path | str, tokenizer_path: Path | str | None = None, **kwargs: Any) -> "Predictor":
-        """Load a model folder written by `save_model_dir` (safetensors only)."""
+    def from_dir(cls, path: Path | str, tokenizer_path: Path | str | None = None, base_path: Path | str | None = None,
+                 **kwargs: Any) -> "Predictor":
+        """Load a model folder written by `save_model_dir` (safetensors only).
+
+        An adapter model loads its base checkpoint too (`base_path`, else the one finetune.json names).
+        """
         info = read_model_info(path)
-        model = model_class(get_task(info.task)).from_pretrained(path, use_safetensors=True)
+        if info.adapter:
+            from finetune.models.adapters import load_adapter_model
+
+            model = load_adapter_model(path, get_task(info.task), info.adapter, base_path)
+        else:
+            model = model_class(get_task(info.task)).from_pretrained(path, use_safetensors=True)
         tokenizer = load_tokenizer(tokenizer_path or path)
         return cls(model, tokenizer, info, **kwargs)
 

@@ -87,6 +87,8 @@ def predictor_from_data(root: Path) -> Predictor:
         if not (root / needed).exists():
             raise ModelSourceError(f"{root} is not a model logged by finetune: it has no {needed}")
     info = ModelInfo.from_dict(json.loads((root / METADATA_FILE).read_text()))
+    if info.adapter:  # model/ is the adapter model folder; its base is found from finetune.json
+        return Predictor.from_dir(root / "model", tokenizer_path=root / "components" / "tokenizer")
     model = model_class(get_task(info.task)).from_pretrained(root / "model", use_safetensors=True)
     return Predictor(model, load_tokenizer(root / "components" / "tokenizer"), info)
 
@@ -152,7 +154,8 @@ def build_mlflow_model(model_dir: Path, target: Path) -> None:
     predictor = Predictor.from_dir(model_dir)
     info = predictor.info
     example = [predictor.task.example_input(info.text_pair)]
-    if predictor.task.pipeline_task is None:
+    if predictor.task.pipeline_task is None or predictor.info.adapter:
+        # Adapter models too: the transformers flavour would save the peft adapter with a base only the hub can give.
         _save_pyfunc_only(predictor, model_dir, target)
         return
     mlflow.transformers.save_model(
@@ -178,7 +181,7 @@ def build_mlflow_model(model_dir: Path, target: Path) -> None:
 
 
 def _save_pyfunc_only(predictor: Predictor, model_dir: Path, target: Path) -> None:
-    """A pyfunc-only MLflow model for tasks with no transformers pipeline (multiple choice).
+    """A pyfunc-only MLflow model for tasks with no transformers pipeline (multiple choice), and adapter models.
 
     The folder the loader reads has the transformers flavour's layout (model/, components/tokenizer/,
     finetune.json), so this module loads both kinds the same way.
@@ -187,7 +190,10 @@ def _save_pyfunc_only(predictor: Predictor, model_dir: Path, target: Path) -> No
 
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "finetune_model"
-        predictor.model.save_pretrained(staged / "model", safe_serialization=True)
+        if predictor.info.adapter:  # the adapter, the head and the base reference: a few MB
+            shutil.copytree(model_dir, staged / "model", ignore=shutil.ignore_patterns("MODEL_CARD.md"))
+        else:
+            predictor.model.save_pretrained(staged / "model", safe_serialization=True)
         predictor.tokenizer.save_pretrained(staged / "components" / "tokenizer")
         shutil.copy(model_dir / METADATA_FILE, staged / METADATA_FILE)
         mlflow.pyfunc.save_model(

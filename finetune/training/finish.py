@@ -93,6 +93,8 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
         | peak_memory_mb(),
         step=state.step,
     )
+    saved = sum(f.stat().st_size for f in best_dir.glob("*.safetensors"))
+    tracker.log_metrics({"model/saved_weights_mb": round(saved / 2**20, 3)}, step=state.step)
     tracker.set_tags({"finetune.best_step": state.best_step, "finetune.attention_batches": state.attention_counts or "n/a"})
 
     accelerator.wait_for_everyone()
