@@ -121,6 +121,9 @@ class ModelInfoResponse(BaseModel):
     sparse_attention_min_length: int | None = Field(None, description=(
         "Block-sparse BigBird: batches this many padded tokens long or longer run block-sparse attention, shorter ones "
         "full attention (the rule the model was trained and evaluated with)."))
+    calibration: dict[str, Any] | None = Field(None, description=(
+        "Classification and multi-label: the temperature the scores are computed with, and the expected calibration "
+        "error before and after it on the evaluation split it was fitted on."))
 
 
 def _inline_refs(schema: dict) -> dict:
@@ -220,9 +223,87 @@ class Gate:
             self.latency.labels(route).observe(time.perf_counter() - started)
 
 
-def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
-    """Build the service around a loaded model."""
+def _named(models: dict[str, LoadedModel], name: str) -> LoadedModel:
+    if name not in models:
+        known = ", ".join(models) or "none (the server was started with one unnamed --model; use /v1/predict)"
+        raise _error(404, ["path", "name"], f"no model named {name!r}; served here: {known}")
+    return models[name]
+
+
+def _model_info_response(name: str, loaded: LoadedModel) -> ModelInfoResponse:
+    info = loaded.predictor.info
+    return ModelInfoResponse(
+        name=name, version=loaded.version, run_id=loaded.run_id, source=loaded.source,
+        runtime=loaded.predictor.runtime, task=info.task, text_pair=info.text_pair, label_names=info.label_names,
+        max_length=info.max_length, threshold=info.threshold, metrics=info.metrics,
+        sparse_attention_min_length=info.sparse_attention_min_length, calibration=info.calibration)
+
+
+async def _start_named_batchers(models: dict[str, LoadedModel], first: LoadedModel, first_batcher: Batcher,
+                                settings: Settings, batch_sizes: Histogram) -> dict[str, Batcher]:
+    """One batcher per named model (the first model's is /v1/predict's), each warmed up with one batch."""
+    batchers: dict[str, Batcher] = {}
+    for name, loaded in models.items():
+        if loaded is first:
+            batchers[name] = first_batcher
+            continue
+        loaded.predictor.batch_size = settings.max_batch_size
+        batcher = Batcher(loaded.predictor.outputs, max_batch_size=settings.max_batch_size,
+                          max_batch_tokens=settings.max_batch_tokens, max_wait=settings.max_wait_ms / 1000,
+                          max_queue=settings.max_queue, on_batch=batch_sizes.observe)
+        batcher.start()
+        batchers[name] = batcher
+        predictor = loaded.predictor
+        warm = predictor.encode_inputs([predictor.task.example_input(predictor.info.text_pair)])
+        await asyncio.wait_for(asyncio.gather(*batcher.submit(warm.features)), timeout=600)
+    return batchers
+
+
+async def _answer(loaded: LoadedModel, batcher: Batcher, raw: bytes, settings: Settings) -> JSONResponse:
+    """A /v1/models/{name}/predict request, checked and answered as /v1/predict answers the default model's."""
+    predictor, info = loaded.predictor, loaded.predictor.info
+    try:
+        body = PredictRequest.model_validate_json(raw)
+    except ValidationError as e:
+        detail = [{"loc": ["body", *e_["loc"]], "msg": e_["msg"], "type": e_["type"]} for e_ in e.errors()]
+        raise HTTPException(422, detail=detail) from None
+    if len(body.inputs) > settings.max_inputs_per_request:
+        raise _error(422, ["body", "inputs"], f"{len(body.inputs)} inputs; at most {settings.max_inputs_per_request} per request")
+    inputs = [item.model_dump(exclude_none=True) if isinstance(item, BaseModel) else item for item in body.inputs]
+    try:
+        encoded = predictor.encode_inputs(inputs)
+    except InputError as e:
+        raise _error(422, ["body", "inputs", e.index], str(e)) from None
+    if not body.options.truncate:
+        too_long = [i for i, t in enumerate(encoded.truncated) if t]
+        if too_long:
+            raise _error(422, ["body", "inputs", too_long[0]],
+                         f"longer than the {info.max_length} tokens this model reads (or set options.truncate)")
+    try:
+        futures = batcher.submit(encoded.features)
+    except QueueFull as e:
+        raise HTTPException(503, detail=f"busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
+    try:
+        rows = await asyncio.wait_for(asyncio.gather(*futures), timeout=settings.request_timeout_s)
+    except asyncio.TimeoutError:
+        for f in futures:
+            f.cancel()
+        raise HTTPException(504, detail=f"no answer within {settings.request_timeout_s:.0f} s") from None
+    options = PostprocessOptions(threshold=body.options.threshold if body.options.threshold is not None else info.threshold,
+                                 top_k=body.options.top_k)
+    answers = predictor.answer(inputs, encoded, rows, options)
+    return JSONResponse({"model": loaded.name, "version": loaded.version, "predictions": answers})
+
+
+def create_app(model: LoadedModel, settings: Settings | None = None,
+               models: dict[str, LoadedModel] | None = None) -> FastAPI:
+    """Build the service around a loaded model.
+
+    `models` (`finetune serve --model NAME=SOURCE ...`): every model by name, `model` being the first; each answers
+    at /v1/models/{name}/predict with its own batcher, and /v1/predict and /v1/model stay the first model's.
+    """
     settings = settings or Settings()
+    models = models or {}
     predictor = model.predictor
     predictor.batch_size = settings.max_batch_size
     info = predictor.info
@@ -248,10 +329,14 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
         queue_depth.set_function(lambda: batcher.depth)
         warm = predictor.encode_inputs([predictor.task.example_input(info.text_pair)])
         await asyncio.wait_for(asyncio.gather(*batcher.submit(warm.features)), timeout=600)
+        state["batchers"] = await _start_named_batchers(models, model, batcher, settings, batch_sizes)
         state["ready"] = True
         yield
         state["ready"] = False
         await batcher.stop()  # finishes whatever requests are still waiting
+        for named in state["batchers"].values():
+            if named is not batcher:
+                await named.stop()
 
     # FastAPIOffline: FastAPI with /docs and /redoc loading their JavaScript and CSS from this server (the
     # package ships Swagger UI and ReDoc), not from a CDN, so the docs work offline and do not change under us.
@@ -323,8 +408,30 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
             runtime=predictor.runtime, task=info.task,
             text_pair=info.text_pair, label_names=info.label_names, max_length=info.max_length,
             threshold=info.threshold, metrics=info.metrics,
-            sparse_attention_min_length=info.sparse_attention_min_length,
+            sparse_attention_min_length=info.sparse_attention_min_length, calibration=info.calibration,
         )
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        """The models this server answers for by name (`finetune serve --model NAME=SOURCE ...`); the first is also
+        /v1/predict's."""
+        return {"default": next(iter(models), None), "models": [
+            _model_info_response(name, m).model_dump() for name, m in models.items()]}
+
+    @app.get("/v1/models/{name}", response_model=ModelInfoResponse)
+    async def named_model_info(name: str) -> ModelInfoResponse:
+        """What one named model is, as /v1/model says it of the default one."""
+        return _model_info_response(name, _named(models, name))
+
+    @app.post("/v1/models/{name}/predict", response_model=PredictResponse, responses={
+        404: {"description": "no model of that name"}, 422: {"description": "invalid inputs, named by field"},
+        503: {"description": "queue full"}, 504: {"description": "request timed out"}},
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": _inline_refs(PredictRequest.model_json_schema())}}}})
+    async def named_predict(name: str, request: Request) -> JSONResponse:
+        """Predict with one named model; the body and answers are /v1/predict's."""
+        chosen = _named(models, name)
+        return await _answer(chosen, state["batchers"][name], await request.body(), settings)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -21,14 +21,14 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from serving.app import Settings, create_app
-    from serving.loading import load_model
+    from serving.loading import load_models, parse_model_specs
 
     name = args.name
     if args.recipe:
         name = load_recipe(args.recipe).tracking.register_as
         if not name:
             raise RecipeError(f"{args.recipe} sets no tracking.register_as, so it has no champion; use --model")
-    loaded = load_model(args.model, name, args.backend, args.precision)
+    loaded, named = load_models(parse_model_specs(args.model), name, args.backend, args.precision)
     settings = Settings(
         max_inputs_per_request=args.max_inputs, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue, request_timeout_s=args.timeout, api_key=args.api_key or os.environ.get("FINETUNE_API_KEY"),
@@ -39,7 +39,9 @@ def serve(args: argparse.Namespace) -> int:
     version = f" version {loaded.version}" if loaded.version else ""
     print(f"serving {loaded.name}{version} ({loaded.predictor.info.task}, {loaded.predictor.runtime}) from {loaded.source} "
           f"at http://{args.host}:{args.port}  (playground: /, docs: /docs)", flush=True)
-    uvicorn.run(create_app(loaded, settings), host=args.host, port=args.port, log_level="warning",
+    for model_name, model in named.items():
+        print(f"  {model_name}: {model.predictor.info.task} from {model.source} at /v1/models/{model_name}/predict", flush=True)
+    uvicorn.run(create_app(loaded, settings, named), host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=30)
     return 0
 
