@@ -152,7 +152,11 @@ class FrozenFeatureCache:
         if input_ids is None or kwargs.get("inputs_embeds") is not None:
             return self.compute(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs)
         keys = self._keys(input_ids, attention_mask, token_type_ids)
-        missing = sorted({i for i, k in enumerate(keys) if k not in self.store})
+        firsts: dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            if k not in self.store:
+                firsts.setdefault(k, i)  # a text twice in one batch is computed once
+        missing = sorted(firsts.values())
         if missing:
             rows = torch.tensor(missing, device=input_ids.device)
             pick = {name: t.index_select(0, rows) for name, t in
