@@ -110,6 +110,12 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
         from accelerate.utils import broadcast_object_list
 
         settings = TaskSettings.of(broadcast_object_list([settings.saved()])[0])
+    if report is not None and task.name == "multi_label":
+        # The threshold applies to calibrated scores, so away from 0.5 the served labels can differ from the ones
+        # training scored: the metrics of what is served are logged beside best/*.
+        served = task.compute_metrics(task.calibrated(np.asarray(eval_outputs), settings),
+                                      np.asarray(data.raw_eval["labels"]), settings.threshold)
+        tracker.log_metrics({f"calibrated/{k}": v for k, v in served.items()}, step=state.step)
     if report is not None:
         tracker.log_metrics({"calibration/temperature": report.temperature, "calibration/ece_before": report.ece_before,
                              "calibration/ece_after": report.ece_after, "calibration/nll_before": report.nll_before,
