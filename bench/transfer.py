@@ -24,7 +24,6 @@ The results print as markdown tables to paste into BENCHMARKS.md, after the mach
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import random
