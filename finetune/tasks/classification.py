@@ -11,7 +11,7 @@ import pandas as pd
 from finetune.errors import RecipeError
 import finetune.tasks.labels as L
 import finetune.tasks.metrics as M
-from finetune.tasks import imbalance
+import finetune.tasks.imbalance as imbalance
 from finetune.tasks.base import LabelEncoding, PostprocessOptions, TaskSettings, class_weights_length, softmax
 from finetune.tasks.sequence import SequenceTask
 
