@@ -28,7 +28,7 @@ from finetune.data import batching
 from finetune.data.features import PreparedData, prepare
 from finetune.errors import TrainingDiverged
 from finetune.models import layers
-from finetune.models.bigbird import attention_for_batch
+from finetune.models.bigbird import attention_for_batch, is_block_sparse
 from finetune.models.modeling import ModelInfo, load_tokenizer, make_collator, save_model_dir
 from finetune.models.starting import BuiltModel, Start, build_for_run
 from finetune.tasks import Reference, Task, TaskSettings
@@ -120,8 +120,9 @@ def setup_model(recipe: Recipe, task: Task, start: Start,
     fresh = getattr(model, "finetune_fresh_parameters", frozenset())
     trainable = layers.freeze(model, recipe.training.freeze, fresh) if built.adapter is None else \
         layers.count_parameters(model, "the encoder (an adapter trains)")
+    # Not for block-sparse BigBird: its outputs depend on the padded length of the batch a text comes in.
     if (recipe.training.freeze == "encoder" and task.head_reads_first_token and layers.encoder_frozen(model)
-            and not recipe.training.compile):
+            and not recipe.training.compile and not is_block_sparse(model.config)):
         layers.FrozenFeatureCache(layers.base_module(model))
         built.notes.append("The frozen encoder's outputs were computed once per text and cached; only the head trained.")
     if recipe.training.freeze != "none" and built.adapter is None:
