@@ -132,6 +132,9 @@ class ModelInfoResponse(BaseModel):
     sparse_attention_min_length: int | None = Field(None, description=(
         "Block-sparse BigBird: batches this many padded tokens long or longer run block-sparse attention, shorter ones "
         "full attention (the rule the model was trained and evaluated with)."))
+    calibration: dict[str, Any] | None = Field(None, description=(
+        "Classification and multi-label: the temperature the scores are computed with, and the expected calibration "
+        "error before and after it on the evaluation split it was fitted on."))
 
 
 def _inline_refs(schema: dict) -> dict:
@@ -185,9 +188,32 @@ def check_texts(inputs: list, max_chars: int) -> int:
     return total
 
 
-def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
-    """Build the service around a loaded model."""
+def _named(models: dict[str, LoadedModel], name: str) -> LoadedModel:
+    if name not in models:
+        known = ", ".join(models) or "none (the server was started with one unnamed --model; use /v1/predict)"
+        raise _error(404, ["path", "name"], f"no model named {name!r}; served here: {known}")
+    return models[name]
+
+
+def _model_info_response(name: str, loaded: LoadedModel) -> ModelInfoResponse:
+    info = loaded.predictor.info
+    return ModelInfoResponse(
+        name=name, version=loaded.version, run_id=loaded.run_id, source=loaded.source,
+        runtime=loaded.predictor.runtime, task=info.task, text_pair=info.text_pair, label_names=info.label_names,
+        max_length=info.max_length, threshold=info.threshold, metrics=info.metrics,
+        sparse_attention_min_length=info.sparse_attention_min_length, calibration=info.calibration)
+
+
+def create_app(model: LoadedModel, settings: Settings | None = None,
+               models: dict[str, LoadedModel] | None = None) -> FastAPI:
+    """Build the service around a loaded model.
+
+    `models` (`finetune serve --model NAME=SOURCE ...`): every model by name, `model` being the first; each answers
+    at /v1/models/{name}/predict with its own batcher and tokenising lanes, and /v1/predict and /v1/model stay the
+    first model's.
+    """
     settings = settings or Settings()
+    models = models or {}
     predictor = model.predictor
     predictor.batch_size = settings.max_batch_size
     info = predictor.info
@@ -203,38 +229,62 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
     def run_batch(features: list[dict]) -> list[np.ndarray]:
         return predictor.outputs(features)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        batcher = Batcher(run_batch, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
-                          max_wait=settings.max_wait_ms / 1000, max_queue=settings.max_queue,
-                          on_batch=batch_sizes.observe)
-        batcher.start()
-        state["batcher"] = batcher
+    def lanes_for(lane_owner: Any) -> list[tuple[ThreadPoolExecutor | None, Any]]:
         # Tokenising and post-processing of all but short requests run in threads, off the event loop (a 1 MB
         # text takes a second to tokenise; the tokenizers library releases the GIL meanwhile), in two lanes by size
         # so that short requests never queue behind megabytes of text. Each lane has its own tokenizer: a fast
         # tokenizer must not be used by two threads at once (the inference thread never calls it; its collator
         # pads in Python).
-        lanes: list[tuple[ThreadPoolExecutor | None, Any]] = [(None, predictor)]
+        lanes: list[tuple[ThreadPoolExecutor | None, Any]] = [(None, lane_owner)]
         for name in ("tokenise", "tokenise-large"):
-            copied = copy.copy(predictor)
-            copied.tokenizer = copy.deepcopy(predictor.tokenizer)
+            copied = copy.copy(lane_owner)
+            copied.tokenizer = copy.deepcopy(lane_owner.tokenizer)
             lanes.append((ThreadPoolExecutor(max_workers=1, thread_name_prefix=name), copied))
-        state["lanes"] = lanes
+        return lanes
+
+    def new_batcher(run) -> Batcher:
+        batcher = Batcher(run, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
+                          max_wait=settings.max_wait_ms / 1000, max_queue=settings.max_queue,
+                          on_batch=batch_sizes.observe)
+        batcher.start()
+        return batcher
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher = new_batcher(run_batch)
+        state["batcher"] = batcher
+        state["lanes"] = lanes_for(predictor)
         queue_depth.set_function(lambda: batcher.depth)
         warm = predictor.encode_inputs([predictor.task.example_input(info.text_pair)])
         await asyncio.wait_for(asyncio.gather(*batcher.submit(warm.features)), timeout=600)
+        # Every named model answers through its own batcher and lanes; the first is /v1/predict's.
+        state["units"] = {}
+        for name, loaded in models.items():
+            if loaded is model:
+                state["units"][name] = {"model": model, "batcher": batcher, "lanes": state["lanes"]}
+                continue
+            loaded.predictor.batch_size = settings.max_batch_size
+            unit = {"model": loaded, "batcher": new_batcher(loaded.predictor.outputs), "lanes": lanes_for(loaded.predictor)}
+            state["units"][name] = unit
+            example = loaded.predictor.encode_inputs([loaded.predictor.task.example_input(loaded.predictor.info.text_pair)])
+            await asyncio.wait_for(asyncio.gather(*unit["batcher"].submit(example.features)), timeout=600)
         state["ready"] = True
         yield
         state["ready"] = False
         await batcher.stop()  # finishes whatever requests are still waiting
         for executor, _ in state["lanes"][1:]:
             executor.shutdown(wait=True)
+        for unit in state["units"].values():
+            if unit["batcher"] is not batcher:
+                await unit["batcher"].stop()
+                for executor, _ in unit["lanes"][1:]:
+                    executor.shutdown(wait=True)
 
-    async def in_lane(lane: int, chars: int, method: str, *args):
+    async def in_lane(lane: int, chars: int, method: str, *args, lanes: list | None = None):
         """The lane's predictor.method(*args), in the lane's thread (the event loop for lane 0), counting `chars`
-        as waiting until it is done or cancelled; 503 when too many characters are waiting already."""
-        executor, lane_predictor = state["lanes"][lane]
+        as waiting until it is done or cancelled; 503 when too many characters are waiting already. `lanes`: a
+        named model's (default: the first model's)."""
+        executor, lane_predictor = (lanes or state["lanes"])[lane]
         if executor is None:
             return getattr(lane_predictor, method)(*args)
         if state["pending_chars"] + chars > settings.max_pending_chars:
@@ -253,10 +303,13 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
         job.add_done_callback(release)
         return await asyncio.wrap_future(job)  # cancelling it drops the job if it has not started
 
-    async def answer(body: PredictRequest, inputs: list, chars: int) -> JSONResponse:
+    async def answer(body: PredictRequest, inputs: list, chars: int, unit: dict | None = None) -> JSONResponse:
+        """Answer checked inputs with the first model, or with a named model's `unit` (its model, batcher, lanes)."""
+        served = unit["model"] if unit else model
+        info, lanes = served.predictor.info, unit["lanes"] if unit else None
         lane = 0 if chars <= INLINE_CHARS else 1 if chars <= LARGE_REQUEST_CHARS else 2
         try:
-            encoded = await in_lane(lane, chars, "encode_inputs", inputs)
+            encoded = await in_lane(lane, chars, "encode_inputs", inputs, lanes=lanes)
         except InputError as e:
             raise _error(422, ["body", "inputs", e.index], str(e)) from None
         if not body.options.truncate:
@@ -265,7 +318,7 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
                 raise _error(422, ["body", "inputs", too_long[0]],
                              f"longer than the {info.max_length} tokens this model reads (or set options.truncate)")
         try:
-            futures = state["batcher"].submit(encoded.features)
+            futures = (unit["batcher"] if unit else state["batcher"]).submit(encoded.features)
         except QueueFull as e:
             raise HTTPException(503, detail=f"busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
         try:
@@ -279,10 +332,10 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
             threshold=body.options.threshold if body.options.threshold is not None else info.threshold,
             top_k=body.options.top_k,
         )
-        answers = await in_lane(lane, 0, "answer", inputs, encoded, rows, options)
+        answers = await in_lane(lane, 0, "answer", inputs, encoded, rows, options, lanes=lanes)
         # Returned as a ready response: the answers are built by the task definition already, and FastAPI's
         # re-validation of them against PredictResponse (still the documented schema) costs throughput.
-        return JSONResponse({"model": model.name, "version": model.version, "predictions": answers})
+        return JSONResponse({"model": served.name, "version": served.version, "predictions": answers})
 
     # FastAPIOffline: FastAPI with /docs and /redoc loading their JavaScript and CSS from this server (the
     # package ships Swagger UI and ReDoc), not from a CDN, so the docs work offline and do not change under us.
@@ -310,6 +363,10 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
             "schema": _inline_refs(PredictRequest.model_json_schema())}}}})
     async def predict(request: Request) -> JSONResponse:
         """Predict for a list of inputs (texts, or [text, text_pair] pairs for pair models)."""
+        return await handle(request)
+
+    async def handle(request: Request, unit: dict | None = None) -> JSONResponse:
+        """A predict request for the first model, or for a named model's `unit`."""
         try:
             body = PredictRequest.model_validate_json(await request.body())
         except ValidationError as e:
@@ -321,7 +378,7 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
         chars = check_texts(inputs, settings.max_input_chars)
         # The body has been read (serving.gates.BodyReader), so the next message from the client is
         # http.disconnect: if it comes before the answer, the client has gone and its inputs are dropped.
-        work = asyncio.ensure_future(answer(body, inputs, chars))
+        work = asyncio.ensure_future(answer(body, inputs, chars, unit))
         gone = asyncio.ensure_future(request.receive())
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -340,8 +397,31 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
             runtime=predictor.runtime, task=info.task,
             text_pair=info.text_pair, label_names=info.label_names, max_length=info.max_length,
             threshold=info.threshold, metrics=info.metrics,
-            sparse_attention_min_length=info.sparse_attention_min_length,
+            sparse_attention_min_length=info.sparse_attention_min_length, calibration=info.calibration,
         )
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        """The models this server answers for by name (`finetune serve --model NAME=SOURCE ...`); the first is also
+        /v1/predict's."""
+        return {"default": next(iter(models), None), "models": [
+            _model_info_response(name, m).model_dump() for name, m in models.items()]}
+
+    @app.get("/v1/models/{name}", response_model=ModelInfoResponse)
+    async def named_model_info(name: str) -> ModelInfoResponse:
+        """What one named model is, as /v1/model says it of the first one."""
+        return _model_info_response(name, _named(models, name))
+
+    @app.post("/v1/models/{name}/predict", response_model=PredictResponse, responses={
+        404: {"description": "no model of that name"}, 408: {"description": "body not received in time"},
+        413: {"description": "body too large"}, 422: {"description": "invalid inputs, named by field"},
+        503: {"description": "queue full; retry after Retry-After seconds"}, 504: {"description": "request timed out"}},
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": _inline_refs(PredictRequest.model_json_schema())}}}})
+    async def named_predict(name: str, request: Request) -> JSONResponse:
+        """Predict with one named model; the body, limits and answers are /v1/predict's."""
+        _named(models, name)
+        return await handle(request, state["units"][name])
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -90,7 +90,7 @@ def serve(args: argparse.Namespace) -> int:
     from finetune.config.recipe import load_recipe
     from serving.app import Settings, create_app
     from serving.gates import check_allowed_origins, default_allowed_hosts
-    from serving.loading import load_model
+    from serving.loading import load_models, parse_model_specs
     from serving.protocol import guarded_protocol
 
     key = api_key(args)
@@ -108,7 +108,7 @@ def serve(args: argparse.Namespace) -> int:
             raise RecipeError(f"{args.recipe} sets no tracking.register_as, so it has no champion; use --model")
     sock = _bind(args.host, args.port)
     try:
-        loaded = load_model(args.model, name, args.backend, args.precision)
+        loaded, named = load_models(parse_model_specs(args.model), name, args.backend, args.precision)
     except FinetuneError:
         sock.close()
         raise
@@ -124,9 +124,11 @@ def serve(args: argparse.Namespace) -> int:
     version = f" version {loaded.version}" if loaded.version else ""
     print(f"serving {loaded.name}{version} ({loaded.predictor.info.task}, {loaded.predictor.runtime}) from {loaded.source} "
           f"at http://{args.host}:{args.port}  (playground: /, docs: /docs)", flush=True)
+    for model_name, model in named.items():
+        print(f"  {model_name}: {model.predictor.info.task} from {model.source} at /v1/models/{model_name}/predict", flush=True)
     _log_handler()
     config = uvicorn.Config(
-        create_app(loaded, settings), host=args.host, port=args.port, log_level="warning",
+        create_app(loaded, settings, named), host=args.host, port=args.port, log_level="warning",
         http=guarded_protocol(args.max_connections, args.header_timeout, args.body_timeout),
         timeout_keep_alive=args.keep_alive,
         # Long enough for a request that has just arrived to finish: its body, then its answer.

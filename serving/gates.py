@@ -29,6 +29,16 @@ PLAYGROUND = {"/", "/static/playground.js", "/static/playground.css"}
 KEYLESS_ROUTES = OPEN_ROUTES | PLAYGROUND
 # Metrics are labelled by these paths only, so random URLs cannot blow up the label set.
 ROUTES = {"/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"} | PLAYGROUND
+
+
+def _named_route(path: str) -> str:
+    """The metrics label of a named model's route (`--model NAME=SOURCE`): the route, not the name, so random
+    names cannot grow the label set."""
+    if path == "/v1/models":
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{name}/predict" if path.endswith("/predict") else "/v1/models/{name}"
+    return "other"
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
@@ -55,7 +65,7 @@ class Metrics:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         path = scope["path"]
-        route = path if path in ROUTES else "other"
+        route = path if path in ROUTES else _named_route(path)
         status = {"code": 500, "sent": False}
 
         async def recording_send(message):

@@ -23,7 +23,10 @@ def _names(text: str) -> list[str]:
 
 def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     """The options of `finetune serve`."""
-    serve.add_argument("--model", help="a model folder, an MLflow run id, or a runs:/ or models:/ URI (default: the champion)")
+    serve.add_argument("--model", action="append", metavar="[NAME=]SOURCE",
+                       help="a model folder, an MLflow run id, or a runs:/ or models:/ URI (default: the champion); "
+                            "repeat as NAME=SOURCE to serve several, each at /v1/models/NAME/predict (the first also at "
+                            "/v1/predict); adapter models on the same base share one copy of it")
     serve.add_argument("--name", help="registered model whose champion to serve (default: the only one with a champion)")
     serve.add_argument("--recipe", help="serve the champion of this recipe's tracking.register_as")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; any other needs an API key)")

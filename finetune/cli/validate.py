@@ -14,19 +14,29 @@ from finetune.data.loading import load_splits
 from finetune.errors import CheckpointError, DataError, RecipeError
 from finetune.models import pretrained
 from finetune.models.modeling import load_tokenizer
-from finetune.tasks import get_task
+from finetune.tasks import TaskSettings, get_task
 from finetune.training.outputs import check_output_dir
 from finetune.training.preflight import choose_mixed_precision
 
 
 def _check_checkpoint(recipe: Recipe, problems: list[str]) -> Any:
+    from finetune.models.adapters import is_adapter_folder
+    from finetune.models.layers import check_freeze
+    from finetune.training.start import resolve_start
+
     try:
-        resolved = pretrained.resolve_checkpoint(recipe.model.checkpoint, recipe.model.revision, recipe.model.allow_pickle)
+        start = resolve_start(recipe.model.checkpoint, recipe.model.revision, recipe.model.allow_pickle)
+        resolved = start.resolved
         config = pretrained.load_config(resolved, recipe.model.trust_remote_code)
-        pretrained.check_weights_format(resolved.path, recipe.model.allow_pickle)
+        if not is_adapter_folder(resolved.path):  # an adapter model's weights are its base's and its adapter's
+            pretrained.check_weights_format(resolved.path, recipe.model.allow_pickle)
     except CheckpointError as e:
         problems.append(str(e))
         return None
+    if start.parent is not None:
+        print(f"starts from the fine-tuned {start.parent.task} model {start.parent_source} "
+              f"(labels: {', '.join(start.parent.label_names or []) or 'none'})")
+    problems.extend(check_freeze(recipe.training.freeze, config))
     family = config.model_type
     note = "" if family in pretrained.TESTED_FAMILIES else " (not one of the tested families; loaded through AutoModel)"
     print(f"checkpoint: {recipe.model.checkpoint} -> {resolved.path} [{resolved.source}], family {family}{note}, "
@@ -77,6 +87,14 @@ def validate(path: str, overrides: list[str]) -> int:
         print(f"data: train {len(train)}, eval {len(evaluation)}{carved}" + (f", test {len(test)}" if test is not None else ""))
         if label_names is not None:
             print(f"labels ({len(label_names)}): {', '.join(label_names)}")
+        settings = TaskSettings.of(recipe.task)
+        try:
+            task.settings_for_training(settings, train, label_names)
+        except RecipeError as e:
+            problems.append(str(e))
+        skew = task.skew_warning(train, label_names, settings)
+        if skew:
+            print(f"warning: {skew}")
         for name, split in (("train", train), ("eval", evaluation), ("test", test)):
             if split is None:
                 continue

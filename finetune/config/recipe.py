@@ -13,7 +13,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_serializer, model_validator
@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from finetune.errors import RecipeError
 from finetune.tasks import TASKS, TaskSettings
 
-__all__ = ["Recipe", "RecipeError", "ModelSection", "DataSection", "TaskSection", "TrainingSection",
-           "TrackingSection", "DistillationSection", "load_recipe", "parse_override", "recipe_to_yaml", "flatten", "describe_fields"]
+__all__ = ["Recipe", "RecipeError", "AdapterSection", "ModelSection", "DataSection", "TaskSection", "TrainingSection",
+           "TrackingSection", "DistillationSection", "load_recipe", "parse_override", "recipe_to_yaml", "flatten",
+           "describe_fields"]
 
 
 class _Section(BaseModel):
@@ -39,9 +40,22 @@ MAX_SEED = 2**32 - 1
 """numpy (which Accelerate's set_seed seeds) takes seeds 0 to 2**32 - 1."""
 
 
+class AdapterSection(_Section):
+    type: Literal["lora"] = "lora"
+    """The adapter kind (the peft library's LoRA: low-rank updates added to the encoder's linear layers)."""
+    r: int = Field(8, ge=1, le=1024)
+    """Rank of the low-rank update of each adapted layer."""
+    alpha: float = Field(16, gt=0, le=4096)
+    """LoRA scaling: the update is multiplied by alpha / r."""
+    dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout on the adapted layers' inputs to the low-rank update, while training."""
+    target_modules: list[str] | None = None
+    """Names of the linear layers to adapt (the last part of the module name, e.g. [query, value] for BERT, [q_lin, v_lin] for DistilBERT). Default: the attention query and value projections (peft's choice for the family). Names the model lacks are refused with the ones it has."""
+
+
 class ModelSection(_Section):
     checkpoint: str
-    """Pretrained checkpoint: a Hugging Face hub id (e.g. bert-base-uncased) or a local directory saved with save_pretrained."""
+    """What to start from: a Hugging Face hub id (e.g. bert-base-uncased) or a local directory saved with save_pretrained (a pretrained encoder: a fresh head is added), or a fine-tuned model as finetune predict takes it: an MLflow run id, runs:/ID/model, models:/NAME@ALIAS, models:/NAME/VERSION, or a runs/<name>/best folder (its encoder is reused, and its head too when the task and label set are the same; otherwise a fresh head replaces it, and the run says so)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the checkpoint; ignored for local directories."""
     max_length: int = Field(128, ge=8, le=MAX_TOKENS)
@@ -58,6 +72,8 @@ class ModelSection(_Section):
     """Run Python code shipped with a hub checkpoint. Off unless you trust its author."""
     allow_pickle: bool = False
     """Accept checkpoints whose weights exist only as pickle files (pytorch_model.bin); unpickling can run code."""
+    adapter: AdapterSection | None = None
+    """Train a LoRA adapter instead of the encoder's weights: {type: lora, r, alpha, dropout, target_modules}. The encoder stays frozen; the adapter and the task head train, and the saved model is the adapter, the head and a reference to the base checkpoint (a few MB). null: full fine-tuning."""
 
     @model_validator(mode="after")
     def _block_fits(self) -> "ModelSection":
@@ -238,6 +254,12 @@ class TrainingSection(_Section):
     """Training-state checkpoints (for resuming) kept in output_dir/checkpoints; one is written at every evaluation."""
     keep_checkpoints: bool = False
     """Keep the training-state checkpoints when the run finishes. A finished run is never resumed, so by default they are deleted (each holds the weights and AdamW's two moments, about 3x the model) and only best/ stays; keep them to continue training later with --resume and a larger max_steps."""
+    freeze: Union[Literal["none", "embeddings", "encoder"], Annotated[int, Field(ge=1, le=1000)]] = "none"
+    """What does not train: none; embeddings; N (an integer: the embeddings and the first N encoder layers); encoder (the whole encoder: a linear probe on frozen features, whose encoder outputs are then computed once per text and cached, so only the head trains). Frozen parameters get no gradient and no optimizer state. Not with model.adapter (which freezes the encoder itself)."""
+    layer_lr_decay: float | None = Field(None, gt=0, le=1)
+    """Layer-wise learning-rate decay: the top encoder layer trains at learning_rate, each layer below at this factor times the one above, the embeddings lowest (learning_rate x decay^layers). null: one learning rate for the encoder."""
+    head_learning_rate: float | None = Field(None, gt=0, lt=1)
+    """Learning rate of the task head (the parameters outside the encoder). null: learning_rate."""
 
     @model_validator(mode="after")
     def _eval_steps_given(self) -> "TrainingSection":
@@ -264,11 +286,11 @@ class TrackingSection(_Section):
 class DistillationSection(_Section):
     teacher: str = Field(min_length=1)
     """The teacher model: anything `finetune predict` accepts (a model folder, an MLflow run id, a runs:/ or models:/ URI), trained on the same task and label set. Its outputs on every training example are computed once, before training, and cached with the features."""
-    temperature: float = Field(2.0, gt=0)
+    temperature: float = Field(2.0, gt=0, le=100)
     """Softens both models' outputs before they are compared (classification: softmax(logits / T); multi_label: sigmoid(logits / T)); the distillation term is scaled by T squared so its gradients keep their size. Not used by regression, which matches the teacher's values."""
     alpha: float = Field(0.5, ge=0, le=1)
     """Weight of the distillation term: loss = (1 - alpha) x the task's loss + alpha x T^2 x KL(teacher || student) (regression: the squared difference to the teacher's value). 0 trains on the labels alone, 1 on the teacher alone."""
-    hidden_weight: float = Field(0.0, ge=0)
+    hidden_weight: float = Field(0.0, ge=0, le=1000)
     """Adds hidden_weight x the mean squared difference between the student's and the teacher's last hidden state of the first token ([CLS]), cached like the outputs; only when both models have the same hidden size. 0: off."""
 
 
@@ -298,6 +320,13 @@ class Recipe(_Section):
         problems = TASKS[self.task.type].check_recipe(self)
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _one_way_to_freeze(self) -> "Recipe":
+        if self.model.adapter is not None and self.training.freeze != "none":
+            raise ValueError(f"training.freeze: {self.training.freeze} cannot be used with model.adapter, which already "
+                             "freezes the whole encoder (only the adapter and the head train); allowed with an adapter: none")
         return self
 
     @model_validator(mode="after")
@@ -654,6 +683,10 @@ def describe_fields(model: type[BaseModel] = Recipe, prefix: str = "") -> list[s
 
 def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
+    if origin is Annotated:  # constrained numbers: the constraint is in the field's text
+        return _type_name(typing.get_args(annotation)[0])
+    if origin is list:
+        return f"list[{', '.join(_type_name(a) for a in typing.get_args(annotation))}]"
     if origin is Literal:
         return " | ".join(str(a) for a in typing.get_args(annotation))
     if origin in (Union, types.UnionType):

@@ -107,6 +107,8 @@ def export_onnx(model_dir: str | Path, target: str | Path, quantize: str | None 
                           "evaluation data; pass --no-check to export it unchecked")
     if target.resolve() != model_dir.resolve():
         shutil.copytree(model_dir, target, dirs_exist_ok=True)
+    if predictor.info.adapter:
+        predictor = _merge_adapter(predictor, target)
     # Tracing passes inputs by position, so they go in the order of the model's forward() signature.
     order = list(inspect.signature(predictor.model.forward).parameters)
     names = sorted((n for n in predictor.tokenizer.model_input_names
@@ -145,6 +147,30 @@ def _record_onnx_checksums(target: Path) -> None:
     files = [rel for rel in listed if rel not in (ONNX_FILE, INT8_FILE)]
     files += [name for name in (ONNX_FILE, INT8_FILE) if (target / name).is_file()]
     write_manifest(target, files, MANIFEST_FILE)
+
+
+def _merge_adapter(predictor: Predictor, target: Path) -> Predictor:
+    """An adapter model folded into its base: the export folder becomes a plain full model (safetensors, config,
+    finetune.json without the adapter) beside model.onnx, so it serves without the base checkpoint."""
+    from dataclasses import replace
+
+    from finetune.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merged
+    from finetune.models.modeling import write_model_info
+
+    model = merged(predictor.model)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        (target / name).unlink(missing_ok=True)
+    model.save_pretrained(target, safe_serialization=True)
+    info = replace(predictor.info, adapter=None)
+    write_model_info(target, info)
+    if read_manifest(target, MANIFEST_FILE) is not None:
+        # The copied checksums name the adapter's files: list the merged weights instead (with config and
+        # tokenizer, as a saved folder does; finetune.json, the recipe and the card are not listed).
+        unlisted = {MANIFEST_FILE, "finetune.json", "recipe.yaml", "MODEL_CARD.md", "export_report.json", ONNX_FILE,
+                    INT8_FILE}
+        write_manifest(target, sorted(p.relative_to(target).as_posix() for p in target.rglob("*")
+                                      if p.is_file() and p.name not in unlisted), MANIFEST_FILE)
+    return Predictor(model, predictor.tokenizer, info)
 
 
 def _parity(model_dir: Path, target: Path, reference: Predictor, int8: bool) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import CheckpointError
+from finetune.models.adapters import ADAPTER_WEIGHTS
 from finetune.models.checksums import manifest_problem, read_manifest
 from finetune.models.modeling import MANIFEST_FILE, ModelInfo, load_tokenizer, model_class, read_model_info
 from finetune.tasks import TASKS, get_task
@@ -104,7 +105,12 @@ def check_model_folder(root: Path | str, weights_dir: Path | str | None = None,
         raise CheckpointError(f"{root / 'finetune.json'}: task {info.task!r} is not one this finetune knows "
                               f"({', '.join(TASKS)})")
     config = _config(weights_dir)
-    weights = _weights_files(weights_dir)
+    if info.adapter:  # an adapter model: the adapter and head weights here, the base checkpoint elsewhere
+        weights = [weights_dir / ADAPTER_WEIGHTS]
+        if not weights[0].is_file():
+            raise _damaged(weights[0], "missing (an adapter model's weights)")
+    else:
+        weights = _weights_files(weights_dir)
     problem = manifest_problem(root, MANIFEST_FILE)
     if problem:
         raise _damaged(root, problem)
@@ -131,10 +137,16 @@ def check_model_folder(root: Path | str, weights_dir: Path | str | None = None,
     return CheckedModel(info, weights_dir, tokenizer)
 
 
-def load_weights(checked: CheckedModel) -> Any:
-    """The task model of a checked folder, from its safetensors weights (never a pickle)."""
+def load_weights(checked: CheckedModel, base_path: Path | str | None = None) -> Any:
+    """The task model of a checked folder, from its safetensors weights (never a pickle); an adapter model with its
+    base checkpoint (`base_path`, else the one finetune.json names)."""
+    task = get_task(checked.info.task)
+    if checked.info.adapter:
+        from finetune.models.adapters import load_adapter_model
+
+        return load_adapter_model(checked.weights_dir, task, checked.info.adapter, base_path)
     try:
-        return model_class(get_task(checked.info.task)).from_pretrained(checked.weights_dir, use_safetensors=True)
+        return model_class(task).from_pretrained(checked.weights_dir, use_safetensors=True)
     except Exception as e:  # a config and weights that do not fit each other, say: named, not a traceback
         raise CheckpointError(f"{checked.weights_dir}: the weights do not load ({type(e).__name__}: "
                               f"{str(e)[:200]})") from None

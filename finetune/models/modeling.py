@@ -44,6 +44,15 @@ class ModelInfo:
     """The recipe's task settings (`TaskSettings`) the model was trained and evaluated with."""
     sparse_attention_min_length: int | None = None
     """Block-sparse BigBird: the padded batch length from which batches run block-sparse (the rule it was trained with)."""
+    calibration: dict[str, Any] | None = None
+    """Temperature scaling fitted after training (`finetune.tasks.calibration.CalibrationReport.saved`); the temperature
+    itself is in the settings, where the task reads it."""
+    parent: dict[str, Any] | None = None
+    """The fine-tuned model this one started from (`model.checkpoint` naming a run or model folder): its source, run,
+    task and labels, and whether its head was kept."""
+    adapter: dict[str, Any] | None = None
+    """Adapter models (`model.adapter`): the adapter settings and the base checkpoint the adapter applies to
+    (`finetune.models.adapters`); None for a full model."""
 
     @property
     def task_settings(self) -> TaskSettings:
@@ -97,6 +106,9 @@ def build_model(resolved: ResolvedCheckpoint, model_cfg: ModelSection, task: Tas
             f"model.checkpoint: {resolved.name} has no {task.auto_model.removeprefix('AutoModelFor')} head class in transformers ({e})"
         ) from None
     task.model_loaded(model, loading, resolved.name, resolved.path)
+    # Parameters the checkpoint did not have (the head, or a pooler a checkpoint lacks) were freshly initialised:
+    # freezing (`training.freeze`) leaves them trainable.
+    model.finetune_fresh_parameters = frozenset(loading.get("missing_keys") or ())
     if is_block_sparse(model.config):
         # On the config, so save_pretrained carries the rule to evaluation, the MLflow model and serving.
         setattr(model.config, RULE_ATTRIBUTE, sparse_min_length(model.config, model_cfg.sparse_attention_min_length))
@@ -129,6 +141,10 @@ def save_model_dir(target: Path, model: Any, tokenizer: Any, info: ModelInfo, re
     if is_block_sparse(model.config):
         info = replace(info, sparse_attention_min_length=sparse_min_length(model.config))
     model.save_pretrained(tmp, safe_serialization=True)
+    if hasattr(model, "peft_config"):
+        # An adapter model saves only the adapter and the head; the task model's config keeps labels and head size.
+        model.get_base_model().config.save_pretrained(tmp)
+        (tmp / "README.md").unlink(missing_ok=True)  # peft's template card; MODEL_CARD.md is the model's
     tokenizer.save_pretrained(tmp)
     write_manifest(tmp, [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()], MANIFEST_FILE)
     (tmp / METADATA_FILE).write_text(json.dumps(asdict(info), indent=2))
@@ -172,6 +188,12 @@ def recover_model_dir(target: Path) -> list[str]:
                 shutil.rmtree(leftover)
                 done.append(f"removed {leftover}, a {target.name} folder whose save was interrupted")
     return done
+def write_model_info(path: Path | str, info: ModelInfo) -> None:
+    """Rewrite a model folder's finetune.json (after calibration), by a rename so readers never see half a file."""
+    target = Path(path) / METADATA_FILE
+    tmp = target.with_name(f".{METADATA_FILE}.tmp")
+    tmp.write_text(json.dumps(asdict(info), indent=2))
+    os.replace(tmp, target)
 
 
 def read_model_info(path: Path | str) -> ModelInfo:

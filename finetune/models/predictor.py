@@ -35,10 +35,14 @@ class Predictor:
             setattr(model.config, RULE_ATTRIBUTE, sparse_min_length(model.config, info.sparse_attention_min_length))
 
     @classmethod
-    def from_dir(cls, path: Path | str, tokenizer_path: Path | str | None = None, **kwargs: Any) -> "Predictor":
-        """Load a model folder written by `save_model_dir` (safetensors only), once `check_model_folder` passes."""
+    def from_dir(cls, path: Path | str, tokenizer_path: Path | str | None = None, base_path: Path | str | None = None,
+                 **kwargs: Any) -> "Predictor":
+        """Load a model folder written by `save_model_dir` (safetensors only), once `check_model_folder` passes.
+
+        An adapter model loads its base checkpoint too (`base_path`, else the one finetune.json names).
+        """
         checked = check_model_folder(path, tokenizer_dir=tokenizer_path)
-        return cls(load_weights(checked), checked.tokenizer, checked.info, **kwargs)
+        return cls(load_weights(checked, base_path), checked.tokenizer, checked.info, **kwargs)
 
     @property
     def runtime(self) -> str:

@@ -95,6 +95,46 @@ def write_scatter(path: Path, gold, pred) -> Path:
     return save_figure(fig, path)
 
 
+def write_reliability_diagram(path: Path, report: Any, multi_label: bool) -> Path:
+    """reliability_diagram.png: how often scores in each bin were right, before and after temperature scaling.
+
+    `report` is a `finetune.tasks.calibration.CalibrationReport`; a perfectly calibrated model lies on the diagonal.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
+    what = "label score (sigmoid)" if multi_label else "top score (softmax)"
+    for ax, bins, title, ece in ((axes[0], report.bins_before, "before (T = 1)", report.ece_before),
+                                 (axes[1], report.bins_after, f"after (T = {report.temperature:.3g})", report.ece_after)):
+        filled = [b for b in bins if b["count"]]
+        width = bins[0]["high"] - bins[0]["low"]
+        ax.bar([b["low"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
+               edgecolor="black", alpha=0.7, label="share right")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+        ax.scatter([b["confidence"] for b in filled], [b["accuracy"] for b in filled], s=10, color="black", zorder=3)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel(what)
+        ax.set_title(f"{title}: ECE {ece:.3f}")
+        ax.legend(loc="upper left")
+    axes[0].set_ylabel("how often right")
+    return save_figure(fig, path)
+
+
+def calibration_lines(calibration: dict[str, Any] | None) -> list[str]:
+    """The model card's calibration section: the temperature, and ECE and NLL before and after it."""
+    if not calibration:
+        return ["## Calibration", "", "_Scores are not calibrated (task.calibration: none, or not a classification "
+                "or multi-label model)._", ""]
+    how = "fitted" if calibration.get("fitted", True) else "given by the recipe (task.temperature) and measured"
+    return ["## Calibration", "",
+            f"Scores are softmax (or sigmoid) of the logits divided by a temperature T = {calibration['temperature']:.4g}, "
+            f"{how} on the {calibration['examples']} evaluation examples. Expected calibration error (15 bins): "
+            f"{calibration['ece_before']:.4f} before, {calibration['ece_after']:.4f} after; negative log-likelihood "
+            f"{calibration['nll_before']:.4f} before, {calibration['nll_after']:.4f} after. An ECE of "
+            f"{calibration['ece_after']:.3f} means a served score is, on average over the bins, that far from how often "
+            "answers with that score were right. T was fitted on the same split that chose the best checkpoint, so "
+            "on new data expect a somewhat larger error; `evaluation/reliability_diagram.png` shows it bin by bin.", ""]
+
+
 def save_figure(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -131,12 +171,15 @@ def write_learning_curves(out_dir: Path, history: dict[str, list[tuple[int, floa
 def write_model_card(out_dir: Path, *, recipe_yaml: str, recipe_name: str, checkpoint: str, task: Any,
                      label_names: list[str] | None, label_counts: dict[str, dict], metrics: dict[str, float],
                      test_metrics: dict[str, float], data_description: str, train_examples: int | None = None,
-                     teacher: str | None = None) -> Path:
+                     teacher: str | None = None, calibration: dict[str, Any] | None = None,
+                     transfer: list[str] | None = None) -> Path:
     """Write MODEL_CARD.md: model, task, data, labels, eval/test metrics, the resolved recipe, use and limits.
 
     `label_counts` maps split name to the task's `label_counts` of that split (label -> count, or what
     describes its targets); `train_examples` is the number of training examples (texts, not windows);
     `teacher` the model it was distilled from, if any.
+    `calibration` is the model's calibration report (ModelInfo.calibration), for tasks whose scores are calibrated;
+    `transfer` are lines saying what the run started from and what it trained (parent model, freezing, adapter).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +188,8 @@ def write_model_card(out_dir: Path, *, recipe_yaml: str, recipe_name: str, check
     lines = [f"# Model card: {recipe_name}", "",
              f"- **Base checkpoint:** `{checkpoint}`", f"- **Task:** {task.name}: {task.description}",
              *([f"- **Distilled from:** `{teacher}` (the teacher's outputs on the training data; the `distillation` "
-                "section of the recipe below has the temperature and weights)"] if teacher else []), "",
+                "section of the recipe below has the temperature and weights)"] if teacher else []),
+             *[f"- {line}" for line in transfer or []], "",
              "## Data", "", data_description.strip() or "_not described_", ""]
     if label_counts:
         splits = list(label_counts)
@@ -163,6 +207,8 @@ def write_model_card(out_dir: Path, *, recipe_yaml: str, recipe_name: str, check
             lines.append(markdown_table(pd.DataFrame(sorted(values.items()), columns=["metric", "value"])))
         else:
             lines.append("_not computed_\n")
+    if getattr(task, "calibrates", False):
+        lines += calibration_lines(calibration)
     lines += ["## Recipe", "", "The full resolved recipe of this run:", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
     use = (f"{task.description.capitalize()} of text like the training data described above. "
            "Check the metrics on your own data before relying on it.") if getattr(task, "serves", True) else (

@@ -87,6 +87,12 @@ class PostprocessOptions:
     """Classification: also return the k best labels with scores."""
 
 
+def class_weights_length(weights: Sequence[float], label_names: Sequence[str]) -> str:
+    shown = ", ".join(label_names[:10]) + (", ..." if len(label_names) > 10 else "")
+    return (f"task.class_weights: {len(weights)} weights for {len(label_names)} labels ({shown}); give one per label "
+            f"in that order, or balanced")
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
@@ -142,6 +148,13 @@ class Task:
     feature_settings: tuple[str, ...] = ()
     """Task settings, beyond the ones every task's features depend on, that change this task's features (part of
     the tokenisation cache key)."""
+    weighted_losses: bool = False
+    """Whether `task.class_weights` and `task.loss: focal` mean something to this task (classification, multi_label)."""
+    calibrates: bool = False
+    """Whether scores are softmax or sigmoid of logits that temperature scaling (`task.calibration`) can calibrate."""
+    head_reads_first_token: bool = False
+    """Whether the head reads only the first token's final hidden state (or the pooler output made from it), so a
+    frozen encoder's outputs can be computed once per text and cached (`training.freeze: encoder`)."""
 
     # --- recipe ------------------------------------------------------------------------------
     def check_recipe(self, recipe: Any) -> list[str]:
@@ -156,7 +169,25 @@ class Task:
 
             able = [name for name, task in TASKS.items() if task.reads_chunks]
             problems.append(f"task.long_inputs: chunk is for {', '.join(able[:-1])} and {able[-1]}, not {self.name}")
+        settings = recipe.task
+        if not self.weighted_losses and (settings.class_weights is not None or settings.loss != "cross_entropy"):
+            key = "task.class_weights" if settings.class_weights is not None else "task.loss: focal"
+            problems.append(f"{key} is for classification and multi_label, not {self.name}; remove it")
+        if not self.calibrates and settings.temperature is not None:
+            problems.append(f"task.temperature is for classification and multi_label, not {self.name}; remove it")
+        names = recipe.data.label_names
+        if isinstance(settings.class_weights, list) and names is not None and len(settings.class_weights) != len(names):
+            problems.append(class_weights_length(settings.class_weights, names))
         return problems
+
+    def settings_for_training(self, settings: TaskSettings, train: Any, label_names: Sequence[str] | None) -> TaskSettings:
+        """The settings training and evaluation use, with what depends on the train split resolved to numbers
+        (`class_weights: balanced`); raises RecipeError when they do not fit the label set."""
+        return settings
+
+    def skew_warning(self, train: Any, label_names: Sequence[str] | None, settings: TaskSettings) -> str | None:
+        """For `finetune validate`: a warning naming the knob that helps when the train labels are skewed."""
+        return None
 
     def greater_is_better(self, metric: str) -> bool:
         return self.metrics[metric].greater_is_better

@@ -48,6 +48,7 @@ class SequenceTask(Task):
     """A sentence (or sentence-pair) task with one row of logits per text; subclasses say what the logits mean."""
 
     reads_chunks = True
+    head_reads_first_token = True
 
     # --- what subclasses define ------------------------------------------------------------
     def predictions(self, logits: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -74,6 +75,12 @@ class SequenceTask(Task):
         return []
 
     # --- shared --------------------------------------------------------------------------
+    def calibrated(self, logits: np.ndarray, settings: TaskSettings) -> np.ndarray:
+        """Logits as the scores read them: divided by the model's temperature (task.calibration), if it has one."""
+        if self.calibrates and settings.temperature is not None:
+            return np.asarray(logits, dtype=np.float64) / settings.temperature
+        return logits
+
     def compute_metrics(self, logits: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
         """Every metric of this task, from raw logits and gold labels."""
         return M.compute_all(self.metrics, self.gold(labels), self.predictions(logits, threshold))
@@ -133,7 +140,7 @@ class SequenceTask(Task):
             owners = list(reference.features["example_id"])
             logits = pool_windows(logits, owners, len(reference.raw), settings.chunk_pooling)
             labels = np.asarray(reference.raw["labels"])
-        return self.compute_metrics(logits, labels, settings.threshold), logits
+        return self.compute_metrics(self.calibrated(logits, settings), labels, settings.threshold), logits
 
     def write_artifacts(self, out_dir: Path, reference: Reference, outputs: Any, metrics: dict[str, float],
                         label_names: Sequence[str] | None, settings: TaskSettings) -> list[Path]:
@@ -143,7 +150,7 @@ class SequenceTask(Task):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         raw, data = reference.raw, reference.data
-        logits = np.asarray(outputs)
+        logits = self.calibrated(np.asarray(outputs), settings)
         gold = self.gold(np.asarray(raw["labels"]))
         pred = self.predictions(logits, settings.threshold)
         answers = self.postprocess(logits, label_names, PostprocessOptions(threshold=settings.threshold))
@@ -200,7 +207,7 @@ class SequenceTask(Task):
         logits = np.stack(list(rows))
         if settings.long_inputs == "chunk":
             logits = pool_windows(logits, encoded.owner, len(inputs), settings.chunk_pooling)
-        answers = self.postprocess(logits, label_names, options)
+        answers = self.postprocess(self.calibrated(logits, settings), label_names, options)
         for answer, was_truncated in zip(answers, encoded.truncated):
             answer["truncated"] = was_truncated
         return answers

@@ -7,7 +7,7 @@ evaluation, the MLflow model and the server read the same values. Each field say
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +41,16 @@ class TaskSettings(BaseModel):
     """masked_lm: mask every word piece of a chosen word together (words as the tokenizer's pre-tokenizer splits them: at spaces and punctuation), not single pieces."""
     pack_sequences: bool = True
     """masked_lm: concatenate texts (a [SEP] between two) and cut the stream into sequences of model.max_length tokens, so no position is padding and long-context models see full-length inputs; false: one text per sequence, a text longer than model.max_length cut into consecutive sequences."""
+    class_weights: Union[Literal["balanced"], list[Annotated[float, Field(gt=0, le=1e6)]], None] = None
+    """classification: the weight of each class in the cross-entropy, in label order; multi_label: the weight of each label's positive examples in its binary cross-entropy (pos_weight). balanced: from the train split's counts at training start (classification: examples / (labels x examples of the class); multi_label: negatives / positives of the label), saved with the model as numbers. null: unweighted."""
+    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
+    """classification, multi_label: cross_entropy (binary per label for multi_label), or focal: the same loss times (1 - p)^focal_gamma, p the probability given to the gold answer, so examples the model already gets right count less (Lin et al. 2017)."""
+    focal_gamma: float = Field(2.0, ge=0, le=100)
+    """loss focal: how much examples the model gets right are down-weighted (0: plain cross-entropy)."""
+    calibration: Literal["temperature", "none"] = "temperature"
+    """classification, multi_label: after training, fit temperature scaling on the evaluation split (one temperature T; scores become softmax or sigmoid of logits / T, labels and metrics do not change at threshold 0.5), keep T with the model and apply it wherever scores are returned; expected calibration error before and after is logged. none: raw scores."""
+    temperature: float | None = Field(None, gt=0, le=1000)
+    """classification, multi_label: the temperature the logits are divided by before softmax or sigmoid. Set by calibration after training; a value given here is kept and not fitted."""
 
     @classmethod
     def of(cls, values: Any) -> "TaskSettings":

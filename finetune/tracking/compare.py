@@ -56,6 +56,8 @@ def compare_table(experiment: str | None = None, metric: str | None = None) -> t
             "peak_memory_mb": _round(r.data.metrics.get("train/peak_memory_mb")),
             "champion": "yes" if r.info.run_id in champions else "",
         }
+        if any("finetune.parent_model" in other.data.tags for other in runs):
+            row["parent"] = r.data.tags.get("finetune.parent_model", "")
         rows.append(row)
     frame = pd.DataFrame(rows)
     frame["_missing"] = frame[metric].isna()

@@ -170,7 +170,8 @@ def build_mlflow_model(model_dir: Path, target: Path) -> None:
     predictor = Predictor.from_dir(model_dir)
     info = predictor.info
     example = [predictor.task.example_input(info.text_pair)]
-    if predictor.task.pipeline_task is None:
+    if predictor.task.pipeline_task is None or predictor.info.adapter:
+        # Adapter models too: the transformers flavour would save the peft adapter with a base only the hub can give.
         _save_pyfunc_only(predictor, model_dir, target)
         return
     mlflow.transformers.save_model(
@@ -197,7 +198,7 @@ def build_mlflow_model(model_dir: Path, target: Path) -> None:
 
 
 def _save_pyfunc_only(predictor: Predictor, model_dir: Path, target: Path) -> None:
-    """A pyfunc-only MLflow model for tasks with no transformers pipeline (multiple choice).
+    """A pyfunc-only MLflow model for tasks with no transformers pipeline (multiple choice), and adapter models.
 
     The folder the loader reads has the transformers flavour's layout (model/, components/tokenizer/,
     finetune.json), so this module loads both kinds the same way.
@@ -206,7 +207,10 @@ def _save_pyfunc_only(predictor: Predictor, model_dir: Path, target: Path) -> No
 
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "finetune_model"
-        predictor.model.save_pretrained(staged / "model", safe_serialization=True)
+        if predictor.info.adapter:  # the adapter, the head and the base reference: a few MB
+            shutil.copytree(model_dir, staged / "model", ignore=shutil.ignore_patterns("MODEL_CARD.md"))
+        else:
+            predictor.model.save_pretrained(staged / "model", safe_serialization=True)
         predictor.tokenizer.save_pretrained(staged / "components" / "tokenizer")
         shutil.copy(model_dir / METADATA_FILE, staged / METADATA_FILE)
         _record_checksums(staged)

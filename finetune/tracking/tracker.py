@@ -135,6 +135,20 @@ class Tracker:
             dataset = mlflow.data.from_huggingface(split, path=json.dumps(source), name=f"{self.recipe.name}-{context}")
             mlflow.log_input(dataset, context=context)
 
+    def log_parent(self, source: str, run_id: str | None, task: str, head_reused: bool | None) -> None:
+        """Record the fine-tuned model this run started from as an input of the run (context `parent_model`), beside
+        the `finetune.parent_model` tag, so the MLflow UI shows the lineage."""
+        def log() -> None:
+            from mlflow.data.code_dataset_source import CodeDatasetSource
+            from mlflow.data.meta_dataset import MetaDataset
+
+            tags = {"model": source, "run_id": run_id or "", "task": task,
+                    "head": "reused" if head_reused else "replaced"}
+            mlflow.log_input(MetaDataset(CodeDatasetSource(tags), name=f"parent model {source}"), context="parent_model",
+                             tags={"finetune.parent_model": source})
+
+        self.guarded("log the parent model", log)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log scalar metrics; anything that is not a number is an error rather than silently dropped.
 
@@ -247,6 +261,9 @@ class NullTracker:
         return None
 
     def log_inputs(self, data: Any) -> None:
+        pass
+
+    def log_parent(self, source: str, run_id: str | None, task: str, head_reused: bool | None) -> None:
         pass
 
     def history(self) -> dict[str, list[tuple[int, float]]]:

@@ -9,14 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from accelerate import Accelerator
 
 from finetune.config.recipe import Recipe, recipe_to_yaml
 from finetune.data.batching import eval_loader
 from finetune.data.features import PreparedData
+from finetune.models.modeling import read_model_info, write_model_info
 from finetune.models.predictor import Predictor
 from finetune.reports import artifacts
 from finetune.tasks import Reference, Task, TaskSettings
+from finetune.tasks.calibration import CalibrationReport, calibrate
 from finetune.tracking.registry import register_and_maybe_promote
 from finetune.training.evaluation import evaluate
 
@@ -54,10 +57,33 @@ def _data_description(recipe: Recipe, task: Task, data: PreparedData) -> str:
             + (f", {len(data.test)} test examples" if data.test is not None else ""))
 
 
+def calibrate_best(best_dir: Path, task: Task, settings: TaskSettings, eval_logits: np.ndarray,
+                   gold: np.ndarray) -> tuple[TaskSettings, CalibrationReport | None]:
+    """Fit temperature scaling on the evaluation split's logits and keep it in the best model's finetune.json.
+
+    Returns the settings with the temperature (what the served model answers with) and the report; the model is
+    unchanged when the task's scores are not calibrated or the recipe says task.calibration: none (unless it fixes
+    task.temperature, which is then only measured).
+    """
+    if not task.calibrates or (settings.calibration == "none" and settings.temperature is None) or not len(gold):
+        return settings, None
+    report = calibrate(eval_logits, gold, task.name == "multi_label", fixed=settings.temperature)
+    settings = settings.model_copy(update={"temperature": report.temperature})
+    info = read_model_info(best_dir)
+    info.settings, info.calibration = settings.saved(), report.saved()
+    write_model_info(best_dir, info)
+    return settings, report
+
+
 def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, accelerator: Accelerator,
-               tracker, state) -> FinalReport:
-    """Log the best metrics, score the best model on eval (for artifacts) and test, log artifacts, model and champion."""
-    settings = TaskSettings.of(recipe.task)
+               tracker, state, settings: TaskSettings | None = None, card_lines: list[str] | None = None) -> FinalReport:
+    """Log the best metrics, score the best model on eval (for artifacts) and test, calibrate its scores, log
+    artifacts, model and champion.
+
+    `settings` are the task settings training used (class weights resolved); `card_lines` say in the model card
+    what the run started from and what it trained.
+    """
+    settings = settings or TaskSettings.of(recipe.task)
     batch_size = recipe.training.eval_batch_size
     best_dir = Path(recipe.output_dir) / "best"
     throughput = state.samples / state.train_seconds if state.train_seconds else 0.0
@@ -67,6 +93,8 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
         | peak_memory_mb(),
         step=state.step,
     )
+    saved = sum(f.stat().st_size for f in best_dir.glob("*.safetensors"))
+    tracker.log_metrics({"model/saved_weights_mb": round(saved / 2**20, 3)}, step=state.step)
     tracker.set_tags({"finetune.best_step": state.best_step, "finetune.attention_batches": state.attention_counts or "n/a"})
 
     accelerator.wait_for_everyone()
@@ -74,6 +102,24 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
     eval_reference = Reference(data.eval_features, data.raw_eval, recipe.data)
     _, eval_outputs = evaluate(best, accelerator.prepare(eval_loader(data.eval, collator, batch_size)), accelerator, task,
                                settings, eval_reference, data.label_names)
+    report = None
+    if accelerator.is_main_process:
+        settings, report = calibrate_best(best_dir, task, settings, np.asarray(eval_outputs),
+                                          np.asarray(data.raw_eval["labels"]) if task.calibrates else np.zeros(0))
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        settings = TaskSettings.of(broadcast_object_list([settings.saved()])[0])
+    if report is not None and task.name == "multi_label":
+        # The threshold applies to calibrated scores, so away from 0.5 the served labels can differ from the ones
+        # training scored: the metrics of what is served are logged beside best/*.
+        served = task.compute_metrics(task.calibrated(np.asarray(eval_outputs), settings),
+                                      np.asarray(data.raw_eval["labels"]), settings.threshold)
+        tracker.log_metrics({f"calibrated/{k}": v for k, v in served.items()}, step=state.step)
+    if report is not None:
+        tracker.log_metrics({"calibration/temperature": report.temperature, "calibration/ece_before": report.ece_before,
+                             "calibration/ece_after": report.ece_after, "calibration/nll_before": report.nll_before,
+                             "calibration/nll_after": report.nll_after}, step=state.step)
     test_metrics: dict[str, float] = {}
     if data.test is not None:
         test_metrics, _ = evaluate(best, accelerator.prepare(eval_loader(data.test, collator, batch_size)), accelerator, task,
@@ -86,6 +132,9 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
             out = Path(tmp)
             task.write_artifacts(out / "evaluation", eval_reference, eval_outputs, state.best_metrics,
                                  data.label_names, settings)
+            if report is not None:
+                artifacts.write_reliability_diagram(out / "evaluation" / "reliability_diagram.png", report,
+                                                    task.name == "multi_label")
             artifacts.write_learning_curves(out, tracker.history(), recipe.task.metric_for_best)
             counts = {"train": task.label_counts(data.train, data.label_names),
                       "eval": task.label_counts(data.eval, data.label_names)}
@@ -95,8 +144,8 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
                 out, recipe_yaml=recipe_to_yaml(recipe), recipe_name=recipe.name, checkpoint=recipe.model.checkpoint,
                 task=task, label_names=data.label_names, label_counts=counts, metrics=state.best_metrics,
                 test_metrics=test_metrics, data_description=_data_description(recipe, task, data),
-                train_examples=len(data.raw_train),
-                teacher=recipe.distillation.teacher if recipe.distillation is not None else None,
+                train_examples=len(data.raw_train), calibration=report.saved() if report else None,
+                transfer=card_lines, teacher=recipe.distillation.teacher if recipe.distillation is not None else None,
             )
             (best_dir / card.name).write_text(card.read_text())
             tracker.log_artifacts(out)

@@ -6,22 +6,55 @@ import torch
 from transformers import get_scheduler
 
 from finetune.config.recipe import TrainingSection
+from finetune.models.layers import depths
 
 # Recipe names -> transformers scheduler names (a registry, so YAML never names code).
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainingSection) -> torch.optim.Optimizer:
-    """AdamW with weight decay on weight matrices only (not on biases or LayerNorm weights)."""
-    decay, no_decay = [], []
+def learning_rate_of(depth: int | None, layers: int, cfg: TrainingSection) -> float:
+    """The peak learning rate of a parameter at `depth` (`finetune.models.layers.depths`; None: the head).
+
+    With `layer_lr_decay` d, the top layer (and what sits above it, as BERT's pooler) trains at learning_rate and
+    each layer below at d times the one above, so layer i of L gets learning_rate x d^(L - i) and the embeddings
+    (depth 0) learning_rate x d^L.
+    """
+    if depth is None:
+        return cfg.head_learning_rate or cfg.learning_rate
+    if cfg.layer_lr_decay is None:
+        return cfg.learning_rate
+    return cfg.learning_rate * cfg.layer_lr_decay ** max(0, layers - depth)
+
+
+def _depth_name(depth: int | None, layers: int) -> str:
+    return "head" if depth is None else "embeddings" if depth == 0 else f"layer {depth}" if depth <= layers else "encoder top"
+
+
+def parameter_groups(model: torch.nn.Module, cfg: TrainingSection) -> list[dict]:
+    """AdamW parameter groups: trainable parameters only (frozen ones get no optimizer state), weight decay on
+    weight matrices only (not on biases or LayerNorm weights), one group per learning rate.
+
+    Each group names the depths it holds (`layers`), for people and tests; the group at the recipe's learning rate
+    comes first, so the logged train/learning_rate is the recipe's schedule.
+    """
+    found, layers = depths(model)
+    groups: dict[tuple[float, float], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        lr = learning_rate_of(found[name], layers, cfg)
+        decay = 0.0 if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else cfg.weight_decay
+        group = groups.setdefault((lr, decay), {"params": [], "weight_decay": decay, "lr": lr, "layers": []})
+        group["params"].append(param)
+        label = _depth_name(found[name], layers)
+        if label not in group["layers"]:
+            group["layers"].append(label)
+    return sorted(groups.values(), key=lambda g: (g["lr"] != cfg.learning_rate, g["weight_decay"] == 0.0))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainingSection) -> torch.optim.Optimizer:
+    """AdamW over `parameter_groups` (frozen parameters left out)."""
+    groups = parameter_groups(model, cfg)
     # The fused kernel updates every parameter in one pass over memory: measured 1.1-1.2x faster per training
     # step than foreach on 2 CPU cores (most at short sequences, where the optimizer step is a large share).
     try:

@@ -10,8 +10,11 @@ import torch
 from finetune.config.recipe import Recipe
 from finetune.errors import RecipeError
 from finetune.models import pretrained
+from finetune.models.layers import check_freeze
+from finetune.models.starting import Start
 from finetune.tasks import Task, get_task
 from finetune.training.outputs import check_output_dir
+from finetune.training.start import resolve_start
 
 
 def cpu_computes_bf16() -> bool:
@@ -38,13 +41,15 @@ def choose_mixed_precision(requested: str) -> str:
     return requested
 
 
-def preflight(recipe: Recipe, overwrite: bool = False) -> tuple[Task, pretrained.ResolvedCheckpoint]:
-    """Everything checkable before loading data: task, checkpoint, model settings, a writable output folder that
-    is new, empty or finetune's own (`overwrite`: any folder, see `finetune.training.outputs`)."""
+def preflight(recipe: Recipe, overwrite: bool = False) -> tuple[Task, Start]:
+    """Everything checkable before loading data: task, checkpoint (or the fine-tuned model it names), model and
+    freezing settings, a writable output folder that is new, empty or finetune's own (`overwrite`: any folder, see
+    `finetune.training.outputs`)."""
     task = get_task(recipe.task.type)
-    resolved = pretrained.resolve_checkpoint(recipe.model.checkpoint, recipe.model.revision, recipe.model.allow_pickle)
+    start = resolve_start(recipe.model.checkpoint, recipe.model.revision, recipe.model.allow_pickle)
+    resolved = start.resolved
     config = pretrained.load_config(resolved, recipe.model.trust_remote_code)
-    problems = pretrained.check_model_settings(config, recipe.model)
+    problems = pretrained.check_model_settings(config, recipe.model) + check_freeze(recipe.training.freeze, config)
     if problems:
         raise RecipeError("the recipe does not fit the checkpoint:\n" + "\n".join(f"  - {p}" for p in problems))
     choose_mixed_precision(recipe.training.mixed_precision)
@@ -61,7 +66,7 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> tuple[Task, pretrained
     except OSError as e:
         raise RecipeError(f"output_dir: cannot write to {out.resolve()}: {e.strerror}") from None
     check_free_space(out, resolved.path, recipe.training.save_total_limit)
-    return task, resolved
+    return task, start
 
 
 def check_free_space(out: Path, checkpoint: Path, keep: int) -> None:

@@ -27,9 +27,10 @@ from finetune.config.recipe import Recipe, TrainingSection, recipe_to_yaml
 from finetune.data import batching
 from finetune.data.features import PreparedData, prepare
 from finetune.errors import TrainingDiverged
-from finetune.models import pretrained
-from finetune.models.bigbird import attention_for_batch
-from finetune.models.modeling import ModelInfo, build_model, load_tokenizer, make_collator, save_model_dir
+from finetune.models import layers, pretrained
+from finetune.models.bigbird import attention_for_batch, is_block_sparse
+from finetune.models.modeling import ModelInfo, load_tokenizer, make_collator, save_model_dir
+from finetune.models.starting import BuiltModel, Start, build_for_run
 from finetune.tasks import Reference, Task, TaskSettings
 from finetune.tasks.distillation import DistilledTask
 from finetune.tasks.metrics import is_improvement
@@ -110,10 +111,29 @@ def setup_data(recipe: Recipe, task: Task, tokenizer: Any, accelerator: Accelera
         return prepare(recipe, task, tokenizer)
 
 
-def setup_model(recipe: Recipe, task: Task, resolved: pretrained.ResolvedCheckpoint, label_names: list[str] | None):
-    """The pretrained encoder with a fresh head for the task (compiled if the recipe says so)."""
-    model, _ = build_model(resolved, recipe.model, task, label_names)
-    return speed.prepare_model(model, recipe.training)
+def setup_model(recipe: Recipe, task: Task, start: Start,
+                label_names: list[str] | None) -> tuple[Any, BuiltModel, layers.Trainable]:
+    """The model to train (`finetune.models.starting`: a pretrained encoder with a fresh head, or a fine-tuned
+    model's), frozen as `training.freeze` says, with a frozen encoder's outputs cached when the head allows it, and
+    compiled if the recipe says so."""
+    built = build_for_run(start, recipe.model, task, label_names)
+    model = built.model
+    fresh = getattr(model, "finetune_fresh_parameters", frozenset())
+    trainable = layers.freeze(model, recipe.training.freeze, fresh) if built.adapter is None else \
+        layers.count_parameters(model, "the encoder (an adapter trains)")
+    # Not for block-sparse BigBird: its outputs depend on the padded length of the batch a text comes in.
+    if (recipe.training.freeze == "encoder" and task.head_reads_first_token and layers.encoder_frozen(model)
+            and not recipe.training.compile and not is_block_sparse(model.config)):
+        layers.FrozenFeatureCache(layers.base_module(model))
+        built.notes.append("The frozen encoder's outputs were computed once per text and cached; only the head trained.")
+    if recipe.training.freeze != "none" and built.adapter is None:
+        built.notes.append(f"Frozen: {trainable.frozen}; {trainable.trainable:,} of {trainable.total:,} parameters trained.")
+    if built.adapter is not None:
+        a = built.adapter
+        built.notes.append(f"A LoRA adapter (r {a['r']}, alpha {a['alpha']:g}, on {', '.join(a['target_modules'])}) and the "
+                           f"head trained: {trainable.trainable:,} of {trainable.total:,} parameters; the saved model is "
+                           f"the adapter, the head and the base reference {a['base']['checkpoint']!r}.")
+    return speed.prepare_model(model, recipe.training), built, trainable
 
 
 def train_one_epoch(
@@ -203,7 +223,8 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     cfg = recipe.training
     hooks = hooks or TrainingHooks()
     settings = TaskSettings.of(recipe.task)
-    task, resolved = preflight(recipe, overwrite)
+    task, start = preflight(recipe, overwrite)
+    resolved = start.resolved
     if recipe.distillation is not None:
         d = recipe.distillation
         task = DistilledTask(task, d.temperature, d.alpha, d.hidden_weight)
@@ -218,10 +239,11 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(resolved.path, recipe.model.trust_remote_code)
     data = setup_data(recipe, task, tokenizer, accelerator)
+    settings = task.settings_for_training(settings, data.train, data.label_names)  # class_weights: balanced -> numbers
     if recipe.distillation is not None:
         with accelerator.main_process_first():  # the main process computes the teacher's outputs, the others read them
             data = teacher.add_teacher_outputs(data, recipe, pretrained.load_config(resolved).hidden_size)
-    model = setup_model(recipe, task, resolved, data.label_names)
+    model, built, trainable = setup_model(recipe, task, start, data.label_names)
     collator = make_collator(tokenizer, model.config, task, settings)
     # The shuffle generator is re-seeded with seed + epoch at each epoch, so a resumed run sees the same order.
     generator = torch.Generator()
@@ -251,11 +273,17 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     info = ModelInfo(
         task=task.name, label_names=data.label_names, text_pair=recipe.data.text_pair_column is not None,
         max_length=recipe.model.max_length, checkpoint=recipe.model.checkpoint, recipe_name=recipe.name,
-        metrics=state.best_metrics, settings=settings.saved(),
+        metrics=state.best_metrics, settings=settings.saved(), adapter=built.adapter,
+        parent=None if start.parent is None else {
+            "source": start.parent_source, "run_id": start.parent_run_id, "task": start.parent.task,
+            "label_names": start.parent.label_names, "head_reused": built.head_reused},
     )
     metric = recipe.task.metric_for_best
     greater = task.greater_is_better(metric)
-    tags = {"finetune.checkpoint_source": resolved.source}
+    lineage = {} if start.parent is None else {
+        "finetune.parent_model": start.parent_source, "finetune.parent_run_id": start.parent_run_id or "",
+        "finetune.parent_head": "reused" if built.head_reused else "replaced"}
+    tags = {"finetune.checkpoint_source": resolved.source, **lineage}
     if recipe.distillation is not None:
         tags["finetune.teacher"] = recipe.distillation.teacher
     tracker = (
@@ -265,8 +293,15 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     # Every process keeps the run id in its checkpoint state, so it comes from the main one.
     state.run_id = broadcast_object_list([tracker.run_id])[0] if accelerator.num_processes > 1 else tracker.run_id
     tracker.log_inputs(data)
+    if resumed_from is None:
+        tracker.log_metrics({"model/trainable_parameters": trainable.trainable, "model/total_parameters": trainable.total,
+                             "model/trainable_share": trainable.share}, step=0)
+    if start.parent is not None and resumed_from is None:
+        tracker.log_parent(start.parent_source, start.parent_run_id, start.parent.task, built.head_reused)
     if accelerator.is_main_process:
         outputs.update_marker(recipe.output_dir, mlflow_run_id=state.run_id)
+        for note in built.notes:
+            print(note)
         print(f"training {total_steps} steps ({updates_per_epoch}/epoch) on {len(data.train)} examples "
               f"with {accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}, "
               f"evaluating on {len(data.eval)}; tokenised data {'from cache' if data.cache_hit else 'built'}"
@@ -322,7 +357,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
         if state.last_eval_step != state.step:
             run_evaluation()
         progress.close()
-        final = finish.finish_run(recipe, task, data, collator, accelerator, tracker, state)
+        final = finish.finish_run(recipe, task, data, collator, accelerator, tracker, state, settings, built.notes)
         if accelerator.is_main_process:
             training_state.mark_finished(recipe.output_dir, cfg.keep_checkpoints)
             outputs.update_marker(recipe.output_dir, state="finished")

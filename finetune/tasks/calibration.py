@@ -1,0 +1,100 @@
+"""Temperature scaling (Guo et al. 2017) and how calibrated scores are: expected calibration error, reliability bins.
+
+One temperature T divides every logit before the softmax (classification) or sigmoid (multi-label); it is fitted
+by minimising the negative log-likelihood on the evaluation split, so it changes how sure the scores are, never
+which label is first (nor, for multi-label, which labels pass the default threshold 0.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import expit, log_expit, logsumexp
+
+BINS = 15
+"""Equal-width confidence bins of the expected calibration error (Guo et al.'s number)."""
+LOG_T_RANGE = (-4.0, 4.0)
+"""The fitted temperature stays within e^-4 .. e^4 (0.018 .. 55)."""
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, multi_label: bool, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the gold labels under softmax (or per-label sigmoid) of logits / T."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    if multi_label:
+        y = np.asarray(labels, dtype=np.float64)
+        return float(-(y * log_expit(z) + (1 - y) * log_expit(-z)).mean())
+    y = np.asarray(labels, dtype=np.int64)
+    return float((logsumexp(z, axis=-1) - z[np.arange(len(y)), y]).mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, multi_label: bool) -> float:
+    """The temperature that minimises the negative log-likelihood of `labels` (a bounded 1-D search on log T)."""
+    found = minimize_scalar(lambda log_t: nll(logits, labels, multi_label, float(np.exp(log_t))),
+                            bounds=LOG_T_RANGE, method="bounded", options={"xatol": 1e-5})
+    return float(np.exp(found.x))
+
+
+def confidences(logits: np.ndarray, labels: np.ndarray, multi_label: bool,
+                temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(score, whether it was right) pairs: the top softmax score and whether the top label is gold; for
+    multi-label every label's sigmoid score and whether the label is gold."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    if multi_label:
+        return expit(z).ravel(), np.asarray(labels, dtype=np.float64).ravel()
+    shifted = np.exp(z - z.max(axis=-1, keepdims=True))
+    p = shifted / shifted.sum(axis=-1, keepdims=True)
+    return p.max(axis=-1), (p.argmax(axis=-1) == np.asarray(labels)).astype(np.float64)
+
+
+def reliability_bins(scores: np.ndarray, right: np.ndarray, bins: int = BINS) -> list[dict[str, float]]:
+    """Per equal-width score bin: its range, how many scores fall in it, their mean and how often they were right."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(scores, edges[1:-1], right=True), 0, bins - 1)
+    out = []
+    for b in range(bins):
+        mine = which == b
+        n = int(mine.sum())
+        out.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": n,
+                    "confidence": float(scores[mine].mean()) if n else 0.0,
+                    "accuracy": float(right[mine].mean()) if n else 0.0})
+    return out
+
+
+def expected_calibration_error(scores: np.ndarray, right: np.ndarray, bins: int = BINS) -> float:
+    """Sum over bins of (share of scores in the bin) x |how often right - mean score|."""
+    total = max(len(scores), 1)
+    return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"]) for b in reliability_bins(scores, right, bins)))
+
+
+@dataclass
+class CalibrationReport:
+    """What a fitted temperature did on the split it was fitted on (kept in finetune.json, shown in the card)."""
+
+    temperature: float
+    examples: int
+    ece_before: float
+    ece_after: float
+    nll_before: float
+    nll_after: float
+    fitted: bool = True
+    """False when the recipe fixed task.temperature (measured, not fitted)."""
+    bins_before: list[dict[str, float]] | None = None
+    bins_after: list[dict[str, float]] | None = None
+
+    def saved(self) -> dict:
+        """The report without its bins, for finetune.json."""
+        return {k: v for k, v in asdict(self).items() if not k.startswith("bins")}
+
+
+def calibrate(logits: np.ndarray, labels: np.ndarray, multi_label: bool, fixed: float | None = None) -> CalibrationReport:
+    """Fit (or, with `fixed`, only measure) a temperature on logits and gold labels."""
+    temperature = float(f"{fixed if fixed is not None else fit_temperature(logits, labels, multi_label):.6g}")
+    before = confidences(logits, labels, multi_label)
+    after = confidences(logits, labels, multi_label, temperature)
+    return CalibrationReport(
+        temperature=temperature, examples=int(len(labels)),
+        ece_before=expected_calibration_error(*before), ece_after=expected_calibration_error(*after),
+        nll_before=nll(logits, labels, multi_label), nll_after=nll(logits, labels, multi_label, temperature),
+        fitted=fixed is None, bins_before=reliability_bins(*before), bins_after=reliability_bins(*after))
