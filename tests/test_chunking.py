@@ -68,7 +68,9 @@ def test_served_answer_is_the_pooled_windows(chunked):
     encoded = predictor.encode_inputs([LONG])
     assert len(encoded.features) > 3 and set(encoded.owner) == {0}
     windows = np.stack(predictor.outputs(encoded.features))
-    expected = softmax(windows.max(axis=0, keepdims=True))[0]
+    # Scores are calibrated (task.calibration, on by default): the softmax of the pooled logits over the temperature.
+    temperature = predictor.settings.temperature or 1.0
+    expected = softmax(windows.max(axis=0, keepdims=True) / temperature)[0]
     assert [answer["scores"][n] for n in predictor.info.label_names] == pytest.approx(expected.tolist())
     # a short text is one window, answered as without chunking
     assert len(predictor.encode_inputs(["a fine film"]).features) == 1

@@ -158,7 +158,8 @@ def test_a_weighted_run_saves_its_weights_and_serves_calibrated_scores(tiny_chec
 
 def test_frozen_layers_do_not_change_and_have_no_optimizer_state(tiny_checkpoints):
     base = load_file(str(tiny_checkpoints["bert"] / "model.safetensors"))
-    result = _run(tiny_recipe(tiny_checkpoints["bert"], training={"freeze": 1, "max_steps": 4, "learning_rate": 1e-2}))
+    result = _run(tiny_recipe(tiny_checkpoints["bert"], training={"freeze": 1, "max_steps": 4, "learning_rate": 1e-2,
+                                                                  "keep_checkpoints": True}))
     trained = load_file(str(result.best_dir / "model.safetensors"))
     frozen = [k for k in base if k.startswith("embeddings.") or k.startswith("encoder.layer.0.")]
     moving = [k for k in base if k.startswith("encoder.layer.1.")]
