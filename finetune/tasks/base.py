@@ -221,6 +221,13 @@ class Task:
         """Metrics from everything gathered over a split, and the outputs the artifacts are made from."""
         raise NotImplementedError
 
+    def evaluation_warnings(self, reference: Reference, outputs: Any, label_names: Sequence[str] | None,
+                            settings: TaskSettings) -> list[str]:
+        """What a person should be warned of in an evaluation's outputs (e.g. one class predicted for every
+        example), one message each with its likely causes; shown in the run's summary and logged as the MLflow
+        tag `finetune.warnings`. None by default."""
+        return []
+
     def write_artifacts(self, out_dir: Path, reference: Reference, outputs: Any, metrics: dict[str, float],
                         label_names: Sequence[str] | None, settings: TaskSettings) -> list[Path]:
         """The evaluation files a person reads (predictions.csv mistakes first, per-class tables, plots)."""
