@@ -5,12 +5,14 @@ alternates `train_one_epoch` and `evaluate` (finetune.training.evaluation), call
 at every evaluation (the best model, and the full training state for resuming). The loss is the task
 definition's (`Task.loss`), computed from the model's outputs. It runs unchanged on CPU, one GPU, or
 several processes under `accelerate launch`. What happens after training (final scores, artifacts, the
-logged and registered model) is in `finetune.training.finish`.
+logged and registered model) is in `finetune.training.finish`. What the run tells a person goes to a
+`RunReport` (finetune.training.report), as facts; the loop itself prints nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import time
@@ -21,7 +23,6 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
-from tqdm.auto import tqdm
 
 from finetune.config.recipe import Recipe, TrainingSection, recipe_to_yaml
 from finetune.data import batching
@@ -29,7 +30,7 @@ from finetune.data.features import PreparedData, prepare
 from finetune.errors import TrainingDiverged
 from finetune.models import pretrained
 from finetune.models.bigbird import attention_for_batch
-from finetune.models.modeling import ModelInfo, build_model, load_tokenizer, make_collator, save_model_dir
+from finetune.models.modeling import ModelInfo, NewWeights, build_task_model, load_tokenizer, make_collator, save_model_dir
 from finetune.tasks import Reference, Task, TaskSettings
 from finetune.tasks.metrics import is_improvement
 from finetune.tracking.tracker import NullTracker, Tracker
@@ -38,6 +39,9 @@ from finetune.training import state as training_state
 from finetune.training.evaluation import evaluate
 from finetune.training.optim import make_optimizer, make_scheduler
 from finetune.training.preflight import preflight
+from finetune.training.report import Progress, RunReport, RunStart
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,15 +113,16 @@ def setup_data(recipe: Recipe, task: Task, tokenizer: Any, accelerator: Accelera
         return prepare(recipe, task, tokenizer)
 
 
-def setup_model(recipe: Recipe, task: Task, resolved: pretrained.ResolvedCheckpoint, label_names: list[str] | None):
-    """The pretrained encoder with a fresh head for the task (compiled if the recipe says so)."""
-    model, _ = build_model(resolved, recipe.model, task, label_names)
-    return speed.prepare_model(model, recipe.training)
+def setup_model(recipe: Recipe, task: Task, resolved: pretrained.ResolvedCheckpoint,
+                label_names: list[str] | None) -> tuple[Any, NewWeights]:
+    """The pretrained encoder with a fresh head for the task (compiled if the recipe says so), and which weights are new."""
+    model, _, new = build_task_model(resolved, recipe.model, task, label_names)
+    return speed.prepare_model(model, recipe.training), new
 
 
 def train_one_epoch(
     model, loader, optimizer, scheduler, accelerator: Accelerator, task: Task, settings: TaskSettings,
-    cfg: TrainingSection, autocast, state: RunState, total_steps: int, progress, tracker,
+    cfg: TrainingSection, autocast, state: RunState, total_steps: int, progress: Progress, tracker,
     on_step_end: Callable[[], None], output_dir: str,
 ) -> None:
     """One pass over the training data (or until max_steps), logging loss, learning rate and throughput."""
@@ -160,7 +165,7 @@ def train_one_epoch(
                  "train/samples_per_second": throughput},
                 step=state.step,
             )
-            progress.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{throughput:.1f}")
+            progress.show(mean_loss, throughput)
             running_loss.zero_()
             loss_count, window_start, window_samples = 0, time.perf_counter(), 0
         on_step_end()
@@ -185,12 +190,12 @@ def save_checkpoint(accelerator: Accelerator, model, optimizer, scheduler, token
 
 
 def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
-         hooks: TrainingHooks | None = None) -> RunResult:
+         hooks: TrainingHooks | None = None, report: RunReport | None = None) -> RunResult:
     """Fine-tune as the recipe says; log to MLflow; return the best metrics and where the model is.
 
     `resume_run` continues from the newest checkpoint in output_dir (and its MLflow run). `nested`
     makes the MLflow run a child of the active one (sweeps). `hooks` lets a caller watch and stop the run
-    (see `TrainingHooks`).
+    (see `TrainingHooks`); `report` is told what a person watching it wants to know (see `RunReport`).
     """
     cfg = recipe.training
     hooks = hooks or TrainingHooks()
@@ -204,10 +209,15 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
             "they would train separate models. On machines without a GPU, launch with ACCELERATE_USE_CPU=1 "
             "(see recipes/accelerate/cpu-2proc.yaml)."
         )
+    report = report if report is not None and accelerator.is_main_process else RunReport()
+    if accelerator.is_main_process:  # the recipe as run, beside its log, even if no model is ever saved
+        (Path(recipe.output_dir) / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(resolved.path, recipe.model.trust_remote_code)
     data = setup_data(recipe, task, tokenizer, accelerator)
-    model = setup_model(recipe, task, resolved, data.label_names)
+    report.data_ready(recipe, data)
+    model, new_weights = setup_model(recipe, task, resolved, data.label_names)
+    parameters, family = sum(p.numel() for p in model.parameters()), model.config.model_type  # before DDP wraps it
     collator = make_collator(tokenizer, model.config, task)
     # The shuffle generator is re-seeded with seed + epoch at each epoch, so a resumed run sees the same order.
     generator = torch.Generator()
@@ -228,7 +238,7 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
     if checkpoint is not None:
         state = RunState(**training_state.load_training_state(accelerator, model, optimizer, scheduler, checkpoint))
     elif resume_run and accelerator.is_main_process:
-        print(f"nothing to resume in {recipe.output_dir}/checkpoints: starting from the beginning")
+        log.warning(f"nothing to resume in {recipe.output_dir}/checkpoints: starting from the beginning")
     resumed_from = state.step if checkpoint is not None else None
     info = ModelInfo(
         task=task.name, label_names=data.label_names, text_pair=recipe.data.text_pair_column is not None,
@@ -244,11 +254,14 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
     # Every process keeps the run id in its checkpoint state, so it comes from the main one.
     state.run_id = broadcast_object_list([tracker.run_id])[0] if accelerator.num_processes > 1 else tracker.run_id
     tracker.log_inputs(data)
-    if accelerator.is_main_process:
-        print(f"training {total_steps} steps ({updates_per_epoch}/epoch) on {len(data.train)} examples "
-              f"with {accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}, "
-              f"evaluating on {len(data.eval)}; tokenised data {'from cache' if data.cache_hit else 'built'}"
-              + (f"; resumed at step {state.step} (MLflow run {state.run_id})" if resumed_from is not None else ""))
+    report.training_starts(RunStart(
+        checkpoint=resolved, family=family, parameters=parameters, new_weights=new_weights,
+        num_labels=len(data.label_names) if data.label_names else None, total_steps=total_steps,
+        steps_per_epoch=updates_per_epoch, train_examples=len(data.train), eval_examples=len(data.eval),
+        processes=accelerator.num_processes, device=speed.describe_device(accelerator.device),
+        precision=speed.describe_precision(recipe), cache_hit=data.cache_hit, resumed_at=resumed_from,
+        run_id=state.run_id,
+    ))
 
     def run_evaluation() -> None:
         metrics, _ = evaluate(model, eval_dl, accelerator, task, settings, eval_reference, data.label_names)
@@ -270,8 +283,7 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
         reset_clock()
         if hooks.on_evaluate is not None and hooks.on_evaluate(state.step, metrics):
             state.stop = True
-        if accelerator.is_main_process:
-            tqdm.write(f"step {state.step}: eval {metric} {metrics[metric]:.4f} (best {state.best_metric:.4f} at step {state.best_step})")
+        report.evaluated(state.step, metric, metrics, state.best_metric, state.best_step)
 
     def on_step_end() -> None:
         if cfg.eval_strategy == "steps" and state.step % cfg.eval_steps == 0:
@@ -284,7 +296,7 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
     status = "FAILED"
     started = time.perf_counter()
     try:
-        progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="training")
+        progress = report.progress(total_steps, state.step)
         autocast = speed.training_autocast(recipe)
         if hooks.on_train_begin is not None:
             hooks.on_train_begin()
@@ -306,6 +318,7 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
         status = "FINISHED"
     finally:
         tracker.end(status)
+    report.finished(final.summary)
     return RunResult(state.best_metrics, final.test_metrics, Path(recipe.output_dir) / "best", state.run_id,
                      final.model_uri, state.step, state.train_seconds, state.attention_counts, resumed_from,
                      final.tracking_problem)
