@@ -17,7 +17,18 @@ class RecipeError(FinetuneError, ValueError):
 
 
 class DataError(FinetuneError, ValueError):
-    """Data that does not fit the recipe; the message names the column, the value and what is allowed."""
+    """Data that does not fit the recipe; the message names the column, the value and what is allowed.
+
+    Several problems found at once (every missing file, every missing column) are kept apart in `problems`,
+    so `finetune validate` lists each one.
+    """
+
+    def __init__(self, *problems: str):
+        self.problems = list(problems)
+        if len(problems) > 1:
+            super().__init__(f"{len(problems)} problems with the data:\n" + "\n".join(f"  - {p}" for p in problems))
+        else:
+            super().__init__(*problems)
 
 
 class CheckpointError(FinetuneError, RuntimeError):
@@ -26,6 +37,10 @@ class CheckpointError(FinetuneError, RuntimeError):
 
 class ModelSourceError(FinetuneError, ValueError):
     """A model source (folder, run id, runs:/ or models:/ URI) that cannot be found or loaded."""
+
+
+class StoreError(FinetuneError, RuntimeError):
+    """An MLflow tracking store that is not there; the message names it and says how to point at another."""
 
 
 class TrainingDiverged(FinetuneError, RuntimeError):

@@ -38,7 +38,11 @@ def test_run_logs_params_metrics_recipe_and_a_predicting_model(tiny_checkpoints,
     path = write_recipe(tmp_path / "tiny.yaml", recipe, "finetune run tiny.yaml")
     done = _cli("run", str(path), "training.learning_rate=2e-3", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "# resolved recipe" in done.stdout and "learning_rate: 0.002" in done.stdout
+    # The terminal names the override as parsed; the resolved recipe is saved beside the run's log (and shown with
+    # --verbose, tests/test_terminal.py).
+    run_dir = tmp_path / "runs" / "tiny-classification"
+    assert "learning_rate: 0.002" in done.stdout and "learning_rate: 0.002" in (run_dir / "recipe.yaml").read_text()
+    assert "# resolved recipe" in (run_dir / "run.log").read_text()
     assert "MLflow: experiment" in done.stdout
 
     (run,) = _runs("e2e")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,11 @@ def test_flatten_keeps_every_key():
     assert flat["training.learning_rate"] == 5e-5
     assert flat["data.files"] is None
     assert "model.checkpoint" in flat and "output_dir" in flat
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "offline").glob("*.yaml")), ids=lambda p: p.name)
+def test_offline_recipes_say_what_their_data_is_and_which_recipe_runs_online(path):
+    header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+    assert "../shared/data" in header and "beside the repository" in header, header
+    twins = re.findall(r"recipes/([\w-]+\.yaml)", header.split("Online", 1)[-1])
+    assert twins and all((ROOT / "recipes" / twin).is_file() for twin in twins), header

@@ -124,3 +124,32 @@ def test_remote_code_stays_off_by_default():
 
     assert ModelSection(checkpoint="x").trust_remote_code is False
     assert ModelSection(checkpoint="x").allow_pickle is False
+
+
+def test_every_missing_file_and_column_is_named_at_once(tiny_checkpoints, tmp_path, capsys):
+    recipe = tiny_recipe(tiny_checkpoints["bert"], data={"files": {"train": ["a.tsv", str(DATA / "sst2" / "train.tsv"),
+                                                                             "b.tsv"], "validation": "c.tsv"}})
+    code, out = _validate(tmp_path, recipe, capsys)
+    assert code != 0
+    for name in ("a.tsv", "b.tsv", "c.tsv"):
+        assert f"file not found: {name}" in out, out
+    assert "3 problem(s)" in out
+    assert "# resolved recipe" in out, "validate shows the resolved recipe"
+
+    columns = tiny_recipe(tiny_checkpoints["bert"], data={"text_column": "review", "label_column": "stars"})
+    code, out = _validate(tmp_path, columns, capsys)
+    assert "data.text_column: column 'review' is not in split 'train'; columns found: sentence, label (nor in split 'validation')" in out
+    assert "data.label_column: column 'stars' is not in split 'train'" in out and "2 problem(s)" in out
+
+
+def test_run_names_every_missing_file_before_printing_or_starting_anything(tiny_checkpoints, tmp_path, capsys):
+    recipe = tiny_recipe(tiny_checkpoints["bert"], output_dir=str(tmp_path / "out"),
+                         data={"files": {"train": "nowhere.tsv", "validation": "neither.tsv"}})
+    code = main(["run", str(write_recipe(tmp_path / "r.yaml", recipe))])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "2 problems with the data" in captured.err
+    assert "data.files.train: file not found: nowhere.tsv" in captured.err
+    assert "data.files.validation: file not found: neither.tsv" in captured.err
+    assert captured.out == "", "nothing is printed before the check"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()

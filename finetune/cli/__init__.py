@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from finetune.cli.serve_options import add_serve_arguments
-from finetune.config.recipe import describe_fields, load_recipe, recipe_to_yaml
+from finetune.config.recipe import describe_fields, load_recipe
 from finetune.errors import FinetuneError, InputError, RecipeError
 
 OVERRIDES_HELP = "recipe overrides as dotted KEY=VALUE, typed by the schema (e.g. training.learning_rate=3e-5)"
@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true",
                      help="use an output_dir that holds files finetune did not write (no .finetune-run.json): finetune "
                           "adopts it, replacing its best/ and checkpoints/step-N and leaving everything else alone")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="also show the resolved recipe and the libraries' output (always in output_dir/run.log)")
 
     pretrain = sub.add_parser(
         "pretrain", help="continue pretraining a checkpoint with masked-language modelling (task.type: masked_lm)",
@@ -48,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="continue from the newest checkpoint in output_dir/checkpoints, in the same MLflow run")
     pretrain.add_argument("--overwrite", action="store_true",
                           help="use an output_dir that holds files finetune did not write (see finetune run --help)")
+    pretrain.add_argument("-v", "--verbose", action="store_true",
+                          help="also show the resolved recipe and the libraries' output (always in output_dir/run.log)")
 
     validate = sub.add_parser(
         "validate", help="check a recipe, its checkpoint and its data without training",
@@ -55,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("recipe", help="recipe YAML file")
     validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    validate.add_argument("-v", "--verbose", action="store_true", help="also show the libraries' output")
 
     predict = sub.add_parser("predict", help="predict with a trained model")
     predict.add_argument("model", help="a model folder (runs/<name>/best), an MLflow run id, or a runs:/ or models:/ URI")
@@ -113,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="accept a source whose weights exist only as pickle files (unpickling can run code)")
     convert.add_argument("--overwrite", action="store_true", help="replace TARGET if it exists")
 
-    ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store, on loopback")
+    ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store, on loopback (stops with SIGTERM or Ctrl-C)")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     ui.add_argument("--port", type=int, default=5000)
 
@@ -134,7 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse ends a list of positionals at the first flag, so `run R.yaml --verbose KEY=VALUE` leaves the
+    # overrides after the flag over; they are overrides all the same.
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides, extra = [*args.overrides, *extra], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # MLflow may unpickle parts of models it loads; nothing finetune reads is a pickle, so it is never allowed.
     os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
     try:
@@ -142,9 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(_fields_epilog())
             return 0
         if args.command == "run":
-            return cmd_run(args.recipe, args.overrides, args.resume, args.overwrite)
+            return cmd_run(args.recipe, args.overrides, args.resume, args.overwrite, verbose=args.verbose)
         if args.command == "pretrain":
-            return cmd_run(args.recipe, args.overrides, args.resume, args.overwrite, pretraining=True)
+            return cmd_run(args.recipe, args.overrides, args.resume, args.overwrite, pretraining=True, verbose=args.verbose)
         if args.command == "runs":
             from finetune.cli.runs import cmd_runs
 
@@ -158,10 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "promote":
             return cmd_promote(args.run_id, args.name)
         if args.command == "sweep":
-            from finetune.training.sweep import sweep
-
-            sweep(args.recipe, args.overrides, args.grid, args.search, args.trials, args.storage, args.study_name)
-            return 0
+            return cmd_sweep(args)
         if args.command == "serve":
             return cmd_serve(argv[argv.index("serve") + 1:])
         if args.command == "export":
@@ -169,11 +178,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "convert":
             return cmd_convert(args)
         if args.command == "ui":
-            return cmd_ui(args.host, args.port)
+            from finetune.cli.ui import run_ui
+
+            return run_ui(args.host, args.port)
         if args.command == "validate":
             from finetune.cli.validate import validate
 
-            return validate(args.recipe, args.overrides)
+            return validate(args.recipe, args.overrides, args.verbose)
         if args.command == "predict":
             return cmd_predict(args.model, args.texts, args.json)
     except FinetuneError as e:
@@ -183,28 +194,59 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_run(path: str, overrides: list[str], resume: bool = False, overwrite: bool = False,
-            pretraining: bool = False) -> int:
-    """`finetune run`, and `finetune pretrain`: the same loop, with a check that the recipe pretrains (a fine-tuning
-    recipe given to `pretrain` by mistake would train a classifier while you wait for a pretrained checkpoint)."""
-    recipe = load_recipe(path, overrides)
-    from finetune.tasks import get_task
+            pretraining: bool = False, verbose: bool = False) -> int:
+    """Train, showing what a person needs (finetune.cli.console); library output goes to output_dir/run.log.
 
+    `finetune pretrain` is the same loop, with a check that the recipe pretrains (a fine-tuning recipe given to
+    `pretrain` by mistake would train a classifier while you wait for a pretrained checkpoint).
+    """
+    from finetune.cli import console
+    from finetune.data.loading import check_files
+    from finetune.tasks import get_task
+    from finetune.training.outputs import check_output_dir
+
+    recipe = load_recipe(path, overrides)
     if pretraining and get_task(recipe.task.type).serves:  # a served task is a fine-tuning one
         raise RecipeError(f"{path}: finetune pretrain trains task.type masked_lm, and this recipe's task is "
                           f"{recipe.task.type}; run it with `finetune run {path}`, or set task.type: masked_lm")
-    print(f"# resolved recipe ({path})\n{recipe_to_yaml(recipe)}")
-    from finetune.training import train
+    check_files(recipe.data)  # every missing data file, before anything is printed or started
+    check_output_dir(Path(recipe.output_dir), overwrite)  # before the log is opened in it: never a foreign folder
+    # Under `accelerate launch` every process runs this; only the first one writes to the terminal.
+    rank = int(os.environ.get("RANK", "0"))
+    log_path = Path(recipe.output_dir) / (console.LOG_FILE if rank == 0 else f"run.rank{rank}.log")
+    with console.capture(log_path, verbose, main=rank == 0) as captured:
+        console.say(console.recipe_line(path, overrides, recipe))
+        console.show_recipe(recipe, path, verbose)
+        from finetune.training import train
 
-    result = train.main(recipe, resume_run=resume, overwrite=overwrite)
+        report = console.TerminalReport(log_path if captured is not None else None)
+        result = train.main(recipe, resume_run=resume, overwrite=overwrite, report=report)
     return 3 if result.tracking_problem else 0  # trained, but the MLflow record is incomplete
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Each trial shows what `finetune run` shows; library output goes to output_dir/sweep.log."""
+    from finetune.cli import console
+    from finetune.data.loading import check_files
+    from finetune.training.sweep import sweep
+
+    base = load_recipe(args.recipe, args.overrides)
+    check_files(base.data)
+    log_path = Path(base.output_dir) / "sweep.log"
+    with console.capture(log_path) as captured:
+        report = console.TerminalReport(log_path if captured is not None else None)
+        sweep(args.recipe, args.overrides, args.grid, args.search, args.trials, args.storage, args.study_name,
+              report=report, say=console.say)
+    return 0
+
+
 def _use_tracking_store() -> str:
+    """The tracking store of a read-only command: it must exist (they never create one)."""
     import mlflow
 
-    from finetune.tracking.tracker import tracking_uri
+    from finetune.tracking.store import existing_store
 
-    uri = tracking_uri()
+    uri = existing_store()
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -286,20 +328,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
           f"from the source's by at most {report['parity_max_abs_diff']:.2e}. Use it as model.checkpoint: {report['target']}",
           file=sys.stderr)
     return 0
-
-
-def cmd_ui(host: str, port: int) -> int:
-    import subprocess
-
-    uri = _use_tracking_store()
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: binding the MLflow UI to {host} exposes it beyond this machine", file=sys.stderr)
-    print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C stops it)", flush=True)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
 
 
 def cmd_predict(source: str, texts: list[str], as_json: bool) -> int:

@@ -1,16 +1,19 @@
 """`finetune validate`: check a recipe, its checkpoint and its data without training.
 
-It goes as far as it can: a checkpoint that cannot be reached is reported, and the data is still
-checked (without token statistics, which need the tokenizer). Any problem makes it exit non-zero.
+It prints the resolved recipe, then goes as far as it can and names every problem at once: a checkpoint
+that cannot be reached is reported and the data is still checked (without token statistics, which need the
+tokenizer); every missing data file and every missing column is named. Any problem makes it exit non-zero.
+The libraries' output is not shown (with --verbose it is).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from finetune.config.recipe import Recipe, load_recipe
+from finetune.cli.console import capture, say
+from finetune.config.recipe import Recipe, load_recipe, recipe_to_yaml
 from finetune.data.features import length_stats
-from finetune.data.loading import load_splits
+from finetune.data.loading import load_splits, missing_files
 from finetune.errors import CheckpointError, DataError, RecipeError
 from finetune.models import pretrained
 from finetune.models.modeling import load_tokenizer
@@ -39,15 +42,14 @@ def _check_checkpoint(recipe: Recipe, problems: list[str]) -> Any:
     problems.extend(check_freeze(recipe.training.freeze, config))
     family = config.model_type
     note = "" if family in pretrained.TESTED_FAMILIES else " (not one of the tested families; loaded through AutoModel)"
-    print(f"checkpoint: {recipe.model.checkpoint} -> {resolved.path} [{resolved.source}], family {family}{note}, "
-          f"{getattr(config, 'max_position_embeddings', '?')} positions")
+    say(f"checkpoint: {recipe.model.checkpoint} -> {resolved.path} [{resolved.source}], family {family}{note}, "
+        f"{getattr(config, 'max_position_embeddings', '?')} positions")
     problems.extend(pretrained.check_model_settings(config, recipe.model))
     return load_tokenizer(resolved.path, recipe.model.trust_remote_code)
 
 
 def _check_teacher(recipe: Recipe, label_names: list[str] | None, problems: list[str]) -> None:
     """A distillation teacher must exist and answer the same task and labels (its outputs are computed at `run`)."""
-    from finetune.errors import RecipeError
     from finetune.training.teacher import check_teacher, load_teacher
 
     try:
@@ -57,15 +59,21 @@ def _check_teacher(recipe: Recipe, label_names: list[str] | None, problems: list
     except (RecipeError, CheckpointError) as e:
         problems.append(str(e))
         return
-    print(f"teacher: {recipe.distillation.teacher} ({teacher.info.task}, {teacher.model.config.num_hidden_layers} layers)")
+    say(f"teacher: {recipe.distillation.teacher} ({teacher.info.task}, {teacher.model.config.num_hidden_layers} layers)")
 
 
-def validate(path: str, overrides: list[str]) -> int:
+def validate(path: str, overrides: list[str], verbose: bool = False) -> int:
     """Validate and report; returns the process exit code (0 when everything checks out)."""
     recipe = load_recipe(path, overrides)  # schema errors raise RecipeError, reported by the CLI
+    with capture(None, verbose):
+        return _validate(recipe, path, overrides)
+
+
+def _validate(recipe: Recipe, path: str, overrides: list[str]) -> int:
     task = get_task(recipe.task.type)
-    print(f"recipe: {path} (name {recipe.name}, task {task.name}"
-          f"{', sentence pairs' if recipe.data.text_pair_column else ''}, metric {recipe.task.metric_for_best})")
+    say(f"# resolved recipe ({path})\n{recipe_to_yaml(recipe)}")
+    say(f"recipe: {path} (name {recipe.name}, task {task.name}"
+        f"{', sentence pairs' if recipe.data.text_pair_column else ''}, metric {recipe.task.metric_for_best})")
     problems: list[str] = []
     # What `finetune run` refuses before it loads anything, so that validate and run agree.
     for check in (lambda: choose_mixed_precision(recipe.training.mixed_precision),
@@ -75,18 +83,21 @@ def validate(path: str, overrides: list[str]) -> int:
         except RecipeError as e:
             problems.append(str(e))
     tokenizer = _check_checkpoint(recipe, problems)
+    missing = missing_files(recipe.data)
+    if missing:  # nothing can be read until every file is there
+        return _report(problems + missing, path, overrides)
     try:
         label_names, train, evaluation, test = load_splits(recipe, task)
     except DataError as e:
-        problems.append(str(e))
+        problems.extend(e.problems or [str(e)])
     else:
         if recipe.distillation is not None:
             _check_teacher(recipe, label_names, problems)
         carved = "" if str(evaluation.split) == recipe.data.eval_split \
             else f" (carved: {recipe.data.validation_size:.0%} of train)"
-        print(f"data: train {len(train)}, eval {len(evaluation)}{carved}" + (f", test {len(test)}" if test is not None else ""))
+        say(f"data: train {len(train)}, eval {len(evaluation)}{carved}" + (f", test {len(test)}" if test is not None else ""))
         if label_names is not None:
-            print(f"labels ({len(label_names)}): {', '.join(label_names)}")
+            say(f"labels ({len(label_names)}): {', '.join(label_names)}")
         settings = TaskSettings.of(recipe.task)
         try:
             task.settings_for_training(settings, train, label_names)
@@ -94,23 +105,27 @@ def validate(path: str, overrides: list[str]) -> int:
             problems.append(str(e))
         skew = task.skew_warning(train, label_names, settings)
         if skew:
-            print(f"warning: {skew}")
+            say(f"warning: {skew}")
         for name, split in (("train", train), ("eval", evaluation), ("test", test)):
             if split is None:
                 continue
-            print(f"  {name} label counts: {task.label_counts(split, label_names)}")
+            say(f"  {name} label counts: {task.label_counts(split, label_names)}")
             if tokenizer is not None:
                 s = length_stats(split, recipe, task, tokenizer)
                 cut = (f"{s['multi_window_share']:.1%} of {s['unit']} "
                        f"need more than one window of max_length "
                        f"{recipe.model.max_length} (up to {s['windows_max']})" if "multi_window_share" in s else
                        f"{s['truncated_share']:.1%} truncated at max_length {recipe.model.max_length}")
-                print(f"  {name} tokens: p50 {s['p50']}, p90 {s['p90']}, p95 {s['p95']}, p99 {s['p99']}, max {s['max']}; "
-                      f"{cut}" + (f" (from a sample of {s['examples']})" if s["examples"] < len(split) else ""))
+                say(f"  {name} tokens: p50 {s['p50']}, p90 {s['p90']}, p95 {s['p95']}, p99 {s['p99']}, max {s['max']}; "
+                    f"{cut}" + (f" (from a sample of {s['examples']})" if s["examples"] < len(split) else ""))
+    return _report(problems, path, overrides)
+
+
+def _report(problems: list[str], path: str, overrides: list[str]) -> int:
     if problems:
-        print(f"\n{len(problems)} problem(s):")
+        say(f"\n{len(problems)} problem(s):")
         for p in problems:
-            print(f"  - {p}")
+            say(f"  - {p}")
         return 1
-    print("\nOK: the recipe is ready to run:  finetune run " + path + "".join(f" {o}" for o in overrides))
+    say("\nOK: the recipe is ready to run:  finetune run " + path + "".join(f" {o}" for o in overrides))
     return 0

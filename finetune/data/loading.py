@@ -52,14 +52,8 @@ def load_raw(data: DataSection) -> datasets.DatasetDict:
                 f"  {'Offline mode is on; ' if offline else ''}without internet, download it elsewhere and use "
                 "data.files with local csv/tsv/json/jsonl/parquet files instead."
             ) from None
-    assert data.files is not None
-    files = {split: [names] if isinstance(names, str) else list(names) for split, names in data.files.items()}
-    for split, names in files.items():
-        if not names:
-            raise DataError(f"data.files.{split}: no files given")
-        for name in names:
-            if not Path(name).is_file():
-                raise DataError(f"data.files.{split}: file not found: {name} (resolved to {Path(name).resolve()})")
+    check_files(data)
+    files = _file_lists(data)
     reader = data.format
     if reader == "auto" and all(Path(n).suffix.lower() == ".conll" for names in files.values() for n in names):
         reader = "conll"
@@ -132,6 +126,29 @@ def recipe_texts(path: str, column: str, split: str) -> datasets.DatasetDict:
     return datasets.DatasetDict({split: datasets.Dataset.from_dict({column: list(texts)})})
 
 
+def _file_lists(data: DataSection) -> dict[str, list[str]]:
+    return {split: [names] if isinstance(names, str) else list(names) for split, names in (data.files or {}).items()}
+
+
+def missing_files(data: DataSection) -> list[str]:
+    """One message per data file the recipe names that is not there (every one of them, not only the first)."""
+    problems = []
+    for split, names in _file_lists(data).items():
+        if not names:
+            problems.append(f"data.files.{split}: no files given")
+        for name in names:
+            if not Path(name).is_file():
+                problems.append(f"data.files.{split}: file not found: {name} (resolved to {Path(name).resolve()})")
+    return problems
+
+
+def check_files(data: DataSection) -> None:
+    """Refuse a recipe whose data files are not all there, naming each missing one (cheap: run it before anything)."""
+    problems = missing_files(data)
+    if problems:
+        raise DataError("\n".join(problems))
+
+
 def _read_with(reader: str, files: dict[str, list[str]]) -> datasets.DatasetDict:
     """CoNLL or SQuAD files, one Dataset per split."""
     splits = {}
@@ -158,19 +175,21 @@ def _read_with(reader: str, files: dict[str, list[str]]) -> datasets.DatasetDict
 
 
 def check_columns(raw: datasets.DatasetDict, data: DataSection, task: Task) -> None:
-    """Every split used must have the columns the recipe names for its task."""
-    wanted = task.columns(data)
-    for split_name, split in raw.items():
-        for key, column in wanted.items():
-            if column not in split.column_names:
-                raise DataError(
-                    f"{key}: column {column!r} is not in split {split_name!r}; "
-                    f"columns found: {', '.join(split.column_names)}"
-                )
+    """Every split used must have the columns the recipe names for its task; every gap is named at once."""
+    problems = []
+    for key, column in task.columns(data).items():
+        lacking = [name for name, split in raw.items() if column not in split.column_names]
+        if lacking:
+            # One problem per column: the splits usually share their columns, so the first one's list says it all.
+            others = f" (nor in split {', '.join(repr(n) for n in lacking[1:])})" if len(lacking) > 1 else ""
+            problems.append(f"{key}: column {column!r} is not in split {lacking[0]!r}; "
+                            f"columns found: {', '.join(raw[lacking[0]].column_names)}{others}")
     if data.train_split not in raw:
-        raise DataError(f"data.train_split: no split {data.train_split!r}; splits found: {', '.join(raw)}")
+        problems.append(f"data.train_split: no split {data.train_split!r}; splits found: {', '.join(raw)}")
     if data.test_split and data.test_split not in raw:
-        raise DataError(f"data.test_split: no split {data.test_split!r}; splits found: {', '.join(raw)}")
+        problems.append(f"data.test_split: no split {data.test_split!r}; splits found: {', '.join(raw)}")
+    if problems:
+        raise DataError(*problems)
 
 
 def resolve_label_names(train: datasets.Dataset, data: DataSection, task: Task) -> list[str] | None:

@@ -78,8 +78,40 @@ def model_class(task: Task) -> Any:
     return getattr(transformers, task.auto_model)
 
 
+@dataclass
+class NewWeights:
+    """The weights of a built model that did not come from its checkpoint (transformers' loading report, sorted by
+    what they mean to a person)."""
+
+    head: list[str]
+    """Modules of the task head: new by design, initialised at random and learned in fine-tuning."""
+    encoder: list[str]
+    """Encoder weights the checkpoint lacks: not expected; they start random too."""
+    mismatched: list[str]
+    """Weights the checkpoint has with another shape: started random instead."""
+
+
+def _modules(keys) -> list[str]:
+    return sorted({key.rsplit(".", 1)[0] for key in keys})
+
+
+def new_weights(model: Any, loading_info: dict[str, Any]) -> NewWeights:
+    """Sort transformers' `output_loading_info` into the head (outside the base model's prefix) and the rest."""
+    prefix = f"{model.base_model_prefix}."
+    missing = set(loading_info.get("missing_keys") or ())
+    mismatched = {item[0] for item in loading_info.get("mismatched_keys") or ()}
+    return NewWeights(head=_modules(k for k in missing if not k.startswith(prefix)),
+                      encoder=sorted(k for k in missing if k.startswith(prefix)), mismatched=sorted(mismatched))
+
+
 def build_model(resolved: ResolvedCheckpoint, model_cfg: ModelSection, task: Task, label_names: list[str] | None):
     """A pretrained encoder with a fresh head for the task (and the checkpoint's tokenizer)."""
+    model, tokenizer, _ = build_task_model(resolved, model_cfg, task, label_names)
+    return model, tokenizer
+
+
+def build_task_model(resolved: ResolvedCheckpoint, model_cfg: ModelSection, task: Task, label_names: list[str] | None):
+    """`build_model`, and which of the model's weights are new (`NewWeights`): (model, tokenizer, new weights)."""
     check_weights_format(resolved.path, model_cfg.allow_pickle)
     extra: dict[str, Any] = {}
     if task.has_label_names:
@@ -113,7 +145,9 @@ def build_model(resolved: ResolvedCheckpoint, model_cfg: ModelSection, task: Tas
         # On the config, so save_pretrained carries the rule to evaluation, the MLflow model and serving.
         setattr(model.config, RULE_ATTRIBUTE, sparse_min_length(model.config, model_cfg.sparse_attention_min_length))
     tokenizer = load_tokenizer(resolved.path, model_cfg.trust_remote_code)
-    return model, tokenizer
+    new = new_weights(model, loading)
+    model.finetune_new_weights = new  # what the run tells a person about the weights that start random
+    return model, tokenizer, new
 
 
 def load_tokenizer(path: Path | str, trust_remote_code: bool = False):

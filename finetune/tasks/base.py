@@ -151,6 +151,8 @@ class Task:
     weighted_losses: bool = False
     """Whether `task.class_weights` and `task.loss: focal` mean something to this task (classification, multi_label)."""
     calibrates: bool = False
+    sigmoid_scores: bool = False
+    """Whether each output is a probability of its own (a sigmoid per label) rather than a softmax over outputs."""
     """Whether scores are softmax or sigmoid of logits that temperature scaling (`task.calibration`) can calibrate."""
     head_reads_first_token: bool = False
     """Whether the head reads only the first token's final hidden state (or the pooler output made from it), so a
@@ -267,6 +269,13 @@ class Task:
                    label_names: Sequence[str] | None) -> tuple[dict[str, float], Any]:
         """Metrics from everything gathered over a split, and the outputs the artifacts are made from."""
         raise NotImplementedError
+
+    def evaluation_warnings(self, reference: Reference, outputs: Any, label_names: Sequence[str] | None,
+                            settings: TaskSettings) -> list[str]:
+        """What a person should be warned of in an evaluation's outputs (e.g. one class predicted for every
+        example), one message each with its likely causes; shown in the run's summary and logged as the MLflow
+        tag `finetune.warnings`. None by default."""
+        return []
 
     def write_artifacts(self, out_dir: Path, reference: Reference, outputs: Any, metrics: dict[str, float],
                         label_names: Sequence[str] | None, settings: TaskSettings) -> list[Path]:

@@ -70,6 +70,22 @@ class ClassificationTask(SequenceTask):
     def predictions(self, logits: np.ndarray, threshold: float = 0.5) -> np.ndarray:
         return logits.argmax(axis=-1)
 
+    def evaluation_warnings(self, reference: Any, outputs: Any, label_names: Sequence[str] | None,
+                            settings: TaskSettings) -> list[str]:
+        """A model that answers one class whatever the input (MRPC after 60 steps does) has learned nothing yet; its
+        accuracy is the class's share, which can look respectable, so it is said in words."""
+        pred = self.predictions(np.asarray(outputs))
+        gold = self.gold(np.asarray(reference.raw["labels"]))
+        if len(pred) < 2 or len(set(pred.tolist())) != 1 or len(set(gold.tolist())) < 2:
+            return []
+        only = label_names[int(pred[0])]
+        share = float((gold == pred[0]).mean())
+        return [f"the best model predicts {only!r} for all {len(pred)} evaluation examples ({share:.0%} of them are "
+                f"{only!r}): it has not learned to tell the classes apart. Likely causes: too few steps "
+                "(training.max_steps, training.num_epochs), a learning rate too high or too low "
+                "(training.learning_rate, e.g. 2e-5 to 1e-4), or imbalanced labels (finetune validate shows the "
+                "label counts)"]
+
     def gold(self, labels: np.ndarray) -> np.ndarray:
         return labels.astype(np.int64)
 

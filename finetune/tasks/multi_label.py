@@ -32,6 +32,7 @@ class MultiLabelTask(SequenceTask):
     description = "multi-label classification (a sigmoid per label, labels over a threshold)"
     metrics = M.MULTI_LABEL
     default_metric = "f1_micro"
+    sigmoid_scores = True
     hf_problem_type = "multi_label_classification"
     pipeline_task = "text-classification"
     onnx_export = True

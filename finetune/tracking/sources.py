@@ -66,11 +66,15 @@ def locate(source: str | None = None, name: str | None = None) -> Located:
     """
     import mlflow
 
+    from finetune.tracking.store import existing_store
     from finetune.tracking.tracker import tracking_uri
 
     if source and Path(source).is_dir():
         return Located(Path(source), None, None, None, str(source))
-    mlflow.set_tracking_uri(tracking_uri())
+    if source is not None and not (RUN_ID.fullmatch(source) or source.startswith(("models:/", "runs:/"))):
+        raise ModelSourceError(f"model {source!r}: there is no such folder, and it is not an MLflow run id or URI; "
+                               f"give {SOURCE_HELP}")
+    mlflow.set_tracking_uri(existing_store())  # reading a model never creates a store
     client = mlflow.MlflowClient()
     version = run_id = None
     if source is None:
@@ -88,10 +92,8 @@ def locate(source: str | None = None, name: str | None = None) -> Located:
         except Exception as e:
             raise ModelSourceError(f"model {source!r}: not in the registry at {tracking_uri()} ({e})") from None
         name, version, run_id = model_name, str(found.version), found.run_id
-    elif source.startswith("runs:/"):
-        run_id = source.split("/")[1]
     else:
-        raise ModelSourceError(f"model {source!r} is not {SOURCE_HELP}")
+        run_id = source.split("/")[1]
     try:
         local = Path(mlflow.artifacts.download_artifacts(source))
     except Exception as e:

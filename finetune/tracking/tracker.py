@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -176,8 +175,8 @@ class Tracker:
                 del self.unsent[:1000]
         except Exception as e:  # any transport or server error: keep the metrics, keep training
             if not self.failures:
-                print(f"warning: MLflow at {tracking_uri(self.recipe)} cannot be reached ({type(e).__name__}); "
-                      "training goes on and metrics are kept to send later", file=sys.stderr)
+                log.warning(f"MLflow at {tracking_uri(self.recipe)} cannot be reached ({type(e).__name__}); "
+                            "training goes on and metrics are kept to send later")
             self.failures.append(f"log metrics: {type(e).__name__}: {str(e)[:200]}")
             self._retry_after = time.monotonic() + 30
             return False

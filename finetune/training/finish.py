@@ -1,11 +1,15 @@
-"""After training: score the best model, write what a person wants to look at, log and register the model."""
+"""After training: score the best model, write what a person wants to look at, log and register the model.
+
+What the run ends with for a person (best metrics, the task's warnings, where the model and the MLflow run
+are) is returned as a `RunEnd` for the run's report; nothing here prints.
+"""
 
 from __future__ import annotations
 
 import resource
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ from finetune.tasks import Reference, Task, TaskSettings
 from finetune.tasks.calibration import CalibrationReport, calibrate
 from finetune.tracking.registry import register_and_maybe_promote
 from finetune.training.evaluation import evaluate
+from finetune.training.report import RunEnd
 
 
 @dataclass
@@ -30,6 +35,9 @@ class FinalReport:
     model_uri: str | None
     champion: dict[str, Any] | None
     tracking_problem: str | None = None
+    summary: RunEnd | None = None
+    """What the run's report shows at the end (main process only)."""
+    warnings: list[str] = field(default_factory=list)
 
 
 def peak_memory_mb() -> dict[str, float]:
@@ -67,7 +75,7 @@ def calibrate_best(best_dir: Path, task: Task, settings: TaskSettings, eval_logi
     """
     if not task.calibrates or (settings.calibration == "none" and settings.temperature is None) or not len(gold):
         return settings, None
-    report = calibrate(eval_logits, gold, task.name == "multi_label", fixed=settings.temperature)
+    report = calibrate(eval_logits, gold, task.sigmoid_scores, fixed=settings.temperature)
     settings = settings.model_copy(update={"temperature": report.temperature})
     info = read_model_info(best_dir)
     info.settings, info.calibration = settings.saved(), report.saved()
@@ -87,10 +95,11 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
     batch_size = recipe.training.eval_batch_size
     best_dir = Path(recipe.output_dir) / "best"
     throughput = state.samples / state.train_seconds if state.train_seconds else 0.0
+    peaks = peak_memory_mb()
     tracker.log_metrics(
         {f"best/{k}": v for k, v in state.best_metrics.items()}
         | {"train/runtime_seconds": state.train_seconds, "train/samples_per_second_overall": throughput}
-        | peak_memory_mb(),
+        | peaks,
         step=state.step,
     )
     saved = sum(f.stat().st_size for f in best_dir.glob("*.safetensors"))
@@ -110,7 +119,7 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
         from accelerate.utils import broadcast_object_list
 
         settings = TaskSettings.of(broadcast_object_list([settings.saved()])[0])
-    if report is not None and task.name == "multi_label":
+    if report is not None:
         # The threshold applies to calibrated scores, so away from 0.5 the served labels can differ from the ones
         # training scored: the metrics of what is served are logged beside best/*.
         served = task.compute_metrics(task.calibrated(np.asarray(eval_outputs), settings),
@@ -120,13 +129,16 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
         tracker.log_metrics({"calibration/temperature": report.temperature, "calibration/ece_before": report.ece_before,
                              "calibration/ece_after": report.ece_after, "calibration/nll_before": report.nll_before,
                              "calibration/nll_after": report.nll_after}, step=state.step)
+    warnings = task.evaluation_warnings(eval_reference, eval_outputs, data.label_names, settings)
+    if warnings:
+        tracker.set_tags({"finetune.warnings": "\n".join(warnings)})
     test_metrics: dict[str, float] = {}
     if data.test is not None:
         test_metrics, _ = evaluate(best, accelerator.prepare(eval_loader(data.test, collator, batch_size)), accelerator, task,
                                    settings, Reference(data.test_features, data.raw_test, recipe.data), data.label_names)
         tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, step=state.step)
 
-    model_uri, champion, problem = None, None, None
+    model_uri, champion, problem, summary = None, None, None, None
     if accelerator.is_main_process:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
@@ -134,7 +146,7 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
                                  data.label_names, settings)
             if report is not None:
                 artifacts.write_reliability_diagram(out / "evaluation" / "reliability_diagram.png", report,
-                                                    task.name == "multi_label")
+                                                    task.sigmoid_scores)
             artifacts.write_learning_curves(out, tracker.history(), recipe.task.metric_for_best)
             counts = {"train": task.label_counts(data.train, data.label_names),
                       "eval": task.label_counts(data.eval, data.label_names)}
@@ -161,16 +173,13 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
                     "register the model", register_and_maybe_promote, model_uri, tracker.run_id, recipe.tracking.register_as, recipe.task.metric_for_best,
                     state.best_metric, task.greater_is_better(recipe.task.metric_for_best), task.name, data.label_names,
                 )
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in state.best_metrics.items())
-        print(f"best eval ({recipe.task.metric_for_best}) at step {state.best_step}: {shown}")
-        if test_metrics:
-            print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
-        if champion:
-            print(f"registered {champion['name']} version {champion['version']}: {champion['decision']}")
-        print(f"model: {best_dir}" if task.serves else f"checkpoint: {best_dir} (fine-tune it: model.checkpoint: {best_dir})")
-        print(f"MLflow: {tracker.url_hint}")
         problem = tracker.report_failures(recipe.output_dir)
-        if problem:
-            print(f"warning: {problem}", file=sys.stderr)
+        summary = RunEnd(
+            metric=recipe.task.metric_for_best, best_step=state.best_step, steps=state.step,
+            best_metrics=state.best_metrics, test_metrics=test_metrics, best_dir=best_dir, mlflow=tracker.url_hint,
+            train_seconds=state.train_seconds, samples_per_second=throughput,
+            peak_memory_mb=peaks.get("train/peak_memory_mb"), champion=champion, warnings=warnings,
+            tracking_problem=problem, serves=task.serves,
+        )
     accelerator.wait_for_everyone()
-    return FinalReport(test_metrics, model_uri, champion, problem)
+    return FinalReport(test_metrics, model_uri, champion, problem, summary, warnings)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -45,10 +46,16 @@ def read_marker(folder: Path | str) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) and marker.get("created_by") == "finetune" else None
 
 
+def _is_run_log(name: str) -> bool:
+    """`finetune run` opens its log (run.log, run.rank<N>.log) once the folder passed `check_output_dir`."""
+    return name == "run.log" or re.fullmatch(r"run\.rank\d+\.log", name) is not None
+
+
 def _entries(folder: Path) -> list[Path]:
-    """A folder's entries but finetune's probe and a marker a kill left half-written (neither makes it foreign)."""
+    """A folder's entries but finetune's probe, its run log and a marker a kill left half-written (none makes it
+    foreign)."""
     leftovers = (PROBE_FILE, f".{MARKER_FILE}.tmp")
-    return [p for p in folder.iterdir() if p.name not in leftovers] if folder.is_dir() else []
+    return [p for p in folder.iterdir() if p.name not in leftovers and not _is_run_log(p.name)] if folder.is_dir() else []
 
 
 def check_output_dir(out: Path | str, overwrite: bool) -> None:

@@ -56,3 +56,22 @@ def prepare_model(model: torch.nn.Module, cfg: TrainingSection) -> torch.nn.Modu
         # dynamic=None: the first new sequence length recompiles once with symbolic shapes, later ones reuse it.
         model.compile(dynamic=None)
     return model
+
+
+def describe_device(device: torch.device) -> str:
+    """Where training runs, for the run's header: `cpu, 2 threads`, `cuda, NVIDIA A100-SXM4-80GB`."""
+    if device.type == "cpu":
+        return f"cpu, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        return f"cuda, {torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def describe_precision(recipe: Recipe) -> str:
+    """How training computes, for the run's header (see `precision` and `training_autocast`)."""
+    chosen = precision(recipe)
+    if chosen == "no":
+        return "fp32"
+    if torch.cuda.is_available():
+        return f"{chosen} mixed precision"
+    return f"{chosen} autocast for training (this CPU computes {chosen}), fp32 for evaluation"

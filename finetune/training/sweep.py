@@ -41,18 +41,21 @@ def parse_space(item: str) -> tuple[str, str, list[str]]:
     return key.strip(), kind, rest.split(",") if kind == "choice" else rest.split(":")
 
 
-def _run_trial(path: str, overrides: list[str], trial_overrides: list[str], index: int, on_evaluate=None):
+def _run_trial(path: str, overrides: list[str], trial_overrides: list[str], index: int, on_evaluate=None,
+               report=None):
     from finetune.training import train
 
     recipe = load_recipe(path, [*overrides, *trial_overrides])
     recipe.output_dir = f"{recipe.output_dir}/trial-{index}"
     recipe.tracking.run_name = f"trial-{index}"
-    return recipe, train.main(recipe, nested=True, hooks=train.TrainingHooks(on_evaluate=on_evaluate))
+    return recipe, train.main(recipe, nested=True, hooks=train.TrainingHooks(on_evaluate=on_evaluate), report=report)
 
 
 def sweep(path: str, overrides: list[str], grid: list[str], search: list[str], trials: int,
-          storage: str | None = None, study_name: str | None = None) -> dict[str, Any]:
-    """Run the trials; returns the best trial's run id, score and overrides."""
+          storage: str | None = None, study_name: str | None = None, report=None,
+          say=print) -> dict[str, Any]:
+    """Run the trials; returns the best trial's run id, score and overrides. Each trial tells `report` (a
+    `RunReport`) what it does; `say` prints the sweep's own lines."""
     base = load_recipe(path, overrides)  # fail on a bad recipe before any run starts
     task = get_task(base.task.type)
     metric = base.task.metric_for_best
@@ -76,22 +79,23 @@ def sweep(path: str, overrides: list[str], grid: list[str], search: list[str], t
             axes = parse_grid(grid)
             for index, combo in enumerate(itertools.product(*[values for _, values in axes])):
                 trial_overrides = [f"{key}={value}" for (key, _), value in zip(axes, combo)]
-                recipe, result = _run_trial(path, overrides, trial_overrides, index)
+                say(f"trial {index}: {' '.join(trial_overrides)}")
+                recipe, result = _run_trial(path, overrides, trial_overrides, index, report=report)
                 results.append((result.best_metrics[metric], result.run_id, trial_overrides, recipe_to_yaml(recipe)))
         else:
-            results = _optuna_search(path, overrides, search, trials, metric, greater, storage, study_name)
+            results = _optuna_search(path, overrides, search, trials, metric, greater, storage, study_name, report, say)
         if not results:
             raise RecipeError("the sweep finished no trial")
         best = (max if greater else min)(results, key=lambda r: r[0])
         mlflow.log_metric(f"best/{metric}", best[0])
         mlflow.set_tags({"finetune.best_trial_run_id": best[1], "finetune.best_trial_overrides": " ".join(best[2])})
         mlflow.log_text(best[3], "best_trial_recipe.yaml")
-        print(f"best trial: {metric} {best[0]:.4f} with {' '.join(best[2])} (run {best[1]}); sweep run {parent.info.run_id}")
+        say(f"best trial: {metric} {best[0]:.4f} with {' '.join(best[2])} (run {best[1]}); sweep run {parent.info.run_id}")
         return {"parent_run_id": parent.info.run_id, "best_run_id": best[1], "best_score": best[0],
                 "best_overrides": best[2], "trials": len(results)}
 
 
-def _optuna_search(path, overrides, search, trials, metric, greater, storage, study_name):
+def _optuna_search(path, overrides, search, trials, metric, greater, storage, study_name, report=None, say=print):
     import optuna
 
     space = [parse_space(item) for item in search]
@@ -114,11 +118,12 @@ def _optuna_search(path, overrides, search, trials, metric, greater, storage, st
                 value = trial.suggest_float(key, float(args[0]), float(args[1]), log=kind == "logfloat")
             trial_overrides.append(f"{key}={value}")
 
-        def report(step: int, metrics: dict[str, float]) -> bool:
+        def prune(step: int, metrics: dict[str, float]) -> bool:
             trial.report(metrics[metric], step)
             return trial.should_prune()
 
-        recipe, result = _run_trial(path, overrides, trial_overrides, trial.number, on_evaluate=report)
+        say(f"trial {trial.number}: {' '.join(trial_overrides)}")
+        recipe, result = _run_trial(path, overrides, trial_overrides, trial.number, on_evaluate=prune, report=report)
         if trial.should_prune():
             mlflow.MlflowClient().set_tag(result.run_id, "finetune.pruned", "true")
             raise optuna.TrialPruned()

@@ -5,12 +5,14 @@ alternates `train_one_epoch` and `evaluate` (finetune.training.evaluation), call
 at every evaluation (the best model, and the full training state for resuming). The loss is the task
 definition's (`Task.loss`), computed from the model's outputs. It runs unchanged on CPU, one GPU, or
 several processes under `accelerate launch`. What happens after training (final scores, artifacts, the
-logged and registered model) is in `finetune.training.finish`.
+logged and registered model) is in `finetune.training.finish`. What the run tells a person goes to a
+`RunReport` (finetune.training.report), as facts; the loop itself prints nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import time
@@ -21,7 +23,6 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
-from tqdm.auto import tqdm
 
 from finetune.config.recipe import Recipe, TrainingSection, recipe_to_yaml
 from finetune.data import batching
@@ -29,7 +30,7 @@ from finetune.data.features import PreparedData, prepare
 from finetune.errors import TrainingDiverged
 from finetune.models import layers, pretrained
 from finetune.models.bigbird import attention_for_batch, is_block_sparse
-from finetune.models.modeling import ModelInfo, load_tokenizer, make_collator, save_model_dir
+from finetune.models.modeling import ModelInfo, NewWeights, load_tokenizer, make_collator, save_model_dir
 from finetune.models.starting import BuiltModel, Start, build_for_run
 from finetune.tasks import Reference, Task, TaskSettings
 from finetune.tasks.distillation import DistilledTask
@@ -40,6 +41,9 @@ from finetune.training import state as training_state
 from finetune.training.evaluation import evaluate
 from finetune.training.optim import make_optimizer, make_scheduler
 from finetune.training.preflight import preflight
+from finetune.training.report import Progress, RunReport, RunStart
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,7 +142,7 @@ def setup_model(recipe: Recipe, task: Task, start: Start,
 
 def train_one_epoch(
     model, loader, optimizer, scheduler, accelerator: Accelerator, task: Task, settings: TaskSettings,
-    cfg: TrainingSection, autocast, state: RunState, total_steps: int, progress, tracker,
+    cfg: TrainingSection, autocast, state: RunState, total_steps: int, progress: Progress, tracker,
     on_step_end: Callable[[], None], output_dir: str,
 ) -> None:
     """One pass over the training data (or until max_steps), logging loss, learning rate and throughput."""
@@ -181,7 +185,7 @@ def train_one_epoch(
                  "train/samples_per_second": throughput},
                 step=state.step,
             )
-            progress.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{throughput:.1f}")
+            progress.show(mean_loss, throughput)
             running_loss.zero_()
             loss_count, window_start, window_samples = 0, time.perf_counter(), 0
         on_step_end()
@@ -206,20 +210,22 @@ def save_checkpoint(accelerator: Accelerator, model, optimizer, scheduler, token
 
 
 def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
-         hooks: TrainingHooks | None = None, overwrite: bool = False) -> RunResult:
+         hooks: TrainingHooks | None = None, overwrite: bool = False, report: RunReport | None = None) -> RunResult:
     """Fine-tune as the recipe says; log to MLflow; return the best metrics and where the model is.
 
     `resume_run` continues from the newest checkpoint in output_dir (and its MLflow run). `nested`
     makes the MLflow run a child of the active one (sweeps). `hooks` lets a caller watch and stop the run
-    (see `TrainingHooks`). `overwrite` lets the run use an output_dir finetune did not make.
+    (see `TrainingHooks`); `report` is told what a person watching it wants to know (see `RunReport`).
+    `overwrite` lets the run use an output_dir finetune did not make.
     """
     try:
-        return _train(recipe, resume_run, nested, hooks, overwrite)
+        return _train(recipe, resume_run, nested, hooks, overwrite, report)
     finally:  # a run that raised is no longer in progress, though this process lives on (sweeps, notebooks)
         outputs.release(recipe.output_dir)
 
 
-def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks | None, overwrite: bool) -> RunResult:
+def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks | None, overwrite: bool,
+           report: RunReport | None) -> RunResult:
     cfg = recipe.training
     hooks = hooks or TrainingHooks()
     settings = TaskSettings.of(recipe.task)
@@ -236,14 +242,20 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
             "they would train separate models. On machines without a GPU, launch with ACCELERATE_USE_CPU=1 "
             "(see recipes/accelerate/cpu-2proc.yaml)."
         )
+    report = report if report is not None and accelerator.is_main_process else RunReport()
+    if accelerator.is_main_process:  # the recipe as run, beside its log, even if no model is ever saved
+        (Path(recipe.output_dir) / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(resolved.path, recipe.model.trust_remote_code)
     data = setup_data(recipe, task, tokenizer, accelerator)
+    report.data_ready(recipe, data)
     settings = task.settings_for_training(settings, data.train, data.label_names)  # class_weights: balanced -> numbers
     if recipe.distillation is not None:
         with accelerator.main_process_first():  # the main process computes the teacher's outputs, the others read them
             data = teacher.add_teacher_outputs(data, recipe, pretrained.load_config(resolved).hidden_size)
     model, built, trainable = setup_model(recipe, task, start, data.label_names)
+    new_weights = getattr(model, "finetune_new_weights", None) or NewWeights([], [], [])
+    parameters, family = sum(p.numel() for p in model.parameters()), model.config.model_type  # before DDP wraps it
     collator = make_collator(tokenizer, model.config, task, settings)
     # The shuffle generator is re-seeded with seed + epoch at each epoch, so a resumed run sees the same order.
     generator = torch.Generator()
@@ -268,7 +280,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     if checkpoint is not None:
         state = RunState(**training_state.load_training_state(accelerator, model, optimizer, scheduler, checkpoint))
     elif resume_run and accelerator.is_main_process:
-        print(f"nothing to resume in {recipe.output_dir}/checkpoints: starting from the beginning")
+        log.warning(f"nothing to resume in {recipe.output_dir}/checkpoints: starting from the beginning")
     resumed_from = state.step if checkpoint is not None else None
     info = ModelInfo(
         task=task.name, label_names=data.label_names, text_pair=recipe.data.text_pair_column is not None,
@@ -300,12 +312,14 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
         tracker.log_parent(start.parent_source, start.parent_run_id, start.parent.task, built.head_reused)
     if accelerator.is_main_process:
         outputs.update_marker(recipe.output_dir, mlflow_run_id=state.run_id)
-        for note in built.notes:
-            print(note)
-        print(f"training {total_steps} steps ({updates_per_epoch}/epoch) on {len(data.train)} examples "
-              f"with {accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}, "
-              f"evaluating on {len(data.eval)}; tokenised data {'from cache' if data.cache_hit else 'built'}"
-              + (f"; resumed at step {state.step} (MLflow run {state.run_id})" if resumed_from is not None else ""))
+    report.training_starts(RunStart(
+        checkpoint=resolved, family=family, parameters=parameters, new_weights=new_weights,
+        num_labels=len(data.label_names) if data.label_names else None, total_steps=total_steps,
+        steps_per_epoch=updates_per_epoch, train_examples=len(data.train), eval_examples=len(data.eval),
+        processes=accelerator.num_processes, device=speed.describe_device(accelerator.device),
+        precision=speed.describe_precision(recipe), cache_hit=data.cache_hit, resumed_at=resumed_from,
+        run_id=state.run_id, notes=list(built.notes),
+    ))
 
     def run_evaluation() -> None:
         metrics, _ = evaluate(model, eval_dl, accelerator, task, settings, eval_reference, data.label_names)
@@ -327,8 +341,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
         reset_clock()
         if hooks.on_evaluate is not None and hooks.on_evaluate(state.step, metrics):
             state.stop = True
-        if accelerator.is_main_process:
-            tqdm.write(f"step {state.step}: eval {metric} {metrics[metric]:.4f} (best {state.best_metric:.4f} at step {state.best_step})")
+        report.evaluated(state.step, metric, metrics, state.best_metric, state.best_step)
 
     def on_step_end() -> None:
         if cfg.eval_strategy == "steps" and state.step % cfg.eval_steps == 0:
@@ -341,7 +354,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     status = "FAILED"
     started = time.perf_counter()
     try:
-        progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="training")
+        progress = report.progress(total_steps, state.step)
         autocast = speed.training_autocast(recipe)
         if hooks.on_train_begin is not None:
             hooks.on_train_begin()
@@ -364,6 +377,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
         status = "FINISHED"
     finally:
         tracker.end(status)
+    report.finished(final.summary)
     return RunResult(state.best_metrics, final.test_metrics, Path(recipe.output_dir) / "best", state.run_id,
                      final.model_uri, state.step, state.train_seconds, state.attention_counts, resumed_from,
                      final.tracking_problem)
