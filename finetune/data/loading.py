@@ -146,7 +146,7 @@ def check_files(data: DataSection) -> None:
     """Refuse a recipe whose data files are not all there, naming each missing one (cheap: run it before anything)."""
     problems = missing_files(data)
     if problems:
-        raise DataError("\n".join(problems))
+        raise DataError(*problems)
 
 
 def _read_with(reader: str, files: dict[str, list[str]]) -> datasets.DatasetDict:
