@@ -169,7 +169,7 @@ def test_teachers_that_do_not_fit_are_refused(teacher_dir, tiny_checkpoints, tmp
 
         recipe = student_recipe(tiny_checkpoints["bert"], teacher_dir, tmp_path, hidden_weight=1.0)
         check_teacher(load_teacher(str(teacher_dir))[0], recipe, ["negative", "positive"], 48)
-    with pytest.raises(RecipeError, match="distillation.teacher: model 'nowhere' is not a model folder"):
+    with pytest.raises(RecipeError, match="distillation.teacher: model 'nowhere': there is no such folder, and it is not an MLflow run id"):
         load_teacher("nowhere")
 
 

@@ -101,7 +101,8 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_checkpoin
     def recipe(name: str, batch: int):
         return write_recipe(tmp_path / f"{name}.yaml", tiny_recipe(
             tiny_checkpoints["bert"], name=name, output_dir=str(tmp_path / name),
-            training={"max_steps": 8, "batch_size": batch, "eval_strategy": "steps", "eval_steps": 4},
+            training={"max_steps": 8, "batch_size": batch, "eval_strategy": "steps", "eval_steps": 4,
+                      "keep_checkpoints": True},  # to read each process's random state below
             tracking={"experiment": "ddp", "log_model": True, "system_metrics": False}))
 
     config = ROOT / "recipes" / "accelerate" / "cpu-2proc.yaml"

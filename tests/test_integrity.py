@@ -371,7 +371,7 @@ def test_a_killed_run_with_a_damaged_checkpoint_and_a_half_swapped_best_resumes(
     err = capsys.readouterr().err
     assert resumed.resumed_from == 2, "the newest intact checkpoint"
     assert "step-4 is damaged (model.safetensors" in err and "restored" in err and ".best-new" in err
-    assert sorted(p.name for p in out.iterdir()) == [".finetune-run.json", "best", "checkpoints"]
+    assert sorted(p.name for p in out.iterdir()) == [".finetune-run.json", "best", "checkpoints", "recipe.yaml"]
     assert [p.name for p in training_state.step_dirs(out)] == ["step-2", "step-4", "step-6"]  # kept, as asked
     assert outputs.describe(out).state == "finished (checkpoints kept)"
 

@@ -33,13 +33,20 @@ def _recipe(tmp_path: Path, checkpoint: Path, name: str, **sections) -> Path:
     return write_recipe(tmp_path / f"{name}.yaml", recipe, f"finetune run {name}.yaml")
 
 
+def _runs(experiment: str) -> list:
+    """The runs the CLI logged: it used MLFLOW_TRACKING_URI, whatever store an earlier test left mlflow pointing at."""
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
 def _lines(text: str) -> list[str]:
     return [line for line in re.split(r"\r\n|\r|\n", text) if line.strip()]
 
 
 def test_the_default_output_fits_one_screen_and_the_log_keeps_the_rest(tiny_checkpoints, tmp_path):
     path = _recipe(tmp_path, tiny_checkpoints["bert"], "screen")
-    env = {**os.environ}
+    # Cold caches, as on a user's first run: the datasets library's messages are what the log must keep.
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets"), "FINETUNE_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("TRANSFORMERS_VERBOSITY", None)  # as a user has it: transformers reports the new head
     done = subprocess.run([str(BIN / "finetune"), "run", str(path), "training.learning_rate=2e-3"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600, env=env)
@@ -57,7 +64,7 @@ def test_the_default_output_fits_one_screen_and_the_log_keeps_the_rest(tiny_chec
     assert "data: train 256, eval 64 from " in done.stdout and "device: cpu, " in done.stdout
     assert [line for line in out if line.startswith("step ")] == [line for line in out if re.match(r"step [48]: eval", line)]
     assert len([line for line in out if line.startswith("step ")]) == 2, "one line per evaluation"
-    (run,) = mlflow.search_runs(experiment_names=["terminal"], output_format="list")
+    (run,) = _runs("terminal")
     run_dir = tmp_path / "runs" / "screen"
     assert out[-2] == f"model: {run_dir / 'best'}"
     assert out[-1] == f"MLflow: experiment {run.info.experiment_id}, run {run.info.run_id} in {os.environ['MLFLOW_TRACKING_URI']}"
@@ -105,7 +112,7 @@ def test_a_run_whose_predictions_collapse_to_one_class_says_so(tiny_checkpoints,
     out = capsys.readouterr()
     assert "warning: the best model predicts 'negative' for all 64 evaluation examples" in out.err
     assert "too few steps" in out.err and "training.learning_rate" in out.err
-    (run,) = mlflow.search_runs(experiment_names=["collapse"], output_format="list")
+    (run,) = _runs("collapse")
     assert "predicts 'negative' for all 64" in run.data.tags["finetune.warnings"]
     assert out.out.strip().splitlines()[-1].startswith("MLflow: experiment"), "the summary still ends where the run is"
 
