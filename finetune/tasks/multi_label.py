@@ -33,6 +33,7 @@ class MultiLabelTask(SequenceTask):
     hf_problem_type = "multi_label_classification"
     pipeline_task = "text-classification"
     onnx_export = True
+    ranks_label_issues = True
 
     def label_names_from(self, values: Sequence[Any], data: Any) -> list[str]:
         found = {t for v in values for t in label_tokens(v, data.label_separator)}
@@ -95,6 +96,9 @@ class MultiLabelTask(SequenceTask):
         from finetune.reports import artifacts as A
 
         return A.write_per_class(out_dir, list(label_names), gold, pred, ("micro", "macro", "weighted"))
+
+    def label_probabilities(self, outputs: Any, settings: TaskSettings) -> np.ndarray:
+        return sigmoid(np.asarray(outputs, dtype=np.float64))
 
     def format_answer(self, item: Any, answer: dict[str, Any]) -> str:
         return f"{','.join(answer['labels']) or '-'}\t{item}"

@@ -55,7 +55,7 @@ def _data_description(recipe: Recipe, task: Task, data: PreparedData) -> str:
 
 
 def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, accelerator: Accelerator,
-               tracker, state) -> FinalReport:
+               tracker, state, extra: Any = None) -> FinalReport:
     """Log the best metrics, score the best model on eval (for artifacts) and test, log artifacts, model and champion."""
     settings = TaskSettings.of(recipe.task)
     batch_size = recipe.training.eval_batch_size
@@ -77,7 +77,8 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
     test_metrics: dict[str, float] = {}
     if data.test is not None:
         test_metrics, _ = evaluate(best, accelerator.prepare(eval_loader(data.test, collator, batch_size)), accelerator, task,
-                                   settings, Reference(data.test_features, data.raw_test, recipe.data), data.label_names)
+                                   settings, Reference(data.test_features, data.raw_test, recipe.data), data.label_names,
+                                   extra)
         tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, step=state.step)
 
     model_uri, champion, problem = None, None, None

@@ -27,6 +27,7 @@ from finetune.config.recipe import Recipe, TrainingSection, recipe_to_yaml
 from finetune.data import batching
 from finetune.data.features import PreparedData, prepare
 from finetune.errors import TrainingDiverged
+from finetune.evaluation.extra_metrics import ExtraMetrics
 from finetune.models import pretrained
 from finetune.models.bigbird import attention_for_batch
 from finetune.models.modeling import ModelInfo, build_model, load_tokenizer, make_collator, save_model_dir
@@ -196,6 +197,8 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
     hooks = hooks or TrainingHooks()
     settings = TaskSettings.of(recipe.task)
     task, resolved = preflight(recipe)
+    # Loaded before anything trains, so a metric that cannot be loaded fails now, not after the first epoch.
+    extra = ExtraMetrics(recipe.task.extra_metrics, task) if recipe.task.extra_metrics else None
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, **speed.accelerator_options(recipe))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
@@ -251,7 +254,7 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
               + (f"; resumed at step {state.step} (MLflow run {state.run_id})" if resumed_from is not None else ""))
 
     def run_evaluation() -> None:
-        metrics, _ = evaluate(model, eval_dl, accelerator, task, settings, eval_reference, data.label_names)
+        metrics, _ = evaluate(model, eval_dl, accelerator, task, settings, eval_reference, data.label_names, extra)
         if not math.isfinite(metrics["loss"]):  # broken weights must never become a checkpoint
             raise diverged(state.step, scheduler.get_last_lr()[0], recipe.output_dir)
         state.last_eval_step = state.step
@@ -300,7 +303,7 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
         if state.last_eval_step != state.step:
             run_evaluation()
         progress.close()
-        final = finish.finish_run(recipe, task, data, collator, accelerator, tracker, state)
+        final = finish.finish_run(recipe, task, data, collator, accelerator, tracker, state, extra)
         if accelerator.is_main_process:
             training_state.mark_finished(recipe.output_dir)
         status = "FINISHED"
