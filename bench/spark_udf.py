@@ -16,6 +16,7 @@ table 30-40 s, and pyspark is a 300 MB install (see README, Scoring at scale).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -50,9 +51,7 @@ def main() -> int:
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    try:
-        import pyspark  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("pyspark") is None:
         print("pyspark is not installed: pip install -e '.[spark]'", file=sys.stderr)
         return 2
     if shutil.which("java") is None:
