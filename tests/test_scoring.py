@@ -140,7 +140,9 @@ PEAK = ("import resource, sys; from finetune.cli import main; code = main(sys.ar
 
 
 def _predict_process(model_dir: Path, source: Path, target: Path, *extra: str) -> subprocess.Popen:
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    # One thread: a 32-wide model gains nothing from two, and on a shared machine two spinning OpenMP threads make
+    # it up to 30 times slower (measured), which only lengthens the test.
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", PEAK, "predict", str(model_dir), "--input", str(source), "--output",
                              str(target), *extra], cwd=target.parent, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

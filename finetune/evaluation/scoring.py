@@ -1,8 +1,9 @@
 """`finetune predict MODEL --input FILE --output FILE`: score a whole file, streaming, in order, resumable.
 
 The input (csv, tsv, jsonl or parquet) is read a chunk of rows at a time (never whole); each chunk goes
-through the task definition (`Task.inputs_from_rows`, then `Predictor.predict`, which batches by length) and is
-written out with the input's columns and the answers' fields (`pred_label`, `pred_score`, ...; nested values
+through the task definition (`Task.inputs_from_rows`, then the `Predictor`, which batches by length; the next
+chunk is read and tokenised in a thread while the model runs) and is written out with the input's columns and
+the answers' fields (`pred_label`, `pred_score`, ...; nested values
 as JSON text outside jsonl), one output row per input row, in input order. A row the model cannot read gets
 empty predictions and the reason in `pred_error`.
 
@@ -16,13 +17,16 @@ job ends the output is renamed (or, for parquet, merged) into OUTPUT and the pro
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import queue
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 from finetune.errors import DataError, InputError
 from finetune.models.predictor import Predictor
@@ -151,15 +155,17 @@ class Reader:
 
             yield from _rechunk(pq.ParquetFile(self.path).iter_batches(batch_size=rows), rows, self.skip)
         else:
-            yield from _rechunk(self._csv_batches(), rows, 0)
+            yield from _rechunk(self._csv_batches(), rows, self.skip)
 
     def _csv_batches(self) -> Iterator[Any]:
         import pyarrow as pa
         import pyarrow.csv as pacsv
 
         none = self.settings.quoting == "none"
+        # Rows already done are skipped after parsing (in `_rechunk`), not with skip_rows_after_names, which also
+        # counts the empty lines the reader otherwise ignores.
         read = pacsv.ReadOptions(column_names=self.names, skip_rows=0 if self.settings.column_names else 1,
-                                 skip_rows_after_names=self.skip, block_size=1 << 20)
+                                 block_size=1 << 20)
         parse = pacsv.ParseOptions(delimiter="\t" if self.format == "tsv" else ",", quote_char=False if none else '"',
                                    newlines_in_values=not none)
         # Every column as text, as written: "007" stays "007" and "NA" is a word, not a missing value.
@@ -214,12 +220,12 @@ class TextWriter:
 
     def __init__(self, path: Path, fmt: str, names: list[str], quoting: str, keep_bytes: int | None):
         self.path, self.format, self.names = path, fmt, names
-        if keep_bytes is None:
-            self.file = open(path, "w", newline="", encoding="utf-8")
-        else:  # resuming: whatever came after the last commit was never recorded as done
-            self.file = open(path, "r+", newline="", encoding="utf-8")
-            self.file.truncate(keep_bytes)
-            self.file.seek(keep_bytes)
+        # Bytes underneath, so the committed offset is a byte count, and text on top for the csv module.
+        self.raw = open(path, "wb" if keep_bytes is None else "r+b")
+        if keep_bytes is not None:  # resuming: whatever came after the last commit was never recorded as done
+            self.raw.truncate(keep_bytes)
+            self.raw.seek(keep_bytes)
+        self.file = io.TextIOWrapper(self.raw, encoding="utf-8", newline="")
         if fmt != "jsonl":
             # quoting none (GLUE's TSVs): quote characters are plain text, as the reader took them.
             plain = {"quoting": csv.QUOTE_NONE, "quotechar": None, "escapechar": "\\"} if quoting == "none" else {}
@@ -235,8 +241,8 @@ class TextWriter:
 
     def commit(self) -> dict[str, int]:
         self.file.flush()
-        os.fsync(self.file.fileno())
-        return {"bytes": self.file.tell()}
+        os.fsync(self.raw.fileno())
+        return {"bytes": self.raw.tell()}
 
     def finish(self, output: Path) -> None:
         self.commit()
@@ -290,17 +296,18 @@ class ParquetWriter:
         shutil.rmtree(self.parts, ignore_errors=True)
 
 
-def _output_schema(reader: Reader, first: list[dict[str, Any]], answer_fields: dict[str, Any]) -> Any:
+def _output_schema(reader: Reader, first: list[dict[str, Any]], input_names: list[str],
+                   answer_fields: dict[str, Any]) -> Any:
     """Input columns with the input's types (csv: text; jsonl: as the first chunk has them), then predictions."""
     import pyarrow as pa
 
     if reader.schema is not None:
-        fields = list(reader.schema)
+        fields = [f for f in reader.schema if f.name in input_names]
     else:
         inferred = pa.Table.from_pylist([{k: _cell(v) if isinstance(v, (dict, list)) else v for k, v in row.items()}
                                          for row in first]).schema if first else pa.schema([])
         fields = [f if not pa.types.is_null(f.type) else pa.field(f.name, pa.string()) for f in inferred
-                  if f.name in reader.names]
+                  if f.name in input_names]
 
     def arrow_type(value: Any) -> Any:
         if isinstance(value, bool):
@@ -321,10 +328,25 @@ def _output_schema(reader: Reader, first: list[dict[str, Any]], answer_fields: d
 # ---------------------------------------------------------------------------------------------
 
 
-def answer_rows(predictor: Predictor, inputs: Sequence[Any], options: PostprocessOptions) -> tuple[list[dict], list[str]]:
-    """An answer (or {}) and an error ("" when none) per input; one bad input does not stop the others."""
+@dataclass
+class Prepared:
+    """One chunk read and tokenised, ready for the model: its rows, the inputs the model can read, their
+    features, and a reason ("" when none) per row."""
+
+    rows: list[dict[str, Any]]
+    good: list[int]
+    inputs: list[Any]
+    encoded: Any
+    errors: list[str]
+
+
+def prepare_chunk(predictor: Predictor, rows: list[dict[str, Any]], names: list[str], data: Any) -> Prepared:
+    """The model inputs of a chunk of rows, checked and tokenised; a row the model cannot read gets its reason."""
+    task = predictor.task
+    columns = {n: [row.get(n) for row in rows] for n in names}
+    inputs = task.inputs_from_rows(columns, data, predictor.info.text_pair)
     try:
-        return predictor.predict(inputs, options), [""] * len(inputs)
+        return Prepared(rows, list(range(len(inputs))), inputs, predictor.encode_inputs(inputs), [""] * len(inputs))
     except InputError:
         pass
     errors = []
@@ -335,10 +357,54 @@ def answer_rows(predictor: Predictor, inputs: Sequence[Any], options: Postproces
         except InputError as e:
             errors.append(str(e))
     good = [i for i, e in enumerate(errors) if not e]
-    answers: list[dict] = [{} for _ in inputs]
-    for i, answer in zip(good, predictor.predict([inputs[i] for i in good], options) if good else []):
-        answers[i] = answer
-    return answers, errors
+    kept = [inputs[i] for i in good]
+    return Prepared(rows, good, kept, predictor.encode_inputs(kept) if kept else None, errors)
+
+
+def answer_chunk(predictor: Predictor, prepared: Prepared, options: PostprocessOptions) -> list[dict[str, Any]]:
+    """An answer per row of a prepared chunk ({} for the rows the model cannot read)."""
+    answers: list[dict[str, Any]] = [{} for _ in prepared.rows]
+    if prepared.encoded is not None:
+        outputs = predictor.outputs(prepared.encoded.features)
+        for i, answer in zip(prepared.good, predictor.answer(prepared.inputs, prepared.encoded, outputs, options)):
+            answers[i] = answer
+    return answers
+
+
+def read_ahead(chunks: Iterator[list[dict[str, Any]]], predictor: Predictor, names: list[str],
+               data: Any) -> Iterator[Prepared]:
+    """Prepared chunks, reading and tokenising the next one in a thread while the model runs on this one.
+
+    One chunk ahead at most, so memory stays two chunks whatever the file's length. The forward pass
+    releases the GIL, so the reading and tokenising overlap it instead of adding to it.
+    """
+    ahead: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for chunk in chunks:
+                if stop.is_set():
+                    return
+                ahead.put(prepare_chunk(predictor, chunk, names, data))
+            ahead.put(None)
+        except BaseException as e:  # handed to the consumer, which raises it
+            ahead.put(e)
+
+    thread = threading.Thread(target=work, name="finetune-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while (item := ahead.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # let a producer blocked on a full queue finish
+            try:
+                ahead.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.1)
 
 
 def _state_paths(output: Path) -> tuple[Path, Path, Path]:
@@ -392,6 +458,10 @@ def score_file(predictor: Predictor, input_path: Path, output: Path, data: Any, 
         raise DataError("--output: the output must be another file than the input")
     task, text_pair = predictor.task, predictor.info.text_pair
     state = _resume_state(input_path, output, settings, overwrite)
+    progress_path, partial, parts = _state_paths(output)
+    if state and not (parts.is_dir() if out_format == "parquet" else partial.is_file()):
+        raise DataError(f"--output: {progress_path} records an interrupted job, but its partial output "
+                        f"{parts if out_format == 'parquet' else partial} is gone; pass --overwrite to start again")
     done = state["rows_done"] if state else 0
     reader = Reader(input_path, settings, skip=done)
     for key, column in task.input_columns(data, text_pair).items():
@@ -403,13 +473,13 @@ def score_file(predictor: Predictor, input_path: Path, output: Path, data: Any, 
     options = PostprocessOptions(threshold=predictor.info.threshold)
     example = predictor.predict([task.example_input(text_pair)], options)[0]
     answer_fields = {k: v for k, v in example.items()}
-    input_names = [n for n in reader.names if n not in {PREFIX + k for k in answer_fields} | {ERROR_COLUMN}]
+    predicted = {PREFIX + k for k in answer_fields} | {ERROR_COLUMN}
+    input_names = [n for n in reader.names if n not in predicted]
     names = input_names + [PREFIX + k for k in answer_fields] + [ERROR_COLUMN]
-    progress_path, partial, parts = _state_paths(output)
     chunks = iter(reader)
     first = next(chunks, [])
     if out_format == "parquet":
-        schema = _output_schema(reader, first, answer_fields)
+        schema = _output_schema(reader, first, input_names, answer_fields)
         writer: Any = ParquetWriter(parts, schema, state["parts"] if state else None)
     else:
         writer = TextWriter(partial, out_format, names, settings.quoting, state["bytes"] if state else None)
@@ -417,12 +487,14 @@ def score_file(predictor: Predictor, input_path: Path, output: Path, data: Any, 
     started, errors, scored = time.perf_counter(), 0, 0
     with tqdm(total=reader.total_rows() if progress else None, initial=done, unit="rows", unit_scale=True,
               desc="scoring", disable=not progress or None, smoothing=0.1) as bar:
-        for chunk in _chain(first, chunks):
-            columns = {n: [row.get(n) for row in chunk] for n in reader.names}
-            answers, problems = answer_rows(predictor, task.inputs_from_rows(columns, data, text_pair), options)
+        for prepared in read_ahead(_chain(first, chunks), predictor, reader.names, data):
+            chunk, problems = prepared.rows, prepared.errors
+            answers = answer_chunk(predictor, prepared, options)
             rows = []
             for row, answer, problem in zip(chunk, answers, problems):
-                out = {n: row.get(n) for n in input_names}
+                # jsonl rows keep every key they have (columns are those of the first row elsewhere).
+                out = ({k: v for k, v in row.items() if k not in predicted} if reader.format == "jsonl"
+                       else {n: row.get(n) for n in input_names})
                 out |= {PREFIX + k: answer.get(k) for k in answer_fields}
                 out[ERROR_COLUMN] = problem
                 rows.append(out)
