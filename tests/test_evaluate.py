@@ -161,6 +161,10 @@ def test_missing_columns_and_bad_metrics_get_a_message(store, tmp_path, capsys):
     assert "columns found: review, label" in message
     assert main(["evaluate", str(result.best_dir), str(path), "--no-log", "--text-column", "review"]) == 0
     capsys.readouterr()
+    # A hub data set (offline here): the loader's message, naming the data set and what to do instead.
+    assert main(["evaluate", str(result.best_dir), "glue", "--dataset-config", "sst2", "--split", "validation",
+                 "--no-log"]) == 2
+    assert "data.dataset: cannot load 'glue' (config 'sst2')" in capsys.readouterr().err
     # A hub metric name cannot be fetched offline: one message that says to pass a path.
     with pytest.raises(EvaluationError, match="pass the path of a local metric module"):
         ExtraMetrics(["accuracy"])
