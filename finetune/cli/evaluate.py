@@ -41,8 +41,9 @@ def _names(text: str) -> list[str]:
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["auto", "torch", "onnx", "onnx-int8"], default=None,
-                        help="what runs the model (as in finetune serve); onnx and onnx-int8 need a finetune export "
-                             "folder (default: auto for files; auto picks ONNX Runtime for a folder with model.onnx)")
+                        help="what runs the model, as in finetune serve: auto (the default; ONNX Runtime for a folder "
+                             "with model.onnx, else PyTorch; predict with TEXT arguments: torch), torch, or onnx and "
+                             "onnx-int8 for a finetune export folder")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="PyTorch backend: fp32 (as evaluation scores) or bf16 autocast")
     parser.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass (default 32)")
