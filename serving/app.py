@@ -6,35 +6,31 @@ Answers come from the task definition (`TaskDefinition.postprocess`), the same c
 from __future__ import annotations
 
 import asyncio
-import hmac
+import copy
 import logging
-import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
+import regex
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from finetune.tasks import InputError, PostprocessOptions
 from serving.batcher import Batcher, QueueFull
+from serving.gates import LOOPBACK_NAMES, ApiKey, BodyReader, Guard, Metrics, client_gone
 from serving.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
-# The playground is a static page: it stays reachable without the API key, and asks for the key itself
-# when the data it fetches (/v1/model, /v1/predict) needs one.
-PLAYGROUND = {"/", "/static/playground.js", "/static/playground.css"}
-OPEN_ROUTES = {"/healthz", "/readyz"} | PLAYGROUND
-# Metrics are labelled by these paths only, so random URLs cannot blow up the label set.
-_ROUTES = {"/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"} | PLAYGROUND
 # No inline script or style on the page, and nothing fetched from anywhere but this server.
 _PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
@@ -42,6 +38,14 @@ _PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
 }
+# Tokenising lanes by request size: up to INLINE_CHARS (about 2 ms of tokenising) on the event loop itself,
+# where a thread hop would cost more than the work; up to LARGE_REQUEST_CHARS in one thread; beyond, another.
+INLINE_CHARS = 2_000
+LARGE_REQUEST_CHARS = 20_000
+# A character a reader would see: anything but whitespace, control and format characters (zero-width
+# spaces, joiners, direction marks, BOM), code points Unicode says to render as nothing (fillers, variation
+# selectors, tags) and combining marks with nothing to combine with. An input with none of them is empty.
+_VISIBLE = regex.compile(r"[^\s\p{Z}\p{Cc}\p{Cf}\p{Cs}\p{Mn}\p{Me}\p{Default_Ignorable_Code_Point}\u2800]")
 
 
 @dataclass
@@ -56,30 +60,37 @@ class Settings:
     max_queue: int = 512
     request_timeout_s: float = 30.0
     api_key: str | None = None
+    max_input_chars: int = 100_000  # per input, all its texts together; checked before tokenising
+    # Characters accepted for tokenising but not yet tokenised (one thread does it); beyond, requests get 503.
+    max_pending_chars: int = 4_000_000
+    body_timeout_s: float = 30.0
+    allowed_hosts: list[str] = field(default_factory=lambda: list(LOOPBACK_NAMES))
+    allowed_origins: list[str] = field(default_factory=list)
 
 
+# Strict: `top_k: "2"`, `top_k: true` or `truncate: "yes"` are mistakes to name, not values to guess at.
 class PredictOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    top_k: int | None = Field(None, ge=1, le=1000, description="Classification: also return the k best labels.")
-    threshold: float | None = Field(None, gt=0, lt=1, description="Multi-label: score at or above which a label is returned (default: the model's).")
-    truncate: bool = Field(True, description="Truncate inputs longer than the model's max length (flagged `truncated`); false rejects them with 422.")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    top_k: StrictInt | None = Field(None, ge=1, le=1000, description="Classification: also return the k best labels.")
+    threshold: StrictFloat | None = Field(None, gt=0, lt=1, description="Multi-label: score at or above which a label is returned (default: the model's).")
+    truncate: StrictBool = Field(True, description="Truncate inputs longer than the model's max length (flagged `truncated`); false rejects them with 422.")
 
 
 class QuestionInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     question: StrictStr
     context: StrictStr = Field(description="The text the answer is taken from; any length (read in overlapping windows).")
 
 
 class ChoiceInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     context: StrictStr
     choices: list[StrictStr] = Field(min_length=2, description="The candidate endings or answers.")
     start: StrictStr | None = Field(None, description="The beginning every choice continues (SWAG's second sentence).")
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"inputs": ["a gripping, beautiful film"]},
         {"inputs": [["The cat sat.", "A cat was sitting."]], "options": {"top_k": 2}},
         {"inputs": [{"question": "Where is the Eiffel Tower?", "context": "The Eiffel Tower is in Paris."}]},
@@ -144,80 +155,34 @@ def _error(status: int, field: list, message: str) -> HTTPException:
     return HTTPException(status, detail=[{"loc": field, "msg": message}])
 
 
-class BodyLimit:
-    """Refuse bodies over the limit with 413, by Content-Length or while streaming (chunked uploads)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        too_big = JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await too_big(scope, receive, send)
-        seen = 0
-
-        async def counting_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, counting_receive, send)
-        except _BodyTooLarge:
-            await too_big(scope, receive, send)
+def _texts(item) -> list[tuple[list, str]]:
+    """(location within the input, text) for every text of one input (a text, a pair, or a QA/choice dict)."""
+    if isinstance(item, str):
+        return [([], item)]
+    found: list[tuple[list, str]] = []
+    for key, value in (enumerate(item) if isinstance(item, list) else item.items()):
+        if isinstance(value, list):
+            found += [([key, j], text) for j, text in enumerate(value)]
+        else:
+            found.append(([key], value))
+    return found
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
-class Gate:
-    """API key check, request counts and latency, as plain ASGI.
-
-    Plain ASGI rather than FastAPI's @app.middleware("http"), whose per-request task and stream
-    plumbing measurably cut throughput on a 2-core machine.
-    """
-
-    def __init__(self, app, api_key: str | None, requests: Counter, latency: Histogram):
-        self.app, self.requests, self.latency = app, requests, latency
-        self.key = api_key.encode() if api_key else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = time.perf_counter()
-        path = scope["path"]
-        route = path if path in _ROUTES else "other"
-        if self.key is not None and path not in OPEN_ROUTES:
-            headers = dict(scope["headers"])
-            given = headers.get(b"x-api-key") or headers.get(b"authorization", b"").removeprefix(b"Bearer ")
-            if not hmac.compare_digest(given, self.key):
-                self.requests.labels(route, "401").inc()
-                refused = JSONResponse({"detail": "missing or wrong API key (X-API-Key or Authorization: Bearer)"},
-                                       status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                return await refused(scope, receive, send)
-        status = {"code": 500, "sent": False}
-
-        async def recording_send(message):
-            if message["type"] == "http.response.start":
-                status["code"], status["sent"] = message["status"], True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, recording_send)
-        except Exception:  # a bug must not take the server down; report it as ours
-            log.exception("unhandled error on %s", path)
-            if not status["sent"]:
-                await JSONResponse({"detail": "internal error"}, status_code=500)(scope, receive, send)
-        finally:
-            self.requests.labels(route, str(status["code"])).inc()
-            self.latency.labels(route).observe(time.perf_counter() - started)
+def check_texts(inputs: list, max_chars: int) -> int:
+    """The characters of all inputs; HTTPException 422 naming the first input over `max_chars` characters or
+    with a text that shows nothing (only whitespace, control or zero-width characters)."""
+    total = 0
+    for i, item in enumerate(inputs):
+        texts = _texts(item)
+        chars = sum(len(t) for _, t in texts)
+        if chars > max_chars:
+            raise _error(422, ["body", "inputs", i], f"{chars} characters; at most {max_chars} per input")
+        for where, text in texts:
+            if text and not _VISIBLE.search(text):  # empty ones are the task definition's to name
+                raise _error(422, ["body", "inputs", i, *where],
+                             "no visible characters (only whitespace, control or zero-width characters)")
+        total += chars
+    return total
 
 
 def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
@@ -233,7 +198,7 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
     batch_sizes = Histogram("finetune_batch_size", "Inputs per model forward pass", registry=registry,
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
     queue_depth = Gauge("finetune_queue_depth", "Inputs waiting for a batch", registry=registry)
-    state: dict[str, Any] = {"ready": False}
+    state: dict[str, Any] = {"ready": False, "pending_chars": 0}
 
     def run_batch(features: list[dict]) -> list[np.ndarray]:
         return predictor.outputs(features)
@@ -245,6 +210,17 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
                           on_batch=batch_sizes.observe)
         batcher.start()
         state["batcher"] = batcher
+        # Tokenising and post-processing of all but short requests run in threads, off the event loop (a 1 MB
+        # text takes a second to tokenise; the tokenizers library releases the GIL meanwhile), in two lanes by size
+        # so that short requests never queue behind megabytes of text. Each lane has its own tokenizer: a fast
+        # tokenizer must not be used by two threads at once (the inference thread never calls it; its collator
+        # pads in Python).
+        lanes: list[tuple[ThreadPoolExecutor | None, Any]] = [(None, predictor)]
+        for name in ("tokenise", "tokenise-large"):
+            copied = copy.copy(predictor)
+            copied.tokenizer = copy.deepcopy(predictor.tokenizer)
+            lanes.append((ThreadPoolExecutor(max_workers=1, thread_name_prefix=name), copied))
+        state["lanes"] = lanes
         queue_depth.set_function(lambda: batcher.depth)
         warm = predictor.encode_inputs([predictor.task.example_input(info.text_pair)])
         await asyncio.wait_for(asyncio.gather(*batcher.submit(warm.features)), timeout=600)
@@ -252,6 +228,61 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
         yield
         state["ready"] = False
         await batcher.stop()  # finishes whatever requests are still waiting
+        for executor, _ in state["lanes"][1:]:
+            executor.shutdown(wait=True)
+
+    async def in_lane(lane: int, chars: int, method: str, *args):
+        """The lane's predictor.method(*args), in the lane's thread (the event loop for lane 0), counting `chars`
+        as waiting until it is done or cancelled; 503 when too many characters are waiting already."""
+        executor, lane_predictor = state["lanes"][lane]
+        if executor is None:
+            return getattr(lane_predictor, method)(*args)
+        if state["pending_chars"] + chars > settings.max_pending_chars:
+            raise HTTPException(503, detail=f"busy: {state['pending_chars']} characters are waiting to be tokenised "
+                                            f"(limit {settings.max_pending_chars}); retry shortly",
+                                headers={"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        state["pending_chars"] += chars
+
+        def release(_):
+            def done():
+                state["pending_chars"] -= chars
+            loop.call_soon_threadsafe(done)
+
+        job = executor.submit(getattr(lane_predictor, method), *args)
+        job.add_done_callback(release)
+        return await asyncio.wrap_future(job)  # cancelling it drops the job if it has not started
+
+    async def answer(body: PredictRequest, inputs: list, chars: int) -> JSONResponse:
+        lane = 0 if chars <= INLINE_CHARS else 1 if chars <= LARGE_REQUEST_CHARS else 2
+        try:
+            encoded = await in_lane(lane, chars, "encode_inputs", inputs)
+        except InputError as e:
+            raise _error(422, ["body", "inputs", e.index], str(e)) from None
+        if not body.options.truncate:
+            too_long = [i for i, t in enumerate(encoded.truncated) if t]
+            if too_long:
+                raise _error(422, ["body", "inputs", too_long[0]],
+                             f"longer than the {info.max_length} tokens this model reads (or set options.truncate)")
+        try:
+            futures = state["batcher"].submit(encoded.features)
+        except QueueFull as e:
+            raise HTTPException(503, detail=f"busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
+        try:
+            rows = await asyncio.wait_for(asyncio.gather(*futures), timeout=settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(504, detail=f"no answer within {settings.request_timeout_s:g} s") from None
+        finally:
+            for f in futures:  # timed out, or the client left: the batcher skips what is still queued
+                f.cancel()
+        options = PostprocessOptions(
+            threshold=body.options.threshold if body.options.threshold is not None else info.threshold,
+            top_k=body.options.top_k,
+        )
+        answers = await in_lane(lane, 0, "answer", inputs, encoded, rows, options)
+        # Returned as a ready response: the answers are built by the task definition already, and FastAPI's
+        # re-validation of them against PredictResponse (still the documented schema) costs throughput.
+        return JSONResponse({"model": model.name, "version": model.version, "predictions": answers})
 
     # FastAPIOffline: FastAPI with /docs and /redoc loading their JavaScript and CSS from this server (the
     # package ships Swagger UI and ReDoc), not from a CDN, so the docs work offline and do not change under us.
@@ -270,9 +301,9 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": detail}, status_code=422)
 
     @app.post("/v1/predict", response_model=PredictResponse, responses={
-        401: {"description": "missing or wrong API key"}, 413: {"description": "body too large"},
-        422: {"description": "invalid inputs, named by field"}, 503: {"description": "queue full; retry after Retry-After seconds"},
-        504: {"description": "request timed out"}},
+        401: {"description": "missing or wrong API key"}, 408: {"description": "body not received in time"},
+        413: {"description": "body too large"}, 422: {"description": "invalid inputs, named by field"},
+        503: {"description": "queue full; retry after Retry-After seconds"}, 504: {"description": "request timed out"}},
         # The body is parsed by hand (below) so `curl -d '{...}'`, which sends a form content type, works too;
         # the schema is declared here so /docs still shows it (FastAPI's documented pattern for this).
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
@@ -287,33 +318,19 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
         if len(body.inputs) > settings.max_inputs_per_request:
             raise _error(422, ["body", "inputs"], f"{len(body.inputs)} inputs; at most {settings.max_inputs_per_request} per request")
         inputs = [item.model_dump(exclude_none=True) if isinstance(item, BaseModel) else item for item in body.inputs]
+        chars = check_texts(inputs, settings.max_input_chars)
+        # The body has been read (serving.gates.BodyReader), so the next message from the client is
+        # http.disconnect: if it comes before the answer, the client has gone and its inputs are dropped.
+        work = asyncio.ensure_future(answer(body, inputs, chars))
+        gone = asyncio.ensure_future(request.receive())
         try:
-            encoded = predictor.encode_inputs(inputs)
-        except InputError as e:
-            raise _error(422, ["body", "inputs", e.index], str(e)) from None
-        if not body.options.truncate:
-            too_long = [i for i, t in enumerate(encoded.truncated) if t]
-            if too_long:
-                raise _error(422, ["body", "inputs", too_long[0]],
-                             f"longer than the {info.max_length} tokens this model reads (or set options.truncate)")
-        try:
-            futures = state["batcher"].submit(encoded.features)
-        except QueueFull as e:
-            raise HTTPException(503, detail=f"busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
-        try:
-            rows = await asyncio.wait_for(asyncio.gather(*futures), timeout=settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            for f in futures:
-                f.cancel()
-            raise HTTPException(504, detail=f"no answer within {settings.request_timeout_s:.0f} s") from None
-        options = PostprocessOptions(
-            threshold=body.options.threshold if body.options.threshold is not None else info.threshold,
-            top_k=body.options.top_k,
-        )
-        answers = predictor.answer(inputs, encoded, rows, options)
-        # Returned as a ready response: the answers are built by the task definition already, and FastAPI's
-        # re-validation of them against PredictResponse (still the documented schema) costs throughput.
-        return JSONResponse({"model": model.name, "version": model.version, "predictions": answers})
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done() and gone.result()["type"] == "http.disconnect":
+                return client_gone(request.scope, "while waiting for the answer")
+            return await work
+        finally:
+            work.cancel()
+            gone.cancel()
 
     @app.get("/v1/model", response_model=ModelInfoResponse)
     async def model_info() -> ModelInfoResponse:
@@ -343,4 +360,6 @@ def create_app(model: LoadedModel, settings: Settings | None = None) -> FastAPI:
         """Prometheus metrics."""
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    return Gate(BodyLimit(app, settings.max_body_bytes), settings.api_key, requests, latency)
+    inner = BodyReader(app, settings.max_body_bytes, settings.body_timeout_s)
+    return Metrics(Guard(ApiKey(inner, settings.api_key), settings.allowed_hosts, settings.allowed_origins),
+                   requests, latency)

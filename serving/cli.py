@@ -1,51 +1,144 @@
-"""`finetune serve`: the command that starts the HTTP service (`python -m serving serve ...` runs it too).
+"""`finetune serve`: starting the service (key, port and exposure checked first); `python -m serving` runs it.
 
-Its options are parsed by finetune's own parser (`finetune.cli.build_parser`), so `finetune serve --help`,
-the README and the compose file describe one set of options.
+Its options are defined with finetune's other commands (`finetune.cli.serve_options`), so `finetune serve
+--help`, the README and the compose file describe one set of options; `finetune serve` becomes this process.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import ipaddress
+import logging
 import os
+import re
+import socket
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from finetune.cli import build_parser
-from finetune.config.recipe import load_recipe
+from finetune.cli.serve_options import KEY_ENV
 from finetune.errors import FinetuneError, RecipeError
 
 
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything, so it counts as exposed
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key-file or $FINETUNE_API_KEY (never the command line), checked."""
+    if args.api_key is not None:
+        raise RecipeError(f"--api-key would show the key to every user of this machine (ps, shell history); put it "
+                          f"in a file readable only by you and pass --api-key-file PATH, or set ${KEY_ENV}")
+    from_env = os.environ.get(KEY_ENV) or None
+    if args.api_key_file is None:
+        key, where = from_env, f"${KEY_ENV}"
+    else:
+        if from_env:
+            raise RecipeError(f"both --api-key-file and ${KEY_ENV} are set; give the key one way")
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecipeError(f"--api-key-file {args.api_key_file}: cannot read it ({e})") from None
+        where = f"--api-key-file {args.api_key_file}"
+        if not key:
+            raise RecipeError(f"{where} is empty")
+    if key is not None and not re.fullmatch(r"[\x21-\x7e]+", key):
+        raise RecipeError(f"{where}: the key must be printable ASCII without spaces (it travels in an HTTP header)")
+    return key
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket, before the model loads: a busy port is reported at once, and stays ours meanwhile."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait for TIME_WAIT
+    try:
+        sock.bind((host.strip("[]"), port))
+        sock.listen(2048)  # listening is what makes a second server's bind fail (SO_REUSEADDR allows two binds)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise RecipeError(f"port {port} on {host} is in use (another finetune serve?); stop it or choose --port") from None
+        raise RecipeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def _log_handler() -> None:
+    """Client-caused events (disconnects, timeouts, refused connections) as one line each on stderr."""
+    logger = logging.getLogger("serving")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def serve(args: argparse.Namespace) -> int:
-    """Load the model a `finetune serve` command names and serve it until SIGTERM or Ctrl-C."""
+    """Check the key, the exposure and the port, then load the model and serve it until SIGTERM or Ctrl-C."""
     import uvicorn
 
+    from finetune.config.recipe import load_recipe
     from serving.app import Settings, create_app
+    from serving.gates import check_allowed_origins, default_allowed_hosts
     from serving.loading import load_model
+    from serving.protocol import guarded_protocol
 
+    key = api_key(args)
+    if not _is_loopback(args.host) and not key and not args.insecure_no_api_key:
+        raise RecipeError(f"--host {args.host} serves beyond this machine, and no API key is set: give one with "
+                          f"--api-key-file PATH or ${KEY_ENV}, or pass --insecure-no-api-key to serve it open")
+    try:
+        origins = check_allowed_origins(args.allowed_origins)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
     name = args.name
     if args.recipe:
         name = load_recipe(args.recipe).tracking.register_as
         if not name:
             raise RecipeError(f"{args.recipe} sets no tracking.register_as, so it has no champion; use --model")
-    loaded = load_model(args.model, name, args.backend, args.precision)
+    sock = _bind(args.host, args.port)
+    try:
+        loaded = load_model(args.model, name, args.backend, args.precision)
+    except FinetuneError:
+        sock.close()
+        raise
     settings = Settings(
         max_inputs_per_request=args.max_inputs, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue, request_timeout_s=args.timeout, api_key=args.api_key or os.environ.get("FINETUNE_API_KEY"),
+        max_queue=args.max_queue, request_timeout_s=args.timeout, api_key=key, max_input_chars=args.max_input_chars,
+        body_timeout_s=args.body_timeout, allowed_hosts=args.allowed_hosts or default_allowed_hosts(args.host),
+        allowed_origins=origins,
     )
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if not _is_loopback(args.host):
         print(f"warning: serving on {args.host} exposes the model beyond this machine"
-              + ("" if settings.api_key else " without an API key"), file=sys.stderr)
+              + ("" if key else " without an API key"), file=sys.stderr)
     version = f" version {loaded.version}" if loaded.version else ""
     print(f"serving {loaded.name}{version} ({loaded.predictor.info.task}, {loaded.predictor.runtime}) from {loaded.source} "
           f"at http://{args.host}:{args.port}  (playground: /, docs: /docs)", flush=True)
-    uvicorn.run(create_app(loaded, settings), host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=30)
-    return 0
-
+    _log_handler()
+    config = uvicorn.Config(
+        create_app(loaded, settings), host=args.host, port=args.port, log_level="warning",
+        http=guarded_protocol(args.max_connections, args.header_timeout, args.body_timeout),
+        timeout_keep_alive=args.keep_alive,
+        # Long enough for a request that has just arrived to finish: its body, then its answer.
+        timeout_graceful_shutdown=args.body_timeout + args.timeout,
+    )
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    return 0 if server.started else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m serving [serve options]`, what `finetune serve` runs."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(["serve", *argv])
     os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -56,9 +57,19 @@ def test_unknown_server_is_refused(tiny_model):
 
 
 def test_quick_soak_runs_and_passes(tiny_model):
-    """`bench/soak.py --quick`: mixed valid and invalid load; no 5xx, right answers, bounded memory."""
+    """`bench/soak.py --quick`: mixed valid and invalid load beside disconnecting, slow and large-string clients;
+    no 5xx (the server counts none either), right answers, /healthz p99 under 1 s, bounded memory."""
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--quick", "--model", str(tiny_model)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "5xx: 0; wrong or failed answers: 0" in result.stdout
-    assert "invalid 4" in result.stdout and "valid 200" in result.stdout
+    out = result.stdout
+    assert "5xx: 0; wrong or failed answers: 0" in out and "server counted: 0 5xx" in out
+    assert "invalid 4" in out and "valid 200" in out
+    ran = {line.strip().rsplit(": ", 1)[0]: int(line.rsplit(": ", 1)[1]) for line in out.splitlines()
+           if line.startswith("  ") and line.rsplit(": ", 1)[-1].isdigit()}
+    for kind in ["disconnect mid-body", "disconnect after the body", "slow head 408", "slow body 408", "large 200",
+                 "large 422"]:
+        assert ran.get(kind, 0) > 0, (kind, out)
+    assert int(re.search(r"(\d+) 499 \(client gone\)", out).group(1)) > 0, out
+    p99 = float(re.search(r"/healthz: \d+ probes, p99 ([\d.]+) s", out).group(1))
+    assert p99 < 1.0, out

@@ -205,6 +205,11 @@ def test_compose_services_dependencies_and_healthchecks(services):
     args = build_parser().parse_args(serving["command"])
     assert args.command == "serve"
     assert (args.host, args.port) == ("0.0.0.0", 8000)
+    # Bound to every address of the container, so `finetune serve` refuses to start without a key: compose always
+    # requires FINETUNE_API_KEY, so the service never runs open. The port is published on the host's loopback by
+    # default; the Host names clients use through it, and `serving` for other containers, are allowed.
+    assert not args.insecure_no_api_key and args.allowed_hosts == ["localhost", "127.0.0.1", "[::1]", "serving"]
+    assert serving["ports"] == ["127.0.0.1:8000:8000"]
     # The default recipe registers the model the service serves by default.
     trainer_recipe = _flag(services["trainer-cpu"]["command"], "run")
     assert yaml.safe_load((ROOT / trainer_recipe).read_text())["tracking"]["register_as"] == args.name

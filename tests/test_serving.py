@@ -30,17 +30,26 @@ BIN = Path(sys.executable).parent
 class Server:
     """`finetune serve ...` in a subprocess, ready when /readyz says so."""
 
-    def __init__(self, *args: str, env: dict | None = None):
+    def __init__(self, *args: str, env: dict | None = None, log: Path | None = None):
+        """log: write the server's output there (for tests that read it) instead of a pipe nobody drains."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        out = open(log, "w") if log else subprocess.PIPE
         self.proc = subprocess.Popen(
             [str(BIN / "finetune"), "serve", "--port", str(self.port), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
+            stdout=out, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
         )
+        if log:
+            out.close()
         if not wait_for_http(f"{self.url}/readyz", self.proc):
-            raise RuntimeError(f"server did not start:\n{self.proc.stdout.read()[-3000:]}")
+            raise RuntimeError(f"server did not start:\n{self.output()[-3000:]}")
+
+    def output(self) -> str:
+        """What the server has printed (all of it when it writes to a log; else only once it has exited)."""
+        return self.log.read_text() if self.log else self.proc.stdout.read()
 
     def post(self, body, **kw) -> httpx.Response:
         return httpx.post(f"{self.url}/v1/predict", json=body, timeout=30, **kw)

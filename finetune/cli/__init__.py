@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from finetune.cli import evaluate as evaluation_commands
+from finetune.cli.serve_options import add_serve_arguments
 from finetune.config.recipe import describe_fields, load_recipe, recipe_to_yaml
 from finetune.errors import FinetuneError, InputError, RecipeError
 
@@ -73,23 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--study-name", help="Optuna study name (needed to share a study between workers)")
 
     serve = sub.add_parser("serve", help="serve a model over HTTP (default: the registry's champion)")
-    serve.add_argument("--model", help="a model folder, an MLflow run id, or a runs:/ or models:/ URI (default: the champion)")
-    serve.add_argument("--name", help="registered model whose champion to serve (default: the only one with a champion)")
-    serve.add_argument("--recipe", help="serve the champion of this recipe's tracking.register_as")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", help="require this key (X-API-Key or Authorization: Bearer) on every route but /healthz and /readyz; default $FINETUNE_API_KEY")
-    serve.add_argument("--backend", choices=["auto", "torch", "onnx", "onnx-int8"], default="auto",
-                       help="auto: ONNX Runtime when the model folder has model.onnx (finetune export), else PyTorch")
-    serve.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                       help="PyTorch backend: fp32 answers exactly as evaluation scored the model; bf16 (autocast) is "
-                            "faster on CPUs that compute bf16 natively (AVX512-BF16, AMX) but may flip answers near a tie")
-    serve.add_argument("--max-batch-size", type=int, default=16,
-                       help="inputs per forward pass at most (16 measured fastest per sentence on 2 CPU cores)")
-    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
-    serve.add_argument("--max-queue", type=int, default=512, help="inputs waiting at most; beyond it requests get 503")
-    serve.add_argument("--max-inputs", type=int, default=64, help="inputs per request at most")
-    serve.add_argument("--timeout", type=float, default=30.0, help="seconds before a request gets 504")
+    add_serve_arguments(serve)
 
     export = sub.add_parser("export", help="export a trained model to ONNX Runtime, checked against PyTorch")
     export.add_argument("model", help="a trained model folder (runs/<name>/best), an MLflow run id, or a runs:/ or models:/ URI "

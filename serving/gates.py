@@ -1,0 +1,267 @@
+"""The plain-ASGI layers every request passes before a route: metrics, Host and Origin checks, the API key, and
+reading the body (size limit, deadline, client gone).
+
+Plain ASGI rather than FastAPI's @app.middleware("http"), whose per-request task and stream plumbing
+measurably cut throughput on a 2-core machine, and outside FastAPI so that nothing a client does reaches
+Starlette's error handler (which answers 500 to any exception, even after a response has started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hmac
+import logging
+import time
+from typing import Iterable
+from urllib.parse import urlsplit
+
+from prometheus_client import Counter, Histogram
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse
+
+log = logging.getLogger("serving.requests")
+# Probes (a load balancer's, Kubernetes') send whatever Host they like and carry no key; they reveal nothing.
+OPEN_ROUTES = {"/healthz", "/readyz"}
+# The playground is a static page: it stays reachable without the API key, and asks for the key itself
+# when the data it fetches (/v1/model, /v1/predict) needs one.
+PLAYGROUND = {"/", "/static/playground.js", "/static/playground.css"}
+KEYLESS_ROUTES = OPEN_ROUTES | PLAYGROUND
+# Metrics are labelled by these paths only, so random URLs cannot blow up the label set.
+ROUTES = {"/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"} | PLAYGROUND
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def _reply(status: int, detail, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def client_gone(scope, when: str) -> JSONResponse:
+    """The response to give once the client has disconnected: uvicorn writes nothing of it, but the status
+    (499) is what Metrics counts and logs, with `when` it went."""
+    scope.setdefault("state", {})["gone"] = when
+    return _reply(CLIENT_CLOSED, "client closed the connection")
+
+
+class Metrics:
+    """Request counts and latency by route and status; one log line per client that went away (499)."""
+
+    def __init__(self, app, requests: Counter, latency: Histogram):
+        self.app, self.requests, self.latency = app, requests, latency
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        path = scope["path"]
+        route = path if path in ROUTES else "other"
+        status = {"code": 500, "sent": False}
+
+        async def recording_send(message):
+            if message["type"] == "http.response.start":
+                status["code"], status["sent"] = message["status"], True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        except Exception:  # a bug must not take the server down; report it as ours
+            log.exception("unhandled error on %s", path)
+            if not status["sent"]:
+                await _reply(500, "internal error")(scope, receive, send)
+        finally:
+            elapsed = time.perf_counter() - started
+            if status["code"] == CLIENT_CLOSED:
+                client = scope.get("client")
+                log.info("%s %s %s 499 client closed the connection %s (after %.2f s)",
+                         f"{client[0]}:{client[1]}" if client else "-", scope["method"], path,
+                         scope.get("state", {}).get("gone", ""), elapsed)
+            self.requests.labels(route, str(status["code"])).inc()
+            self.latency.labels(route).observe(elapsed)
+
+
+def _split_host(value: str) -> tuple[str, int | None] | None:
+    """(lower-case host name, port or None) of a Host header or an origin's netloc; None when malformed."""
+    try:
+        parts = urlsplit("//" + value)
+        name, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    if not name or parts.username is not None or parts.path or parts.query or parts.fragment:
+        return None
+    return (f"[{name}]" if ":" in name else name), port
+
+
+def default_allowed_hosts(bind_host: str) -> list[str]:
+    """Loopback names, and the address the server was told to bind (IPv6 in brackets, as in a Host header)."""
+    given = f"[{bind_host}]" if ":" in bind_host and not bind_host.startswith("[") else bind_host
+    return list(dict.fromkeys([*LOOPBACK_NAMES, given.lower()]))
+
+
+def check_allowed_origins(origins: Iterable[str]) -> list[str]:
+    """The --allowed-origins entries, each `*` or scheme://host[:port]; ValueError naming a malformed one."""
+    checked = []
+    for origin in origins:
+        try:
+            parts = urlsplit(origin)
+            parts.port  # raises for a port that is not a number
+        except ValueError:
+            parts = None
+        if origin != "*" and (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+                              or parts.path or parts.query or parts.fragment or parts.username is not None):
+            raise ValueError(f"--allowed-origins {origin!r}: expected * or an origin such as https://app.example.com "
+                             f"or http://localhost:3000 (scheme, host and optional port, nothing else)")
+        checked.append(origin.lower())
+    return checked
+
+
+class Guard:
+    """Refuse Hosts not allowed (DNS rebinding against a loopback server) with 400, and cross-origin requests
+    from origins not allowed (a web page making a visitor's browser call the service) with 403.
+
+    Same-origin requests (a page served by this server calling it) are always allowed: their Origin names
+    the Host they were sent to. Allowed cross-origin callers get CORS headers (Starlette's CORSMiddleware),
+    so browsers let them read the answers.
+    """
+
+    def __init__(self, app, allowed_hosts: list[str], allowed_origins: list[str]):
+        self.hosts = [h.lower() for h in allowed_hosts]
+        self.origins = allowed_origins
+        self.any_origin = "*" in allowed_origins
+        self.app = app
+        if allowed_origins:
+            self.app = CORSMiddleware(app, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
+                                      allow_headers=["Authorization", "X-API-Key", "Content-Type"], max_age=600)
+
+    def _host_allowed(self, name: str, port: int | None) -> bool:
+        for allowed in self.hosts:
+            if allowed == "*":
+                return True
+            split = _split_host(allowed) if not allowed.startswith("*") else (allowed, None)
+            if split is None:
+                continue
+            want_name, want_port = split
+            if (fnmatch.fnmatchcase(name, want_name) if "*" in want_name else name == want_name) \
+                    and (want_port is None or want_port == port):
+                return True
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_ROUTES:
+            return await self.app(scope, receive, send)
+        hosts = [v for k, v in scope["headers"] if k == b"host"]
+        if len(hosts) != 1:
+            detail = "no Host header" if not hosts else "more than one Host header"
+            return await _reply(400, f"{detail}; send exactly one")(scope, receive, send)
+        host_value = hosts[0].decode("latin-1")
+        host = _split_host(host_value)
+        if host is None or not self._host_allowed(*host):
+            return await _reply(400, f"Host {host_value!r} is not allowed (allowed: {', '.join(self.hosts)}); "
+                                     f"start the server with --allowed-hosts to add it")(scope, receive, send)
+        origins = [v for k, v in scope["headers"] if k == b"origin"]
+        if origins:
+            origin = origins[-1].decode("latin-1").lower()
+            if len(origins) > 1 or not (self._same_origin(origin, host) or self.any_origin or origin in self.origins):
+                return await _reply(403, f"cross-origin request from Origin {origin!r} refused; "
+                                         f"allow it with --allowed-origins")(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _same_origin(origin: str, host: tuple[str, int | None]) -> bool:
+        try:
+            parts = urlsplit(origin)
+        except ValueError:  # e.g. "http://[::1"
+            return False
+        if parts.scheme not in ("http", "https") or parts.path:
+            return False  # includes "null" (sandboxed frames, file: pages)
+        split = _split_host(parts.netloc)
+        if split is None:
+            return False
+        name, port = split
+        port = port or (443 if parts.scheme == "https" else 80)
+        # The Host header carries no scheme (a TLS proxy may sit in front), so its port, when absent, can be
+        # either default.
+        return name == host[0] and (port == host[1] if host[1] is not None else port in (80, 443))
+
+
+class ApiKey:
+    """With a key set, every route but the probes needs X-API-Key: KEY or Authorization: Bearer KEY."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app = app
+        self.key = api_key.encode() if api_key else None
+
+    def _given(self, scope) -> tuple[bytes | None, str]:
+        headers = dict(scope["headers"])
+        if b"x-api-key" in headers:
+            return headers[b"x-api-key"].strip(b" \t"), ""
+        value = headers.get(b"authorization")
+        if value is None:
+            return None, "missing API key"
+        # RFC 7235: the scheme is case-insensitive and separated from the credentials by spaces.
+        scheme, _, token = value.strip(b" \t").partition(b" ")
+        token = token.strip(b" ")
+        if scheme.lower() != b"bearer" or not token:
+            return None, "the Authorization header must be 'Bearer KEY'"
+        return token, ""
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.key is None or scope["path"] in KEYLESS_ROUTES or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        given, why = self._given(scope)
+        if given is None or not hmac.compare_digest(given, self.key):
+            why = why or "wrong API key"
+            refused = _reply(401, f"{why} (send X-API-Key: KEY or Authorization: Bearer KEY)",
+                             headers={"WWW-Authenticate": "Bearer"})
+            return await refused(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class BodyReader:
+    """Read the whole body before the route runs: over `limit` bytes gets 413 (whether Content-Length says so
+    or a chunked upload gets there), not all of it within `timeout` seconds gets 408, and a client that
+    disconnects meanwhile is recorded as gone (499), never as an error of ours.
+
+    The route then reads the body from memory; after it, `receive` is the client's again (so a route can
+    notice the client leave while it waits for an answer).
+    """
+
+    def __init__(self, app, limit: int, timeout: float):
+        self.app, self.limit, self.timeout = app, limit, timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = _reply(413, f"request body over {self.limit} bytes")
+        declared = [v for k, v in scope["headers"] if k == b"content-length"]
+        if declared and (not declared[0].isdigit() or int(declared[0]) > self.limit):
+            return await too_big(scope, receive, send)  # refused before reading it (no 100 Continue either)
+        chunks, seen = [], 0
+        try:
+            async with asyncio.timeout(self.timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return await client_gone(scope, "during the request body")(scope, receive, send)
+                    chunk = message.get("body", b"")
+                    seen += len(chunk)
+                    if seen > self.limit:
+                        return await too_big(scope, receive, send)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            log.info("%s %s 408 body not received within %g s (%d bytes so far)", scope["method"], scope["path"],
+                     self.timeout, seen)
+            return await _reply(408, f"the request body did not arrive within {self.timeout:g} s")(scope, receive, send)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
