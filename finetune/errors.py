@@ -61,3 +61,7 @@ class InputError(FinetuneError, ValueError):
     def __init__(self, index: int, message: str):
         super().__init__(message)
         self.index = index
+
+
+class EvaluationError(FinetuneError, ValueError):
+    """An evaluation that cannot be made: data that does not fit the model, a metric that does not load or fit."""

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from finetune.cli import evaluate as evaluation_commands
 from finetune.cli.serve_options import add_serve_arguments
 from finetune.config.recipe import describe_fields, load_recipe
 from finetune.errors import FinetuneError, InputError, RecipeError
@@ -63,13 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="predict with a trained model")
     predict.add_argument("model", help="a model folder (runs/<name>/best), an MLflow run id, or a runs:/ or models:/ URI")
-    predict.add_argument("texts", nargs="+", metavar="TEXT", help="texts to predict for; pair models: two by two; QA and multiple choice: JSON objects")
+    predict.add_argument("texts", nargs="*", metavar="TEXT", help="texts to predict for; pair models: two by two; QA and multiple choice: JSON objects")
     predict.add_argument("--json", action="store_true", help="print the full answers as JSON lines")
+    evaluation_commands.add_file_options(predict)
+    evaluation_commands.add_commands(sub)
 
     compare = sub.add_parser("compare", help="compare finished runs, best first")
     compare.add_argument("--experiment", help="only this MLflow experiment (default: all)")
     compare.add_argument("--metric", help="sort on best/<METRIC> (default: the runs' task.metric_for_best)")
     compare.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
+    compare.add_argument("--evaluations", action="store_true",
+                         help="one row per `finetune evaluate` run instead: model, data, split, metric")
 
     promote = sub.add_parser("promote", help="make a run's registered model the champion, whatever the scores")
     promote.add_argument("run_id")
@@ -166,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return cmd_clean(args.paths, args.resume_checkpoints, args.dry_run)
         if args.command == "compare":
-            return cmd_compare(args.experiment, args.metric, args.format)
+            return cmd_compare(args.experiment, args.metric, args.format, args.evaluations)
         if args.command == "promote":
             return cmd_promote(args.run_id, args.name)
         if args.command == "sweep":
@@ -185,8 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from finetune.cli.validate import validate
 
             return validate(args.recipe, args.overrides, args.verbose)
+        if args.command in ("evaluate", "label-issues") or (args.command == "predict" and (args.input or args.output)):
+            return evaluation_commands.run(args)
         if args.command == "predict":
-            return cmd_predict(args.model, args.texts, args.json)
+            return cmd_predict(args.model, args.texts, args.json, args.backend or "torch", args.precision)
     except FinetuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -251,11 +258,14 @@ def _use_tracking_store() -> str:
     return uri
 
 
-def cmd_compare(experiment: str | None, metric: str | None, fmt: str) -> int:
-    from finetune.tracking.compare import compare_table, render
+def cmd_compare(experiment: str | None, metric: str | None, fmt: str, evaluations: bool = False) -> int:
+    from finetune.tracking.compare import compare_table, evaluations_table, render
 
     _use_tracking_store()
     try:
+        if evaluations:
+            print(render(evaluations_table(experiment, metric), fmt))
+            return 0
         frame, metric = compare_table(experiment, metric)
     except ValueError as e:
         raise RecipeError(str(e)) from None
@@ -330,11 +340,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(source: str, texts: list[str], as_json: bool) -> int:
+def cmd_predict(source: str, texts: list[str], as_json: bool, backend: str = "torch", precision: str = "fp32") -> int:
     from finetune.tasks import PostprocessOptions
     from finetune.tracking.sources import load_predictor, locate
 
-    predictor = load_predictor(locate(source), backend="torch")
+    if not texts:
+        raise InputError(0, "give TEXT arguments to predict for, or --input FILE --output FILE to score a file")
+    predictor = load_predictor(locate(source), backend=backend, precision=precision)
     task = predictor.task
     try:
         inputs = task.inputs_from_cli(texts, predictor.info.text_pair)

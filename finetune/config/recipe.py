@@ -176,6 +176,8 @@ class TaskSection(TaskSettings):
     """The downstream task (one of the registered tasks, see `finetune fields`); a sentence-pair task is classification, regression or multi_label with data.text_pair_column set."""
     metric_for_best: str | None = None
     """Metric that picks the best checkpoint and drives early stopping (default: the task's main metric)."""
+    extra_metrics: list[str] = []
+    """More metrics, computed at every evaluation and logged beside the task's as eval/<name>/<key>: Hugging Face `evaluate` modules, each NAME_OR_PATH[,config=CONFIG][,KEY=VALUE...]: a hub name (the hub must be reachable), the path of a local module (a folder NAME holding NAME.py), or finetune:<task> for the task metrics finetune ships; e.g. [f1,average=macro]. They cannot be metric_for_best."""
 
     @model_serializer(mode="wrap")
     def _type_first(self, handler: Any) -> dict[str, Any]:

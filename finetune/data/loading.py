@@ -17,7 +17,7 @@ import datasets
 from finetune.config.recipe import DataSection, Recipe
 from finetune.data.readers import FormatError, rows_from_files
 from finetune.errors import DataError
-from finetune.tasks import Task, get_task
+from finetune.tasks import LabelEncoding, Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,11 @@ def encode_labels(ds: datasets.Dataset, data: DataSection, task: Task, label_nam
             f"data.label_column: {len(encoding.bad)} value(s) in column {column!r} of split {split!r} cannot be used as "
             f"{task.name} labels: {shown}; allowed: {encoding.allowed}"
         )
+    return with_labels(ds, column, encoding)
+
+
+def with_labels(ds: datasets.Dataset, column: str, encoding: LabelEncoding) -> datasets.Dataset:
+    """The split with the encoded labels as its `labels` column (replacing the label column if it has that name)."""
     ds = ds.remove_columns(column) if column == "labels" else ds
     return ds.add_column("labels", encoding.labels).cast_column("labels", encoding.feature)
 

@@ -151,12 +151,15 @@ class Task:
     weighted_losses: bool = False
     """Whether `task.class_weights` and `task.loss: focal` mean something to this task (classification, multi_label)."""
     calibrates: bool = False
+    """Whether scores are softmax or sigmoid of logits that temperature scaling (`task.calibration`) can calibrate."""
     sigmoid_scores: bool = False
     """Whether each output is a probability of its own (a sigmoid per label) rather than a softmax over outputs."""
-    """Whether scores are softmax or sigmoid of logits that temperature scaling (`task.calibration`) can calibrate."""
     head_reads_first_token: bool = False
     """Whether the head reads only the first token's final hidden state (or the pooler output made from it), so a
     frozen encoder's outputs can be computed once per text and cached (`training.freeze: encoder`)."""
+    ranks_label_issues: bool = False
+    """Whether the model gives a probability per class (`label_probabilities`), so `finetune evaluate
+    --find-label-issues` and `finetune label-issues` can rank the examples whose label it disputes."""
 
     # --- recipe ------------------------------------------------------------------------------
     def check_recipe(self, recipe: Any) -> list[str]:
@@ -282,6 +285,23 @@ class Task:
         """The evaluation files a person reads (predictions.csv mistakes first, per-class tables, plots)."""
         raise NotImplementedError
 
+    def collect(self, rows: Sequence[np.ndarray], features: Sequence[dict[str, Any]]) -> dict[str, list]:
+        """What `evaluation` reads, from a loaded model's output (`output_array`) for every feature of a labelled
+        split, in feature order: the arrays `eval_tensors` gathers in the training loop, for evaluating a model
+        outside it (`finetune evaluate`, which may run on ONNX Runtime, where there are no model outputs to gather)."""
+        return {"logits": [np.stack(list(rows))], "labels": [np.asarray([f["labels"] for f in features])]}
+
+    def metric_inputs(self, outputs: Any, reference: Reference, settings: TaskSettings) -> dict[str, list]:
+        """An evaluation's predictions and gold values (`predictions`, `references`) as Hugging Face `evaluate`
+        metrics of this kind read them: class ids, 0/1 rows, numbers, tag lists, SQuAD dicts. The packaged
+        `evaluate` modules (finetune/evaluation/metric_modules) read the same and give `evaluation`'s numbers."""
+        raise NotImplementedError
+
+    def label_probabilities(self, outputs: Any, settings: TaskSettings) -> np.ndarray | None:
+        """Per example, the model's probability of every label (None for tasks without a label set); what the
+        label-issue ranking reads (see `ranks_label_issues`)."""
+        return None
+
     # --- inputs and answers ----------------------------------------------------------------
     def parse_inputs(self, inputs: Sequence[Any], text_pair: bool) -> list[Any]:
         """Check request inputs, raising `InputError` naming the first bad one."""
@@ -323,6 +343,30 @@ class Task:
             return [[arguments[i], arguments[i + 1]] for i in range(0, len(arguments), 2)]
         return list(arguments)
 
+    def input_columns(self, data: Any, text_pair: bool) -> dict[str, str | None]:
+        """Recipe key -> column of every column `inputs_from_rows` reads (None: needed but not named)."""
+        wanted = {"data.text_column": data.text_column}
+        if text_pair:
+            wanted["data.text_pair_column"] = data.text_pair_column
+        return wanted
+
+    def inputs_from_rows(self, columns: dict[str, list], data: Any, text_pair: bool) -> list[Any]:
+        """`finetune predict --input FILE`: the model input of every row of a table (columns by name, named as
+        in a recipe's data section: `data.text_column`, ...), in the form `parse_inputs` checks."""
+        texts = [_cell_text(v) for v in columns[data.text_column]]
+        if not text_pair:
+            return texts
+        return [[a, _cell_text(b)] for a, b in zip(texts, columns[data.text_pair_column])]
+
     def format_answer(self, item: Any, answer: dict[str, Any]) -> str:
         """One terminal line for an answer (`finetune predict` without --json)."""
         return f"{json.dumps(answer)}\t{item}"
+
+
+def _cell_text(value: Any) -> str:
+    """A table cell as text: missing cells are empty (and refused as inputs), word lists are joined."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value)

@@ -27,6 +27,7 @@ class ClassificationTask(SequenceTask):
     stratify = True
     weighted_losses = True
     calibrates = True
+    ranks_label_issues = True
 
     def label_names_from(self, values: Sequence[Any], data: Any) -> list[str]:
         found = {v for v in values if v is not None}
@@ -117,6 +118,9 @@ class ClassificationTask(SequenceTask):
         # Micro averages equal accuracy for single-label data, so only macro and weighted are shown.
         return A.write_per_class(out_dir, list(label_names), gold, pred, ("macro", "weighted")) + [
             A.write_confusion_matrix(out_dir / "confusion_matrix.png", list(label_names), gold, pred)]
+
+    def label_probabilities(self, outputs: Any, settings: TaskSettings) -> np.ndarray:
+        return softmax(np.asarray(outputs, dtype=np.float64))
 
     def format_answer(self, item: Any, answer: dict[str, Any]) -> str:
         return f"{answer['label']}\t{answer['score']:.4f}\t{item}"

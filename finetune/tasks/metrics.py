@@ -3,7 +3,8 @@
 `evaluate.load` with a metric's name downloads a metric script from the Hugging Face hub at run time,
 which fails on machines without internet (and makes results depend on a remote script), so
 the metrics this project relies on are thin wrappers over scikit-learn and SciPy, with the
-same names and definitions as the `evaluate` ones.
+same names and definitions as the `evaluate` ones. They are defined here once; the `evaluate` modules
+finetune ships (finetune/evaluation/metric_modules, loaded by path) call these same functions.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ class Metric:
     name: str
     compute: Callable[[np.ndarray, np.ndarray], float]
     greater_is_better: bool = True
+
+
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """The share of predictions equal to the gold value (classification, multiple choice)."""
+    return float(skm.accuracy_score(y_true, y_pred))
 
 
 def _f1_macro(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -46,7 +52,7 @@ def _spearman(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 CLASSIFICATION = {
     m.name: m
     for m in [
-        Metric("accuracy", lambda t, p: float(skm.accuracy_score(t, p))),
+        Metric("accuracy", accuracy),
         Metric("f1_macro", _f1_macro),
         Metric("f1_weighted", lambda t, p: float(skm.f1_score(t, p, average="weighted", zero_division=0))),
         Metric("precision_macro", lambda t, p: float(skm.precision_score(t, p, average="macro", zero_division=0))),

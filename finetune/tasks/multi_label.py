@@ -38,6 +38,7 @@ class MultiLabelTask(SequenceTask):
     onnx_export = True
     weighted_losses = True
     calibrates = True
+    ranks_label_issues = True
 
     def label_names_from(self, values: Sequence[Any], data: Any) -> list[str]:
         found = {t for v in values for t in label_tokens(v, data.label_separator)}
@@ -115,6 +116,9 @@ class MultiLabelTask(SequenceTask):
         from finetune.reports import artifacts as A
 
         return A.write_per_class(out_dir, list(label_names), gold, pred, ("micro", "macro", "weighted"))
+
+    def label_probabilities(self, outputs: Any, settings: TaskSettings) -> np.ndarray:
+        return sigmoid(np.asarray(outputs, dtype=np.float64))
 
     def format_answer(self, item: Any, answer: dict[str, Any]) -> str:
         return f"{','.join(answer['labels']) or '-'}\t{item}"

@@ -133,7 +133,12 @@ class MultipleChoiceTask(Task):
                    label_names: Sequence[str] | None) -> tuple[dict[str, float], Any]:
         logits = np.concatenate(collected["logits"])
         gold = np.concatenate(collected["labels"]).astype(np.int64)
-        return {"accuracy": float((logits.argmax(axis=-1) == gold).mean())}, logits
+        return {"accuracy": M.accuracy(gold, logits.argmax(axis=-1))}, logits
+
+    def metric_inputs(self, outputs: Any, reference: Reference, settings: TaskSettings) -> dict[str, list]:
+        """The chosen and the correct choice indices."""
+        return {"predictions": np.asarray(outputs).argmax(axis=-1).tolist(),
+                "references": [int(v) for v in reference.raw["labels"]]}
 
     def write_artifacts(self, out_dir: Path, reference: Reference, outputs: Any, metrics: dict[str, float],
                         label_names: Sequence[str] | None, settings: TaskSettings) -> list[Path]:
@@ -165,6 +170,27 @@ class MultipleChoiceTask(Task):
             if not item["context"].strip() or not isinstance(item.get("start", ""), str):
                 raise InputError(i, "context must be a non-empty string, start a string")
         return list(inputs)
+
+    def input_columns(self, data: Any, text_pair: bool) -> dict[str, str | None]:
+        wanted = {"data.text_column": data.text_column}
+        if data.text_pair_column:
+            wanted["data.text_pair_column"] = data.text_pair_column
+        if not data.choice_columns:
+            wanted["data.choice_columns"] = None
+        for i, column in enumerate(data.choice_columns or []):
+            wanted[f"data.choice_columns[{i}]"] = column
+        return wanted
+
+    def inputs_from_rows(self, columns: dict[str, list], data: Any, text_pair: bool) -> list[Any]:
+        contexts = ["" if c is None else str(c) for c in columns[data.text_column]]
+        starts = columns[data.text_pair_column] if data.text_pair_column else [None] * len(contexts)
+        inputs = []
+        for context, start, choices in zip(contexts, starts, self.choices_of(columns, data)):
+            item: dict[str, Any] = {"context": context, "choices": choices}
+            if start is not None and str(start).strip():
+                item["start"] = str(start)
+            inputs.append(item)
+        return inputs
 
     def encode(self, tokenizer: Any, inputs: list[Any], text_pair: bool, max_length: int, settings: TaskSettings) -> Encoded:
         # One feature per (input, choice) pair, shaped as a one-choice example: the head scores pairs

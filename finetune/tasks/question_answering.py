@@ -199,6 +199,19 @@ class QuestionAnsweringTask(Task):
             golds.append(list((answers[example] or {}).get("text") or []))
         return M.squad_scores(predictions, golds), {"predicted": predictions, "gold": golds}
 
+    def collect(self, rows: Sequence[np.ndarray], features: Sequence[dict[str, Any]]) -> dict[str, list]:
+        rows = [np.asarray(r) for r in rows]  # (tokens, 2): start and end logits (`output_array`)
+        return {"start_logits": [[r[:, 0] for r in rows]], "end_logits": [[r[:, 1] for r in rows]]}
+
+    def metric_inputs(self, outputs: Any, reference: Reference, settings: TaskSettings) -> dict[str, list]:
+        """SQuAD's form: predictions {id, prediction_text}, references {id, answers: {text, answer_start}}."""
+        answers = reference.raw[reference.data.answers_column]
+        predictions = [{"id": str(i), "prediction_text": p} for i, p in enumerate(outputs["predicted"])]
+        references = [{"id": str(i), "answers": {"text": list((a or {}).get("text") or []),
+                                                 "answer_start": [int(s) for s in (a or {}).get("answer_start") or []]}}
+                      for i, a in enumerate(answers)]
+        return {"predictions": predictions, "references": references}
+
     def write_artifacts(self, out_dir: Path, reference: Reference, outputs: Any, metrics: dict[str, float],
                         label_names: Sequence[str] | None, settings: TaskSettings) -> list[Path]:
         """predictions.csv: question, predicted answer, gold answers, exact match and F1, worst first."""
@@ -224,6 +237,13 @@ class QuestionAnsweringTask(Task):
             if not item["question"].strip() or not item["context"].strip():
                 raise InputError(i, "empty question or context")
         return list(inputs)
+
+    def input_columns(self, data: Any, text_pair: bool) -> dict[str, str | None]:
+        return {"data.question_column": data.question_column, "data.context_column": data.context_column}
+
+    def inputs_from_rows(self, columns: dict[str, list], data: Any, text_pair: bool) -> list[Any]:
+        return [{"question": "" if q is None else str(q), "context": "" if c is None else str(c)}
+                for q, c in zip(columns[data.question_column], columns[data.context_column])]
 
     def encode(self, tokenizer: Any, inputs: list[Any], text_pair: bool, max_length: int, settings: TaskSettings) -> Encoded:
         questions = [x["question"] for x in inputs]

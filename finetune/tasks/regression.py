@@ -48,7 +48,9 @@ class RegressionTask(SequenceTask):
         return F.mse_loss(outputs.logits.squeeze(), targets["labels"].squeeze())
 
     def predictions(self, logits: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-        return logits.reshape(-1)
+        # float64, as the gold values are: the metrics then compute the same whether given these arrays or
+        # the numbers `metric_inputs` hands to an `evaluate` module.
+        return logits.reshape(-1).astype(np.float64)
 
     def gold(self, labels: np.ndarray) -> np.ndarray:
         return labels.reshape(-1).astype(np.float64)

@@ -142,6 +142,12 @@ class SequenceTask(Task):
             labels = np.asarray(reference.raw["labels"])
         return self.compute_metrics(self.calibrated(logits, settings), labels, settings.threshold), logits
 
+    def metric_inputs(self, outputs: Any, reference: Reference, settings: TaskSettings) -> dict[str, list]:
+        """Predicted and gold values in the shapes `predictions` and `gold` give (one per text, windows pooled)."""
+        logits = np.asarray(outputs)
+        return {"predictions": self.predictions(logits, settings.threshold).tolist(),
+                "references": self.gold(np.asarray(reference.raw["labels"])).tolist()}
+
     def write_artifacts(self, out_dir: Path, reference: Reference, outputs: Any, metrics: dict[str, float],
                         label_names: Sequence[str] | None, settings: TaskSettings) -> list[Path]:
         """predictions.csv (input, gold, predicted, score; mistakes first) and the subclass's extra files."""

@@ -179,6 +179,15 @@ class TokenClassificationTask(Task):
                 predicted.append([label_names[i] for i in pred_row[words]])
         return M.entity_scores(gold, predicted), {"gold": gold, "predicted": predicted}
 
+    def collect(self, rows: Sequence[np.ndarray], features: Sequence[dict[str, Any]]) -> dict[str, list]:
+        # One batch per feature: rows differ in length, and `evaluation` reads each row against its own labels.
+        return {"predictions": [[np.asarray(r).argmax(axis=-1) for r in rows]],
+                "labels": [[np.asarray(f["labels"]) for f in features]]}
+
+    def metric_inputs(self, outputs: Any, reference: Reference, settings: TaskSettings) -> dict[str, list]:
+        """Tag lists per sentence, one tag per word (seqeval's form)."""
+        return {"predictions": outputs["predicted"], "references": outputs["gold"]}
+
     def write_artifacts(self, out_dir: Path, reference: Reference, outputs: Any, metrics: dict[str, float],
                         label_names: Sequence[str] | None, settings: TaskSettings) -> list[Path]:
         """predictions.csv (words, gold and predicted tags; wrong sentences first) and per_entity_type.csv/.md."""

@@ -1,4 +1,5 @@
-"""`finetune compare`: one row per run, best first, with what differs between the runs."""
+"""`finetune compare`: one row per run, best first, with what differs between the runs and each model's score on
+every data set `finetune evaluate` scored it on (`finetune compare --evaluations`: one row per evaluation)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 import mlflow
 import pandas as pd
 
+from finetune.tracking.evaluation_run import DATA_TAG, EVALUATION_TAG, MODEL_NAME_TAG, MODEL_RUN_TAG, MODEL_SOURCE_TAG, \
+    MODEL_VERSION_TAG, SPLIT_TAG
 from finetune.tracking.registry import champion_run_ids
 from finetune.tasks import TASKS
 
@@ -16,8 +19,9 @@ from finetune.tasks import TASKS
 _NOT_HYPERPARAMETERS = {"name", "output_dir", "tracking.run_name", "tracking.experiment", "tracking.tracking_uri"}
 
 
-def collect_runs(experiment: str | None) -> list[Any]:
-    """Finished runs of one experiment (or of all), without sweep parent runs."""
+def collect_runs(experiment: str | None, evaluations: bool = False) -> list[Any]:
+    """Finished training runs of one experiment (or of all), without sweep parent runs; with `evaluations`, the
+    finished evaluation runs (`finetune evaluate`) instead."""
     client = mlflow.MlflowClient()
     if experiment:
         found = client.get_experiment_by_name(experiment)
@@ -28,7 +32,42 @@ def collect_runs(experiment: str | None) -> list[Any]:
     else:
         ids = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(ids, filter_string="attributes.status = 'FINISHED'", max_results=5000)
-    return [r for r in runs if r.data.tags.get("finetune.sweep_parent") != "true" and "finetune.task" in r.data.tags]
+    runs = [r for r in runs if r.data.tags.get("finetune.sweep_parent") != "true" and "finetune.task" in r.data.tags]
+    return [r for r in runs if (r.data.tags.get(EVALUATION_TAG) == "true") == evaluations]
+
+
+def evaluation_columns(runs: list[Any], evaluations: list[Any], metric: str) -> dict[str, dict[str, float]]:
+    """Per training run id, `{metric} @ {data}` -> the metric of its newest evaluation on each data set."""
+    ids = {r.info.run_id for r in runs}
+    found: dict[str, dict[str, float]] = {}
+    for e in sorted(evaluations, key=lambda e: e.info.start_time):  # newest last, so it wins
+        model_run, value = e.data.tags.get(MODEL_RUN_TAG), e.data.metrics.get(metric)
+        if model_run in ids and value is not None:
+            found.setdefault(model_run, {})[f"{metric} @ {e.data.tags.get(DATA_TAG, '?')}"] = round(value, 4)
+    return found
+
+
+def evaluations_table(experiment: str | None = None, metric: str | None = None) -> pd.DataFrame:
+    """One row per evaluation run, newest first: the model, the data and split, and the metric (default: the
+    evaluated task's main metric)."""
+    rows = []
+    names = {r.info.run_id: r.info.run_name for r in collect_runs(experiment)}
+    for e in sorted(collect_runs(experiment, evaluations=True), key=lambda e: -e.info.start_time):
+        tags = e.data.tags
+        shown = metric or TASKS[tags["finetune.task"]].default_metric if tags.get("finetune.task") in TASKS else metric
+        value = e.data.metrics.get(shown) if shown else None
+        model = f"{tags[MODEL_NAME_TAG]} v{tags.get(MODEL_VERSION_TAG, '?')}" if tags.get(MODEL_NAME_TAG) else ""
+        rows.append({"evaluation_run_id": e.info.run_id, "model_run": names.get(tags.get(MODEL_RUN_TAG), tags.get(MODEL_RUN_TAG, "")),
+                     "model": model or tags.get(MODEL_SOURCE_TAG, ""), "task": tags.get("finetune.task"),
+                     "data": tags.get(DATA_TAG), "split": tags.get(SPLIT_TAG), "examples": _int(e.data.metrics.get("examples")),
+                     "metric": shown, "value": None if value is None else round(value, 4),
+                     "runtime": tags.get("finetune.runtime", ""),
+                     "evaluated": pd.Timestamp(e.info.start_time, unit="ms").strftime("%Y-%m-%d %H:%M")})
+    return pd.DataFrame(rows)
+
+
+def _int(value: float | None) -> int | None:
+    return None if value is None else int(value)
 
 
 def compare_table(experiment: str | None = None, metric: str | None = None) -> tuple[pd.DataFrame, str]:
@@ -43,6 +82,7 @@ def compare_table(experiment: str | None = None, metric: str | None = None) -> t
     keys = sorted({k for r in runs for k in r.data.params} - _NOT_HYPERPARAMETERS)
     differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
     champions = champion_run_ids()
+    scores = evaluation_columns(runs, collect_runs(experiment, evaluations=True), metric)
     rows = []
     for r in runs:
         value = r.data.metrics.get(f"best/{metric}")
@@ -55,6 +95,7 @@ def compare_table(experiment: str | None = None, metric: str | None = None) -> t
             "samples_per_s": _round(r.data.metrics.get("train/samples_per_second_overall")),
             "peak_memory_mb": _round(r.data.metrics.get("train/peak_memory_mb")),
             "champion": "yes" if r.info.run_id in champions else "",
+            **scores.get(r.info.run_id, {}),
         }
         if any("finetune.parent_model" in other.data.tags for other in runs):
             row["parent"] = r.data.tags.get("finetune.parent_model", "")

@@ -8,14 +8,16 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from finetune.evaluation.extra_metrics import ExtraMetrics
 from finetune.models.bigbird import attention_for_batch
 from finetune.tasks import IGNORE_INDEX, Reference, Task, TaskSettings
 
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator: Accelerator, task: Task, settings: TaskSettings, reference: Reference,
-             label_names: list[str] | None) -> tuple[dict[str, float], Any]:
-    """Metrics of the task on a split (and its mean loss), gathered across processes without the padding duplicates.
+             label_names: list[str] | None, extra: ExtraMetrics | None = None) -> tuple[dict[str, float], Any]:
+    """Metrics of the task on a split (and its mean loss), gathered across processes without the padding duplicates,
+    and the recipe's extra `evaluate` metrics (`task.extra_metrics`) when given.
 
     Returns the metrics and the task's evaluation outputs (logits, or per-example predictions for spans).
     """
@@ -35,6 +37,8 @@ def evaluate(model, loader, accelerator: Accelerator, task: Task, settings: Task
             collected.setdefault(key, []).append((tensor.float() if tensor.is_floating_point() else tensor).cpu().numpy())
         losses.append(accelerator.gather_for_metrics(loss.detach().repeat(inputs["input_ids"].shape[0])))
     metrics, produced = task.evaluation(collected, reference, settings, label_names)
+    if extra:
+        metrics |= extra.compute(task, produced, reference, settings)
     metrics["loss"] = float(torch.cat(losses).float().mean().item())
     model.train()
     return metrics, produced

@@ -84,12 +84,13 @@ def calibrate_best(best_dir: Path, task: Task, settings: TaskSettings, eval_logi
 
 
 def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, accelerator: Accelerator,
-               tracker, state, settings: TaskSettings | None = None, card_lines: list[str] | None = None) -> FinalReport:
+               tracker, state, settings: TaskSettings | None = None, card_lines: list[str] | None = None,
+               extra: Any = None) -> FinalReport:
     """Log the best metrics, score the best model on eval (for artifacts) and test, calibrate its scores, log
     artifacts, model and champion.
 
     `settings` are the task settings training used (class weights resolved); `card_lines` say in the model card
-    what the run started from and what it trained.
+    what the run started from and what it trained; `extra` are the recipe's extra evaluate metrics.
     """
     settings = settings or TaskSettings.of(recipe.task)
     batch_size = recipe.training.eval_batch_size
@@ -135,7 +136,8 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
     test_metrics: dict[str, float] = {}
     if data.test is not None:
         test_metrics, _ = evaluate(best, accelerator.prepare(eval_loader(data.test, collator, batch_size)), accelerator, task,
-                                   settings, Reference(data.test_features, data.raw_test, recipe.data), data.label_names)
+                                   settings, Reference(data.test_features, data.raw_test, recipe.data), data.label_names,
+                                   extra)
         tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, step=state.step)
 
     model_uri, champion, problem, summary = None, None, None, None

@@ -28,6 +28,7 @@ from finetune.config.recipe import Recipe, TrainingSection, recipe_to_yaml
 from finetune.data import batching
 from finetune.data.features import PreparedData, prepare
 from finetune.errors import TrainingDiverged
+from finetune.evaluation.extra_metrics import ExtraMetrics
 from finetune.models import layers, pretrained
 from finetune.models.bigbird import attention_for_batch, is_block_sparse
 from finetune.models.modeling import ModelInfo, NewWeights, load_tokenizer, make_collator, save_model_dir
@@ -231,6 +232,8 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     settings = TaskSettings.of(recipe.task)
     task, start = preflight(recipe, overwrite)
     resolved = start.resolved
+    # Loaded before anything trains, so a metric that cannot be loaded fails now, not after the first epoch.
+    extra = ExtraMetrics(recipe.task.extra_metrics, task) if recipe.task.extra_metrics else None
     if recipe.distillation is not None:
         d = recipe.distillation
         task = DistilledTask(task, d.temperature, d.alpha, d.hidden_weight)
@@ -322,7 +325,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     ))
 
     def run_evaluation() -> None:
-        metrics, _ = evaluate(model, eval_dl, accelerator, task, settings, eval_reference, data.label_names)
+        metrics, _ = evaluate(model, eval_dl, accelerator, task, settings, eval_reference, data.label_names, extra)
         if not math.isfinite(metrics["loss"]):  # broken weights must never become a checkpoint
             raise diverged(state.step, scheduler.get_last_lr()[0], recipe.output_dir)
         state.last_eval_step = state.step
@@ -370,7 +373,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
         if state.last_eval_step != state.step:
             run_evaluation()
         progress.close()
-        final = finish.finish_run(recipe, task, data, collator, accelerator, tracker, state, settings, built.notes)
+        final = finish.finish_run(recipe, task, data, collator, accelerator, tracker, state, settings, built.notes, extra)
         if accelerator.is_main_process:
             training_state.mark_finished(recipe.output_dir, cfg.keep_checkpoints)
             outputs.update_marker(recipe.output_dir, state="finished")

@@ -1,0 +1,1 @@
+"""Evaluating a trained model on any data, scoring whole files, finding label errors, `evaluate` metrics."""
