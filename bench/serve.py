@@ -8,9 +8,14 @@ machine and face the same load: C concurrent clients in a closed loop, one real 
 for a fixed time after a warm-up. Each server also answers the SST-2 dev sentences once, so every row
 carries its accuracy. The servers run one after the other, never together, so they do not fight for the cores.
 
+The peer: infinity-emb (michaelfeil/infinity), a CPU-capable serving project, as `infinity-torch` and
+`infinity-optimum` (its ONNX Runtime engine, on the same fp32 export as `onnx`). It runs from its own virtual
+environment, made by bench/peers/setup_infinity.sh, and is in the default set only when that exists.
+
     python bench/serve.py                      # every server, concurrency 1 and 16, 20 s each
     python bench/serve.py --quick              # a smoke run (used by the test suite)
     python bench/serve.py --servers baseline,onnx-int8 --server-args "--max-wait-ms 10 --max-batch-size 64"
+    python bench/serve.py --servers pytorch,infinity-torch,onnx,infinity-optimum --concurrency 16
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncio
 import csv
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -27,7 +33,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from machine_info import describe_machine
 from pydantic import BaseModel
@@ -37,14 +45,73 @@ DEFAULT_MODEL = ROOT / "runs" / "quickstart" / "best"
 # `finetune serve` arguments for each finetune server; the baseline is a separate script (below).
 BACKENDS = {"pytorch": ["--backend", "torch"], "pytorch-bf16": ["--backend", "torch", "--precision", "bf16"],
             "onnx": ["--backend", "onnx"], "onnx-int8": ["--backend", "onnx-int8"]}
-SERVERS = ("baseline", *BACKENDS)
+# infinity-emb's engine for each peer server.
+PEERS = {"infinity-torch": "torch", "infinity-optimum": "optimum"}
+SERVERS = ("baseline", *BACKENDS, *PEERS)
+PEER_SETUP = "bench/peers/setup_infinity.sh"
+
+
+def infinity_venv() -> Path:
+    """Where bench/peers/setup_infinity.sh makes infinity's virtual environment (INFINITY_VENV, as there)."""
+    if os.environ.get("INFINITY_VENV"):
+        return Path(os.environ["INFINITY_VENV"])
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "finetune-bench" / "infinity-venv"
+
+
+def infinity_bin() -> Path | None:
+    """infinity's server command in its venv, or None when the venv is not set up."""
+    exe = infinity_venv() / "bin" / "infinity_emb"
+    return exe if os.access(exe, os.X_OK) else None
+
+
+def infinity_version() -> str:
+    """The infinity-emb version installed in its venv (from the wheel's metadata folder name)."""
+    found = sorted(infinity_venv().glob("lib/python*/site-packages/infinity_emb-*.dist-info"))
+    return found[-1].name.split("-")[1].removesuffix(".dist") if found else "unknown"
 
 
 def default_servers() -> list[str]:
-    """Every server, but bf16 only on a CPU that computes it natively (elsewhere torch emulates it, slowly)."""
+    """Every server, but bf16 only on a CPU that computes it natively (elsewhere torch emulates it, slowly), and
+    infinity's only when its venv is set up."""
     from finetune.training.preflight import cpu_computes_bf16
 
-    return [s for s in SERVERS if s != "pytorch-bf16" or cpu_computes_bf16()]
+    return [s for s in SERVERS if (s != "pytorch-bf16" or cpu_computes_bf16()) and (s not in PEERS or infinity_bin())]
+
+
+@dataclass(frozen=True)
+class Api:
+    """How a server is asked to classify sentences, where it says it is ready, and where the labels are."""
+
+    path: str
+    ready_path: str
+    body: Callable[[list[str]], dict]
+    labels: Callable[[dict], list[str]]
+
+
+# `finetune serve` and the baseline.
+OURS = Api("/v1/predict", "/readyz", lambda texts: {"inputs": texts},
+           lambda answer: [p.get("label") for p in answer["predictions"]])
+
+
+def peer_label(label: str, label_names: list[str] | None) -> str:
+    """infinity's label in the model's label names.
+
+    infinity names classes by the config's id2label: our models save their label names there, but a config
+    without them says LABEL_<id>, which is mapped to the name here.
+    """
+    match = re.fullmatch(r"LABEL_(\d+)", label)
+    if match and label_names and int(match.group(1)) < len(label_names):
+        return label_names[int(match.group(1))]
+    return label
+
+
+def infinity_api(model: str, label_names: list[str] | None) -> Api:
+    """infinity's classify endpoint: every class's score per input, in no order this code relies on."""
+    def labels(answer: dict) -> list[str]:
+        return [peer_label(max(scores, key=lambda s: s["score"])["label"], label_names) for scores in answer["data"]]
+
+    return Api("/classify", "/health", lambda texts: {"input": texts, "model": model}, labels)
 
 
 def load_labelled() -> list[tuple[str, str]]:
@@ -80,7 +147,42 @@ def onnx_folder(model_dir: str, int8: bool, workdir: Path) -> str:
     return str(target)
 
 
-def measure_accuracy(url: str, labelled: list[tuple[str, str]], label_names: list[str] | None, chunk: int = 32) -> float | None:
+def infinity_folder(model_dir: str, engine: str, workdir: Path) -> str:
+    """The model folder as infinity is given it: links to the model's files in a folder of the bench's own.
+
+    For the optimum engine it holds the fp32 ONNX export as the only `.onnx` file: infinity picks a file among
+    all of a folder's `.onnx` files by name (preferring `*quantize*` on CPU, else `model.onnx`), and it saves
+    its optimised graph beside a local model, which must not be the user's model folder.
+    """
+    from finetune.export.onnx import ONNX_FILE
+
+    target = workdir / f"infinity-{engine}"
+    target.mkdir()
+    for entry in Path(model_dir).resolve().iterdir():
+        if entry.suffix != ".onnx":
+            (target / entry.name).symlink_to(entry)
+    if engine == "optimum":
+        source = Path(onnx_folder(model_dir, False, workdir)).resolve() / ONNX_FILE
+        (target / "model.onnx").symlink_to(source)
+    return str(target)
+
+
+def infinity_command(engine: str, folder: str, port: int, extra: list[str]) -> list[str]:
+    """infinity's server on loopback, serving the folder under its own path as the model name."""
+    # No model warm-up: the bench warms every server alike with its own warm-up load.
+    return [str(infinity_bin()), "v2", "--model-id", folder, "--served-model-name", folder, "--engine", engine,
+            "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--no-model-warmup",
+            "--log-level", "warning", *extra]
+
+
+def infinity_env(workdir: Path) -> dict[str, str]:
+    """No hub, no telemetry, caches in the bench's folder, and nothing of our venv on its path."""
+    return {"DO_NOT_TRACK": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(workdir / "infinity-hf"), "PYTHONPATH": ""}
+
+
+def measure_accuracy(url: str, labelled: list[tuple[str, str]], label_names: list[str] | None, chunk: int = 32,
+                     api: Api = OURS) -> float | None:
     """Accuracy of a server's answers on labelled sentences (None when gold ids cannot be named)."""
     import httpx
 
@@ -91,10 +193,10 @@ def measure_accuracy(url: str, labelled: list[tuple[str, str]], label_names: lis
     with httpx.Client(base_url=url, timeout=120) as client:
         for start in range(0, len(labelled), chunk):
             part = labelled[start : start + chunk]
-            response = client.post("/v1/predict", json={"inputs": [text for text, _ in part]})
+            response = client.post(api.path, json=api.body([text for text, _ in part]))
             response.raise_for_status()
-            answers = response.json()["predictions"]
-            right += sum(a.get("label") == name(gold) for a, (_, gold) in zip(answers, part))
+            answers = api.labels(response.json())
+            right += sum(a == name(gold) for a, (_, gold) in zip(answers, part))
     return right / len(labelled) if labelled else None
 
 
@@ -139,12 +241,13 @@ def free_port() -> int:
 
 
 class Server:
-    """A server subprocess on loopback; `start` returns once /readyz answers 200."""
+    """A server subprocess on loopback; `start` returns once its readiness path answers 200."""
 
-    def __init__(self, cmd: list[str], port: int, threads: int | None):
-        self.cmd, self.port = cmd, port
+    def __init__(self, cmd: list[str], port: int, threads: int | None, ready_path: str = "/readyz",
+                 env: dict[str, str] | None = None):
+        self.cmd, self.port, self.ready_path = cmd, port, ready_path
         self.url = f"http://127.0.0.1:{port}"
-        self.env = dict(os.environ)
+        self.env = {**os.environ, **(env or {})}
         if threads:
             # `finetune serve` has no thread flag; torch sizes its intra-op pool from this variable.
             self.env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -160,7 +263,7 @@ class Server:
             if self.proc.poll() is not None:
                 break
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -187,7 +290,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered) + 0.5)) - 1))]
 
 
-async def run_load(url: str, sentences: list[str], concurrency: int, duration: float, warmup: float) -> dict:
+async def run_load(url: str, sentences: list[str], concurrency: int, duration: float, warmup: float,
+                   api: Api = OURS) -> dict:
     """Closed-loop load: each client sends its next sentence as soon as the previous answer arrives.
 
     aiohttp rather than httpx: the load generator shares the machine with the server under test, and
@@ -209,7 +313,7 @@ async def run_load(url: str, sentences: list[str], concurrency: int, duration: f
             i = k * len(sentences) // concurrency  # offset so clients do not send the same sentence in lockstep
             while (sent := time.perf_counter()) < stop:
                 try:
-                    async with session.post("/v1/predict", json={"inputs": [sentences[i % len(sentences)]]}) as response:
+                    async with session.post(api.path, json=api.body([sentences[i % len(sentences)]])) as response:
                         text = await response.text()
                     error = None if response.status == 200 else f"HTTP {response.status}: {text[:200]}"
                 except (aiohttp.ClientError, asyncio.TimeoutError) as e:
@@ -231,6 +335,20 @@ async def run_load(url: str, sentences: list[str], concurrency: int, duration: f
             "errors": len(errors), "first_errors": errors[:3]}
 
 
+def best_against_peer(results: dict[str, list[dict]]) -> list[dict]:
+    """Level by level, the fastest finetune server against the fastest infinity server (empty without both)."""
+    ours, peers = [n for n in BACKENDS if n in results], [n for n in PEERS if n in results]
+    ratios = []
+    for i in range(len(results[ours[0]]) if ours and peers else 0):
+        best = max(ours, key=lambda n: results[n][i]["rps"])
+        peer = max(peers, key=lambda n: results[n][i]["rps"])
+        a, b = results[best][i], results[peer][i]
+        ratios.append({"concurrency": a["concurrency"], "ours": best, "peer": peer, "ours_rps": a["rps"],
+                       "peer_rps": b["rps"], "throughput_ratio": a["rps"] / max(b["rps"], 1e-9),
+                       "p99_ratio": a["p99_ms"] / max(b["p99_ms"], 1e-9)})
+    return ratios
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the exit code (non-zero if any request failed)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -239,11 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per concurrency level")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
     parser.add_argument("--quick", action="store_true", help="smoke run: concurrency 1,4 for 2 s after 0.5 s warm-up")
-    parser.add_argument("--threads", type=int, help="torch threads for both servers (default: torch's own choice)")
+    parser.add_argument("--threads", type=int, help="torch threads for every server (default: torch's own choice)")
     parser.add_argument("--servers", help=f"comma-separated servers from {','.join(SERVERS)} (default: all; "
-                                           "pytorch-bf16 only where the CPU computes bf16)")
+                                           "pytorch-bf16 only where the CPU computes bf16, infinity-* only where "
+                                           f"{PEER_SETUP} made infinity's venv)")
     parser.add_argument("--accuracy-sentences", type=int, help="dev sentences each server answers for its accuracy (default all)")
     parser.add_argument("--server-args", default="", help='extra arguments for finetune serve, e.g. "--max-wait-ms 10"')
+    parser.add_argument("--infinity-args", default="", help='extra arguments for infinity_emb v2, e.g. "--batch-size 16"')
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -252,6 +372,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline_server:
         baseline_server(args.model, args.port, args.threads)
         return 0
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()] if args.servers else default_servers()
+    unknown = sorted(set(servers) - set(SERVERS))
+    if unknown:
+        print(f"error: unknown server(s) {', '.join(unknown)}; choose from {', '.join(SERVERS)}", file=sys.stderr)
+        return 2
+    peers = [s for s in servers if s in PEERS]
+    if peers and infinity_bin() is None:
+        print(f"error: the infinity servers ({', '.join(peers)}) run infinity-emb from its own virtual environment, "
+              f"and there is none at {infinity_venv()}; run {PEER_SETUP} first (INFINITY_VENV sets where, for both)",
+              file=sys.stderr)
+        return 2
     if not (Path(args.model) / "config.json").exists():
         print(f"error: no trained model at {args.model}; run scripts/quickstart.sh first, or pass --model DIR",
               file=sys.stderr)
@@ -260,11 +391,6 @@ def main(argv: list[str] | None = None) -> int:
         args.concurrency, args.duration, args.warmup = "1,4", 2.0, 0.5
         args.accuracy_sentences = args.accuracy_sentences or 64
     levels = [int(c) for c in args.concurrency.split(",")]
-    servers = [s.strip() for s in args.servers.split(",") if s.strip()] if args.servers else default_servers()
-    unknown = sorted(set(servers) - set(SERVERS))
-    if unknown:
-        print(f"error: unknown server(s) {', '.join(unknown)}; choose from {', '.join(SERVERS)}", file=sys.stderr)
-        return 2
     labelled = load_labelled()
     sentences = [text for text, _ in labelled]
     meta = Path(args.model) / "finetune.json"
@@ -278,35 +404,43 @@ def main(argv: list[str] | None = None) -> int:
     accuracy: dict[str, float | None] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as workdir:
         for name in servers:
-            port = free_port()
+            port, api, env = free_port(), OURS, None
             if name == "baseline":
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-server", "--model", args.model,
                        "--port", str(port), *threads]
+            elif name in PEERS:
+                folder = infinity_folder(args.model, PEERS[name], Path(workdir))
+                cmd = infinity_command(PEERS[name], folder, port, shlex.split(args.infinity_args))
+                api, env = infinity_api(folder, label_names), infinity_env(Path(workdir))
             else:
                 onnx = name.startswith("onnx")
                 source = onnx_folder(args.model, name == "onnx-int8", Path(workdir)) if onnx else args.model
                 cmd = [str(finetune_bin), "serve", "--model", source, *BACKENDS[name], "--port", str(port),
                        *shlex.split(args.server_args)]
-            server = Server(cmd, port, args.threads)
+            server = Server(cmd, port, args.threads, api.ready_path, env)
             try:
                 server.start()
-                results[name] = [asyncio.run(run_load(server.url, sentences, c, args.duration, args.warmup)) for c in levels]
-                accuracy[name] = measure_accuracy(server.url, labelled[: args.accuracy_sentences], label_names)
+                results[name] = [asyncio.run(run_load(server.url, sentences, c, args.duration, args.warmup, api))
+                                 for c in levels]
+                accuracy[name] = measure_accuracy(server.url, labelled[: args.accuracy_sentences], label_names, api=api)
             finally:
                 server.stop()
 
     info = describe_machine(("torch", "transformers", "fastapi", "uvicorn"))
+    if peers:
+        info["infinity-emb"] = infinity_version()
     print(f"machine: {info['cpu']}, {info['cores']} cores; python {info['python']}, torch {info['torch']}, "
-          f"transformers {info['transformers']}, threads {args.threads or 'default'}; load average before {load_before:.2f}")
+          f"transformers {info['transformers']}, threads {args.threads or 'default'}; load average before {load_before:.2f}"
+          + (f"; infinity-emb {info['infinity-emb']} (its own venv)" if peers else ""))
     print(f"command: python {shlex.join(['bench/serve.py', *(argv if argv is not None else sys.argv[1:])])}")
     n_acc = len(labelled[: args.accuracy_sentences])
     print(f"model: {args.model}; {len(sentences)} SST-2 sentences; {args.duration:g} s per level after {args.warmup:g} s "
           f"warm-up; accuracy on {n_acc} dev sentences\n")
-    print(f"{'server':<12} {'clients':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7} {'accuracy':>9}")
+    print(f"{'server':<16} {'clients':>7} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7} {'accuracy':>9}")
     for name in servers:
         acc = f"{accuracy[name]:.4f}" if accuracy.get(name) is not None else "n/a"
         for r in results[name]:
-            print(f"{name:<12} {r['concurrency']:>7} {r['rps']:>9.1f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['errors']:>7} {acc:>9}")
+            print(f"{name:<16} {r['concurrency']:>7} {r['rps']:>9.1f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['errors']:>7} {acc:>9}")
     print()
     # Every backend against the baseline, and each faster one against the fp32 PyTorch default, level by level.
     pairs = [(n, "baseline") for n in BACKENDS if n in results and "baseline" in results]
@@ -315,12 +449,16 @@ def main(argv: list[str] | None = None) -> int:
         for ours, base in zip(results[ours_name], results[base_name]):
             print(f"ratio at {ours['concurrency']} clients: throughput {ours['rps'] / max(base['rps'], 1e-9):.2f}x, "
                   f"p99 {ours['p99_ms'] / max(base['p99_ms'], 1e-9):.2f}x ({ours_name} / {base_name})")
+    peer_ratios = best_against_peer(results)
+    for r in peer_ratios:
+        print(f"finetune best / infinity best at {r['concurrency']} clients: throughput {r['throughput_ratio']:.2f}x, "
+              f"p99 {r['p99_ratio']:.2f}x ({r['ours']} {r['ours_rps']:.1f} / {r['peer']} {r['peer_rps']:.1f} req/s)")
     failures = [(n, r) for n in servers for r in results[n] if r["errors"]]
     for name, r in failures:
         print(f"errors from {name} at {r['concurrency']} clients, e.g. {r['first_errors']}", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": {**info, "load_before": load_before}, "args": vars(args), "results": results,
-                                               "accuracy": accuracy}, indent=2))
+                                               "accuracy": accuracy, "peer_ratios": peer_ratios}, indent=2))
     return 1 if failures else 0
 
 

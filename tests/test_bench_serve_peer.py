@@ -1,0 +1,181 @@
+"""bench/serve.py's infinity peer, without infinity installed: which servers run by default, the error when its
+venv is missing, and whole runs against a stand-in `infinity_emb` that speaks infinity's /health and /classify."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+# A stand-in for infinity's server: the command line bench/serve.py gives it, infinity's protocol (GET /health,
+# POST /classify with {"input": [...], "model": ...} answered with every class's score per input, here not
+# sorted by score), and a refusal (exit 3) of anything the bench must not do to the real one.
+FAKE_INFINITY = textwrap.dedent('''
+    import argparse, json, os, sys, time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["v2"])
+    for flag in ("--model-id", "--served-model-name", "--engine", "--device", "--host", "--port", "--log-level"):
+        parser.add_argument(flag, required=True)
+    parser.add_argument("--no-model-warmup", action="store_true", required=True)
+    args = parser.parse_args()
+    folder = Path(args.model_id)
+    problems = []
+    if os.environ.get("DO_NOT_TRACK") != "1" or os.environ.get("INFINITY_ANONYMOUS_USAGE_STATS") != "0":
+        problems.append("telemetry not turned off")
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        problems.append("hub not offline")
+    if args.engine not in ("torch", "optimum") or args.device != "cpu" or args.host != "127.0.0.1":
+        problems.append(f"engine {args.engine}, device {args.device}, host {args.host}")
+    if not (folder / "config.json").is_file():
+        problems.append("no config.json in the model folder")
+    onnx = sorted(p.name for p in folder.glob("*.onnx"))
+    if args.engine == "optimum" and (onnx != ["model.onnx"] or not (folder / "model.onnx").is_file()):
+        problems.append(f"optimum needs model.onnx alone, got {onnx}")
+    with open(os.environ["FAKE_INFINITY_LOG"], "a") as log:
+        log.write(json.dumps({"engine": args.engine, "folder": args.model_id, "name": args.served_model_name,
+                              "onnx": onnx, "threads": os.environ.get("OMP_NUM_THREADS"),
+                              "pythonpath": os.environ.get("PYTHONPATH"), "problems": problems}) + "\\n")
+    if problems:
+        sys.exit("refused: " + "; ".join(problems))
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def answer(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self.answer(200, {"unix": time.time()}) if self.path == "/health" else self.answer(404, {})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            texts = body.get("input")
+            if self.path != "/classify" or body.get("model") != args.served_model_name or not (
+                    isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts)):
+                return self.answer(400, {"error": f"bad request to {self.path}: {body}"})
+            # "Positive" for every sentence: the bench's accuracy must then be the share of gold 1s.
+            scores = [{"score": 0.2, "label": "LABEL_0"}, {"score": 0.8, "label": "LABEL_1"}]
+            self.answer(200, {"object": "classify", "data": [scores for _ in texts], "model": args.served_model_name,
+                              "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+
+        def log_message(self, *a):
+            pass
+
+    ThreadingHTTPServer((args.host, int(args.port)), Handler).serve_forever()
+''')
+
+
+def load_serve(monkeypatch):
+    """bench/serve.py as a module (it imports its sibling machine_info)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_serve", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_venv(root: Path) -> Path:
+    exe = root / "bin" / "infinity_emb"
+    exe.parent.mkdir(parents=True)
+    exe.write_text(f"#!{sys.executable}\n{FAKE_INFINITY}")
+    exe.chmod(0o755)
+    return root
+
+
+def fake_model(root: Path) -> Path:
+    """A model folder with what the bench reads before it starts infinity: config, label names, ONNX files."""
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({"id2label": {"0": "LABEL_0", "1": "LABEL_1"}}))
+    (root / "finetune.json").write_text(json.dumps({"label_names": ["negative", "positive"]}))
+    (root / "model.onnx").write_bytes(b"fp32 stand-in")
+    (root / "model.int8.onnx").write_bytes(b"int8 stand-in")
+    return root
+
+
+def test_infinity_is_in_the_default_set_only_when_its_venv_exists(monkeypatch, tmp_path):
+    serve = load_serve(monkeypatch)
+    monkeypatch.delenv("INFINITY_VENV", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert serve.infinity_venv() == tmp_path / "cache" / "finetune-bench" / "infinity-venv"  # the script's default
+    assert not set(serve.PEERS) & set(serve.default_servers())
+    monkeypatch.setenv("INFINITY_VENV", str(fake_venv(tmp_path / "venv")))
+    assert {"infinity-torch", "infinity-optimum", "pytorch", "onnx"} <= set(serve.default_servers())
+
+
+def test_naming_infinity_without_its_venv_says_to_run_the_setup_script(tmp_path):
+    env = {**os.environ, "INFINITY_VENV": str(tmp_path / "none")}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--servers", "pytorch,infinity-optimum",
+                           "--model", str(tmp_path / "no-model")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "(infinity-optimum)" in done.stderr and "run bench/peers/setup_infinity.sh first" in done.stderr
+    assert str(tmp_path / "none") in done.stderr and "pytorch" not in done.stderr
+
+
+def test_peer_labels_and_the_best_against_best_ratio(monkeypatch):
+    serve = load_serve(monkeypatch)
+    names = ["negative", "positive"]
+    assert [serve.peer_label(x, names) for x in ("LABEL_1", "LABEL_0", "positive", "LABEL_7")] == [
+        "positive", "negative", "positive", "LABEL_7"]
+    api = serve.infinity_api("m", names)
+    assert api.body(["a b"]) == {"input": ["a b"], "model": "m"}
+    answer = {"data": [[{"score": 0.3, "label": "LABEL_1"}, {"score": 0.7, "label": "LABEL_0"}],
+                       [{"score": 0.9, "label": "positive"}, {"score": 0.1, "label": "negative"}]]}
+    assert api.labels(answer) == ["negative", "positive"]
+
+    def row(c, rps, p99):
+        return {"concurrency": c, "rps": rps, "p99_ms": p99}
+
+    results = {"pytorch": [row(1, 50, 30), row(16, 120, 200)], "onnx-int8": [row(1, 80, 15), row(16, 300, 80)],
+               "baseline": [row(1, 90, 10), row(16, 400, 10)],  # not ours: never the "finetune best"
+               "infinity-torch": [row(1, 40, 40), row(16, 150, 160)], "infinity-optimum": [row(1, 60, 20), row(16, 100, 90)]}
+    ratios = serve.best_against_peer(results)
+    assert [(r["concurrency"], r["ours"], r["peer"]) for r in ratios] == [
+        (1, "onnx-int8", "infinity-optimum"), (16, "onnx-int8", "infinity-torch")]
+    assert ratios[1]["throughput_ratio"] == pytest.approx(2.0) and ratios[1]["p99_ratio"] == pytest.approx(0.5)
+    assert serve.best_against_peer({k: v for k, v in results.items() if not k.startswith("infinity")}) == []
+
+
+def test_a_run_against_a_stand_in_infinity(monkeypatch, tmp_path):
+    """Both peer servers start from the venv, face the load and answer the accuracy set through /classify; the
+    optimum one gets a folder of its own holding the fp32 export alone; the thread budget reaches them."""
+    serve = load_serve(monkeypatch)
+    model, log, report = fake_model(tmp_path / "model"), tmp_path / "infinity.log", tmp_path / "bench.json"
+    env = {**os.environ, "INFINITY_VENV": str(fake_venv(tmp_path / "venv")), "FAKE_INFINITY_LOG": str(log)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "serve.py"), "--servers", "infinity-torch,infinity-optimum",
+         "--model", str(model), "--concurrency", "1,3", "--duration", "0.5", "--warmup", "0.2",
+         "--accuracy-sentences", "40", "--threads", "1", "--json", str(report)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    started = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [s["engine"] for s in started] == ["torch", "optimum"] and not any(s["problems"] for s in started)
+    assert all(s["threads"] == "1" and not s["pythonpath"] for s in started)
+    assert all(Path(s["folder"]) != model and s["name"] == s["folder"] for s in started)
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "finetune.json", "model.int8.onnx", "model.onnx"]
+
+    saved = json.loads(report.read_text())
+    gold = [label for _, label in serve.load_labelled()[:40]]
+    assert saved["accuracy"] == {name: pytest.approx(gold.count("1") / 40) for name in ("infinity-torch", "infinity-optimum")}
+    for name in ("infinity-torch", "infinity-optimum"):
+        assert [r["concurrency"] for r in saved["results"][name]] == [1, 3]
+        assert all(r["requests"] > 0 and r["errors"] == 0 for r in saved["results"][name])
+        assert {row.split()[1] for row in done.stdout.splitlines() if row.startswith(name + " ")} == {"1", "3"}
+    assert "infinity-emb unknown (its own venv)" in done.stdout and saved["peer_ratios"] == []
