@@ -167,12 +167,16 @@ def infinity_folder(model_dir: str, engine: str, workdir: Path) -> str:
     return str(target)
 
 
-def infinity_command(engine: str, folder: str, port: int, extra: list[str]) -> list[str]:
-    """infinity's server on loopback, serving the folder under its own path as the model name."""
-    # No model warm-up: the bench warms every server alike with its own warm-up load.
-    return [str(infinity_bin()), "v2", "--model-id", folder, "--served-model-name", folder, "--engine", engine,
-            "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--no-model-warmup",
-            "--log-level", "warning", *extra]
+def infinity_command(engine: str, name: str, port: int, extra: list[str]) -> list[str]:
+    """infinity's server on loopback, run in the model's folder (see below), serving it as `name`."""
+    # The model as ".", the working directory: infinity 0.0.78 hands optimum the ONNX file's path as found in
+    # the model folder, and optimum 2 (which pip picks for it) wants that name relative to the folder; with
+    # "." the two agree. The torch engine keeps infinity's model warm-up (its default; our servers warm up too,
+    # and its first forward passes here take ~0.5 s each). The optimum engine cannot: its pipeline does not
+    # truncate, and the warm-up's 512-token inputs (514 with [CLS] and [SEP]) overflow BERT's positions.
+    warmup = ["--no-model-warmup"] if engine == "optimum" else []
+    return [str(infinity_bin()), "v2", "--model-id", ".", "--served-model-name", name, "--engine", engine,
+            "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *warmup, *extra]
 
 
 def infinity_env(workdir: Path) -> dict[str, str]:
@@ -244,8 +248,8 @@ class Server:
     """A server subprocess on loopback; `start` returns once its readiness path answers 200."""
 
     def __init__(self, cmd: list[str], port: int, threads: int | None, ready_path: str = "/readyz",
-                 env: dict[str, str] | None = None):
-        self.cmd, self.port, self.ready_path = cmd, port, ready_path
+                 env: dict[str, str] | None = None, cwd: str | Path = ROOT):
+        self.cmd, self.port, self.ready_path, self.cwd = cmd, port, ready_path, cwd
         self.url = f"http://127.0.0.1:{port}"
         self.env = {**os.environ, **(env or {})}
         if threads:
@@ -257,7 +261,7 @@ class Server:
     def start(self, timeout: float = 300) -> None:
         import httpx
 
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -404,20 +408,20 @@ def main(argv: list[str] | None = None) -> int:
     accuracy: dict[str, float | None] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as workdir:
         for name in servers:
-            port, api, env = free_port(), OURS, None
+            port, api, env, cwd = free_port(), OURS, None, ROOT
             if name == "baseline":
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-server", "--model", args.model,
                        "--port", str(port), *threads]
             elif name in PEERS:
-                folder = infinity_folder(args.model, PEERS[name], Path(workdir))
-                cmd = infinity_command(PEERS[name], folder, port, shlex.split(args.infinity_args))
-                api, env = infinity_api(folder, label_names), infinity_env(Path(workdir))
+                cwd = infinity_folder(args.model, PEERS[name], Path(workdir))
+                cmd = infinity_command(PEERS[name], name, port, shlex.split(args.infinity_args))
+                api, env = infinity_api(name, label_names), infinity_env(Path(workdir))
             else:
                 onnx = name.startswith("onnx")
                 source = onnx_folder(args.model, name == "onnx-int8", Path(workdir)) if onnx else args.model
                 cmd = [str(finetune_bin), "serve", "--model", source, *BACKENDS[name], "--port", str(port),
                        *shlex.split(args.server_args)]
-            server = Server(cmd, port, args.threads, api.ready_path, env)
+            server = Server(cmd, port, args.threads, api.ready_path, env, cwd)
             try:
                 server.start()
                 results[name] = [asyncio.run(run_load(server.url, sentences, c, args.duration, args.warmup, api))

@@ -27,9 +27,9 @@ FAKE_INFINITY = textwrap.dedent('''
     parser.add_argument("command", choices=["v2"])
     for flag in ("--model-id", "--served-model-name", "--engine", "--device", "--host", "--port", "--log-level"):
         parser.add_argument(flag, required=True)
-    parser.add_argument("--no-model-warmup", action="store_true", required=True)
+    parser.add_argument("--no-model-warmup", action="store_true")
     args = parser.parse_args()
-    folder = Path(args.model_id)
+    folder = Path(args.model_id).resolve()
     problems = []
     if os.environ.get("DO_NOT_TRACK") != "1" or os.environ.get("INFINITY_ANONYMOUS_USAGE_STATS") != "0":
         problems.append("telemetry not turned off")
@@ -37,13 +37,15 @@ FAKE_INFINITY = textwrap.dedent('''
         problems.append("hub not offline")
     if args.engine not in ("torch", "optimum") or args.device != "cpu" or args.host != "127.0.0.1":
         problems.append(f"engine {args.engine}, device {args.device}, host {args.host}")
+    if args.engine == "optimum" and not args.no_model_warmup:
+        problems.append("the optimum engine's warm-up overflows BERT's 512 positions")
     if not (folder / "config.json").is_file():
         problems.append("no config.json in the model folder")
     onnx = sorted(p.name for p in folder.glob("*.onnx"))
     if args.engine == "optimum" and (onnx != ["model.onnx"] or not (folder / "model.onnx").is_file()):
         problems.append(f"optimum needs model.onnx alone, got {onnx}")
     with open(os.environ["FAKE_INFINITY_LOG"], "a") as log:
-        log.write(json.dumps({"engine": args.engine, "folder": args.model_id, "name": args.served_model_name,
+        log.write(json.dumps({"engine": args.engine, "folder": str(folder), "name": args.served_model_name,
                               "onnx": onnx, "threads": os.environ.get("OMP_NUM_THREADS"),
                               "pythonpath": os.environ.get("PYTHONPATH"), "problems": problems}) + "\\n")
     if problems:
@@ -168,7 +170,8 @@ def test_a_run_against_a_stand_in_infinity(monkeypatch, tmp_path):
     started = [json.loads(line) for line in log.read_text().splitlines()]
     assert [s["engine"] for s in started] == ["torch", "optimum"] and not any(s["problems"] for s in started)
     assert all(s["threads"] == "1" and not s["pythonpath"] for s in started)
-    assert all(Path(s["folder"]) != model and s["name"] == s["folder"] for s in started)
+    assert [s["name"] for s in started] == ["infinity-torch", "infinity-optimum"]
+    assert all(Path(s["folder"]) != model.resolve() for s in started)
     assert sorted(p.name for p in model.iterdir()) == ["config.json", "finetune.json", "model.int8.onnx", "model.onnx"]
 
     saved = json.loads(report.read_text())
