@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -30,10 +31,12 @@ def test_quick_benchmark_runs_every_backend(tiny_model, tmp_path):
 
     servers = {"baseline", "pytorch", "onnx", "onnx-int8"} | ({"pytorch-bf16"} if cpu_computes_bf16() else set())
     report = tmp_path / "bench.json"
+    # Without infinity's venv, whether or not this machine has one (tests/test_bench_serve_peer.py covers it).
+    env = {**os.environ, "INFINITY_VENV": str(tmp_path / "no-infinity")}
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "serve.py"), "--quick", "--model", str(tiny_model), "--json", str(report),
          "--accuracy-sentences", "16"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line.split() for line in result.stdout.splitlines()]
