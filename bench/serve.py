@@ -151,8 +151,8 @@ def infinity_folder(model_dir: str, engine: str, workdir: Path) -> str:
     """The model folder as infinity is given it: links to the model's files in a folder of the bench's own.
 
     For the optimum engine it holds the fp32 ONNX export as the only `.onnx` file: infinity picks a file among
-    all of a folder's `.onnx` files by name (preferring `*quantize*` on CPU, else `model.onnx`), and it saves
-    its optimised graph beside a local model, which must not be the user's model folder.
+    all of a folder's `.onnx` files by name (preferring `*quantize*` on CPU, else `model.onnx`). Nothing infinity
+    writes (its optimised graph) can land in the user's model folder either.
     """
     from finetune.export.onnx import ONNX_FILE
 
@@ -171,9 +171,9 @@ def infinity_command(engine: str, name: str, port: int, extra: list[str]) -> lis
     """infinity's server on loopback, run in the model's folder (see below), serving it as `name`."""
     # The model as ".", the working directory: infinity 0.0.78 hands optimum the ONNX file's path as found in
     # the model folder, and optimum 2 (which pip picks for it) wants that name relative to the folder; with
-    # "." the two agree. The torch engine keeps infinity's model warm-up (its default; our servers warm up too,
-    # and its first forward passes here take ~0.5 s each). The optimum engine cannot: its pipeline does not
-    # truncate, and the warm-up's 512-token inputs (514 with [CLS] and [SEP]) overflow BERT's positions.
+    # "." the two agree. The torch engine keeps infinity's model warm-up (its default; our servers warm up
+    # too). The optimum engine cannot: its pipeline does not truncate, and the warm-up's 512-token inputs (514
+    # with [CLS] and [SEP]) overflow BERT's positions.
     warmup = ["--no-model-warmup"] if engine == "optimum" else []
     return [str(infinity_bin()), "v2", "--model-id", ".", "--served-model-name", name, "--engine", engine,
             "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *warmup, *extra]
