@@ -51,6 +51,7 @@ def test_each_task_trains_saves_and_predicts_consistently(tiny_checkpoints, fami
     saved = json.loads((result.best_dir / "finetune.json").read_text())
     assert saved["task"] == recipe.task.type
     assert saved["text_pair"] is (task == "pair")
+    assert saved["pad_to_multiple_of"] == 16, "predict and serve pad as training did"
     assert (result.best_dir / "model.safetensors").is_file()
     assert not list(result.best_dir.glob("*.bin"))
     config = json.loads((result.best_dir / "config.json").read_text())

@@ -58,10 +58,13 @@ def prepare_model(model: torch.nn.Module, cfg: TrainingSection) -> torch.nn.Modu
     return model
 
 
-def describe_device(device: torch.device) -> str:
-    """Where training runs, for the run's header: `cpu, 2 threads`, `cuda, NVIDIA A100-SXM4-80GB`."""
+def describe_device(device: torch.device, threads: Any = None) -> str:
+    """Where training runs, for the run's header: `cpu, 2 threads (...)`, `cuda, NVIDIA A100-SXM4-80GB`.
+
+    `threads` is the run's `finetune.threads.ThreadBudget`, which says whether the count is fixed or follows the load.
+    """
     if device.type == "cpu":
-        return f"cpu, {torch.get_num_threads()} threads"
+        return f"cpu, {threads.describe()}" if threads is not None else f"cpu, {torch.get_num_threads()} threads"
     if device.type == "cuda":
         return f"cuda, {torch.cuda.get_device_name(device)}"
     return device.type
