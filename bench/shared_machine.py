@@ -4,10 +4,10 @@ The neighbour is built in and bounded: one Python busy loop that stops by itself
 is killed when it ends), the kind of load a second job, a noisy container or a build puts on a shared host.
 Each target runs in two thread set-ups, side by side in the same script:
 
-  before  what torch and OpenMP choose alone: a thread per CPU, fixed, and libgomp's default spinning
-          (FINETUNE_THREADS=<cpus> GOMP_SPINCOUNT=300000, which is what the project did before issue 20);
-  now     finetune's defaults: threads sized to the CPUs this process may use and lowered while other
-          processes keep cores busy (finetune.threads), OpenMP's passive wait policy.
+  before  what torch chooses alone, and the project did before issue 20: a thread per CPU, fixed
+          (FINETUNE_THREADS=<cpus>);
+  now     finetune's default: threads sized to the CPUs this process may use and lowered while other
+          processes keep cores busy (finetune.threads).
 
 Servers (`finetune serve` on each backend, the same model and closed-loop load as bench/serve.py: 16 clients,
 one SST-2 sentence per request) get their neighbour after /readyz, so the threads must adapt while serving.
@@ -45,7 +45,7 @@ def setup_env(setup: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("FINETUNE_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
                                                             "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     if setup == "before":
-        env.update(FINETUNE_THREADS=str(len(os.sched_getaffinity(0))), GOMP_SPINCOUNT="300000")
+        env.update(FINETUNE_THREADS=str(len(os.sched_getaffinity(0))))
     return env
 
 
@@ -112,12 +112,13 @@ def training_worker(recipe_path: str, out: str) -> int:
 def measure_training(setup: str, condition: str, steps: int, workdir: Path) -> dict:
     """Training samples/s: alone (`quiet`), with the neighbour (`busy`), or two trainings at once (`two`)."""
     work = Path(tempfile.mkdtemp(dir=workdir))
-    env = setup_env(setup) | {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-                              "FINETUNE_CACHE_DIR": str(workdir / "cache")}
     count = 2 if condition == "two" else 1
     procs = []
     with neighbour(condition == "busy", 3600):
         for k in range(count):
+            # A store each: two processes creating one SQLite store at once race on its tables.
+            env = setup_env(setup) | {"MLFLOW_TRACKING_URI": f"sqlite:///{work / f'mlflow-{k}.db'}",
+                                      "FINETUNE_CACHE_DIR": str(workdir / "cache")}
             path, out = training_recipe(work, steps, f"train-{k}"), work / f"result-{k}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--train-worker", str(path), "--out", str(out)]
             procs.append((subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--servers", help="comma-separated backends (default: pytorch, pytorch-bf16 where the CPU computes "
                                           "bf16, onnx, onnx-int8)")
     parser.add_argument("--no-training", action="store_true", help="servers only")
+    parser.add_argument("--no-servers", action="store_true", help="training only")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per server measurement")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring (the threads adapt)")
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the busy neighbour takes one CPU: this needs at least two", file=sys.stderr)
         return 2
     servers = args.servers.split(",") if args.servers else [s for s in default_servers() if s != "baseline"]
+    servers = [] if args.no_servers else servers
     if servers and not (Path(args.model) / "config.json").exists():
         print(f"error: no trained model at {args.model}; run scripts/quickstart.sh first, or pass --model DIR", file=sys.stderr)
         return 2

@@ -9,6 +9,10 @@ daemon thread; the thread that runs the model applies it (OpenMP thread counts b
 
 `FINETUNE_THREADS` (or `training.threads`, `finetune serve --threads`) fixes the count and stops the watching.
 No library does this: torch and onnxruntime only take a number, and os.process_cpu_count (3.13) sees affinity only.
+
+OpenMP's wait policy stays libgomp's default (spin briefly, then sleep), deliberately: OMP_WAIT_POLICY=PASSIVE made
+fp32 training 17% slower on a quiet 2-core machine, and under contention the budget drops to one thread, where
+there is no team to wait for (measured in bench/shared_machine.py, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -21,21 +25,6 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 ENV = "FINETUNE_THREADS"
-# Measured in bench/shared_machine.py: libgomp's default keeps idle threads spinning for ~300,000 iterations
-# between parallel regions, which on a shared core burns the time the other thread's barrier waits for.
-OMP_WAIT_POLICY = "PASSIVE"
-
-
-def configure_openmp() -> None:
-    """Choose OpenMP's wait policy before the OpenMP runtime starts (it reads the environment once, at load).
-
-    Called by `finetune/__init__.py`, so it runs before torch is imported. A wait policy or spin count the user
-    set is kept (`GOMP_SPINCOUNT=300000` alone restores libgomp's default).
-    """
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY
-
-
 def requested_threads(value: int | str | None = None) -> int | None:
     """A fixed thread count from an option or `FINETUNE_THREADS`; None means automatic (`auto` or unset)."""
     raw = value if value is not None else os.environ.get(ENV)

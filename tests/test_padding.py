@@ -40,3 +40,21 @@ def test_big_bird_pads_to_a_multiple_of_both(tiny_checkpoints):
     padded, _ = _lengths(make_collator(tokenizer, config, get_task("classification"), pad_to_multiple_of=12,
                                        max_length=64), tokenizer, ["a good film"])
     assert padded % 24 == 0
+
+
+def test_the_default_multiple_pads_long_inputs_and_cpu_bf16_only(monkeypatch):
+    import torch
+
+    from finetune.config.recipe import Recipe
+    from finetune.training import speed
+
+    def recipe(max_length, precision="no", multiple=None):
+        return Recipe.model_validate({"model": {"checkpoint": "x", "max_length": max_length, "pad_to_multiple_of": multiple},
+                                      "data": {"files": {"train": "t.csv"}}, "task": {"type": "classification"},
+                                      "training": {"mixed_precision": precision}})
+
+    assert speed.pad_multiple(recipe(64)) == 1, "short sentences: rounding up costs more than it saves"
+    assert speed.pad_multiple(recipe(256)) == 16 and speed.pad_multiple(recipe(384)) == 16
+    assert speed.pad_multiple(recipe(64, multiple=8)) == 8 and speed.pad_multiple(recipe(384, multiple=1)) == 1
+    if not torch.cuda.is_available():
+        assert speed.pad_multiple(recipe(64, "bf16")) == 16, "bf16 kernels are set up once per shape"

@@ -33,8 +33,6 @@ class _Section(BaseModel):
 
 # Upper bounds of the numeric fields, so that every value `validate` accepts, `run` can use.
 MAX_TOKENS = 16384
-# Measured in bench/train.py --pad-multiples (BENCHMARKS.md): see ModelSection.pad_to_multiple_of.
-DEFAULT_PAD_MULTIPLE = 16
 """The longest model.max_length; no token count or length in the recipe may exceed it."""
 MAX_COUNT = 2**31 - 1
 """Counts of steps, examples and evaluations: at most what a 32-bit index holds (torch, numpy, C loops)."""
@@ -62,8 +60,8 @@ class ModelSection(_Section):
     """Hub revision (branch, tag or commit) of the checkpoint; ignored for local directories."""
     max_length: int = Field(128, ge=8, le=MAX_TOKENS)
     """Longest input in tokens; longer inputs are truncated (validate reports how many)."""
-    pad_to_multiple_of: int = Field(DEFAULT_PAD_MULTIPLE, ge=1, le=MAX_TOKENS)
-    """Each batch is padded to its longest input rounded up to a multiple of this many tokens (1: exactly the longest). Fewer distinct batch shapes: a CPU sets its matrix kernels up once per shape (bf16 on AMX above all) and the memory allocator keeps fewer odd-sized blocks (BENCHMARKS.md). Saved with the model: evaluation, predict and serve pad the same way. Not beyond the checkpoint's positions (then it pads to the longest)."""
+    pad_to_multiple_of: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    """Each batch is padded to its longest input rounded up to a multiple of this many tokens (1: exactly the longest). Fewer distinct batch shapes: a CPU sets its matrix kernels up once per shape (bf16 above all) and the memory allocator keeps fewer odd-sized blocks. Default (unset): 16 when max_length is 256 or more (QA: 15% lower peak memory, same speed) or training runs bf16 on a CPU; else 1 (short sentences: rounding up to 16 cost 10-30% of fp32 training speed); BENCHMARKS.md. Saved with the model: evaluation, predict and serve pad the same way. Not beyond the checkpoint's positions (then it pads to the longest)."""
     attention_type: Literal["block_sparse", "original_full"] | None = None
     """BigBird only, and required there: block_sparse or original_full attention. Never switched silently."""
     block_size: int | None = Field(None, ge=1, le=MAX_TOKENS)

@@ -266,8 +266,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     model, built, trainable = setup_model(recipe, task, start, data.label_names)
     new_weights = getattr(model, "finetune_new_weights", None) or NewWeights([], [], [])
     parameters, family = sum(p.numel() for p in model.parameters()), model.config.model_type  # before DDP wraps it
-    collator = make_collator(tokenizer, model.config, task, settings, recipe.model.pad_to_multiple_of,
-                             recipe.model.max_length)
+    collator = make_collator(tokenizer, model.config, task, settings, speed.pad_multiple(recipe), recipe.model.max_length)
     # The shuffle generator is re-seeded with seed + epoch at each epoch, so a resumed run sees the same order.
     generator = torch.Generator()
     train_dl = batching.train_loader(data.train, cfg, collator, generator, accelerator.num_processes)
@@ -296,7 +295,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     info = ModelInfo(
         task=task.name, label_names=data.label_names, text_pair=recipe.data.text_pair_column is not None,
         max_length=recipe.model.max_length, checkpoint=recipe.model.checkpoint, recipe_name=recipe.name,
-        pad_to_multiple_of=recipe.model.pad_to_multiple_of, metrics=state.best_metrics, settings=settings.saved(), adapter=built.adapter,
+        pad_to_multiple_of=speed.pad_multiple(recipe), metrics=state.best_metrics, settings=settings.saved(), adapter=built.adapter,
         parent=None if start.parent is None else {
             "source": start.parent_source, "run_id": start.parent_run_id, "task": start.parent.task,
             "label_names": start.parent.label_names, "head_reused": built.head_reused},
