@@ -50,6 +50,9 @@ from machine_info import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = "sentence-transformers/all-MiniLM-L6-v2"
+# Wall time to this many optimizer steps (evaluations included) shows the first minute: a CPU sets its kernels up
+# once per batch shape, so a run can train slowly at first (issue 20).
+FIRST_STEPS = 100
 WAYS = {
     "a": "Trainer, padding to max_length (run_glue.py default)",
     "b": "Trainer, dynamic padding (DataCollatorWithPadding)",
@@ -208,6 +211,10 @@ def run_trainer(spec: Spec, pad_to_max: bool, cpu_bf16: bool = False) -> dict:
         def on_train_begin(self, args, state, control, **kwargs):
             clock["start"] = time.perf_counter()
 
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == FIRST_STEPS:
+                clock["first_steps"] = time.perf_counter() - clock["start"]
+
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             clock["eval_seconds"] += metrics.get("eval_runtime", 0.0)
             clock["evals"].append((state.global_step, metrics["eval_accuracy"], time.perf_counter() - clock["start"]))
@@ -224,7 +231,7 @@ def run_trainer(spec: Spec, pad_to_max: bool, cpu_bf16: bool = False) -> dict:
     predictions = trainer.predict(dev)
     return {"train_seconds": output.metrics["train_runtime"] - clock["eval_seconds"], "wall_seconds": wall,
             "steps": output.global_step, "dev_accuracy": accuracy(predictions.predictions, predictions.label_ids),
-            "evals": clock["evals"], "reached": clock.get("reached")}
+            "evals": clock["evals"], "reached": clock.get("reached"), "first_steps_seconds": clock.get("first_steps")}
 
 
 def run_finetune(spec: Spec) -> dict:
@@ -267,10 +274,16 @@ def run_finetune(spec: Spec) -> dict:
             return True
         return False
 
-    result = train.main(loaded, hooks=train.TrainingHooks(on_train_begin=start_clock, on_evaluate=on_evaluate))
+    def on_step(step: int) -> None:
+        if step == FIRST_STEPS:
+            clock["first_steps"] = time.perf_counter() - clock["start"]
+
+    result = train.main(loaded, hooks=train.TrainingHooks(on_train_begin=start_clock, on_evaluate=on_evaluate,
+                                                          on_step=on_step))
     _, last_accuracy, wall = clock["evals"][-1]
     return {"train_seconds": result.train_seconds, "wall_seconds": wall, "steps": result.steps,
             "dev_accuracy": last_accuracy, "evals": clock["evals"], "reached": clock.get("reached"),
+            "first_steps_seconds": clock.get("first_steps"),
             "training": loaded.training.model_dump(mode="json"),
             "precision": precision(loaded)}
 
@@ -305,6 +318,10 @@ def run_way(way: str, spec: Spec) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"way ({way}) failed: {shlex.join(cmd)}\n{(done.stdout + done.stderr)[-4000:]}")
     return json.loads(out_file.read_text())
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def mean_of_repeats(runs: list[dict]) -> dict:
@@ -424,11 +441,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats > 1:
         print(f"each way trained {args.repeats} times (seeds {first_seed}..{first_seed + args.repeats - 1}): "
               "time and accuracy are means, +- the accuracy's standard deviation")
-    print(f"{'way':<4} {'what':<52} {'samples/s':>10} {'tokens/s':>9} {'MFU':>6} {'train s':>8} {'steps':>6} {'dev acc':>8}")
+    print(f"{'way':<4} {'what':<52} {'samples/s':>10} {'tokens/s':>9} {'MFU':>6} {'train s':>8} {'steps':>6} "
+          f"{'first ' + str(FIRST_STEPS) + ' s':>12} {'dev acc':>8}")
     for way, r in results.items():
         spread = f" +- {r['dev_accuracy_sd']:.4f}" if args.repeats > 1 else ""
         print(f"({way}) {WAYS[way]:<52} {r['samples_per_s']:>10.1f} {r['real_tokens_per_s']:>9.0f} "
-              f"{r['mfu'] * 100:>5.1f}% {r['train_seconds']:>8.1f} {r['steps']:>6} {r['dev_accuracy']:>8.4f}{spread}")
+              f"{r['mfu'] * 100:>5.1f}% {r['train_seconds']:>8.1f} {r['steps']:>6} {_seconds(r.get('first_steps_seconds')):>12} "
+              f"{r['dev_accuracy']:>8.4f}{spread}")
     print()
     for base in ("a", "b", "d"):
         if "c" in results and base in results:

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from finetune.tasks import InputError, PostprocessOptions
+from finetune.threads import ThreadBudget
 from serving.batcher import Batcher, QueueFull
 from serving.gates import LOOPBACK_NAMES, ApiKey, BodyReader, Guard, Metrics, client_gone
 from serving.loading import LoadedModel
@@ -66,6 +67,8 @@ class Settings:
     body_timeout_s: float = 30.0
     allowed_hosts: list[str] = field(default_factory=lambda: list(LOOPBACK_NAMES))
     allowed_origins: list[str] = field(default_factory=list)
+    # PyTorch intra-op threads; None: automatic, following the CPUs this process may use and other load on them.
+    threads: int | None = None
 
 
 # Strict: `top_k: "2"`, `top_k: true` or `truncate: "yes"` are mistakes to name, not values to guess at.
@@ -226,8 +229,15 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
     queue_depth = Gauge("finetune_queue_depth", "Inputs waiting for a batch", registry=registry)
     state: dict[str, Any] = {"ready": False, "pending_chars": 0}
 
-    def run_batch(features: list[dict]) -> list[np.ndarray]:
-        return predictor.outputs(features)
+    threads = ThreadBudget(settings.threads)
+
+    def in_budget(outputs):
+        def run(features: list[dict]) -> list[np.ndarray]:
+            threads.apply()  # in the inference thread: OpenMP thread counts are per calling thread
+            return outputs(features)
+        return run
+
+    run_batch = in_budget(predictor.outputs)
 
     def lanes_for(lane_owner: Any) -> list[tuple[ThreadPoolExecutor | None, Any]]:
         # Tokenising and post-processing of all but short requests run in threads, off the event loop (a 1 MB
@@ -264,7 +274,7 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
                 state["units"][name] = {"model": model, "batcher": batcher, "lanes": state["lanes"]}
                 continue
             loaded.predictor.batch_size = settings.max_batch_size
-            unit = {"model": loaded, "batcher": new_batcher(loaded.predictor.outputs), "lanes": lanes_for(loaded.predictor)}
+            unit = {"model": loaded, "batcher": new_batcher(in_budget(loaded.predictor.outputs)), "lanes": lanes_for(loaded.predictor)}
             state["units"][name] = unit
             example = loaded.predictor.encode_inputs([loaded.predictor.task.example_input(loaded.predictor.info.text_pair)])
             await asyncio.wait_for(asyncio.gather(*unit["batcher"].submit(example.features)), timeout=600)
@@ -279,6 +289,7 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
                 await unit["batcher"].stop()
                 for executor, _ in unit["lanes"][1:]:
                     executor.shutdown(wait=True)
+        threads.close()
 
     async def in_lane(lane: int, chars: int, method: str, *args, lanes: list | None = None):
         """The lane's predictor.method(*args), in the lane's thread (the event loop for lane 0), counting `chars`

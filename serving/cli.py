@@ -20,6 +20,8 @@ from typing import Sequence
 from finetune.cli import build_parser
 from finetune.cli.serve_options import KEY_ENV
 from finetune.errors import FinetuneError, RecipeError
+from finetune.threads import ENV as THREADS_ENV
+from finetune.threads import cpu_budget, requested_threads
 
 
 
@@ -106,6 +108,9 @@ def serve(args: argparse.Namespace) -> int:
         name = load_recipe(args.recipe).tracking.register_as
         if not name:
             raise RecipeError(f"{args.recipe} sets no tracking.register_as, so it has no champion; use --model")
+    threads = requested_threads(args.threads)
+    if threads is not None:  # ONNX Runtime sizes its pool when a model loads, from the same setting
+        os.environ[THREADS_ENV] = str(threads)
     sock = _bind(args.host, args.port)
     try:
         loaded, named = load_models(parse_model_specs(args.model), name, args.backend, args.precision)
@@ -116,7 +121,7 @@ def serve(args: argparse.Namespace) -> int:
         max_inputs_per_request=args.max_inputs, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue, request_timeout_s=args.timeout, api_key=key, max_input_chars=args.max_input_chars,
         body_timeout_s=args.body_timeout, allowed_hosts=args.allowed_hosts or default_allowed_hosts(args.host),
-        allowed_origins=origins,
+        allowed_origins=origins, threads=threads,
     )
     if not _is_loopback(args.host):
         print(f"warning: serving on {args.host} exposes the model beyond this machine"
@@ -126,6 +131,8 @@ def serve(args: argparse.Namespace) -> int:
           f"at http://{args.host}:{args.port}  (playground: /, docs: /docs)", flush=True)
     for model_name, model in named.items():
         print(f"  {model_name}: {model.predictor.info.task} from {model.source} at /v1/models/{model_name}/predict", flush=True)
+    print(f"threads: {threads} (fixed)" if threads is not None else
+          f"threads: up to {cpu_budget()}, fewer while other processes keep cores busy (--threads N fixes it)", flush=True)
     _log_handler()
     config = uvicorn.Config(
         create_app(loaded, settings, named), host=args.host, port=args.port, log_level="warning",

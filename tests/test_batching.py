@@ -148,6 +148,7 @@ def test_block_sparse_bigbird_trains_in_fp32_whatever_auto_would_pick(tmp_path, 
     from finetune.training import preflight, speed
 
     monkeypatch.setattr(preflight, "cpu_computes_bf16", lambda: True)
+    monkeypatch.setattr(preflight, "cpu_bf16_speedup", lambda: 1.5)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {checkpoint: x}\ndata: {files: {train: t.csv}}\ntask: {type: classification}\n")
     assert speed.precision(load_recipe(recipe, ["model.attention_type=block_sparse"])) == "no"
@@ -169,7 +170,7 @@ def test_groups_are_one_global_batch():
     assert loader.sampler.batch_size == 32 and loader.batch_size == 16
 
 
-def test_auto_precision_on_a_cpu_follows_its_bf16_support(monkeypatch):
+def test_auto_precision_on_a_cpu_follows_its_bf16_support_and_speed(monkeypatch):
     from finetune.training import preflight
 
     if torch.cuda.is_available():
@@ -177,10 +178,23 @@ def test_auto_precision_on_a_cpu_follows_its_bf16_support(monkeypatch):
     monkeypatch.setattr(preflight, "cpu_computes_bf16", lambda: False)
     assert preflight.choose_mixed_precision("auto") == "no"
     monkeypatch.setattr(preflight, "cpu_computes_bf16", lambda: True)
+    monkeypatch.setattr(preflight, "cpu_bf16_speedup", lambda: 1.36)  # AMD Zen 4
     assert preflight.choose_mixed_precision("auto") == "bf16"
+    monkeypatch.setattr(preflight, "cpu_bf16_speedup", lambda: 0.74)  # an Intel Xeon with AVX512-BF16, no AMX
+    assert preflight.choose_mixed_precision("auto") == "no", "bf16 the CPU computes slowly is not chosen"
+    assert preflight.choose_mixed_precision("bf16") == "bf16", "asked for, it is used"
     assert preflight.choose_mixed_precision("no") == "no"
     with pytest.raises(RecipeError, match="fp16 needs a CUDA GPU"):
         preflight.choose_mixed_precision("fp16")
+
+
+def test_the_bf16_measurement_is_a_ratio_and_leaves_the_random_state_alone():
+    from finetune.training import preflight
+
+    state = torch.random.get_rng_state()
+    speedup = preflight.cpu_bf16_speedup.__wrapped__()
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert 0.05 < speedup < 20
 
 
 @pytest.mark.parametrize("precision,train_dtype", [("bf16", torch.bfloat16), ("no", torch.float32)])

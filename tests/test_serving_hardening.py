@@ -455,6 +455,16 @@ def test_serving_beyond_loopback_without_a_key_is_refused(model, server, capsys,
     assert code == 2 and "is in use" in err, err
 
 
+def test_threads_are_automatic_or_a_count(model, server, capsys, monkeypatch):
+    assert "threads: up to " in server.output() and "--threads N fixes it" in server.output()
+    for bad in ["0", "two", "-1"]:
+        code, err = _serve_in_process(capsys, monkeypatch, "--model", model, "--threads", bad)
+        assert code == 2 and f"threads: '{bad}' is not a thread count" in err, err
+    monkeypatch.setenv("FINETUNE_THREADS", "lots")
+    code, err = _serve_in_process(capsys, monkeypatch, "--model", model)
+    assert code == 2 and "FINETUNE_THREADS environment variable" in err, err
+
+
 def test_a_busy_port_is_reported_before_loading_the_model(model, server):
     second = _serve("--model", model, "--port", str(server.port))
     assert second.returncode == 2 and f"port {server.port} on 127.0.0.1 is in use" in second.stderr

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from finetune.training import train
+from finetune.training import speed, train
 from finetune.data.loading import load_splits
 from finetune.models.predictor import Predictor
 from finetune.config.recipe import Recipe
@@ -51,6 +51,7 @@ def test_each_task_trains_saves_and_predicts_consistently(tiny_checkpoints, fami
     saved = json.loads((result.best_dir / "finetune.json").read_text())
     assert saved["task"] == recipe.task.type
     assert saved["text_pair"] is (task == "pair")
+    assert saved["pad_to_multiple_of"] == speed.pad_multiple(recipe), "predict and serve pad as training did"
     assert (result.best_dir / "model.safetensors").is_file()
     assert not list(result.best_dir.glob("*.bin"))
     config = json.loads((result.best_dir / "config.json").read_text())

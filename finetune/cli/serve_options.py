@@ -49,6 +49,10 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                        help="PyTorch backend: fp32 answers exactly as evaluation scored the model; bf16 (autocast) is "
                             "faster on CPUs that compute bf16 natively (AVX512-BF16, AMX) but may flip answers near a tie")
+    serve.add_argument("--threads", default=None, metavar="N|auto",
+                       help="PyTorch and ONNX Runtime threads for the model (default auto: the CPUs this process may use, "
+                            "its affinity and container CPU quota, and fewer while other processes keep cores busy; "
+                            "or FINETUNE_THREADS)")
     serve.add_argument("--max-batch-size", type=_positive(int), default=16,
                        help="inputs per forward pass at most (16 measured fastest per sentence on 2 CPU cores)")
     serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")

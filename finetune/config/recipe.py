@@ -60,6 +60,8 @@ class ModelSection(_Section):
     """Hub revision (branch, tag or commit) of the checkpoint; ignored for local directories."""
     max_length: int = Field(128, ge=8, le=MAX_TOKENS)
     """Longest input in tokens; longer inputs are truncated (validate reports how many)."""
+    pad_to_multiple_of: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    """Each batch is padded to its longest input rounded up to a multiple of this many tokens (1: exactly the longest). Fewer distinct batch shapes: a CPU sets its matrix kernels up once per shape (bf16 above all) and the memory allocator keeps fewer odd-sized blocks. Default (unset): 16 when max_length is 256 or more (QA: 15% lower peak memory, same speed) or training runs bf16 on a CPU; else 1 (short sentences: rounding up to 16 cost 10-30% of fp32 training speed); BENCHMARKS.md. Saved with the model: evaluation, predict and serve pad the same way. Not beyond the checkpoint's positions (then it pads to the longest)."""
     attention_type: Literal["block_sparse", "original_full"] | None = None
     """BigBird only, and required there: block_sparse or original_full attention. Never switched silently."""
     block_size: int | None = Field(None, ge=1, le=MAX_TOKENS)
@@ -250,6 +252,8 @@ class TrainingSection(_Section):
     """DataLoader worker processes (0: batches are built in the training process)."""
     group_by_length: bool = True
     """Batch examples of similar length together so dynamic padding pads little: the data is shuffled, cut into mega-batches of 50 batches, each sorted by length and cut into batches, and the batches are shuffled. False: plain random batches."""
+    threads: int | None = Field(None, ge=1, le=1024)
+    """Threads the math of each training process uses on a CPU. Unset (the default): the CPUs this process may run on (affinity mask, container CPU quota), shared among the processes of `accelerate launch`, and fewer while other processes keep cores busy, re-measured every second (a 2-thread run with one of two cores taken by another job otherwise runs ~10x slower, BENCHMARKS.md). A number fixes it; so does the FINETUNE_THREADS environment variable."""
     compile: bool = False
     """torch.compile the model (TorchInductor). Off by default: on 2 CPU cores its compile time did not pay back over a run (BENCHMARKS.md); worth measuring on a GPU. Not with BigBird block-sparse attention."""
     save_total_limit: int = Field(2, ge=1, le=1000)

@@ -23,6 +23,7 @@ from finetune.models.checksums import read_manifest, write_manifest
 from finetune.models.integrity import check_model_folder
 from finetune.models.modeling import MANIFEST_FILE, ModelInfo
 from finetune.models.predictor import Predictor
+from finetune.threads import cpu_budget, requested_threads
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
@@ -40,6 +41,9 @@ class OnnxPredictor(Predictor):
         # ONNX Runtime's worker threads spin while idle by default; in a server they would take CPU from the
         # event loop that parses and answers requests between batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Its pool is fixed for the session's life: sized to the CPUs this process may use (affinity, cgroup quota),
+        # not to every core of the machine (ONNX Runtime's default), or to FINETUNE_THREADS / --threads.
+        options.intra_op_num_threads = requested_threads() or cpu_budget()
         try:
             self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's own exception types: named with the file, not a traceback

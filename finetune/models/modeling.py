@@ -8,6 +8,7 @@ outputs and with which settings. Everything that predicts loads it through `fine
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field, replace
@@ -42,6 +43,8 @@ class ModelInfo:
     metrics: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     """The recipe's task settings (`TaskSettings`) the model was trained and evaluated with."""
+    pad_to_multiple_of: int = 1
+    """Batches are padded to a multiple of this many tokens (`model.pad_to_multiple_of`; 1 in folders saved before it)."""
     sparse_attention_min_length: int | None = None
     """Block-sparse BigBird: the padded batch length from which batches run block-sparse (the rule it was trained with)."""
     calibration: dict[str, Any] | None = None
@@ -154,10 +157,21 @@ def load_tokenizer(path: Path | str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def make_collator(tokenizer: Any, model_config: Any, task: Task, settings: TaskSettings | None = None) -> Any:
-    """The task's collator, padding each batch to its longest example (a multiple of the block size for BigBird)."""
-    multiple = model_config.block_size if model_config.model_type == "big_bird" else None
-    return task.collator(tokenizer, multiple, settings=settings)
+def make_collator(tokenizer: Any, model_config: Any, task: Task, settings: TaskSettings | None = None,
+                  pad_to_multiple_of: int = 1, max_length: int | None = None) -> Any:
+    """The task's collator, padding each batch to its longest example rounded up to `pad_to_multiple_of` tokens
+    (`model.pad_to_multiple_of`), and to a multiple of the block size for BigBird.
+
+    A multiple that would pad `max_length` inputs beyond the model's positions is not used (the longest then sets
+    the length), so padding never asks for a position the model does not have.
+    """
+    multiple = pad_to_multiple_of
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if max_length and positions and -(-max_length // multiple) * multiple > positions:
+        multiple = 1
+    if model_config.model_type == "big_bird":
+        multiple = math.lcm(multiple, model_config.block_size)
+    return task.collator(tokenizer, multiple if multiple > 1 else None, settings=settings)
 
 
 def save_model_dir(target: Path, model: Any, tokenizer: Any, info: ModelInfo, recipe_yaml: str) -> Path:

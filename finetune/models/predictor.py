@@ -29,7 +29,8 @@ class Predictor:
         self.task = get_task(info.task)
         self.settings = info.task_settings
         self.batch_size = batch_size
-        self.collator = make_collator(tokenizer, model.config, self.task, self.settings)
+        self.collator = make_collator(tokenizer, model.config, self.task, self.settings, info.pad_to_multiple_of,
+                                      info.max_length)
         if is_bigbird(model) and info.sparse_attention_min_length is not None:
             # finetune.json states the rule the model was trained with; it wins over whatever the config says.
             setattr(model.config, RULE_ATTRIBUTE, sparse_min_length(model.config, info.sparse_attention_min_length))

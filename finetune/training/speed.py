@@ -58,10 +58,26 @@ def prepare_model(model: torch.nn.Module, cfg: TrainingSection) -> torch.nn.Modu
     return model
 
 
-def describe_device(device: torch.device) -> str:
-    """Where training runs, for the run's header: `cpu, 2 threads`, `cuda, NVIDIA A100-SXM4-80GB`."""
+# Measured (BENCHMARKS.md, "Batch shapes"): see ModelSection.pad_to_multiple_of.
+PAD_MULTIPLE = 16
+LONG_INPUTS = 256
+
+
+def pad_multiple(recipe: Recipe) -> int:
+    """The recipe's `model.pad_to_multiple_of`, with the default resolved for its inputs and this machine."""
+    if recipe.model.pad_to_multiple_of is not None:
+        return recipe.model.pad_to_multiple_of
+    cpu_bf16 = not torch.cuda.is_available() and precision(recipe) == "bf16"
+    return PAD_MULTIPLE if recipe.model.max_length >= LONG_INPUTS or cpu_bf16 else 1
+
+
+def describe_device(device: torch.device, threads: Any = None) -> str:
+    """Where training runs, for the run's header: `cpu, 2 threads (...)`, `cuda, NVIDIA A100-SXM4-80GB`.
+
+    `threads` is the run's `finetune.threads.ThreadBudget`, which says whether the count is fixed or follows the load.
+    """
     if device.type == "cpu":
-        return f"cpu, {torch.get_num_threads()} threads"
+        return f"cpu, {threads.describe()}" if threads is not None else f"cpu, {torch.get_num_threads()} threads"
     if device.type == "cuda":
         return f"cuda, {torch.cuda.get_device_name(device)}"
     return device.type

@@ -36,6 +36,7 @@ from finetune.models.starting import BuiltModel, Start, build_for_run
 from finetune.tasks import Reference, Task, TaskSettings
 from finetune.tasks.distillation import DistilledTask
 from finetune.tasks.metrics import is_improvement
+from finetune.threads import ThreadBudget, requested_threads
 from finetune.tracking.tracker import NullTracker, Tracker
 from finetune.training import finish, outputs, speed, teacher
 from finetune.training import state as training_state
@@ -75,6 +76,8 @@ class TrainingHooks:
     """Called once, just before the first training batch (resumed runs included)."""
     on_evaluate: Callable[[int, dict[str, float]], bool] | None = None
     """Called after every evaluation with the step and the metrics; returning True stops training early."""
+    on_step: Callable[[int], None] | None = None
+    """Called after every optimizer step with the step number (the training benchmark's time to the first steps)."""
 
 
 def diverged(step: int, lr: float, output_dir: str) -> TrainingDiverged:
@@ -144,7 +147,7 @@ def setup_model(recipe: Recipe, task: Task, start: Start,
 def train_one_epoch(
     model, loader, optimizer, scheduler, accelerator: Accelerator, task: Task, settings: TaskSettings,
     cfg: TrainingSection, autocast, state: RunState, total_steps: int, progress: Progress, tracker,
-    on_step_end: Callable[[], None], output_dir: str,
+    on_step_end: Callable[[], None], output_dir: str, threads: ThreadBudget,
 ) -> None:
     """One pass over the training data (or until max_steps), logging loss, learning rate and throughput."""
     model.train()
@@ -152,6 +155,7 @@ def train_one_epoch(
     running_loss = torch.zeros((), device=accelerator.device)
     loss_count, window_start, window_samples = 0, time.perf_counter(), 0
     for batch in loader:
+        threads.apply()  # fewer threads while another process keeps a core busy (finetune.threads)
         inputs, targets = task.split_batch(batch)
         with accelerator.accumulate(model):
             # The loss inside the autocast region, as the Hugging Face heads compute it: autocast runs the
@@ -246,6 +250,9 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
             "(see recipes/accelerate/cpu-2proc.yaml)."
         )
     report = report if report is not None and accelerator.is_main_process else RunReport()
+    threads = ThreadBudget(cfg.threads or requested_threads(),
+                           processes=int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+    threads.apply()
     if accelerator.is_main_process:  # the recipe as run, beside its log, even if no model is ever saved
         (Path(recipe.output_dir) / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     set_seed(cfg.seed)
@@ -259,7 +266,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     model, built, trainable = setup_model(recipe, task, start, data.label_names)
     new_weights = getattr(model, "finetune_new_weights", None) or NewWeights([], [], [])
     parameters, family = sum(p.numel() for p in model.parameters()), model.config.model_type  # before DDP wraps it
-    collator = make_collator(tokenizer, model.config, task, settings)
+    collator = make_collator(tokenizer, model.config, task, settings, speed.pad_multiple(recipe), recipe.model.max_length)
     # The shuffle generator is re-seeded with seed + epoch at each epoch, so a resumed run sees the same order.
     generator = torch.Generator()
     train_dl = batching.train_loader(data.train, cfg, collator, generator, accelerator.num_processes)
@@ -288,7 +295,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     info = ModelInfo(
         task=task.name, label_names=data.label_names, text_pair=recipe.data.text_pair_column is not None,
         max_length=recipe.model.max_length, checkpoint=recipe.model.checkpoint, recipe_name=recipe.name,
-        metrics=state.best_metrics, settings=settings.saved(), adapter=built.adapter,
+        pad_to_multiple_of=speed.pad_multiple(recipe), metrics=state.best_metrics, settings=settings.saved(), adapter=built.adapter,
         parent=None if start.parent is None else {
             "source": start.parent_source, "run_id": start.parent_run_id, "task": start.parent.task,
             "label_names": start.parent.label_names, "head_reused": built.head_reused},
@@ -319,7 +326,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
         checkpoint=resolved, family=family, parameters=parameters, new_weights=new_weights,
         num_labels=len(data.label_names) if data.label_names else None, total_steps=total_steps,
         steps_per_epoch=updates_per_epoch, train_examples=len(data.train), eval_examples=len(data.eval),
-        processes=accelerator.num_processes, device=speed.describe_device(accelerator.device),
+        processes=accelerator.num_processes, device=speed.describe_device(accelerator.device, threads),
         precision=speed.describe_precision(recipe), cache_hit=data.cache_hit, resumed_at=resumed_from,
         run_id=state.run_id, notes=list(built.notes),
     ))
@@ -347,6 +354,8 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
         report.evaluated(state.step, metric, metrics, state.best_metric, state.best_step)
 
     def on_step_end() -> None:
+        if hooks.on_step is not None:
+            hooks.on_step(state.step)
         if cfg.eval_strategy == "steps" and state.step % cfg.eval_steps == 0:
             run_evaluation()
 
@@ -365,7 +374,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
             generator.manual_seed(cfg.seed + state.epoch)
             loader = accelerator.skip_first_batches(train_dl, state.batches_in_epoch) if state.batches_in_epoch else train_dl
             train_one_epoch(model, loader, optimizer, scheduler, accelerator, task, settings, cfg, autocast, state,
-                            total_steps, progress, tracker, on_step_end, recipe.output_dir)
+                            total_steps, progress, tracker, on_step_end, recipe.output_dir, threads)
             if state.step < total_steps and not state.stop:
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             if cfg.eval_strategy == "epoch" and state.last_eval_step != state.step:
@@ -379,6 +388,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
             outputs.update_marker(recipe.output_dir, state="finished")
         status = "FINISHED"
     finally:
+        threads.close()
         tracker.end(status)
     report.finished(final.summary)
     return RunResult(state.best_metrics, final.test_metrics, Path(recipe.output_dir) / "best", state.run_id,
