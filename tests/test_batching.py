@@ -192,7 +192,7 @@ def test_the_bf16_measurement_is_a_ratio_and_leaves_the_random_state_alone():
     from finetune.training import preflight
 
     state = torch.random.get_rng_state()
-    speedup = preflight.cpu_bf16_speedup.__wrapped__()
+    speedup = preflight.measure_cpu_bf16_speedup()
     assert torch.equal(state, torch.random.get_rng_state())
     assert 0.05 < speedup < 20
 
@@ -221,3 +221,19 @@ def test_cpu_bf16_trains_in_bf16_and_evaluates_in_fp32(tiny_checkpoints, monkeyp
     from safetensors.torch import load_file
 
     assert {t.dtype for t in load_file(result.best_dir / "model.safetensors").values()} == {torch.float32}
+
+
+def test_the_bf16_measurement_is_kept_per_cpu(tmp_path, monkeypatch):
+    from finetune.training import preflight
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(preflight, "measure_cpu_bf16_speedup", lambda: calls.append(1) or 0.7)
+    preflight.cpu_bf16_speedup.cache_clear()
+    try:
+        assert preflight.cpu_bf16_speedup() == 0.7
+        preflight.cpu_bf16_speedup.cache_clear()  # a new process
+        assert preflight.cpu_bf16_speedup() == 0.7 and calls == [1], "measured once, then read"
+        assert (tmp_path / "cpu-bf16-speedup.json").is_file()
+    finally:
+        preflight.cpu_bf16_speedup.cache_clear()
