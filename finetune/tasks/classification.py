@@ -8,15 +8,14 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from finetune.errors import RecipeError
 import finetune.tasks.labels as L
 import finetune.tasks.metrics as M
 import finetune.tasks.imbalance as imbalance
-from finetune.tasks.base import LabelEncoding, PostprocessOptions, TaskSettings, class_weights_length, softmax
+from finetune.tasks.base import LabelEncoding, PostprocessOptions, TaskSettings, softmax
 from finetune.tasks.sequence import SequenceTask
 
 
-class ClassificationTask(SequenceTask):
+class ClassificationTask(imbalance.WeightedLosses, SequenceTask):
     name = "classification"
     description = "single-sentence or sentence-pair classification (softmax over the label set)"
     metrics = M.CLASSIFICATION
@@ -25,7 +24,6 @@ class ClassificationTask(SequenceTask):
     pipeline_task = "text-classification"
     onnx_export = True
     stratify = True
-    weighted_losses = True
     calibrates = True
     ranks_label_issues = True
 
@@ -47,26 +45,6 @@ class ClassificationTask(SequenceTask):
     def label_counts(self, split: Any, label_names: Sequence[str] | None) -> dict[str, Any]:
         counts = np.bincount(np.asarray(split["labels"], dtype=int), minlength=len(label_names))
         return {name: int(c) for name, c in zip(label_names, counts)}
-
-    def loss(self, outputs: Any, targets: dict[str, Any], settings: TaskSettings) -> Any:
-        weights = settings.class_weights
-        if isinstance(weights, str):
-            raise ValueError("task.class_weights must be resolved to numbers (settings_for_training) before the loss")
-        gamma = settings.focal_gamma if settings.loss == "focal" else None
-        return imbalance.cross_entropy(outputs.logits, targets["labels"], weights, gamma)
-
-    def settings_for_training(self, settings: TaskSettings, train: Any, label_names: Sequence[str] | None) -> TaskSettings:
-        weights = settings.class_weights
-        if weights == "balanced":
-            counts = self.label_counts(train, label_names)
-            weights = imbalance.balanced_weights(list(counts.values()), len(train), multi_label=False)
-        elif isinstance(weights, list) and len(weights) != len(label_names):
-            raise RecipeError(class_weights_length(weights, label_names))
-        return settings.model_copy(update={"class_weights": weights})
-
-    def skew_warning(self, train: Any, label_names: Sequence[str] | None, settings: TaskSettings) -> str | None:
-        return imbalance.skew_warning(self.label_counts(train, label_names), len(train), False,
-                                      settings.class_weights is not None or settings.loss == "focal")
 
     def predictions(self, logits: np.ndarray, threshold: float = 0.5) -> np.ndarray:
         return logits.argmax(axis=-1)

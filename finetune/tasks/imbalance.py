@@ -15,6 +15,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from finetune.errors import RecipeError
+from finetune.tasks.base import class_weights_length
+from finetune.tasks.settings import TaskSettings
+
 SKEW_RATIO = 3.0
 """`finetune validate` warns when the most frequent class has at least this many times the examples of the rarest
 (multi-label: when a label has at least this many times more negatives than positives, times the label count)."""
@@ -89,3 +93,33 @@ def skew_warning(counts: dict[str, int], total: int, multi_label: bool, knob_set
     return (f"the train labels are skewed: {counts[common]} {common!r} against {counts[rare]} {rare!r} "
             f"({ratio:.1f}x); task.class_weights: balanced weighs the rare classes up, task.loss: focal down-weights "
             f"the examples the model already gets right")
+
+
+class WeightedLosses:
+    """`task.class_weights` and `task.loss: focal` for a task that scores every label: a mixin placed before the
+    task's base class. With `sigmoid_scores` (a sigmoid per label: multi_label) the loss is binary cross-entropy and
+    an example counts toward several labels, else cross-entropy over a softmax. The task provides
+    `label_counts(split, label_names)`."""
+
+    weighted_losses = True
+
+    def loss(self, outputs: Any, targets: dict[str, Any], settings: TaskSettings) -> Any:
+        weights = settings.class_weights
+        if isinstance(weights, str):
+            raise ValueError("task.class_weights must be resolved to numbers (settings_for_training) before the loss")
+        gamma = settings.focal_gamma if settings.loss == "focal" else None
+        loss = binary_cross_entropy if self.sigmoid_scores else cross_entropy
+        return loss(outputs.logits, targets["labels"], weights, gamma)
+
+    def settings_for_training(self, settings: TaskSettings, train: Any, label_names: Sequence[str] | None) -> TaskSettings:
+        weights = settings.class_weights
+        if weights == "balanced":
+            counts = self.label_counts(train, label_names)
+            weights = balanced_weights(list(counts.values()), len(train), multi_label=self.sigmoid_scores)
+        elif isinstance(weights, list) and len(weights) != len(label_names):
+            raise RecipeError(class_weights_length(weights, label_names))
+        return settings.model_copy(update={"class_weights": weights})
+
+    def skew_warning(self, train: Any, label_names: Sequence[str] | None, settings: TaskSettings) -> str | None:
+        return skew_warning(self.label_counts(train, label_names), len(train), self.sigmoid_scores,
+                            settings.class_weights is not None or settings.loss == "focal")

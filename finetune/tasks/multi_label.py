@@ -8,11 +8,10 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from finetune.errors import RecipeError
 import finetune.tasks.labels as L
 import finetune.tasks.metrics as M
 import finetune.tasks.imbalance as imbalance
-from finetune.tasks.base import LabelEncoding, PostprocessOptions, TaskSettings, class_weights_length, sigmoid
+from finetune.tasks.base import LabelEncoding, PostprocessOptions, TaskSettings, sigmoid
 from finetune.tasks.sequence import SequenceTask
 
 
@@ -27,7 +26,7 @@ def label_tokens(value: Any, separator: str) -> list[Any]:
     return [value]
 
 
-class MultiLabelTask(SequenceTask):
+class MultiLabelTask(imbalance.WeightedLosses, SequenceTask):
     name = "multi_label"
     description = "multi-label classification (a sigmoid per label, labels over a threshold)"
     metrics = M.MULTI_LABEL
@@ -36,7 +35,6 @@ class MultiLabelTask(SequenceTask):
     hf_problem_type = "multi_label_classification"
     pipeline_task = "text-classification"
     onnx_export = True
-    weighted_losses = True
     calibrates = True
     ranks_label_issues = True
 
@@ -66,26 +64,6 @@ class MultiLabelTask(SequenceTask):
     def label_counts(self, split: Any, label_names: Sequence[str] | None) -> dict[str, Any]:
         counts = np.asarray(split["labels"]).sum(axis=0).astype(int)
         return {name: int(c) for name, c in zip(label_names, counts)}
-
-    def loss(self, outputs: Any, targets: dict[str, Any], settings: TaskSettings) -> Any:
-        weights = settings.class_weights
-        if isinstance(weights, str):
-            raise ValueError("task.class_weights must be resolved to numbers (settings_for_training) before the loss")
-        gamma = settings.focal_gamma if settings.loss == "focal" else None
-        return imbalance.binary_cross_entropy(outputs.logits, targets["labels"], weights, gamma)
-
-    def settings_for_training(self, settings: TaskSettings, train: Any, label_names: Sequence[str] | None) -> TaskSettings:
-        weights = settings.class_weights
-        if weights == "balanced":
-            counts = self.label_counts(train, label_names)
-            weights = imbalance.balanced_weights(list(counts.values()), len(train), multi_label=True)
-        elif isinstance(weights, list) and len(weights) != len(label_names):
-            raise RecipeError(class_weights_length(weights, label_names))
-        return settings.model_copy(update={"class_weights": weights})
-
-    def skew_warning(self, train: Any, label_names: Sequence[str] | None, settings: TaskSettings) -> str | None:
-        return imbalance.skew_warning(self.label_counts(train, label_names), len(train), True,
-                                      settings.class_weights is not None or settings.loss == "focal")
 
     def predictions(self, logits: np.ndarray, threshold: float = 0.5) -> np.ndarray:
         return (sigmoid(logits) >= threshold).astype(np.int64)
