@@ -131,7 +131,7 @@ def measure_training(setup: str, condition: str, steps: int, workdir: Path) -> d
     return {"samples_per_second": min(rates), "each": rates}
 
 
-def warm_training_cache(steps: int, workdir: Path) -> None:
+def warm_training_cache(workdir: Path) -> None:
     """Tokenise once before measuring, so no measurement pays for building the cache."""
     measure_training("now", "quiet", 2, workdir)
 
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                              "busy": busy["rps"], "busy_p99_ms": busy["p99_ms"], "quiet_p99_ms": quiet["p99_ms"]})
                 print(_line(rows[-1]), flush=True)
         if not args.no_training:
-            warm_training_cache(args.steps, workdir)
+            warm_training_cache(workdir)
             for setup in SETUPS:
                 quiet = measure_training(setup, "quiet", args.steps, workdir)
                 busy = measure_training(setup, "busy", args.steps, workdir)

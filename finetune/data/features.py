@@ -57,8 +57,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256((type(tokenizer).__name__ + state).encode()).hexdigest()[:16]
 
 
+def cache_home() -> Path:
+    """finetune's cache folder: FINETUNE_CACHE_DIR, default ~/.cache/finetune."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "finetune"))
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "finetune")) / "tokenized"
+    return cache_home() / "tokenized"
 
 
 def tokenize_splits(

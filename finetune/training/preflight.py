@@ -44,9 +44,11 @@ def cpu_bf16_speedup() -> float:
     import os
     import platform
 
+    from finetune.data.features import cache_home
+
     cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), platform.processor())
     key = f"{cpu} | torch {torch.__version__}"
-    path = Path(os.environ.get("FINETUNE_CACHE_DIR", Path.home() / ".cache" / "finetune")) / "cpu-bf16-speedup.json"
+    path = cache_home() / "cpu-bf16-speedup.json"
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
