@@ -7,6 +7,8 @@ same trained model (the ONNX ones its `finetune export`, made here if the folder
 machine and face the same load: C concurrent clients in a closed loop, one real SST-2 sentence per request,
 for a fixed time after a warm-up. Each server also answers the SST-2 dev sentences once, so every row
 carries its accuracy. The servers run one after the other, never together, so they do not fight for the cores.
+Right after each server says it is ready, it first answers --first-requests sentences one at a time, then the
+same ones again: the cold / warm ratio is what a start (or a scale-up) costs its first users.
 
 The peer: infinity-emb (michaelfeil/infinity), a CPU-capable serving project, as `infinity-torch` and
 `infinity-optimum` (its ONNX Runtime engine, on the same fp32 export as `onnx`). It runs from its own virtual
@@ -29,6 +31,7 @@ import re
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -339,6 +342,32 @@ async def run_load(url: str, sentences: list[str], concurrency: int, duration: f
             "errors": len(errors), "first_errors": errors[:3]}
 
 
+async def first_requests(url: str, sentences: list[str], n: int, api: Api = OURS) -> dict:
+    """The first `n` requests after readiness, one at a time, then the same `n` again.
+
+    The same sentences twice, so the two passes see the same batch shapes: a CPU backend that sets kernels up per
+    new shape (oneDNN's bf16 and AMX kernels do) is slow on the first pass only, and cold / warm shows what that
+    costs the first users after a start or a scale-up (issue 20)."""
+    import aiohttp
+
+    passes: list[list[float]] = []
+    async with aiohttp.ClientSession(url, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        for _ in range(2):
+            latencies = []
+            for text in sentences[:n]:
+                sent = time.perf_counter()
+                async with session.post(api.path, json=api.body([text])) as response:
+                    await response.read()
+                    response.raise_for_status()
+                latencies.append(time.perf_counter() - sent)
+            passes.append(latencies)
+    cold, warm = passes
+    return {"requests": len(cold), "first_ms": cold[0] * 1000, "cold_mean_ms": statistics.fmean(cold) * 1000,
+            "warm_mean_ms": statistics.fmean(warm) * 1000, "cold_p99_ms": percentile(cold, 99) * 1000,
+            "warm_p99_ms": percentile(warm, 99) * 1000,
+            "cold_over_warm": statistics.fmean(cold) / max(statistics.fmean(warm), 1e-9)}
+
+
 def best_against_peer(results: dict[str, list[dict]]) -> list[dict]:
     """Level by level, the fastest finetune server against the fastest infinity server (empty without both)."""
     ours, peers = [n for n in BACKENDS if n in results], [n for n in PEERS if n in results]
@@ -365,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--servers", help=f"comma-separated servers from {','.join(SERVERS)} (default: all; "
                                            "pytorch-bf16 only where the CPU computes bf16, infinity-* only where "
                                            f"{PEER_SETUP} made infinity's venv)")
+    parser.add_argument("--first-requests", type=int, default=100,
+                        help="requests sent one at a time right after readiness, then again, to show any warm-up "
+                             "cost (default 100; 0 skips)")
     parser.add_argument("--accuracy-sentences", type=int, help="dev sentences each server answers for its accuracy (default all)")
     parser.add_argument("--server-args", default="", help='extra arguments for finetune serve, e.g. "--max-wait-ms 10"')
     parser.add_argument("--infinity-args", default="", help='extra arguments for infinity_emb v2, e.g. "--batch-size 16"')
@@ -393,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.quick:
         args.concurrency, args.duration, args.warmup = "1,4", 2.0, 0.5
+        args.first_requests = min(args.first_requests, 8)
         args.accuracy_sentences = args.accuracy_sentences or 64
     levels = [int(c) for c in args.concurrency.split(",")]
     labelled = load_labelled()
@@ -406,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     results: dict[str, list[dict]] = {}
     accuracy: dict[str, float | None] = {}
+    first: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as workdir:
         for name in servers:
             port, api, env, cwd = free_port(), OURS, None, ROOT
@@ -424,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
             server = Server(cmd, port, args.threads, api.ready_path, env, cwd)
             try:
                 server.start()
+                if args.first_requests:
+                    first[name] = asyncio.run(first_requests(server.url, sentences, args.first_requests, api))
                 results[name] = [asyncio.run(run_load(server.url, sentences, c, args.duration, args.warmup, api))
                                  for c in levels]
                 accuracy[name] = measure_accuracy(server.url, labelled[: args.accuracy_sentences], label_names, api=api)
@@ -445,6 +481,14 @@ def main(argv: list[str] | None = None) -> int:
         acc = f"{accuracy[name]:.4f}" if accuracy.get(name) is not None else "n/a"
         for r in results[name]:
             print(f"{name:<16} {r['concurrency']:>7} {r['rps']:>9.1f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['errors']:>7} {acc:>9}")
+    if first:
+        n = next(iter(first.values()))["requests"]
+        print(f"\nthe first {n} requests after /readyz, one at a time (cold), then the same {n} again (warm):")
+        print(f"{'server':<16} {'first ms':>9} {'cold mean':>10} {'warm mean':>10} {'cold p99':>9} {'warm p99':>9} "
+              f"{'cold/warm':>10}")
+        for name, f in first.items():
+            print(f"{name:<16} {f['first_ms']:>9.1f} {f['cold_mean_ms']:>10.1f} {f['warm_mean_ms']:>10.1f} "
+                  f"{f['cold_p99_ms']:>9.1f} {f['warm_p99_ms']:>9.1f} {f['cold_over_warm']:>9.2f}x")
     print()
     # Every backend against the baseline, and each faster one against the fp32 PyTorch default, level by level.
     pairs = [(n, "baseline") for n in BACKENDS if n in results and "baseline" in results]
@@ -462,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"errors from {name} at {r['concurrency']} clients, e.g. {r['first_errors']}", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": {**info, "load_before": load_before}, "args": vars(args), "results": results,
-                                               "accuracy": accuracy, "peer_ratios": peer_ratios}, indent=2))
+                                               "accuracy": accuracy, "peer_ratios": peer_ratios, "first_requests": first},
+                                              indent=2))
     return 1 if failures else 0
 
 

@@ -13,7 +13,7 @@ with 422 before tokenising). A prober times GET /healthz ten times a second thro
 Verdict: no response is a 5xx, and the server's /metrics counts none either (disconnects are 499s); every
 valid request is answered with the same label the model gives the sentence on its own; the slow clients
 were cut off; /healthz p99 is under 1 s; the server's resident memory grows by less than 10% after warm-up.
-Exit status 0 only when all hold. `--quick` (15 s at concurrency 8) runs the server with 2 s header and
+Exit status 0 only when all hold. `--quick` (10 s at concurrency 8) runs the server with 2 s header and
 3 s body deadlines so that the slow clients are cut several times; the full soak uses the defaults.
 """
 
@@ -196,14 +196,14 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=300)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--warmup", type=float, default=20)
-    parser.add_argument("--quick", action="store_true", help="15 s at concurrency 8 (the test suite runs this)")
+    parser.add_argument("--quick", action="store_true", help="10 s at concurrency 8 (the test suite runs this)")
     parser.add_argument("--hostile", type=int, default=2,
                         help="clients of each hostile kind (disconnecting, slow head, slow body, large strings)")
     args = parser.parse_args()
     server_args: list[str] = []
     header_timeout, body_timeout = 10.0, 30.0  # the server's defaults
     if args.quick:
-        args.duration, args.concurrency, args.warmup = 15, 8, 3
+        args.duration, args.concurrency, args.warmup = 10, 8, 2
         header_timeout, body_timeout = 2.0, 3.0
         server_args = ["--header-timeout", str(header_timeout), "--body-timeout", str(body_timeout)]
     if not Path(args.model).is_dir():

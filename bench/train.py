@@ -20,7 +20,7 @@ second term: Q.K^T and attention.V (2 * L^2 * d each forward, x3 with the backwa
 Padding is work the model does but not model FLOPs, so padding lowers MFU.
 
     python bench/train.py                       # (a), (b), (c) on 4,096 sentences, one epoch, batch 32
-    python bench/train.py --quick               # smoke run (the test suite runs this)
+    python bench/train.py --quick               # smoke run, every way in this one process (the test suite runs this)
     python bench/train.py --ways b,c --repeats 5   # means over five training seeds
     python bench/train.py --ways b,c --repeats 10 --first-training-seed 47   # ten more seeds, same data
     python bench/train.py --ways b,c --finetune training.group_by_length=false
@@ -299,8 +299,7 @@ def finetune_trains_cpu_bf16() -> bool:
 
 def worker(way: str, spec_file: str, out_file: str) -> int:
     spec = Spec(**json.loads(Path(spec_file).read_text()))
-    result = run_finetune(spec) if way == "c" else run_trainer(spec, pad_to_max=way == "a", cpu_bf16=way == "d")
-    Path(out_file).write_text(json.dumps(result))
+    Path(out_file).write_text(json.dumps(run_way(way, spec, in_process=True)))
     return 0
 
 
@@ -309,8 +308,11 @@ def worker(way: str, spec_file: str, out_file: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_way(way: str, spec: Spec) -> dict:
-    """One way in a fresh process, so none inherits another's warmed-up caches or allocator state."""
+def run_way(way: str, spec: Spec, in_process: bool = False) -> dict:
+    """One way in a fresh process, so none inherits another's warmed-up caches or allocator state; `in_process`
+    (--quick, a smoke run whose timings mean nothing) saves each way the seconds of importing the libraries."""
+    if in_process:
+        return run_finetune(spec) if way == "c" else run_trainer(spec, pad_to_max=way == "a", cpu_bf16=way == "d")
     spec_file, out_file = Path(spec.workdir) / f"spec-{way}.json", Path(spec.workdir) / f"result-{way}.json"
     spec_file.write_text(json.dumps(asdict(spec)))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", way, "--spec", str(spec_file), "--out", str(out_file)]
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="train every way this many times with training seeds S, S+1, ... (S: --first-training-seed); the table shows means "
                              "(accuracy on 872 sentences moves by about a point from seed to seed)")
     parser.add_argument("--finetune", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides for (c)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 128 sentences, 64 dev sentences")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 128 sentences, 64 dev sentences, every way in this process")
     parser.add_argument("--time-to-accuracy", action="store_true",
                         help="(b) and (c) on the full SST-2 train split, evaluating every --eval-steps until --target")
     parser.add_argument("--target", type=float, default=0.88, help="time-to-accuracy target (default 0.88)")
@@ -408,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             for k in range(args.repeats):
                 folder = Path(workdir) / f"{way}-{k}"
                 folder.mkdir()
-                runs.append(run_way(way, Spec(**{**asdict(spec), "seed": first_seed + k, "workdir": str(folder)})))
+                runs.append(run_way(way, Spec(**{**asdict(spec), "seed": first_seed + k, "workdir": str(folder)}),
+                                    in_process=args.quick))
             results[way] = mean_of_repeats(runs)
 
     info = describe_machine(("torch", "transformers", "accelerate"))

@@ -62,10 +62,11 @@ def assert_equal_up_to_float32_rounding(got, want) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def session_outside_the_checkout(tmp_path_factory):
+def session_outside_the_checkout(tmp_path_factory, empty_store):
     """Module-scoped fixtures and subprocesses run outside the per-test isolation: give them a temporary working
     directory, MLflow store, caches and home too, so the suite never writes beside a user's real runs."""
     root = tmp_path_factory.mktemp("session")
+    seed_store(root, empty_store)
     saved_cwd = os.getcwd()
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "FINETUNE_CACHE_DIR": str(root / "cache"),
            "HF_DATASETS_CACHE": str(root / "hf-datasets"), "MPLCONFIGDIR": str(root / "matplotlib")}
@@ -113,9 +114,43 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made and no experiment in it, to copy.
+
+    Making the tables runs every MLflow schema migration, about a second each time; the suite makes over a hundred
+    stores. A copy is what MLflow would make itself: it adds the Default experiment on first use, where that
+    test runs."""
+    import sqlite3
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    SqlAlchemyStore(f"sqlite:///{path}", str(path.parent / "artifacts"))._dispose_engine()
+    with sqlite3.connect(path) as db:
+        for table in ("experiment_tags", "experiments"):
+            db.execute(f"DELETE FROM {table}")
+    _EMPTY_STORE.append(path)  # for train_outside_test, which module-scoped fixtures call without fixtures
+    return path
+
+
+_EMPTY_STORE: list[Path] = []
+
+
+def seed_store(folder: Path, template: Path) -> Path:
+    """`folder`/mlflow.db as a copy of the empty store (see empty_store); returns its path."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(template, folder / "mlflow.db"))
+
+
 @pytest.fixture(autouse=True)
-def isolated_stores(tmp_path, monkeypatch):
-    """Each test gets its own MLflow store, tokenisation cache and working directory."""
+def isolated_stores(request, tmp_path, monkeypatch):
+    """Each test gets its own MLflow store, tokenisation cache and working directory. The store starts empty, as
+    a copy (see empty_store), unless the test is marked no_store: it checks that a command creates none."""
+    if request.node.get_closest_marker("no_store") is None:
+        seed_store(tmp_path, request.getfixturevalue("empty_store"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
@@ -147,6 +182,8 @@ def train_outside_test(root: Path, recipe: dict):
     from finetune.config.recipe import Recipe
 
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "FINETUNE_CACHE_DIR")}
+    if _EMPTY_STORE and not (root / "mlflow.db").exists():
+        seed_store(root, _EMPTY_STORE[0])
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     os.environ["FINETUNE_CACHE_DIR"] = str(root / "cache")
     try:
@@ -271,3 +308,26 @@ def pytest_sessionfinish(session, exitstatus):
     if added:
         print(f"\nthe test suite wrote into the checkout (tests must write only to temporary folders): {added}")
         session.exitstatus = 1
+
+
+def run_bench(script: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """`python bench/<script>.py *argv`, but its main(argv) in this process: a smoke run then skips the seconds a
+    new process spends importing torch and transformers. Returns the exit code, stdout and stderr."""
+    import importlib.util
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # the scripts import their siblings
+    name = f"bench_{script}"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    try:
+        code = module.main(argv)
+    except SystemExit as stop:  # argparse's refusals, and scripts that exit with a message
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

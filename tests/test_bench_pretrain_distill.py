@@ -1,26 +1,23 @@
 """`bench/pretrain.py --quick` and `bench/distill.py --quick` run every comparison end to end on a tiny checkpoint
-and print their tables (no figure is asserted: benchmarks are not tests)."""
+and print their tables (no figure is asserted: benchmarks are not tests). Each main() runs in the test's process;
+bench/distill.py's serving runs are processes of their own."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import run_bench
 
 pytestmark = pytest.mark.e2e
 
 
-def test_quick_pretraining_benchmark_runs_both_comparisons(tiny_checkpoints, tmp_path):
+def test_quick_pretraining_benchmark_runs_both_comparisons(tiny_checkpoints, tmp_path, monkeypatch, capsys):
     report = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "pretrain.py"), "--quick", "--checkpoint",
-                           str(tiny_checkpoints["bert"]), "--json", str(report)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    out = done.stdout
+    code, out, err = run_bench("pretrain", ["--quick", "--checkpoint", str(tiny_checkpoints["bert"]), "--json", str(report)],
+                               monkeypatch, capsys)
+    assert code == 0, out[-3000:] + err[-3000:]
     for line in ("| MiniLM + chunks | 1 |", "| MiniLM as BigBird 1536, MLM-pretrained | 1 |",
                  "| MiniLM + chunks (BENCHMARKS.md, 1 seed) | 1 | 0.8232 |", "| quickstart after task-adaptive MLM | 1 |",
                  "Pretraining (hyperpartisan-bigbird-mlm.yaml):", "command: python bench/pretrain.py --quick"):
@@ -33,13 +30,12 @@ def test_quick_pretraining_benchmark_runs_both_comparisons(tiny_checkpoints, tmp
     assert all(0 <= a <= 1 for r in saved["short"]["ways"].values() for a in r["dev_accuracy"])
 
 
-def test_quick_distillation_benchmark_trains_teacher_students_and_serves_both(tiny_checkpoints, tmp_path):
+def test_quick_distillation_benchmark_trains_teacher_students_and_serves_both(tiny_checkpoints, tmp_path, monkeypatch,
+                                                                              capsys):
     report = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "distill.py"), "--quick", "--checkpoint",
-                           str(tiny_checkpoints["bert"]), "--json", str(report)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    out = done.stdout
+    code, out, err = run_bench("distill", ["--quick", "--checkpoint", str(tiny_checkpoints["bert"]), "--json", str(report)],
+                               monkeypatch, capsys)
+    assert code == 0, out[-3000:] + err[-3000:]
     assert "| teacher | 2 |" in out and "| student distilled (layers 0) | 1 |" in out, out
     assert "student without teacher (layers 0)" in out and "throughput vs teacher" in out
     assert out.count("- met: ") + out.count("- MISSED: ") == 3

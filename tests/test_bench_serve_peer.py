@@ -117,6 +117,11 @@ def test_infinity_is_in_the_default_set_only_when_its_venv_exists(monkeypatch, t
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert serve.infinity_venv() == tmp_path / "cache" / "finetune-bench" / "infinity-venv"  # the script's default
     assert not set(serve.PEERS) & set(serve.default_servers())
+    from finetune.training.preflight import cpu_computes_bf16
+
+    # Every backend of ours, bf16 only on a CPU that computes it (tests/test_bench_serve.py runs three of them).
+    assert serve.default_servers() == ["baseline", "pytorch", *(["pytorch-bf16"] if cpu_computes_bf16() else []),
+                                       "onnx", "onnx-int8"]
     monkeypatch.setenv("INFINITY_VENV", str(fake_venv(tmp_path / "venv")))
     assert {"infinity-torch", "infinity-optimum", "pytorch", "onnx"} <= set(serve.default_servers())
 
@@ -164,7 +169,7 @@ def test_a_run_against_a_stand_in_infinity(monkeypatch, tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "serve.py"), "--servers", "infinity-torch,infinity-optimum",
          "--model", str(model), "--concurrency", "1,3", "--duration", "0.5", "--warmup", "0.2",
-         "--accuracy-sentences", "40", "--threads", "1", "--json", str(report)],
+         "--accuracy-sentences", "40", "--threads", "1", "--first-requests", "3", "--json", str(report)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     started = [json.loads(line) for line in log.read_text().splitlines()]
@@ -180,5 +185,7 @@ def test_a_run_against_a_stand_in_infinity(monkeypatch, tmp_path):
     for name in ("infinity-torch", "infinity-optimum"):
         assert [r["concurrency"] for r in saved["results"][name]] == [1, 3]
         assert all(r["requests"] > 0 and r["errors"] == 0 for r in saved["results"][name])
-        assert {row.split()[1] for row in done.stdout.splitlines() if row.startswith(name + " ")} == {"1", "3"}
+        table = done.stdout.split("\nthe first")[0]  # the load table, before the first-requests one
+        assert {row.split()[1] for row in table.splitlines() if row.startswith(name + " ")} == {"1", "3"}
+        assert saved["first_requests"][name]["requests"] == 3
     assert "infinity-emb unknown (its own venv)" in done.stdout and saved["peer_ratios"] == []

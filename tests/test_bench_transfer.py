@@ -9,17 +9,15 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_bench
 
 pytestmark = pytest.mark.e2e
 
 
-def test_quick_transfer_benchmark_runs_every_section(tmp_path):
+def test_quick_transfer_benchmark_runs_every_section(tmp_path, monkeypatch, capsys):
     report = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "transfer.py"), "--quick", "--json", str(report)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    out = done.stdout
+    code, out, err = run_bench("transfer", ["--quick", "--json", str(report)], monkeypatch, capsys)  # in this process
+    assert code == 0, out[-3000:] + err[-3000:]
     assert "command: python bench/transfer.py --quick" in out and "machine:" in out and "date:" in out
     for heading in ("| way | dev accuracy | trainable parameters |", "| start | dev accuracy |",
                     "| loss | macro-F1 | micro-F1 |", "| data | ECE before | ECE after |"):

@@ -54,6 +54,7 @@ def test_distilbert_conversion_reproduces_the_source(tiny_checkpoints, tmp_path)
     assert not state["embeddings.token_type_embeddings.weight"].any()  # DistilBERT has none: zeros add nothing
 
 
+@pytest.mark.no_store  # it checks that nothing is written to its folder
 def test_unsupported_sources_and_settings_are_refused(tiny_checkpoints, tmp_path):
     with pytest.raises(ConversionError, match="is a big_bird checkpoint; .* supports bert, distilbert"):
         convert_to_bigbird(str(tiny_checkpoints["big_bird"]), tmp_path / "a", **OPTIONS)
@@ -64,6 +65,7 @@ def test_unsupported_sources_and_settings_are_refused(tiny_checkpoints, tmp_path
     assert not any(tmp_path.iterdir()), "a refused conversion writes nothing"
 
 
+@pytest.mark.no_store  # it checks that nothing is written to its folder
 def test_a_conversion_that_does_not_reproduce_the_source_fails(tiny_checkpoints, tmp_path, monkeypatch):
     from finetune.models import convert
 

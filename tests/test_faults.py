@@ -33,8 +33,10 @@ def _run(path: Path, cwd: Path) -> subprocess.Popen:
 
 
 def test_sigkill_mid_run_then_rerun_resumes_in_the_same_mlflow_run(tiny_checkpoints, tmp_path):
-    whole = _run(_recipe(tiny_checkpoints, tmp_path, "whole"), tmp_path)
-    assert whole.wait(timeout=600) == 0, whole.stdout.read()[-3000:]
+    from finetune.config.recipe import load_recipe
+    from finetune.training import train
+
+    train.main(load_recipe(_recipe(tiny_checkpoints, tmp_path, "whole")))  # the reference, uninterrupted, in this process
 
     path = _recipe(tiny_checkpoints, tmp_path, "killed")
     victim = _run(path, tmp_path)
@@ -64,6 +66,7 @@ def test_sigkill_mid_run_then_rerun_resumes_in_the_same_mlflow_run(tiny_checkpoi
     assert steps == sorted(set(steps)) and steps[-1] == 40
 
 
+@pytest.mark.no_store
 def test_unwritable_output_dir_is_reported_before_training(tiny_checkpoints, tmp_path):
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the output folder should be")
@@ -114,6 +117,7 @@ def test_tracking_server_going_away_does_not_kill_training(tiny_checkpoints, tmp
     assert any('"eval/accuracy"' in line for line in unsent)
 
 
+@pytest.mark.no_store
 def test_a_full_disk_is_reported_before_training(tiny_checkpoints, tmp_path, monkeypatch):
     import shutil as sh
 
@@ -126,3 +130,36 @@ def test_a_full_disk_is_reported_before_training(tiny_checkpoints, tmp_path, mon
     with pytest.raises(RecipeError, match=r"output_dir: .* has 0.0 GiB free, but this run needs about"):
         train.main(recipe)
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_after_the_server_is_unreachable_calls_wait_instead_of_stalling_the_end_of_a_run():
+    """Each try of an unreachable server costs the client's retries; after one, calls are skipped for 30 s (and
+    reported), while an error the server answered with does not stop the next call."""
+    import requests
+
+    from finetune.tracking.tracker import Tracker
+
+    tracker = Tracker.__new__(Tracker)  # the guard only, without starting an MLflow run
+    tracker.failures, tracker._retry_after = [], 0.0
+    tried = []
+
+    def refused():
+        tried.append("refused")
+        try:
+            raise requests.exceptions.ConnectionError("Connection refused")
+        except requests.exceptions.ConnectionError:
+            raise RuntimeError("API request to http://127.0.0.1:1/api failed")  # as MLflow wraps it
+
+    def answered_with_an_error():
+        tried.append("answered")
+        raise ValueError("RESOURCE_DOES_NOT_EXIST")
+
+    assert tracker.guarded("first", answered_with_an_error) is None
+    assert tracker.guarded("second", answered_with_an_error) is None
+    assert tracker.guarded("third", refused) is None
+    assert tracker.guarded("fourth", refused) is None
+    assert tried == ["answered", "answered", "refused"]
+    assert tracker.failures[-1] == "fourth: not tried, MLflow could not be reached moments before"
+    tracker._retry_after = 0.0  # 30 s later
+    tracker.guarded("fifth", refused)
+    assert tried[-1] == "refused" and len(tried) == 4

@@ -286,6 +286,7 @@ def test_a_finished_run_drops_its_checkpoints_unless_the_recipe_keeps_them(tmp_p
         assert (out / "checkpoints" / training_state.FINISHED_FILE).is_file()
 
 
+@pytest.mark.no_store
 def test_a_crash_between_the_two_renames_of_best_is_recovered(saved_model, tmp_path):
     from finetune.models.integrity import check_model_folder
 
@@ -316,6 +317,7 @@ def _recipe(tiny_checkpoints, out: Path, **training) -> Recipe:
         tracking={"system_metrics": False}))
 
 
+@pytest.mark.no_store
 def test_foreign_output_folders_are_refused_unless_overwrite(tiny_checkpoints, tmp_path, capsys):
     theirs = tmp_path / "theirs"
     (theirs / "checkpoints").mkdir(parents=True)

@@ -64,6 +64,7 @@ def test_a_fine_tuned_teacher_keeps_its_head_and_layers_in_the_order_given(four_
     assert json.loads((tmp_path / "s" / "conversion.json").read_text())["to"] == "fewer-layers"
 
 
+@pytest.mark.no_store  # it checks that nothing is written to its folder
 def test_layers_the_source_does_not_have_are_refused(tiny_checkpoints, tmp_path, capsys):
     with pytest.raises(ConversionError, match="--layers: 2, 5 are not layers of .*, which has layers 0 to 1 \\(2 layers\\)"):
         select_layers(str(tiny_checkpoints["bert"]), tmp_path / "a", [0, 2, 5])

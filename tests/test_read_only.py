@@ -16,7 +16,7 @@ import pytest
 
 from finetune.cli import main
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.no_store]  # every test here starts where no store is
 BIN = Path(sys.executable).parent
 RUN_ID = "0123456789abcdef0123456789abcdef"
 

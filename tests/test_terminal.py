@@ -43,6 +43,7 @@ def _lines(text: str) -> list[str]:
     return [line for line in re.split(r"\r\n|\r|\n", text) if line.strip()]
 
 
+@pytest.mark.no_store  # a first run: MLflow makes its tables, and that line must go to the log
 def test_the_default_output_fits_one_screen_and_the_log_keeps_the_rest(tiny_checkpoints, tmp_path):
     path = _recipe(tmp_path, tiny_checkpoints["bert"], "screen")
     # Cold caches, as on a user's first run: the datasets library's messages are what the log must keep.
@@ -79,6 +80,7 @@ def test_the_default_output_fits_one_screen_and_the_log_keeps_the_rest(tiny_chec
     assert "learning_rate: 0.002" in (run_dir / "recipe.yaml").read_text()
 
 
+@pytest.mark.no_store  # a first run: MLflow makes its tables, and that line must go to the log
 def test_verbose_shows_the_recipe_and_the_libraries(tiny_checkpoints, tmp_path, capsys):
     import transformers.utils.logging as tl
 

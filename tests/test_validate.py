@@ -90,6 +90,7 @@ def test_unreachable_checkpoint_still_checks_the_data(tmp_path, capsys, tiny_che
     assert "2 problem(s)" in out
 
 
+@pytest.mark.no_store
 def test_run_refuses_before_training(tiny_checkpoints, tmp_path, capsys):
     recipe = tiny_recipe(tiny_checkpoints["big_bird"], model={"checkpoint": str(tiny_checkpoints["big_bird"])})
     path = write_recipe(tmp_path / "r.yaml", recipe)
@@ -142,6 +143,7 @@ def test_every_missing_file_and_column_is_named_at_once(tiny_checkpoints, tmp_pa
     assert "data.label_column: column 'stars' is not in split 'train'" in out and "2 problem(s)" in out
 
 
+@pytest.mark.no_store
 def test_run_names_every_missing_file_before_printing_or_starting_anything(tiny_checkpoints, tmp_path, capsys):
     recipe = tiny_recipe(tiny_checkpoints["bert"], output_dir=str(tmp_path / "out"),
                          data={"files": {"train": "nowhere.tsv", "validation": "neither.tsv"}})

@@ -13,8 +13,25 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from scipy import stats
-from sklearn import metrics as skm
+
+
+class _Lazy:
+    """A module imported on first use. scikit-learn and SciPy's statistics take over a second to import, and
+    every command and server start would pay it though only evaluation computes metrics."""
+
+    def __init__(self, name: str):
+        self._name, self._module = name, None
+
+    def __getattr__(self, attr: str):
+        if self._module is None:
+            import importlib
+
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attr)
+
+
+skm = _Lazy("sklearn.metrics")
+stats = _Lazy("scipy.stats")
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,20 @@ def latest_per_step(history: list[Metric]) -> list[tuple[int, float]]:
     return [(step, latest[step].value) for step in sorted(latest)]
 
 
+def _unreachable(error: BaseException) -> bool:
+    """Whether an MLflow client error is the server being unreachable (MLflow wraps the transport's error in its
+    own, so look along the chain), not an error the server answered with."""
+    import requests
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
+                             TimeoutError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "Max retries exceeded" in str(error) or "Connection refused" in str(error)
+
+
 class Tracker:
     """One MLflow run for one training run (continued, not duplicated, when the training resumes)."""
 
@@ -183,11 +197,20 @@ class Tracker:
         return True
 
     def guarded(self, what: str, action, *args, **kwargs):
-        """Run one MLflow call; a failure is recorded and reported at the end instead of ending the run."""
+        """Run one MLflow call; a failure is recorded and reported at the end instead of ending the run.
+
+        Once the server could not be reached, calls are not tried again for 30 seconds (as metrics are not): each
+        try costs the client's retries and timeouts, so a run whose server is gone would otherwise stall at its end,
+        call after call, before saying so."""
+        if time.monotonic() < self._retry_after:
+            self.failures.append(f"{what}: not tried, MLflow could not be reached moments before")
+            return None
         try:
             return action(*args, **kwargs)
         except Exception as e:
             self.failures.append(f"{what}: {type(e).__name__}: {str(e)[:200]}")
+            if _unreachable(e):
+                self._retry_after = time.monotonic() + 30
             return None
 
     def report_failures(self, output_dir: str | Path) -> str | None:
