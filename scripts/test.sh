@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up if needed, then run the whole test suite (about 20 minutes on 2 CPU cores).
+# Set up if needed, then run the whole test suite (about 15 minutes on 2 CPU cores).
 # Extra arguments go to pytest, e.g. scripts/test.sh -m "not slow" -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
