@@ -310,9 +310,8 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
-def run_bench(script: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """`python bench/<script>.py *argv`, but its main(argv) in this process: a smoke run then skips the seconds a
-    new process spends importing torch and transformers. Returns the exit code, stdout and stderr."""
+def load_bench(script: str, monkeypatch):
+    """bench/<script>.py as a module, `bench_<script>`, for the test's duration."""
     import importlib.util
     import sys
 
@@ -322,6 +321,15 @@ def run_bench(script: str, argv: list[str], monkeypatch, capsys) -> tuple[int, s
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
+    return module
+
+
+def run_bench(script: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """`python bench/<script>.py *argv`, but its main(argv) in this process: a smoke run then skips the seconds a
+    new process spends importing torch and transformers. Returns the exit code, stdout and stderr."""
+    import sys
+
+    module = load_bench(script, monkeypatch)
     capsys.readouterr()
     try:
         code = module.main(argv)

@@ -3,7 +3,6 @@ venv is missing, and whole runs against a stand-in `infinity_emb` that speaks in
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_bench
 
 # A stand-in for infinity's server: the command line bench/serve.py gives it, infinity's protocol (GET /health,
 # POST /classify with {"input": [...], "model": ...} answered with every class's score per input, here not
@@ -84,13 +83,8 @@ FAKE_INFINITY = textwrap.dedent('''
 
 
 def load_serve(monkeypatch):
-    """bench/serve.py as a module (it imports its sibling machine_info)."""
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_serve", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """bench/serve.py as a module."""
+    return load_bench("serve", monkeypatch)
 
 
 def fake_venv(root: Path) -> Path:
