@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import json
 import os
 import re
 from pathlib import Path
@@ -145,12 +146,30 @@ def seed_store(folder: Path, template: Path) -> Path:
     return Path(shutil.copyfile(template, folder / "mlflow.db"))
 
 
+@pytest.fixture(scope="session")
+def bf16_speedup(session_outside_the_checkout) -> dict:
+    """`mixed_precision: auto`'s start-up measurement, taken once for the session (in its cache folder): every test's
+    subprocesses then read it instead of measuring again (~1 s each, more while the suite keeps the cores busy),
+    and all of them decide on the same precision."""
+    from finetune.training import preflight
+
+    return {preflight.bf16_speedup_key(): preflight.cpu_bf16_speedup()}
+
+
+def seed_bf16_speedup(cache: Path, entry: dict) -> None:
+    from finetune.training import preflight
+
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / preflight.BF16_SPEEDUP_FILE).write_text(json.dumps(entry))
+
+
 @pytest.fixture(autouse=True)
 def isolated_stores(request, tmp_path, monkeypatch):
     """Each test gets its own MLflow store, tokenisation cache and working directory. The store starts empty, as
     a copy (see empty_store), unless the test is marked no_store: it checks that a command creates none."""
     if request.node.get_closest_marker("no_store") is None:
         seed_store(tmp_path, request.getfixturevalue("empty_store"))
+        seed_bf16_speedup(tmp_path / "cache", request.getfixturevalue("bf16_speedup"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)

@@ -192,9 +192,68 @@ def test_the_bf16_measurement_is_a_ratio_and_leaves_the_random_state_alone():
     from finetune.training import preflight
 
     state = torch.random.get_rng_state()
-    speedup = preflight.measure_cpu_bf16_speedup()
+    measured = preflight.measure_cpu_bf16_speedup()
     assert torch.equal(state, torch.random.get_rng_state())
-    assert 0.05 < speedup < 20
+    assert 0.05 < measured.low <= measured.median <= measured.high < 20
+
+
+class _Quiet:
+    def __init__(self, busy: float = 0.0):
+        self.busy = busy
+
+    def others(self):
+        return self.busy
+
+
+def _scripted_cpu(bf16_factor: float, busy: range, slowdown: float = 4.0):
+    """A trial clock: fp32 takes 1 unit, bf16 `bf16_factor` units; trials whose index is in `busy` run
+    `slowdown` times slower (a neighbour busy for part of the measurement). Returns the trial and its log."""
+    log: list[bool] = []
+
+    def trial(bf16: bool) -> float:
+        log.append(bf16)
+        seconds = bf16_factor if bf16 else 1.0
+        return seconds * (slowdown if len(log) - 1 in busy else 1.0)
+
+    return trial, log
+
+
+def test_a_neighbour_busy_for_part_of_the_bf16_measurement_does_not_tip_it():
+    """On the Intel Xeon, bf16 trains at 0.54x of fp32; a busy moment over the first half of the old measurement
+    (all fp32 trials first) made it read as faster. Interleaved pairs keep the ratio."""
+    from finetune.training import preflight
+
+    trial, log = _scripted_cpu(bf16_factor=1 / 0.55, busy=range(0, 14))  # warm-ups and the first five pairs
+    measured = preflight.measure_cpu_bf16_speedup(pairs=11, trial=trial, sampler=_Quiet())
+    assert measured.median == pytest.approx(0.55)
+    assert measured.clear and measured.median < preflight.BF16_MIN_SPEEDUP
+    measured_trials = log[4:]
+    assert measured_trials.count(True) == measured_trials.count(False) == 11
+    assert all(measured_trials[i] != measured_trials[i + 1] for i in range(0, 22, 2)), "each pair has one of each"
+
+    fast, _ = _scripted_cpu(bf16_factor=1 / 1.5, busy=range(10, 30))  # AMD Zen 4-like, busy in the middle
+    measured = preflight.measure_cpu_bf16_speedup(pairs=11, trial=fast, sampler=_Quiet())
+    assert measured.median == pytest.approx(1.5) and measured.clear
+
+
+def test_an_unclear_bf16_measurement_is_used_conservatively_and_not_kept(tmp_path, monkeypatch):
+    from finetune.training import preflight
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path))
+    calls = []
+    busy = preflight.Bf16Measurement(median=1.3, low=0.8, high=1.6, others_busy=1.0)
+    straddling = preflight.Bf16Measurement(median=1.15, low=0.95, high=1.3, others_busy=0.0)
+    assert not busy.clear and not straddling.clear
+    assert not preflight.Bf16Measurement(median=1.5, low=1.4, high=1.6, others_busy=0.9).clear, "other load"
+    assert preflight.Bf16Measurement(median=0.6, low=0.55, high=0.65, others_busy=None).clear
+    monkeypatch.setattr(preflight, "measure_cpu_bf16_speedup", lambda: calls.append(1) or (busy, straddling)[len(calls) - 1])
+    preflight.cpu_bf16_speedup.cache_clear()
+    try:
+        assert preflight.cpu_bf16_speedup() == 0.95, "measured twice, the lower quartile of the second"
+        assert calls == [1, 1] and not (tmp_path / preflight.BF16_SPEEDUP_FILE).exists()
+        assert preflight.choose_mixed_precision("auto") == "no"
+    finally:
+        preflight.cpu_bf16_speedup.cache_clear()
 
 
 @pytest.mark.parametrize("precision,train_dtype", [("bf16", torch.bfloat16), ("no", torch.float32)])
@@ -228,12 +287,13 @@ def test_the_bf16_measurement_is_kept_per_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path))
     calls = []
-    monkeypatch.setattr(preflight, "measure_cpu_bf16_speedup", lambda: calls.append(1) or 0.7)
+    clear = preflight.Bf16Measurement(median=0.7, low=0.65, high=0.75, others_busy=0.0)
+    monkeypatch.setattr(preflight, "measure_cpu_bf16_speedup", lambda: calls.append(1) or clear)
     preflight.cpu_bf16_speedup.cache_clear()
     try:
         assert preflight.cpu_bf16_speedup() == 0.7
         preflight.cpu_bf16_speedup.cache_clear()  # a new process
         assert preflight.cpu_bf16_speedup() == 0.7 and calls == [1], "measured once, then read"
-        assert (tmp_path / "cpu-bf16-speedup.json").is_file()
+        assert (tmp_path / preflight.BF16_SPEEDUP_FILE).is_file()
     finally:
         preflight.cpu_bf16_speedup.cache_clear()
