@@ -355,6 +355,34 @@ def test_two_adapters_on_one_base_are_served_from_one_process(adapters):
 # --- starting from a fine-tuned model --------------------------------------------------------
 
 
+def test_a_parent_or_teacher_named_by_run_id_is_found_in_the_recipes_own_store(tiny_checkpoints, tmp_path,
+                                                                               monkeypatch):
+    """A recipe whose tracking.tracking_uri points elsewhere finds its parent (and its teacher) there, not in the
+    store of the folder it runs from."""
+    from finetune.errors import CheckpointError
+    from finetune.training.preflight import preflight
+    from finetune.training.teacher import load_teacher
+    from finetune.tracking.tracker import tracking_uri
+
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"
+    (tmp_path / "elsewhere").mkdir()
+    tracked = {"log_model": True, "system_metrics": False, "tracking_uri": elsewhere}
+    parent = _run(tiny_recipe(tiny_checkpoints["bert"], name="parent", tracking=tracked))
+    # mlflow.set_tracking_uri also sets the variable; a new process starts with the working folder's store.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    child = Recipe.model_validate(tiny_recipe(tiny_checkpoints["bert"], name="child", tracking=tracked,
+                                              model={"checkpoint": parent.run_id}))
+    _, start = preflight(child)
+    assert start.parent_run_id == parent.run_id and start.parent.task == "classification"
+    teacher, folder = load_teacher(parent.run_id, tracking_uri(child))
+    assert teacher.info.task == "classification" and (folder / "MLmodel").is_file()
+
+    here = Recipe.model_validate(tiny_recipe(tiny_checkpoints["bert"], name="child",
+                                             model={"checkpoint": parent.run_id}))
+    with pytest.raises(CheckpointError, match=f"model.checkpoint: model 'runs:/{parent.run_id}/model'"):
+        preflight(here)  # the working folder's store has no such run
+
+
 def test_starting_from_a_run_id_continues_from_that_models_weights(tiny_checkpoints, capsys):
     import mlflow
 

@@ -25,10 +25,12 @@ from finetune.training.preflight import choose_mixed_precision
 def _check_checkpoint(recipe: Recipe, problems: list[str]) -> Any:
     from finetune.models.adapters import is_adapter_folder
     from finetune.models.layers import check_freeze
+    from finetune.tracking.tracker import tracking_uri
     from finetune.training.start import resolve_start
 
     try:
-        start = resolve_start(recipe.model.checkpoint, recipe.model.revision, recipe.model.allow_pickle)
+        start = resolve_start(recipe.model.checkpoint, recipe.model.revision, recipe.model.allow_pickle,
+                              tracking_uri(recipe))
         resolved = start.resolved
         config = pretrained.load_config(resolved, recipe.model.trust_remote_code)
         if not is_adapter_folder(resolved.path):  # an adapter model's weights are its base's and its adapter's
@@ -50,11 +52,16 @@ def _check_checkpoint(recipe: Recipe, problems: list[str]) -> Any:
 
 def _check_teacher(recipe: Recipe, label_names: list[str] | None, problems: list[str]) -> None:
     """A distillation teacher must exist and answer the same task and labels (its outputs are computed at `run`)."""
+    from finetune.tracking.tracker import tracking_uri
     from finetune.training.teacher import check_teacher, load_teacher
 
     try:
-        teacher, _ = load_teacher(recipe.distillation.teacher)
-        hidden = pretrained.load_config(pretrained.resolve_checkpoint(recipe.model.checkpoint)).hidden_size
+        teacher, _ = load_teacher(recipe.distillation.teacher, tracking_uri(recipe))
+        from finetune.training.start import resolve_start
+
+        start = resolve_start(recipe.model.checkpoint, recipe.model.revision, recipe.model.allow_pickle,
+                              tracking_uri(recipe))  # the student may itself start from a fine-tuned model
+        hidden = pretrained.load_config(start.resolved).hidden_size
         check_teacher(teacher, recipe, label_names, hidden)
     except (RecipeError, CheckpointError) as e:
         problems.append(str(e))

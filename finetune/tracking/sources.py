@@ -59,22 +59,22 @@ def champion_name() -> str:
     raise ModelSourceError(f"several registered models have a champion ({', '.join(sorted(names))}); choose one with --name")
 
 
-def locate(source: str | None = None, name: str | None = None) -> Located:
+def locate(source: str | None = None, name: str | None = None, store: str | None = None) -> Located:
     """Find (downloading if needed) the model a source names; see the module docstring for the sources.
 
-    Without a source, the `champion` alias of `name` (or of the only registered model that has one).
+    Without a source, the `champion` alias of `name` (or of the only registered model that has one). store: the
+    tracking URI to look in (a recipe's `tracking.tracking_uri`); default `tracking_uri()`.
     """
     import mlflow
 
     from finetune.tracking.store import existing_store
-    from finetune.tracking.tracker import tracking_uri
-
     if source and Path(source).is_dir():
         return Located(Path(source), None, None, None, str(source))
     if source is not None and not (RUN_ID.fullmatch(source) or source.startswith(("models:/", "runs:/"))):
         raise ModelSourceError(f"model {source!r}: there is no such folder, and it is not an MLflow run id or URI; "
                                f"give {SOURCE_HELP}")
-    mlflow.set_tracking_uri(existing_store())  # reading a model never creates a store
+    store = existing_store(store)  # reading a model never creates a store
+    mlflow.set_tracking_uri(store)
     client = mlflow.MlflowClient()
     version = run_id = None
     if source is None:
@@ -90,14 +90,14 @@ def locate(source: str | None = None, name: str | None = None) -> Located:
             found = (client.get_model_version_by_alias(model_name, alias) if alias
                      else client.get_model_version(model_name, number))
         except Exception as e:
-            raise ModelSourceError(f"model {source!r}: not in the registry at {tracking_uri()} ({e})") from None
+            raise ModelSourceError(f"model {source!r}: not in the registry at {store} ({e})") from None
         name, version, run_id = model_name, str(found.version), found.run_id
     else:
         run_id = source.split("/")[1]
     try:
         local = Path(mlflow.artifacts.download_artifacts(source))
     except Exception as e:
-        raise ModelSourceError(f"model {source!r}: cannot fetch it from {tracking_uri()} ({e})") from None
+        raise ModelSourceError(f"model {source!r}: cannot fetch it from {store} ({e})") from None
     return Located(local, name, version, run_id, source)
 
 

@@ -20,6 +20,7 @@ from finetune.models.starting import Start
 from finetune.tasks import Task, get_task
 from finetune.training.outputs import check_output_dir
 from finetune.training.start import resolve_start
+from finetune.tracking.tracker import tracking_uri
 
 
 def cpu_computes_bf16() -> bool:
@@ -174,7 +175,8 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> tuple[Task, Start]:
     freezing settings, a writable output folder that is new, empty or finetune's own (`overwrite`: any folder, see
     `finetune.training.outputs`)."""
     task = get_task(recipe.task.type)
-    start = resolve_start(recipe.model.checkpoint, recipe.model.revision, recipe.model.allow_pickle)
+    start = resolve_start(recipe.model.checkpoint, recipe.model.revision, recipe.model.allow_pickle,
+                          tracking_uri(recipe))
     resolved = start.resolved
     config = pretrained.load_config(resolved, recipe.model.trust_remote_code)
     problems = pretrained.check_model_settings(config, recipe.model) + check_freeze(recipe.training.freeze, config)

@@ -26,12 +26,16 @@ def names_a_model(checkpoint: str) -> bool:
     return (Path(checkpoint).expanduser() / METADATA_FILE).is_file()
 
 
-def resolve_start(checkpoint: str, revision: str | None = None, allow_pickle: bool = False) -> Start:
-    """Find what `model.checkpoint` names; an MLflow model is unpacked into a folder kept until the process ends."""
+def resolve_start(checkpoint: str, revision: str | None = None, allow_pickle: bool = False,
+                  store: str | None = None) -> Start:
+    """Find what `model.checkpoint` names; an MLflow model is unpacked into a folder kept until the process ends.
+
+    store: the tracking URI a run id or models:/ URI is looked up in (the recipe's, `tracking.tracker.tracking_uri`).
+    """
     if not names_a_model(checkpoint):
         return Start(pretrained.resolve_checkpoint(checkpoint, revision, allow_pickle))
     try:
-        found = locate(checkpoint)
+        found = locate(checkpoint, store=store)
     except CheckpointError:
         raise
     except Exception as e:  # ModelSourceError and anything MLflow raises while fetching

@@ -27,18 +27,22 @@ from finetune.models.bigbird import attention_for_batch, plan_batches
 from finetune.models.predictor import Predictor
 from finetune.tasks.distillation import TEACHER_HIDDEN, TEACHER_LOGITS
 from finetune.tasks.sequence import batch_texts, pool_windows
+from finetune.tracking.tracker import tracking_uri
 
 ENCODE_CHUNK = 2048
 """Texts encoded at a time, so the features of a large training set never sit in memory at once."""
 
 
-def load_teacher(source: str) -> tuple[Predictor, Path]:
-    """The teacher's Predictor (PyTorch, fp32) from anything `finetune predict` accepts, and where its files are."""
+def load_teacher(source: str, store: str | None = None) -> tuple[Predictor, Path]:
+    """The teacher's Predictor (PyTorch, fp32) from anything `finetune predict` accepts, and where its files are.
+
+    store: the tracking URI a run id or models:/ URI is looked up in (the recipe's).
+    """
     from finetune.errors import ModelSourceError
     from finetune.tracking.sources import load_predictor, locate
 
     try:
-        found = locate(source)
+        found = locate(source, store=store)
         return load_predictor(found, backend="torch"), found.path
     except ModelSourceError as e:
         raise RecipeError(f"distillation.teacher: {e}") from None
@@ -110,7 +114,7 @@ def teacher_outputs(teacher: Predictor, texts: list[str], pairs: list[str] | Non
 def add_teacher_outputs(data: PreparedData, recipe: Recipe, student_hidden: int) -> PreparedData:
     """The prepared data with the teacher's outputs on every training example as feature columns (cached)."""
     cfg = recipe.distillation
-    teacher, folder = load_teacher(cfg.teacher)
+    teacher, folder = load_teacher(cfg.teacher, tracking_uri(recipe))
     check_teacher(teacher, recipe, data.label_names, student_hidden)
     if len(data.train) != len(data.raw_train):
         raise RecipeError("distillation needs one training feature per training text (task.long_inputs: truncate)")
