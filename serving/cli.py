@@ -89,6 +89,7 @@ def serve(args: argparse.Namespace) -> int:
     """Check the key, the exposure and the port, then load the model and serve it until SIGTERM or Ctrl-C."""
     import uvicorn
 
+    from finetune.cli.console import quiet_model_loading
     from finetune.config.recipe import load_recipe
     from serving.app import Settings, create_app
     from serving.gates import check_allowed_origins, default_allowed_hosts
@@ -112,6 +113,7 @@ def serve(args: argparse.Namespace) -> int:
     if threads is not None:  # ONNX Runtime sizes its pool when a model loads, from the same setting
         os.environ[THREADS_ENV] = str(threads)
     sock = _bind(args.host, args.port)
+    quiet_model_loading()
     try:
         loaded, named = load_models(parse_model_specs(args.model), name, args.backend, args.precision)
     except FinetuneError:

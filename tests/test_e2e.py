@@ -73,6 +73,8 @@ def test_run_logs_params_metrics_recipe_and_a_predicting_model(tiny_checkpoints,
 
     by_run = _cli("predict", run.info.run_id, "a gripping, beautiful film", cwd=tmp_path)
     assert by_run.returncode == 0, by_run.stderr[-2000:]
+    for bar in ("Loading weights", "Downloading artifacts"):  # the libraries' loading bars bury the answer
+        assert bar not in by_run.stderr, by_run.stderr
     capsys.readouterr()
     assert main(["predict", str(tmp_path / "runs" / "tiny-classification" / "best"), "a gripping, beautiful film"]) == 0
     by_dir = capsys.readouterr().out

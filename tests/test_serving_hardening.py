@@ -457,6 +457,7 @@ def test_serving_beyond_loopback_without_a_key_is_refused(model, server, capsys,
 
 def test_threads_are_automatic_or_a_count(model, server, capsys, monkeypatch):
     assert "threads: up to " in server.output() and "--threads N fixes it" in server.output()
+    assert "Loading weights" not in server.output(), "the libraries' loading bars stay off the server's terminal"
     for bad in ["0", "two", "-1"]:
         code, err = _serve_in_process(capsys, monkeypatch, "--model", model, "--threads", bad)
         assert code == 2 and f"threads: '{bad}' is not a thread count" in err, err

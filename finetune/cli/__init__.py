@@ -341,11 +341,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(source: str, texts: list[str], as_json: bool, backend: str = "torch", precision: str = "fp32") -> int:
+    from finetune.cli.console import quiet_model_loading
     from finetune.tasks import PostprocessOptions
     from finetune.tracking.sources import load_predictor, locate
 
     if not texts:
         raise InputError(0, "give TEXT arguments to predict for, or --input FILE --output FILE to score a file")
+    quiet_model_loading()
     predictor = load_predictor(locate(source), backend=backend, precision=precision)
     task = predictor.task
     try:

@@ -37,6 +37,18 @@ LIBRARY_LOGGERS = ("transformers", "datasets", "huggingface_hub", "accelerate", 
 QUIET_LOGGERS = {"alembic": logging.WARNING, "sqlalchemy.engine": logging.WARNING, "huey": logging.WARNING}
 
 
+def quiet_model_loading() -> None:
+    """For commands that load a model and then print their own lines (predict, evaluate, serve): no loading bars.
+
+    transformers draws "Loading weights" and MLflow "Downloading artifacts" as progress bars on stderr for a model
+    that loads in well under a second; they bury the command's answer or the server's first lines.
+    """
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 class _Terminal:
     """Where a person's lines go while output is captured. `out`/`err` are None in a process that must not print."""
 

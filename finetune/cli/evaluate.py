@@ -120,6 +120,9 @@ COLUMN_OPTIONS = ("text_column", "text_pair_column", "label_column", "question_c
 def _load(args: argparse.Namespace, backend: str):
     from finetune.tracking.sources import load_predictor, locate
 
+    from finetune.cli.console import quiet_model_loading
+
+    quiet_model_loading()
     found = locate(args.model)
     predictor = load_predictor(found, backend=backend, precision=args.precision)
     if args.batch_size < 1:
