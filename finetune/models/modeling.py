@@ -22,7 +22,7 @@ from finetune.config.recipe import ModelSection
 from finetune.errors import CheckpointError
 from finetune.models.bigbird import RULE_ATTRIBUTE, is_block_sparse, sparse_min_length
 from finetune.models.checksums import fsync_path, fsync_tree, write_manifest
-from finetune.models.pretrained import ResolvedCheckpoint, check_weights_format
+from finetune.models.pretrained import ResolvedCheckpoint, attention_dropout_key, check_weights_format, load_config
 from finetune.tasks import Task, TaskSettings
 
 METADATA_FILE = "finetune.json"
@@ -124,6 +124,10 @@ def build_task_model(resolved: ResolvedCheckpoint, model_cfg: ModelSection, task
     for key in ("attention_type", "block_size", "num_random_blocks"):
         if getattr(model_cfg, key) is not None:
             extra[key] = getattr(model_cfg, key)
+    if model_cfg.attention_dropout is not None:
+        key = attention_dropout_key(load_config(resolved, model_cfg.trust_remote_code))
+        if key is not None:  # check_model_settings refused the recipe otherwise
+            extra[key] = model_cfg.attention_dropout
     if task.hf_problem_type is not None:
         extra["problem_type"] = task.hf_problem_type
     if task.num_labels(label_names) is not None:

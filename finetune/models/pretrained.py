@@ -110,10 +110,22 @@ def load_config(resolved: ResolvedCheckpoint, trust_remote_code: bool = False) -
         raise CheckpointError(f"model.checkpoint: cannot read the config of {resolved.name}: {e}") from None
 
 
+# Where the encoder families keep the dropout on attention probabilities: BERT and BigBird, then DistilBERT.
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def attention_dropout_key(config: PretrainedConfig) -> str | None:
+    """The config attribute holding this model's attention dropout, or None if it has none."""
+    return next((key for key in ATTENTION_DROPOUT_KEYS if hasattr(config, key)), None)
+
+
 def check_model_settings(config: PretrainedConfig, model: "object") -> list[str]:
     """Problems between the recipe's model section and the checkpoint's config, as messages."""
     problems: list[str] = []
     family = config.model_type
+    if model.attention_dropout is not None and attention_dropout_key(config) is None:
+        problems.append(f"model.attention_dropout: {model.checkpoint} ({family}) has no attention dropout setting "
+                        f"in its config ({', '.join(ATTENTION_DROPOUT_KEYS)}); remove the field")
     max_positions = getattr(config, "max_position_embeddings", None)
     if max_positions and model.max_length > max_positions:
         problems.append(

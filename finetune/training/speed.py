@@ -13,6 +13,7 @@ import torch
 from accelerate.utils import DataLoaderConfiguration
 
 from finetune.config.recipe import Recipe, TrainingSection
+from finetune.errors import RecipeError
 from finetune.training.preflight import choose_mixed_precision
 
 
@@ -51,7 +52,14 @@ def training_autocast(recipe: Recipe) -> contextlib.AbstractContextManager:
 
 
 def prepare_model(model: torch.nn.Module, cfg: TrainingSection) -> torch.nn.Module:
-    """Compile in place when the recipe asks (`nn.Module.compile`), so state-dict keys, saving and resuming are unchanged."""
+    """Gradient checkpointing and compiling when the recipe asks; both in place (`nn.Module.compile`), so state-dict
+    keys, saving and resuming are unchanged."""
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise RecipeError(f"training.gradient_checkpointing: {type(model).__name__} does not support it in "
+                              "transformers; allowed here: false")
+        # Non-reentrant: works with frozen inputs (adapters, frozen embeddings) and replays dropout's random state.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
         # dynamic=None: the first new sequence length recompiles once with symbolic shapes, later ones reuse it.
         model.compile(dynamic=None)
