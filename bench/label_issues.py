@@ -44,7 +44,8 @@ def flipped_subset(rows: int, share: float, seed: int, target: Path) -> set[int]
     return flipped
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Flip labels of an SST-2 subset, rank label issues by cross-validation, report precision and recall."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=CHECKPOINT)
     parser.add_argument("--rows", type=int, default=2000)
@@ -55,7 +56,7 @@ def main() -> int:
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--quick", action="store_true", help="200 sentences, 2 folds, 4 steps each")
     parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.folds = 200, 2
 
@@ -98,7 +99,7 @@ def main() -> int:
           f"{result['recall']:.3f}; precision among the top {len(flipped)}: {result['precision_at_flipped']:.3f} "
           f"({result['seconds']:.0f} s)")
     print(json.dumps(result["machine"]))
-    print("command: python bench/label_issues.py " + " ".join(sys.argv[1:]))
+    print("command: python bench/label_issues.py " + " ".join(sys.argv[1:] if argv is None else argv))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -16,7 +13,7 @@ from finetune.cli import main
 from finetune.errors import EvaluationError
 from finetune.evaluation.label_issues import rank_label_issues, require_class_probabilities
 from finetune.tasks import get_task
-from tests.conftest import ROOT, write_recipe
+from tests.conftest import run_bench, write_recipe
 
 POSITIVE = "great good wonderful beautiful best fun funny brilliant".split()
 NEGATIVE = "bad worst boring dull awful mess stupid poor".split()
@@ -96,13 +93,11 @@ def test_label_issues_finds_flipped_labels_in_a_constructed_data_set(tiny_checkp
     assert len(mlflow.search_runs(experiment_names=["reviews"], output_format="list")) == 3  # the parent, 2 folds
 
 
-def test_quick_label_issue_benchmark_runs(tiny_checkpoints, tmp_path):
+def test_quick_label_issue_benchmark_runs(tiny_checkpoints, tmp_path, monkeypatch, capsys):
     report = tmp_path / "bench.json"
-    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "label_issues.py"), "--quick", "--checkpoint",
-                           str(tiny_checkpoints["bert"]), "--json", str(report)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "200 SST-2 sentences, 10 labels flipped (seed 0), 2 folds" in done.stdout
+    code, out, err = run_bench("label_issues", ["--quick", "--checkpoint", str(tiny_checkpoints["bert"]),
+                                                "--json", str(report)], monkeypatch, capsys)
+    assert code == 0, out[-2000:] + err[-3000:]
+    assert "200 SST-2 sentences, 10 labels flipped (seed 0), 2 folds" in out
     saved = json.loads(report.read_text())
     assert saved["flipped"] == 10 and 0 <= saved["precision"] <= 1 and 0 <= saved["recall"] <= 1
