@@ -440,3 +440,15 @@ def test_clean_refuses_a_run_in_progress(tmp_path):
         sleeper.kill()
         sleeper.wait()
     assert outputs.describe(folder).state != f"running (pid {sleeper.pid})"
+
+
+def test_saved_counters_from_another_version_resume_or_are_refused_by_name(tmp_path, caplog):
+    from finetune.errors import CheckpointError
+    from finetune.training.train import RunState
+
+    with caplog.at_level("WARNING", logger="finetune"):
+        state = RunState.from_saved({"step": 40, "epoch": 1, "tokens_seen": 9000}, tmp_path / "checkpoint-40")
+    assert (state.step, state.epoch) == (40, 1)
+    assert "ignoring training counters this version does not know: tokens_seen" in caplog.text
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*checkpoint-40: its .* holds list"):
+        RunState.from_saved([40, 1], tmp_path / "checkpoint-40")

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +27,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from finetune.config.recipe import Recipe, TrainingSection, recipe_to_yaml
 from finetune.data import batching
 from finetune.data.features import PreparedData, prepare
-from finetune.errors import TrainingDiverged
+from finetune.errors import CheckpointError, TrainingDiverged
 from finetune.evaluation.extra_metrics import ExtraMetrics
 from finetune.models import layers, pretrained
 from finetune.models.bigbird import attention_for_batch, is_block_sparse
@@ -66,6 +66,19 @@ class RunState:
     train_seconds: float = 0.0
     run_id: str | None = None
     recipe_hash: str = ""
+
+    @classmethod
+    def from_saved(cls, counters: Any, checkpoint: Path) -> "RunState":
+        """The counters a checkpoint saved; keys this version does not know (a newer finetune wrote them) are
+        ignored, and counters that are not an object are refused with the checkpoint's name."""
+        if not isinstance(counters, dict):
+            raise CheckpointError(f"cannot resume from {checkpoint}: its {training_state.STATE_FILE} holds "
+                                  f"{type(counters).__name__}, not the training counters")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(counters) - known)
+        if unknown:
+            log.warning(f"{checkpoint}: ignoring training counters this version does not know: {', '.join(unknown)}")
+        return cls(**{k: v for k, v in counters.items() if k in known})
 
 
 @dataclass
@@ -288,7 +301,8 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
         else:  # the main process has already checked, recovered and set aside what it will not resume
             checkpoint = training_state.latest_checkpoint(recipe.output_dir)
     if checkpoint is not None:
-        state = RunState(**training_state.load_training_state(accelerator, model, optimizer, scheduler, checkpoint))
+        state = RunState.from_saved(
+            training_state.load_training_state(accelerator, model, optimizer, scheduler, checkpoint), checkpoint)
     elif resume_run and accelerator.is_main_process:
         log.warning(f"nothing to resume in {recipe.output_dir}/checkpoints: starting from the beginning")
     resumed_from = state.step if checkpoint is not None else None
