@@ -213,26 +213,32 @@ def test_concurrent_requests_are_batched_and_all_correct(classifier, models):
     assert "finetune_queue_depth" in values
 
 
-@pytest.mark.parametrize("kind", ["pair", "regression", "multi_label"])
-def test_other_tasks(models, kind):
-    server = Server("--model", str(models[kind][0]))
+def test_other_tasks(models):
+    """Pairs, regression and multi-label from one server (one start instead of three): the first model at the
+    single-model route, each at its own route."""
+    server = Server(*[arg for kind in ("pair", "regression", "multi_label")
+                      for arg in ("--model", f"{kind}={models[kind][0]}")])
+
+    def post(kind: str, body: dict) -> httpx.Response:
+        return httpx.post(f"{server.url}/v1/models/{kind}/predict", json=body, timeout=30)
+
     try:
-        if kind == "pair":
-            ok = server.post({"inputs": [["The cat sat.", "A cat was sitting."]]})
-            assert ok.status_code == 200 and ok.json()["predictions"][0]["label"] in {"0", "1"}
-            wrong = server.post({"inputs": ["just one text"]})
-            assert wrong.status_code == 422 and wrong.json()["detail"][0]["loc"] == ["body", "inputs", 0]
-            short = server.post({"inputs": [["only one"]]})
-            assert short.status_code == 422
-        elif kind == "regression":
-            (answer,) = server.post({"inputs": ["a fine film"]}).json()["predictions"]
-            assert isinstance(answer["value"], float) and "label" not in answer
-        else:
-            low = server.post({"inputs": ["thanks, I love it"], "options": {"threshold": 0.01}}).json()["predictions"][0]
-            high = server.post({"inputs": ["thanks, I love it"], "options": {"threshold": 0.99}}).json()["predictions"][0]
-            assert len(low["labels"]) == 28 and high["labels"] == []
-            assert all(0 < s < 1 for s in low["scores"].values())
-            assert server.post({"inputs": ["x"], "options": {"threshold": 1.5}}).status_code == 422
+        ok = server.post({"inputs": [["The cat sat.", "A cat was sitting."]]})
+        assert ok.status_code == 200 and ok.json()["predictions"][0]["label"] in {"0", "1"}
+        assert post("pair", {"inputs": [["The cat sat.", "A cat was sitting."]]}).json() == ok.json()
+        wrong = server.post({"inputs": ["just one text"]})
+        assert wrong.status_code == 422 and wrong.json()["detail"][0]["loc"] == ["body", "inputs", 0]
+        short = server.post({"inputs": [["only one"]]})
+        assert short.status_code == 422
+
+        (answer,) = post("regression", {"inputs": ["a fine film"]}).json()["predictions"]
+        assert isinstance(answer["value"], float) and "label" not in answer
+
+        low = post("multi_label", {"inputs": ["thanks, I love it"], "options": {"threshold": 0.01}}).json()["predictions"][0]
+        high = post("multi_label", {"inputs": ["thanks, I love it"], "options": {"threshold": 0.99}}).json()["predictions"][0]
+        assert len(low["labels"]) == 28 and high["labels"] == []
+        assert all(0 < s < 1 for s in low["scores"].values())
+        assert post("multi_label", {"inputs": ["x"], "options": {"threshold": 1.5}}).status_code == 422
     finally:
         server.stop()
 
