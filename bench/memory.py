@@ -43,7 +43,20 @@ def peak_of(recipe: str, multiple: int | None, overrides: list[str], workdir: Pa
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
     info = json.loads((out / "best" / "finetune.json").read_text())
     return {"recipe": recipe, "pad_to_multiple_of": multiple, "peak_gib": peak_kb / 2**20, "wall_s": wall,
-            "metrics": info.get("metrics", {})}
+            "metrics": info.get("metrics", {}), "test_metrics": _test_metrics(workdir / "mlflow.db")}
+
+
+def _test_metrics(store: Path) -> dict[str, float]:
+    """The `test/*` metrics of the latest run in the store: the recipe's test split, scored once with the best model
+    (finetune.json keeps only the split that chose it, and the store goes with the temporary folder)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
+    if not runs:
+        return {}
+    return {k.removeprefix("test/"): v for k, v in runs[0].data.metrics.items() if k.startswith("test/")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(peak_of(recipe, multiple, overrides, Path(tmp)))
                 r = rows[-1]
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items() if k != "loss")
+                if r["test_metrics"]:
+                    shown += "; test: " + ", ".join(f"{k} {v:.4f}" for k, v in r["test_metrics"].items() if k != "loss")
                 print(f"{recipe} pad_to_multiple_of={multiple or 'default'}: peak {r['peak_gib']:.2f} GiB, "
                       f"{r['wall_s']:.0f} s; {shown}", flush=True)
     machine = describe_machine(["torch", "transformers"])

@@ -1,10 +1,13 @@
-"""Smoke test of bench/activation_memory.py: each variant in its own process, a table with one row each."""
+"""Smoke tests of the memory benchmarks: bench/activation_memory.py and bench/memory.py."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from tests.conftest import run_bench
+import pytest
+
+from tests.conftest import DATA, run_bench, tiny_recipe, write_recipe
 
 
 def test_activation_memory_bench_measures_each_variant_in_its_own_process(monkeypatch, capsys, tmp_path):
@@ -20,3 +23,20 @@ def test_activation_memory_bench_measures_each_variant_in_its_own_process(monkey
 
     code, _, err = run_bench("activation_memory", ["--variants", "default,flash"], monkeypatch, capsys)
     assert code == 2 and "--variants: unknown flash; allowed: default, attention_dropout=0, gradient_checkpointing" in err
+
+
+@pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="bench/memory.py measures under /usr/bin/time -v")
+def test_memory_bench_reports_the_peak_and_the_test_split_of_a_run(tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    dev = str(DATA / "sst2" / "dev.tsv")
+    recipe = tiny_recipe(tiny_checkpoints["bert"], name="tiny-memory",
+                         data={"files": {"train": str(DATA / "sst2" / "train.tsv"), "validation": dev, "test": dev},
+                               "test_split": "test"},
+                         training={"max_steps": 3, "batch_size": 8})
+    path = write_recipe(tmp_path / "tiny-memory.yaml", recipe, "finetune run tiny-memory.yaml")
+    out_json = tmp_path / "memory.json"
+    code, out, err = run_bench("memory", [str(path), "--multiples", "1,16", "--json", str(out_json)], monkeypatch, capsys)
+    assert code == 0, err
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["pad_to_multiple_of"] for r in rows] == [1, 16]
+    assert all(0.1 < r["peak_gib"] < 24 and "accuracy" in r["metrics"] and "accuracy" in r["test_metrics"] for r in rows)
+    assert "pad_to_multiple_of=16: peak " in out and "; test: accuracy " in out

@@ -63,7 +63,7 @@ class ModelSection(_Section):
     pad_to_multiple_of: int | None = Field(None, ge=1, le=MAX_TOKENS)
     """Each batch is padded to its longest input rounded up to a multiple of this many tokens (1: exactly the longest). Fewer distinct batch shapes: a CPU sets its matrix kernels up once per shape (bf16 above all) and the memory allocator keeps fewer odd-sized blocks. Default (unset): 16 when max_length is 256 or more (QA: 15% lower peak memory, same speed) or training runs bf16 on a CPU; else 1 (short sentences: rounding up to 16 cost 10-30% of fp32 training speed); BENCHMARKS.md. Saved with the model: evaluation, predict and serve pad the same way. Not beyond the checkpoint's positions (then it pads to the longest)."""
     attention_dropout: float | None = Field(None, ge=0, lt=1)
-    """Dropout on the attention probabilities while training (default: the checkpoint's, 0.1 for BERT, MiniLM and DistilBERT). 0 lets PyTorch's fused attention kernel run on a CPU: with dropout it falls back to one that keeps every layer's attention matrix for the backward pass. MiniLM at batch 32 x 256 tokens: 1.8 GB of activations instead of 3.8 GB, and faster steps (BENCHMARKS.md, memory)."""
+    """Dropout on the attention probabilities while training (default: the checkpoint's, 0.1 for BERT, MiniLM and DistilBERT). 0 lets PyTorch's fused attention kernel run on a CPU: with dropout it falls back to one that keeps every layer's attention matrix for the backward pass. A MiniLM step at batch 32 x 256 tokens: 1.75 GiB above the loaded model instead of 3.66 GiB, in about half the time (bench/activation_memory.py). Short texts gain little."""
     attention_type: Literal["block_sparse", "original_full"] | None = None
     """BigBird only, and required there: block_sparse or original_full attention. Never switched silently."""
     block_size: int | None = Field(None, ge=1, le=MAX_TOKENS)
@@ -257,7 +257,7 @@ class TrainingSection(_Section):
     threads: int | None = Field(None, ge=1, le=1024)
     """Threads the math of each training process uses on a CPU. Unset (the default): the CPUs this process may run on (affinity mask, container CPU quota), shared among the processes of `accelerate launch`, and fewer while other processes keep cores busy, re-measured every second (a 2-thread run with one of two cores taken by another job otherwise runs ~10x slower, BENCHMARKS.md). A number fixes it; so does the FINETUNE_THREADS environment variable."""
     gradient_checkpointing: bool = False
-    """Recompute each encoder layer's activations during the backward pass instead of keeping them: far less memory for long inputs and large batches (MiniLM at 32 x 256 tokens: 0.8 GB of activations instead of 3.8 GB), at the price of a second forward pass (about 1.4x the step time). Dropout is replayed exactly, so the gradients are the same."""
+    """Recompute each encoder layer's activations during the backward pass instead of keeping them: far less memory for long inputs and large batches (a MiniLM step at 32 x 256 tokens: 1.55 GiB above the loaded model instead of 3.66 GiB), at the price of a second forward pass (1.3x the step time). Dropout is replayed exactly, so the gradients are the same."""
     compile: bool = False
     """torch.compile the model (TorchInductor). Off by default: on 2 CPU cores its compile time did not pay back over a run (BENCHMARKS.md); worth measuring on a GPU. Not with BigBird block-sparse attention."""
     save_total_limit: int = Field(2, ge=1, le=1000)
