@@ -12,13 +12,13 @@ from tests.conftest import DATA, run_bench, tiny_recipe, write_recipe
 
 def test_activation_memory_bench_measures_each_variant_in_its_own_process(monkeypatch, capsys, tmp_path):
     out_json = tmp_path / "activation.json"
-    code, out, err = run_bench("activation_memory", ["--variants", "default,attention_dropout=0", "--batch", "2",
+    code, out, err = run_bench("activation_memory", ["--variants", "attention_dropout=0,default", "--batch", "2",
                                                      "--length", "16", "--steps", "2", "--json", str(out_json)],
                                monkeypatch, capsys)
     assert code == 0, err
     assert "| the checkpoint's attention dropout (0.1) |" in out and "| model.attention_dropout: 0 |" in out
     rows = json.loads(out_json.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["default", "attention_dropout=0"]
+    assert [r["variant"] for r in rows] == ["attention_dropout=0", "default"]
     assert all(r["peak_over_base_mb"] >= 0 and r["step_s"] > 0 for r in rows)
 
     code, _, err = run_bench("activation_memory", ["--variants", "default,flash"], monkeypatch, capsys)
@@ -34,9 +34,9 @@ def test_memory_bench_reports_the_peak_and_the_test_split_of_a_run(tiny_checkpoi
                          training={"max_steps": 3, "batch_size": 8})
     path = write_recipe(tmp_path / "tiny-memory.yaml", recipe, "finetune run tiny-memory.yaml")
     out_json = tmp_path / "memory.json"
-    code, out, err = run_bench("memory", [str(path), "--multiples", "1,16", "--json", str(out_json)], monkeypatch, capsys)
+    code, out, err = run_bench("memory", [str(path), "--multiples", "16", "--json", str(out_json)], monkeypatch, capsys)
     assert code == 0, err
     rows = json.loads(out_json.read_text())["rows"]
-    assert [r["pad_to_multiple_of"] for r in rows] == [1, 16]
+    assert [r["pad_to_multiple_of"] for r in rows] == [16]
     assert all(0.1 < r["peak_gib"] < 24 and "accuracy" in r["metrics"] and "accuracy" in r["test_metrics"] for r in rows)
     assert "pad_to_multiple_of=16: peak " in out and "; test: accuracy " in out
