@@ -195,3 +195,9 @@ def test_validate_checks_the_teacher(teacher_dir, tiny_checkpoints, tmp_path, ca
     bad = {**good, "data": {**good["data"], "label_names": ["bad", "good"]}}
     assert cli(["validate", str(write_recipe(tmp_path / "bad.yaml", bad))]) == 1
     assert "distillation.teacher: " in capsys.readouterr().out
+    # A checkpoint validate cannot read is reported once, and the teacher is still checked.
+    unreadable = {**bad, "model": {**bad["model"], "checkpoint": str(tmp_path / "no-such-checkpoint")}}
+    assert cli(["validate", str(write_recipe(tmp_path / "unreadable.yaml", unreadable))]) == 1
+    out = capsys.readouterr().out
+    assert "2 problem(s):" in out and out.count("  - model.checkpoint: ") == 1, out
+    assert "  - distillation.teacher: " in out and "this recipe ['bad', 'good']" in out, out

@@ -118,9 +118,8 @@ COLUMN_OPTIONS = ("text_column", "text_pair_column", "label_column", "question_c
 
 
 def _load(args: argparse.Namespace, backend: str):
-    from finetune.tracking.sources import load_predictor, locate
-
     from finetune.cli.console import quiet_model_loading
+    from finetune.tracking.sources import load_predictor, locate
 
     quiet_model_loading()
     found = locate(args.model)

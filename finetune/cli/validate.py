@@ -22,7 +22,8 @@ from finetune.training.outputs import check_output_dir
 from finetune.training.preflight import choose_mixed_precision
 
 
-def _check_checkpoint(recipe: Recipe, problems: list[str]) -> Any:
+def _check_checkpoint(recipe: Recipe, problems: list[str]) -> tuple[Any, Any]:
+    """Resolve and check `model.checkpoint`; returns its (tokenizer, config), or (None, None) if it cannot be used."""
     from finetune.models.adapters import is_adapter_folder
     from finetune.models.layers import check_freeze
     from finetune.tracking.tracker import tracking_uri
@@ -37,7 +38,7 @@ def _check_checkpoint(recipe: Recipe, problems: list[str]) -> Any:
             pretrained.check_weights_format(resolved.path, recipe.model.allow_pickle)
     except CheckpointError as e:
         problems.append(str(e))
-        return None
+        return None, None
     if start.parent is not None:
         print(f"starts from the fine-tuned {start.parent.task} model {start.parent_source} "
               f"(labels: {', '.join(start.parent.label_names or []) or 'none'})")
@@ -47,22 +48,21 @@ def _check_checkpoint(recipe: Recipe, problems: list[str]) -> Any:
     say(f"checkpoint: {recipe.model.checkpoint} -> {resolved.path} [{resolved.source}], family {family}{note}, "
         f"{getattr(config, 'max_position_embeddings', '?')} positions")
     problems.extend(pretrained.check_model_settings(config, recipe.model))
-    return load_tokenizer(resolved.path, recipe.model.trust_remote_code)
+    return load_tokenizer(resolved.path, recipe.model.trust_remote_code), config
 
 
-def _check_teacher(recipe: Recipe, label_names: list[str] | None, problems: list[str]) -> None:
-    """A distillation teacher must exist and answer the same task and labels (its outputs are computed at `run`)."""
+def _check_teacher(recipe: Recipe, label_names: list[str] | None, student_config: Any, problems: list[str]) -> None:
+    """A distillation teacher must exist and answer the same task and labels (its outputs are computed at `run`).
+
+    student_config: the checkpoint's config as `_check_checkpoint` read it (None when it could not: then the hidden
+    widths are not compared).
+    """
     from finetune.tracking.tracker import tracking_uri
     from finetune.training.teacher import check_teacher, load_teacher
 
     try:
         teacher, _ = load_teacher(recipe.distillation.teacher, tracking_uri(recipe))
-        from finetune.training.start import resolve_start
-
-        start = resolve_start(recipe.model.checkpoint, recipe.model.revision, recipe.model.allow_pickle,
-                              tracking_uri(recipe))  # the student may itself start from a fine-tuned model
-        hidden = pretrained.load_config(start.resolved).hidden_size
-        check_teacher(teacher, recipe, label_names, hidden)
+        check_teacher(teacher, recipe, label_names, None if student_config is None else student_config.hidden_size)
     except (RecipeError, CheckpointError) as e:
         problems.append(str(e))
         return
@@ -89,7 +89,7 @@ def _validate(recipe: Recipe, path: str, overrides: list[str]) -> int:
             check()
         except RecipeError as e:
             problems.append(str(e))
-    tokenizer = _check_checkpoint(recipe, problems)
+    tokenizer, student_config = _check_checkpoint(recipe, problems)
     missing = missing_files(recipe.data)
     if missing:  # nothing can be read until every file is there
         return _report(problems + missing, path, overrides)
@@ -99,7 +99,7 @@ def _validate(recipe: Recipe, path: str, overrides: list[str]) -> int:
         problems.extend(e.problems or [str(e)])
     else:
         if recipe.distillation is not None:
-            _check_teacher(recipe, label_names, problems)
+            _check_teacher(recipe, label_names, student_config, problems)
         carved = "" if str(evaluation.split) == recipe.data.eval_split \
             else f" (carved: {recipe.data.validation_size:.0%} of train)"
         say(f"data: train {len(train)}, eval {len(evaluation)}{carved}" + (f", test {len(test)}" if test is not None else ""))

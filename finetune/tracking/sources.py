@@ -68,6 +68,7 @@ def locate(source: str | None = None, name: str | None = None, store: str | None
     import mlflow
 
     from finetune.tracking.store import existing_store
+
     if source and Path(source).is_dir():
         return Located(Path(source), None, None, None, str(source))
     if source is not None and not (RUN_ID.fullmatch(source) or source.startswith(("models:/", "runs:/"))):

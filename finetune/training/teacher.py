@@ -48,8 +48,9 @@ def load_teacher(source: str, store: str | None = None) -> tuple[Predictor, Path
         raise RecipeError(f"distillation.teacher: {e}") from None
 
 
-def check_teacher(teacher: Predictor, recipe: Recipe, label_names: list[str] | None, student_hidden: int) -> None:
-    """Refuse a teacher whose outputs do not mean what the student's mean, naming both sides."""
+def check_teacher(teacher: Predictor, recipe: Recipe, label_names: list[str] | None, student_hidden: int | None) -> None:
+    """Refuse a teacher whose outputs do not mean what the student's mean, naming both sides (the hidden widths only
+    when the student's is known: `finetune validate` of a recipe whose checkpoint it could not read)."""
     source, info = recipe.distillation.teacher, teacher.info
     if info.task != recipe.task.type:
         raise RecipeError(f"distillation.teacher: {source} is a {info.task} model; this recipe trains "
@@ -61,8 +62,9 @@ def check_teacher(teacher: Predictor, recipe: Recipe, label_names: list[str] | N
     if info.text_pair != pairs:
         raise RecipeError(f"distillation.teacher: {source} reads {'pairs' if info.text_pair else 'single texts'}, "
                           f"this recipe {'pairs' if pairs else 'single texts'}")
-    if recipe.distillation.hidden_weight and teacher.model.config.hidden_size != student_hidden:
-        raise RecipeError(f"distillation.hidden_weight: the teacher's hidden size is {teacher.model.config.hidden_size}, "
+    teacher_hidden = teacher.model.config.hidden_size
+    if recipe.distillation.hidden_weight and student_hidden is not None and teacher_hidden != student_hidden:
+        raise RecipeError(f"distillation.hidden_weight: the teacher's hidden size is {teacher_hidden}, "
                           f"the student's {student_hidden}; hidden states can be matched only when they are the same "
                           "(set hidden_weight: 0)")
 
