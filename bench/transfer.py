@@ -73,10 +73,13 @@ def write_subset(source: Path, target: Path, size: int | None, seed: int) -> Pat
 class Runner:
     """Runs recipes (in a fresh process each, or in this one for --quick) and reads their figures back from MLflow."""
 
-    def __init__(self, workdir: Path, in_process: bool, base_overrides: list[str]):
+    def __init__(self, workdir: Path, in_process: bool, base_overrides: list[str], journal: Path | None = None):
         self.workdir, self.in_process, self.base = workdir, in_process, base_overrides
         self.uri = f"sqlite:///{workdir / 'mlflow.db'}"
         self.count = 0
+        # The full run takes hours: each run's figures are appended here as it finishes, so a crash or a kill
+        # near the end loses only the run in flight, not the tables (which print at the end).
+        self.journal = journal
 
     def run(self, recipe: Path, overrides: list[str]) -> dict:
         """Train once; returns the run's metrics, its id and the best model folder."""
@@ -102,8 +105,15 @@ class Runner:
 
         mlflow.set_tracking_uri(self.uri)
         metrics = mlflow.MlflowClient().get_run(run_id).data.metrics
-        return {"run_id": run_id, "metrics": metrics, "best_dir": str(out / "best"), "overrides": overrides,
-                "wall_seconds": time.perf_counter() - started}
+        result = {"run_id": run_id, "metrics": metrics, "best_dir": str(out / "best"), "overrides": overrides,
+                  "wall_seconds": time.perf_counter() - started}
+        best = {k: round(v, 4) for k, v in metrics.items() if k.startswith("best/")}
+        print(f"run {self.count}: {recipe.name} {shlex.join(overrides)}: {best}, {result['wall_seconds']:.0f} s",
+              file=sys.stderr, flush=True)
+        if self.journal is not None:
+            with open(self.journal, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"recipe": recipe.name, **result}) + "\n")
+        return result
 
 
 def mean_sd(values: list[float]) -> str:
@@ -240,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--goemotions-train", type=int, default=8000,
                         help="seeded GoEmotions training subset of the imbalance section (default 8000)")
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny random model on the shipped samples")
-    parser.add_argument("--json", help="also write every run's figures to this JSON file")
+    parser.add_argument("--json", help="also write every run's figures to this JSON file (and, as each run ends, "
+                                       "one line per run to the same path with .jsonl appended)")
     args = parser.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -276,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             source_extra, target_extra, multi_extra = [], [], ["data.test_split=null"]
             imbalance_extra = [f"data.max_train_samples={args.goemotions_train}", "data.test_split=null"]
             train_file = data / "sst2" / "train.tsv"
-        runner = Runner(workdir, in_process=args.quick, base_overrides=[])
+        runner = Runner(workdir, in_process=args.quick, base_overrides=[],
+                        journal=Path(args.json + ".jsonl") if args.json else None)
         started = time.time()
         if "knobs" in sections or "calibration" in sections:
             lines, results["knobs"] = knobs_section(runner, recipes["sst2"], train_file, sizes, seeds, workdir, knob_extra) \

@@ -31,6 +31,8 @@ def test_quick_transfer_benchmark_runs_every_section(tmp_path, monkeypatch, caps
     assert len(knobs["full"]) == 2 and {r["overrides"][1] for r in knobs["full"]} == {"training.seed=1", "training.seed=2"}
     assert all("calibration/ece_after" in r["metrics"] for r in knobs["full"])
     assert set(saved["imbalance"]) == {"plain", "balanced", "focal"}
+    journal = [json.loads(line) for line in (tmp_path / "bench.json.jsonl").read_text().splitlines()]
+    assert len(journal) == len(set(r["run_id"] for r in journal)) and journal[0]["metrics"] == knobs["full"][0]["metrics"]
     parent = saved["transfer"]["parent"]["best_dir"]
     assert all(f"model.checkpoint={parent}" in r["overrides"] for r in saved["transfer"]["from_parent"])
 
