@@ -25,6 +25,16 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 ENV = "FINETUNE_THREADS"
+HYSTERESIS = 0.2  # cores of free capacity beyond the rounding boundary before the pool changes size
+
+
+def _niceness() -> int:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    except (AttributeError, OSError):
+        return 0
+
+
 def requested_threads(value: int | str | None = None) -> int | None:
     """A fixed thread count from an option or `FINETUNE_THREADS`; None means automatic (`auto` or unset)."""
     raw = value if value is not None else os.environ.get(ENV)
@@ -110,9 +120,15 @@ def cpu_budget(processes: int = 1) -> int:
 class LoadSampler:
     """The cores other processes kept busy on this process's CPUs since the last sample (from /proc/stat)."""
 
-    def __init__(self, cpus: list[int], stat: Path = Path("/proc/stat"), own: Path = Path("/proc/self/stat")):
+    def __init__(self, cpus: list[int], stat: Path = Path("/proc/stat"), own: Path = Path("/proc/self/stat"),
+                 count_niced: bool | None = None):
         self.cpus, self.stat, self.own = set(cpus), stat, own
         self.ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        # Time of niced processes (/proc/stat's second column) is not taken from us when we run at the default
+        # priority: the scheduler gives them only what we leave. Counting it made a niced background job (a
+        # test suite, a backup) halve our threads and hand it the core. A niced finetune counts it: those
+        # processes may be its equals.
+        self.count_niced = _niceness() > 0 if count_niced is None else count_niced
         self.last = self._read()
 
     def _read(self) -> tuple[float, float, float] | None:
@@ -125,7 +141,8 @@ class LoadSampler:
                 values = [float(v) for v in fields[:8]]
                 idle = values[3] + values[4]  # idle + iowait
                 total += sum(values)
-                busy += sum(values) - idle  # steal included: a hypervisor's share is not ours either
+                busy += sum(values) - idle - (0.0 if self.count_niced else values[1])  # steal included: a
+                # hypervisor's share is not ours either
             own_fields = self.own.read_text().rsplit(")", 1)[1].split()
             ours = float(own_fields[11]) + float(own_fields[12])  # utime + stime of every thread, in ticks
         except (OSError, ValueError, IndexError):
@@ -182,7 +199,15 @@ class ThreadBudget:
         # Smoothed over ~3 samples so one burst (a compile, a GC, a log rotation) does not halve the pool.
         self._smoothed = others if self._smoothed is None else 0.5 * self._smoothed + 0.5 * others
         free = (len(self.cpus) - self._smoothed) / self.processes
-        wanted = max(1, min(self.limit, math.floor(free + 0.5)))
+        # Rounded with a margin either side of the half-core boundary: a neighbour near half a core otherwise
+        # flipped the pool between 1 and 2 threads every few seconds.
+        if free > self.threads + 0.5 + HYSTERESIS:
+            wanted = math.floor(free + 0.5 - HYSTERESIS)
+        elif free < self.threads - 0.5 - HYSTERESIS:
+            wanted = math.floor(free + 0.5 + HYSTERESIS)
+        else:
+            wanted = self.threads
+        wanted = max(1, min(self.limit, wanted))
         if wanted != self.threads:
             log.info(f"threads: {self.threads} -> {wanted} (other processes keep {self._smoothed:.1f} cores busy)")
             self.threads = wanted

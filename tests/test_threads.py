@@ -59,9 +59,12 @@ def test_the_budget_is_affinity_narrowed_by_the_quota_and_shared_by_processes(mo
     assert cpu_budget() == 1
 
 
-def _stat(tmp_path: Path, cpus: dict[int, tuple[int, int]], own_ticks: int) -> tuple[Path, Path]:
-    """A /proc/stat with (busy, idle) ticks per CPU and a /proc/self/stat with this process's ticks."""
-    lines = ["cpu  0 0 0 0 0 0 0 0 0 0"] + [f"cpu{n} {busy} 0 0 {idle} 0 0 0 0 0 0" for n, (busy, idle) in cpus.items()]
+def _stat(tmp_path: Path, cpus: dict[int, tuple[int, int]], own_ticks: int, niced: dict[int, int] | None = None
+          ) -> tuple[Path, Path]:
+    """A /proc/stat with (busy, idle) ticks per CPU (and niced ticks) and a /proc/self/stat with this process's ticks."""
+    niced = niced or {}
+    lines = ["cpu  0 0 0 0 0 0 0 0 0 0"] + [f"cpu{n} {busy} {niced.get(n, 0)} 0 {idle} 0 0 0 0 0 0"
+                                           for n, (busy, idle) in cpus.items()]
     (tmp_path / "stat").write_text("\n".join(lines) + "\n")
     fields = ["S"] + ["0"] * 10 + [str(own_ticks), "0"] + ["0"] * 30
     (tmp_path / "self").write_text("123 (python (odd) name) " + " ".join(fields) + "\n")
@@ -76,6 +79,31 @@ def test_the_sampler_counts_other_processes_on_our_cpus_only(tmp_path):
     assert sampler.others() == pytest.approx(1.0)
     _stat(tmp_path, {0: (200, 0), 1: (150, 50), 2: (200, 0)}, own_ticks=250)
     assert sampler.others() == pytest.approx(0.0), "all the busy time was ours"
+
+
+def test_niced_processes_count_only_against_a_niced_finetune(tmp_path):
+    # CPU 0: 40 ticks of a process at default priority and 60 of a niced one; CPU 1 idle; none of it ours.
+    for count_niced, expected in ((False, 0.4), (True, 1.0)):
+        stat, own = _stat(tmp_path, {0: (0, 0), 1: (0, 0)}, own_ticks=0)
+        sampler = LoadSampler([0, 1], stat, own, count_niced=count_niced)
+        _stat(tmp_path, {0: (40, 0), 1: (0, 100)}, own_ticks=0, niced={0: 60})
+        assert sampler.others() == pytest.approx(expected), f"count_niced={count_niced}"
+    assert LoadSampler([0], stat, own).count_niced is (os.getpriority(os.PRIO_PROCESS, 0) > 0)
+
+
+def test_a_neighbour_near_half_a_core_does_not_flip_the_pool(monkeypatch):
+    monkeypatch.setattr(threads, "affinity_cpus", lambda: [0, 1])
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)
+    budget = ThreadBudget(watch=False)
+    budget._sampler = _Sampler([0.45, 0.55, 0.4, 0.6, 0.5, 0.55] * 3 + [0.9] * 4 + [0.45, 0.6, 0.4, 0.55] * 3 + [0.0] * 4)
+    seen = []
+    for _ in range(18 + 4 + 12 + 4):
+        budget._adjust()
+        seen.append(budget.threads)
+    assert seen[:18] == [2] * 18, f"a load wavering around half a core keeps the pool as it is: {seen}"
+    assert seen[21] == 1, f"a core taken takes a thread: {seen}"
+    assert seen[22:34] == [1] * 12, f"and the wavering load does not give it back: {seen}"
+    assert seen[-1] == 2, f"an idle machine does: {seen}"
 
 
 class _Sampler:

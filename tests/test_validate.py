@@ -24,6 +24,18 @@ def test_a_good_recipe_reports_labels_and_lengths(tiny_checkpoints, tmp_path, ca
     assert "eval tokens: p50" in out
 
 
+def test_lengths_read_a_slice_at_a_time_match_lengths_read_at_once(tiny_checkpoints, tmp_path, capsys, monkeypatch):
+    from finetune.data import features
+
+    reports = []
+    for size in (100_000, 7):  # all rows in one slice; slices of 7 (the sample has more rows, not a multiple of 7)
+        monkeypatch.setattr(features, "LENGTH_SLICE", size)
+        code, out = _validate(tmp_path, tiny_recipe(tiny_checkpoints["bert"]), capsys)
+        assert code == 0, out
+        reports.append([line for line in out.splitlines() if "tokens: p50" in line])
+    assert reports[0] and reports[0] == reports[1]
+
+
 def test_truncation_share_is_reported(tiny_checkpoints, tmp_path, capsys):
     code, out = _validate(tmp_path, tiny_recipe(tiny_checkpoints["bert"]), capsys, "model.max_length=8")
     assert code == 0
