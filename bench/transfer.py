@@ -130,7 +130,7 @@ def _mean(runs: list[dict], key: str) -> float:
 
 
 def knobs_section(runner: Runner, recipe: Path, train_file: Path, sizes: list[int], seeds: list[int],
-                  workdir: Path, extra: list[str]) -> tuple[list[str], dict]:
+                  workdir: Path, extra: list[str], ways: list[str]) -> tuple[list[str], dict]:
     lines, results = [], {}
     for size in sizes:
         subset = write_subset(train_file, workdir / f"sst2-train-{size}.tsv", size, seed=42)
@@ -139,6 +139,8 @@ def knobs_section(runner: Runner, recipe: Path, train_file: Path, sizes: list[in
                   "|---|---|---|---|---|---|---|---|"]
         full_speed = None
         for way, (what, overrides) in KNOBS.items():
+            if way not in ways:
+                continue
             runs = [runner.run(recipe, [f"data.files.train={subset}", f"training.seed={s}", *extra, *overrides])
                     for s in seeds]
             results[f"{size}/{way}"] = runs
@@ -146,7 +148,7 @@ def knobs_section(runner: Runner, recipe: Path, train_file: Path, sizes: list[in
             speed = _mean(runs, "train/samples_per_second_overall")
             full_speed = speed if way == "full" else full_speed
             lines.append(f"| {what} | {mean_sd(accuracy)} | {int(_mean(runs, 'model/trainable_parameters')):,} | "
-                         f"{speed:.1f} | {speed / full_speed:.2f}x | {_mean(runs, 'train/peak_memory_mb'):.0f} | "
+                         f"{speed:.1f} | {f'{speed / full_speed:.2f}x' if full_speed else 'n/a'} | {_mean(runs, 'train/peak_memory_mb'):.0f} | "
                          f"{_mean(runs, 'model/saved_weights_mb'):.2f} | {_mean(runs, 'train/runtime_seconds'):.1f} |")
         lines.append("")
     return lines, results
@@ -247,16 +249,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per configuration (default 3)")
     parser.add_argument("--sizes", default="500,6000", help="SST-2 training sizes of the knobs section (default 500,6000)")
     parser.add_argument("--epochs", type=float, default=3, help="epochs of the knobs section (default 3)")
+    parser.add_argument("--ways", default=",".join(KNOBS),
+                        help=f"ways of the knobs section (default {','.join(KNOBS)}; 'vs full' needs full)")
     parser.add_argument("--goemotions-train", type=int, default=8000,
                         help="seeded GoEmotions training subset of the imbalance section (default 8000)")
+    parser.add_argument("--calibration-data", default="sst2,agnews",
+                        help="data sets of the calibration section (default sst2,agnews; sst2 reuses the knobs "
+                             "section's full fine-tuning runs when they ran)")
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny random model on the shipped samples")
     parser.add_argument("--json", help="also write every run's figures to this JSON file (and, as each run ends, "
                                        "one line per run to the same path with .jsonl appended)")
     args = parser.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
+    if sorted(set(args.calibration_data.split(",")) - {"sst2", "agnews", ""}):
+        parser.error(f"--calibration-data {args.calibration_data}: allowed: sst2, agnews")
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}")
+    ways = [w for w in args.ways.split(",") if w]
+    if sorted(set(ways) - set(KNOBS)):
+        parser.error(f"unknown way(s) {', '.join(sorted(set(ways) - set(KNOBS)))}; allowed: {', '.join(KNOBS)}")
     seeds = list(range(1, (2 if args.quick else args.seeds) + 1))
     # --quick: two seeds where a spread is shown (the knobs), one elsewhere, to stay a smoke run.
     other_seeds = seeds[:1] if args.quick else seeds
@@ -291,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                         journal=Path(args.json + ".jsonl") if args.json else None)
         started = time.time()
         if "knobs" in sections or "calibration" in sections:
-            lines, results["knobs"] = knobs_section(runner, recipes["sst2"], train_file, sizes, seeds, workdir, knob_extra) \
+            lines, results["knobs"] = knobs_section(runner, recipes["sst2"], train_file, sizes, seeds, workdir, knob_extra,
+                                                     ways) \
                 if "knobs" in sections else ([], {})
             out += lines
         if "transfer" in sections:
@@ -303,14 +316,17 @@ def main(argv: list[str] | None = None) -> int:
             out += lines
         if "calibration" in sections:
             named = {}
-            full = results.get("knobs", {}).get(f"{max(sizes)}/full", [])
-            if not full:  # calibration alone: the SST-2 full fine-tuning runs at the largest size
-                subset = write_subset(train_file, workdir / "sst2-calibration.tsv", max(sizes), seed=42)
-                full = [runner.run(recipes["sst2"], [f"data.files.train={subset}", f"training.seed={s}", *knob_extra])
-                        for s in seeds]
-            named["SST-2 (2 classes)"] = full
-            named["AG News (4 classes)" if not args.quick else "SST-2 sample (quick)"] = [
-                runner.run(recipes["multiclass"], [f"training.seed={s}", *multi_extra]) for s in other_seeds]
+            calibration_data = [d for d in args.calibration_data.split(",") if d]
+            if "sst2" in calibration_data:
+                full = results.get("knobs", {}).get(f"{max(sizes)}/full", [])
+                if not full:  # calibration alone: the SST-2 full fine-tuning runs at the largest size
+                    subset = write_subset(train_file, workdir / "sst2-calibration.tsv", max(sizes), seed=42)
+                    full = [runner.run(recipes["sst2"], [f"data.files.train={subset}", f"training.seed={s}", *knob_extra])
+                            for s in seeds]
+                named["SST-2 (2 classes)"] = full
+            if "agnews" in calibration_data:
+                named["AG News (4 classes)" if not args.quick else "SST-2 sample (quick)"] = [
+                    runner.run(recipes["multiclass"], [f"training.seed={s}", *multi_extra]) for s in other_seeds]
             results["calibration"] = named
             out += calibration_lines(named)
         minutes = (time.time() - started) / 60

@@ -194,8 +194,10 @@ def test_a_frozen_encoder_is_cached_and_only_the_head_trains(tiny_checkpoints):
     base = load_file(str(tiny_checkpoints["bert"] / "model.safetensors"))
     result = _run(tiny_recipe(tiny_checkpoints["bert"], training={"freeze": "encoder", "max_steps": 4}))
     trained = load_file(str(result.best_dir / "model.safetensors"))
-    assert all(torch.equal(trained[f"bert.{k}"], v) for k, v in base.items())
+    assert all(torch.equal(trained[f"bert.{k}"], v) for k, v in base.items() if not k.startswith("pooler."))
     assert {k for k in trained if not k.startswith("bert.")} == {"classifier.weight", "classifier.bias"}
+    # BERT's pooler is read only by the head and trains with it, on the cached first-token states.
+    assert not torch.equal(trained["bert.pooler.dense.weight"], base["pooler.dense.weight"])
 
 
 def test_layer_wise_learning_rates_are_as_specified(tiny_checkpoints):
@@ -208,7 +210,7 @@ def test_layer_wise_learning_rates_are_as_specified(tiny_checkpoints):
     groups = parameter_groups(model, cfg)
     lr_of = {name: g["lr"] for g in groups for name, p in model.named_parameters() if any(p is q for q in g["params"])}
     expected = {"bert.embeddings.word_embeddings.weight": 1e-3 * 0.25, "bert.encoder.layer.0.output.dense.weight": 5e-4,
-                "bert.encoder.layer.1.output.dense.weight": 1e-3, "bert.pooler.dense.weight": 1e-3,
+                "bert.encoder.layer.1.output.dense.weight": 1e-3, "bert.pooler.dense.weight": 1e-2,  # the pooler is the head's
                 "classifier.weight": 1e-2, "classifier.bias": 1e-2}
     for name, lr in expected.items():
         assert lr_of[name] == pytest.approx(lr), name
@@ -259,13 +261,14 @@ def test_a_lora_model_is_small_reloads_the_same_and_exports_merged(adapters, tin
     adapter_bytes = (best / "adapter_model.safetensors").stat().st_size
     assert adapter_bytes < 0.1 * (tiny_checkpoints["bert"] / "model.safetensors").stat().st_size
     info = json.loads((best / "finetune.json").read_text())["adapter"]
-    assert info["r"] == 4 and info["target_modules"] == ["query", "value"] and info["head"] == ["classifier"]
+    assert info["r"] == 4 and info["target_modules"] == ["query", "value"] and info["head"] == ["classifier", "pooler"]
     texts = _eval_texts()
     first, second = Predictor.from_dir(best), Predictor.from_dir(best)
     logits = first.logits(texts, None)
     np.testing.assert_array_equal(logits, second.logits(texts, None))
     # The adapter and the head really trained: not the base with a fresh head.
-    assert "classifier" in str([n for n, p in first.model.named_parameters() if "modules_to_save" in n])
+    saved_with_head = str([n for n, p in first.model.named_parameters() if "modules_to_save" in n])
+    assert "classifier" in saved_with_head and "pooler" in saved_with_head
     report = export_onnx(best, tmp_path / "onnx")
     assert report["onnx_fp32_agreement"] == 1.0
     assert (tmp_path / "onnx" / "model.safetensors").is_file() and not (tmp_path / "onnx" / "adapter_model.safetensors").exists()

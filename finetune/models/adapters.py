@@ -36,10 +36,14 @@ def is_adapter_folder(path: Path | str) -> bool:
 
 
 def head_modules(model: torch.nn.Module) -> list[str]:
-    """The task head: the model's top-level modules with weights, other than the encoder (BERT: classifier;
-    DistilBERT: pre_classifier and classifier; QA: qa_outputs)."""
+    """The task head: the model's top-level modules with weights, other than the encoder (BERT: classifier, and the
+    pooler, which only the head reads (finetune.models.layers); DistilBERT: pre_classifier and classifier; QA:
+    qa_outputs). peft matches the names as suffixes of module paths."""
+    from finetune.models.layers import bert_pooler
+
     return [name for name, child in model.named_children()
-            if name != model.base_model_prefix and any(True for _ in child.parameters())]
+            if name != model.base_model_prefix and any(True for _ in child.parameters())] + \
+        (["pooler"] if bert_pooler(model) is not None else [])
 
 
 def linear_names(model: torch.nn.Module) -> list[str]:
