@@ -265,11 +265,11 @@ class TrainingSection(_Section):
     keep_checkpoints: bool = False
     """Keep the training-state checkpoints when the run finishes. A finished run is never resumed, so by default they are deleted (each holds the weights and AdamW's two moments, about 3x the model) and only best/ stays; keep them to continue training later with --resume and a larger max_steps."""
     freeze: Union[Literal["none", "embeddings", "encoder"], Annotated[int, Field(ge=1, le=1000)]] = "none"
-    """What does not train: none; embeddings; N (an integer: the embeddings and the first N encoder layers); encoder (the whole encoder: a linear probe on frozen features, whose encoder outputs are then computed once per text and cached, so only the head trains). Frozen parameters get no gradient and no optimizer state. Not with model.adapter (which freezes the encoder itself)."""
+    """What does not train: none; embeddings; N (an integer: the embeddings and the first N encoder layers); encoder (the whole encoder: a linear probe on frozen features, whose encoder outputs are then computed once per text and cached, so only the head trains). BERT's pooler counts as the head and always trains. Frozen parameters get no gradient and no optimizer state. Not with model.adapter (which freezes the encoder itself)."""
     layer_lr_decay: float | None = Field(None, gt=0, le=1)
     """Layer-wise learning-rate decay: the top encoder layer trains at learning_rate, each layer below at this factor times the one above, the embeddings lowest (learning_rate x decay^layers). null: one learning rate for the encoder."""
     head_learning_rate: float | None = Field(None, gt=0, lt=1)
-    """Learning rate of the task head (the parameters outside the encoder). null: learning_rate."""
+    """Learning rate of the task head (the parameters outside the encoder, and BERT's pooler, which only the head reads). null: learning_rate."""
 
     @model_validator(mode="after")
     def _eval_steps_given(self) -> "TrainingSection":
