@@ -16,9 +16,8 @@ def learning_rate_of(depth: int | None, layers: int, cfg: TrainingSection) -> fl
     """The peak learning rate of a parameter at `depth` (`finetune.models.layers.depths`; None: the head).
 
     With `layer_lr_decay` d, the top layer (and what sits above it inside the encoder, e.g. a final LayerNorm;
-    BERT's pooler is the head's) trains at learning_rate and
-    each layer below at d times the one above, so layer i of L gets learning_rate x d^(L - i) and the embeddings
-    (depth 0) learning_rate x d^L.
+    BERT's pooler is the head's) trains at learning_rate and each layer below at d times the one above, so layer i
+    of L gets learning_rate x d^(L - i) and the embeddings (depth 0) learning_rate x d^L.
     """
     if depth is None:
         return cfg.head_learning_rate or cfg.learning_rate
