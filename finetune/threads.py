@@ -141,8 +141,8 @@ class LoadSampler:
                 values = [float(v) for v in fields[:8]]
                 idle = values[3] + values[4]  # idle + iowait
                 total += sum(values)
-                busy += sum(values) - idle - (0.0 if self.count_niced else values[1])  # steal included: a
-                # hypervisor's share is not ours either
+                niced = 0.0 if self.count_niced else values[1]
+                busy += sum(values) - idle - niced  # steal included: a hypervisor's share is not ours either
             own_fields = self.own.read_text().rsplit(")", 1)[1].split()
             ours = float(own_fields[11]) + float(own_fields[12])  # utime + stime of every thread, in ticks
         except (OSError, ValueError, IndexError):

@@ -191,7 +191,8 @@ class FrozenFeatureCache:
             finally:
                 self.encoder.train(was_training)
             self.output_class = type(out)
-            pooled = getattr(out, "pooler_output", None)
+            # With the pooler trained as the head's, its output is computed per batch below, never stored.
+            pooled = getattr(out, "pooler_output", None) if self.pooler is None else None
             for j, i in enumerate(missing):
                 # Cloned: a slice would keep the whole batch's hidden states alive.
                 self.store[keys[i]] = (out.last_hidden_state[j, :1].clone(), None if pooled is None else pooled[j].clone())
