@@ -40,6 +40,7 @@ from machine_info import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("knobs", "transfer", "imbalance", "calibration")
+CALIBRATION_DATA = ("sst2", "agnews")
 KNOBS = {
     "full": ("full fine-tuning", []),
     "frozen-embeddings": ("frozen embeddings", ["training.freeze=embeddings"]),
@@ -147,8 +148,9 @@ def knobs_section(runner: Runner, recipe: Path, train_file: Path, sizes: list[in
             accuracy = [r["metrics"]["best/accuracy"] for r in runs]
             speed = _mean(runs, "train/samples_per_second_overall")
             full_speed = speed if way == "full" else full_speed
+            vs_full = f"{speed / full_speed:.2f}x" if full_speed else "n/a"
             lines.append(f"| {what} | {mean_sd(accuracy)} | {int(_mean(runs, 'model/trainable_parameters')):,} | "
-                         f"{speed:.1f} | {f'{speed / full_speed:.2f}x' if full_speed else 'n/a'} | {_mean(runs, 'train/peak_memory_mb'):.0f} | "
+                         f"{speed:.1f} | {vs_full} | {_mean(runs, 'train/peak_memory_mb'):.0f} | "
                          f"{_mean(runs, 'model/saved_weights_mb'):.2f} | {_mean(runs, 'train/runtime_seconds'):.1f} |")
         lines.append("")
     return lines, results
@@ -261,14 +263,13 @@ def main(argv: list[str] | None = None) -> int:
                                        "one line per run to the same path with .jsonl appended)")
     args = parser.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
-    if sorted(set(args.calibration_data.split(",")) - {"sst2", "agnews", ""}):
-        parser.error(f"--calibration-data {args.calibration_data}: allowed: sst2, agnews")
-    unknown = sorted(set(sections) - set(SECTIONS))
-    if unknown:
-        parser.error(f"unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}")
     ways = [w for w in args.ways.split(",") if w]
-    if sorted(set(ways) - set(KNOBS)):
-        parser.error(f"unknown way(s) {', '.join(sorted(set(ways) - set(KNOBS)))}; allowed: {', '.join(KNOBS)}")
+    calibration_data = [d for d in args.calibration_data.split(",") if d]
+    for what, asked, allowed in (("section", sections, SECTIONS), ("way", ways, tuple(KNOBS)),
+                                 ("calibration data set", calibration_data, CALIBRATION_DATA)):
+        unknown = sorted(set(asked) - set(allowed))
+        if unknown:
+            parser.error(f"unknown {what}(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
     seeds = list(range(1, (2 if args.quick else args.seeds) + 1))
     # --quick: two seeds where a spread is shown (the knobs), one elsewhere, to stay a smoke run.
     other_seeds = seeds[:1] if args.quick else seeds
@@ -316,7 +317,6 @@ def main(argv: list[str] | None = None) -> int:
             out += lines
         if "calibration" in sections:
             named = {}
-            calibration_data = [d for d in args.calibration_data.split(",") if d]
             if "sst2" in calibration_data:
                 full = results.get("knobs", {}).get(f"{max(sizes)}/full", [])
                 if not full:  # calibration alone: the SST-2 full fine-tuning runs at the largest size
