@@ -19,9 +19,9 @@ from finetune.errors import CheckpointError, RecipeError
 from finetune.models import layers
 from finetune.models.predictor import Predictor
 from finetune.tasks import TaskSettings, get_task
-from finetune.tasks.calibration import calibrate, fit_temperature, nll
+from finetune.tasks.calibration import calibrate, fit_temperature, nll, served_threshold
 from finetune.training import train
-from tests.conftest import DATA, tiny_recipe, train_outside_test, write_recipe
+from tests.conftest import DATA, TEST_DATA, tiny_recipe, train_outside_test, write_recipe
 
 CLASSIFICATION, MULTI_LABEL = get_task("classification"), get_task("multi_label")
 
@@ -151,6 +151,41 @@ def test_a_weighted_run_saves_its_weights_and_serves_calibrated_scores(tiny_chec
     assert run.data.metrics["calibration/temperature"] == pytest.approx(temperature)
     assert {"calibration/ece_before", "calibration/ece_after", "model/trainable_parameters"} <= set(run.data.metrics)
     assert "## Calibration" in (result.best_dir / "MODEL_CARD.md").read_text()
+
+
+def test_the_moved_threshold_passes_the_same_labels_on_calibrated_scores():
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 3, (500, 7))
+    for t in (0.1, 0.3, 0.5, 0.8):
+        z = z[np.abs(z - np.log(t / (1 - t))).min(axis=1) > 1e-6]  # nothing on the cut itself, where rounding decides
+        for temperature in (0.4, 1.0, 2.05, 7.0):
+            moved = served_threshold(t, temperature)
+            raw = 1 / (1 + np.exp(-z)) >= t
+            assert np.array_equal(1 / (1 + np.exp(-z / temperature)) >= moved, raw), (t, temperature)
+            if t != 0.5 and temperature != 1.0:
+                assert (moved - t) * (0.5 - t) * (temperature - 1) > 0  # towards 0.5 when T > 1, away when T < 1
+    assert served_threshold(0.5, 3.0) == 0.5
+
+
+def test_a_calibrated_multi_label_model_serves_the_labels_evaluation_scored(tiny_checkpoints):
+    """A threshold other than 0.5: the fitted temperature would move scores across it; the saved cut moves too."""
+    result = _run(tiny_recipe(tiny_checkpoints["bert"], "multi_label", task={"type": "multi_label", "threshold": 0.3},
+                              training={"max_steps": 6, "learning_rate": 5e-3},
+                              tracking={"log_model": False, "system_metrics": False}))
+    saved = json.loads((result.best_dir / "finetune.json").read_text())
+    temperature, cut = saved["settings"]["temperature"], saved["settings"]["threshold"]
+    assert temperature != pytest.approx(1.0, abs=1e-3)
+    assert saved["calibration"]["threshold"] == 0.3 and saved["calibration"]["served_threshold"] == cut
+    assert cut == pytest.approx(served_threshold(0.3, temperature), rel=1e-12) and cut != pytest.approx(0.3, abs=1e-3)
+    predictor = Predictor.from_dir(result.best_dir)
+    texts = [line.split("\t")[0] for line in (TEST_DATA / "goemotions_sample.tsv").read_text().splitlines()[1:41]]
+    raw = 1 / (1 + np.exp(-predictor.logits(texts, None).astype(np.float64)))
+    answers = predictor.predict(texts)
+    names = list(answers[0]["scores"])
+    for row, answer in zip(raw, answers):
+        assert sorted(answer["labels"]) == sorted(n for n, p in zip(names, row) if p >= 0.3)
+        assert all(answer["scores"][n] >= cut for n in answer["labels"])
+    assert "threshold 0.3 on the uncalibrated scores" in (result.best_dir / "MODEL_CARD.md").read_text()
 
 
 # --- freezing and learning rates -----------------------------------------------------------

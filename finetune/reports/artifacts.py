@@ -132,7 +132,17 @@ def calibration_lines(calibration: dict[str, Any] | None) -> list[str]:
             f"{calibration['nll_before']:.4f} before, {calibration['nll_after']:.4f} after. An ECE of "
             f"{calibration['ece_after']:.3f} means a served score is, on average over the bins, that far from how often "
             "answers with that score were right. T was fitted on the same split that chose the best checkpoint, so "
-            "on new data expect a somewhat larger error; `evaluation/reliability_diagram.png` shows it bin by bin.", ""]
+            "on new data expect a somewhat larger error; `evaluation/reliability_diagram.png` shows it bin by bin."
+            + _threshold_sentence(calibration), ""]
+
+
+def _threshold_sentence(calibration: dict[str, Any]) -> str:
+    """Multi-label: where the threshold went, so a reader of calibrated scores knows the cut they are read with."""
+    before, after = calibration.get("threshold"), calibration.get("served_threshold")
+    if before is None or after is None or before == after:
+        return ""
+    return (f" Labels are predicted at a calibrated score of {after:.4g} or more: the same cut as the threshold "
+            f"{before:.4g} on the uncalibrated scores evaluation used, so calibration changed the scores, not the labels.")
 
 
 def save_figure(fig, path: Path) -> Path:

@@ -20,7 +20,7 @@ class TaskSettings(BaseModel):
                               allow_inf_nan=False)
 
     threshold: float = Field(0.5, gt=0, lt=1)
-    """Multi-label: sigmoid score at or above which a label is predicted."""
+    """Multi-label: sigmoid score at or above which a label is predicted. Evaluation during training applies it to the raw scores; when calibration fits a temperature T, the model is saved with the same cut on calibrated scores, sigmoid(logit(threshold) / T), so the served labels are the ones evaluation scored."""
     label_all_tokens: bool = False
     """token_classification: train on every word piece of a word (B- becomes I- after the first) instead of only the first; evaluation always scores one tag per word."""
     doc_stride: int = Field(128, ge=1, le=16384)
@@ -48,7 +48,7 @@ class TaskSettings(BaseModel):
     focal_gamma: float = Field(2.0, ge=0, le=100)
     """loss focal: how much examples the model gets right are down-weighted (0: plain cross-entropy)."""
     calibration: Literal["temperature", "none"] = "temperature"
-    """classification, multi_label: after training, fit temperature scaling on the evaluation split (one temperature T; scores become softmax or sigmoid of logits / T, labels and metrics do not change at threshold 0.5), keep T with the model and apply it wherever scores are returned; expected calibration error before and after is logged. none: raw scores."""
+    """classification, multi_label: after training, fit temperature scaling on the evaluation split (one temperature T; scores become softmax or sigmoid of logits / T, labels never change: a multi-label threshold moves with the scores), keep T with the model and apply it wherever scores are returned; expected calibration error before and after is logged. none: raw scores."""
     temperature: float | None = Field(None, gt=0, le=1000)
     """classification, multi_label: the temperature the logits are divided by before softmax or sigmoid. Set by calibration after training; a value given here is kept and not fitted."""
 

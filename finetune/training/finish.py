@@ -69,14 +69,18 @@ def calibrate_best(best_dir: Path, task: Task, settings: TaskSettings, eval_logi
                    gold: np.ndarray) -> tuple[TaskSettings, CalibrationReport | None]:
     """Fit temperature scaling on the evaluation split's logits and keep it in the best model's finetune.json.
 
-    Returns the settings with the temperature (what the served model answers with) and the report; the model is
+    Returns the settings with the temperature (and, multi-label, the threshold moved with the scores: what the
+    served model answers with) and the report; the model is
     unchanged when the task's scores are not calibrated or the recipe says task.calibration: none (unless it fixes
     task.temperature, which is then only measured).
     """
     if not task.calibrates or (settings.calibration == "none" and settings.temperature is None) or not len(gold):
         return settings, None
-    report = calibrate(eval_logits, gold, task.sigmoid_scores, fixed=settings.temperature)
-    settings = settings.model_copy(update={"temperature": report.temperature})
+    report = calibrate(eval_logits, gold, task.sigmoid_scores, fixed=settings.temperature, threshold=settings.threshold)
+    update = {"temperature": report.temperature}
+    if report.served_threshold is not None:
+        update["threshold"] = report.served_threshold
+    settings = settings.model_copy(update=update)
     info = read_model_info(best_dir)
     info.settings, info.calibration = settings.saved(), report.saved()
     write_model_info(best_dir, info)
@@ -120,12 +124,6 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
         from accelerate.utils import broadcast_object_list
 
         settings = TaskSettings.of(broadcast_object_list([settings.saved()])[0])
-    if report is not None:
-        # The threshold applies to calibrated scores, so away from 0.5 the served labels can differ from the ones
-        # training scored: the metrics of what is served are logged beside best/*.
-        served = task.compute_metrics(task.calibrated(np.asarray(eval_outputs), settings),
-                                      np.asarray(data.raw_eval["labels"]), settings.threshold)
-        tracker.log_metrics({f"calibrated/{k}": v for k, v in served.items()}, step=state.step)
     if report is not None:
         tracker.log_metrics({"calibration/temperature": report.temperature, "calibration/ece_before": report.ece_before,
                              "calibration/ece_after": report.ece_after, "calibration/nll_before": report.nll_before,
