@@ -16,6 +16,7 @@ own), logging to a temporary MLflow store that the figures are read back from. S
 
     python bench/transfer.py                                  # everything, 3 seeds (hours on 2 CPU cores)
     python bench/transfer.py --sections knobs --seeds 5
+    python bench/transfer.py --sections imbalance --seeds 2 --first-seed 2   # seeds 2 and 3
     python bench/transfer.py --quick                          # smoke run on the shipped samples (the tests run this)
 
 The results print as markdown tables to paste into BENCHMARKS.md, after the machine, the command and the date.
@@ -250,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"which to run (default {','.join(SECTIONS)})")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per configuration (default 3)")
+    parser.add_argument("--first-seed", type=int, default=1,
+                        help="seeds are first-seed, first-seed + 1, ... (default 1; e.g. 2 adds seeds to an earlier run)")
     parser.add_argument("--sizes", default="500,6000", help="SST-2 training sizes of the knobs section (default 500,6000)")
     parser.add_argument("--epochs", type=float, default=3, help="epochs of the knobs section (default 3)")
     parser.add_argument("--ways", default=",".join(KNOBS),
@@ -271,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(asked) - set(allowed))
         if unknown:
             parser.error(f"unknown {what}(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
-    seeds = list(range(1, (2 if args.quick else args.seeds) + 1))
+    seeds = list(range(args.first_seed, args.first_seed + (2 if args.quick else args.seeds)))
     # --quick: two seeds where a spread is shown (the knobs), one elsewhere, to stay a smoke run.
     other_seeds = seeds[:1] if args.quick else seeds
     data = shared_data()
