@@ -19,7 +19,7 @@ from finetune.errors import CheckpointError, RecipeError
 from finetune.models import layers
 from finetune.models.predictor import Predictor
 from finetune.tasks import TaskSettings, get_task
-from finetune.tasks.calibration import calibrate, fit_temperature, nll, served_threshold
+from finetune.tasks.calibration import calibrate, fit_temperature, measure_held_out, nll, served_threshold
 from finetune.training import train
 from tests.conftest import DATA, TEST_DATA, tiny_recipe, train_outside_test, write_recipe
 
@@ -127,11 +127,16 @@ def test_temperature_scaling_lowers_the_nll_of_an_overconfident_model():
         assert nll(logits, labels, False, other) > report.nll_after
 
 
-def test_a_weighted_run_saves_its_weights_and_serves_calibrated_scores(tiny_checkpoints):
+def test_a_weighted_run_saves_its_weights_and_serves_calibrated_scores(tiny_checkpoints, tmp_path):
     import mlflow
 
-    result = _run(tiny_recipe(tiny_checkpoints["bert"], task={"type": "classification", "class_weights": "balanced"},
-                              tracking={"log_model": False, "system_metrics": False}))
+    dev = (DATA / "sst2" / "dev.tsv").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "test.tsv").write_text("\n".join([dev[0], *dev[100:300]]) + "\n", encoding="utf-8")
+    recipe = tiny_recipe(tiny_checkpoints["bert"], task={"type": "classification", "class_weights": "balanced"},
+                         tracking={"log_model": False, "system_metrics": False})
+    recipe["data"]["files"]["test"] = str(tmp_path / "test.tsv")
+    recipe["data"]["test_split"] = "test"
+    result = _run(recipe)
     saved = json.loads((result.best_dir / "finetune.json").read_text())
     weights = saved["settings"]["class_weights"]
     assert isinstance(weights, list) and len(weights) == 2 and all(w > 0 for w in weights)
@@ -150,7 +155,19 @@ def test_a_weighted_run_saves_its_weights_and_serves_calibrated_scores(tiny_chec
     run = client.get_run(result.run_id)
     assert run.data.metrics["calibration/temperature"] == pytest.approx(temperature)
     assert {"calibration/ece_before", "calibration/ece_after", "model/trainable_parameters"} <= set(run.data.metrics)
-    assert "## Calibration" in (result.best_dir / "MODEL_CARD.md").read_text()
+    card = (result.best_dir / "MODEL_CARD.md").read_text()
+    assert "## Calibration" in card
+    # Held out: the test split, which T was not fitted on, measured with the served model's own scores.
+    test_texts = [line.split("\t")[0] for line in dev[100:300]]
+    test_gold = np.asarray([int(line.split("\t")[1]) for line in dev[100:300]])
+    expected = measure_held_out(calibrate(np.zeros((2, 2)), np.array([0, 1]), False, fixed=temperature),
+                                predictor.logits(test_texts, None), test_gold, False)
+    assert calibration["test_examples"] == 200
+    # A score within float rounding of a bin edge may land in the next bin: each such score moves ECE by < 2/200.
+    assert calibration["test_ece_before"] == pytest.approx(expected.test_ece_before, abs=0.01)
+    assert calibration["test_ece_after"] == pytest.approx(expected.test_ece_after, abs=0.01)
+    assert run.data.metrics["calibration/test_ece_after"] == pytest.approx(calibration["test_ece_after"])
+    assert "On the 200 test examples, which T was not fitted on" in card
 
 
 def test_the_moved_threshold_passes_the_same_labels_on_calibrated_scores():

@@ -133,7 +133,15 @@ def calibration_lines(calibration: dict[str, Any] | None) -> list[str]:
             f"{calibration['ece_after']:.3f} means a served score is, on average over the bins, that far from how often "
             "answers with that score were right. T was fitted on the same split that chose the best checkpoint, so "
             "on new data expect a somewhat larger error; `evaluation/reliability_diagram.png` shows it bin by bin."
-            + _threshold_sentence(calibration), ""]
+            + _held_out_sentence(calibration) + _threshold_sentence(calibration), ""]
+
+
+def _held_out_sentence(calibration: dict[str, Any]) -> str:
+    """What the test split, which T was not fitted on, says of the calibrated scores."""
+    if calibration.get("test_ece_after") is None:
+        return " There was no test split to measure it on examples T was not fitted on."
+    return (f" On the {calibration['test_examples']} test examples, which T was not fitted on, the expected "
+            f"calibration error is {calibration['test_ece_before']:.4f} before and {calibration['test_ece_after']:.4f} after.")
 
 
 def _threshold_sentence(calibration: dict[str, Any]) -> str:

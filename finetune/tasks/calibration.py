@@ -8,7 +8,7 @@ so the same labels pass it: calibration changes scores, never decisions.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -96,6 +96,11 @@ class CalibrationReport:
     """Multi-label: the threshold on the scores evaluation saw (before T)."""
     served_threshold: float | None = None
     """Multi-label: the same cut on calibrated scores (`served_threshold`), which the model is saved with."""
+    test_examples: int | None = None
+    """How many held-out (test split) examples `test_ece_before` and `test_ece_after` were measured on."""
+    test_ece_before: float | None = None
+    test_ece_after: float | None = None
+    """ECE on the test split, which T was not fitted on: what to expect of served scores on new data."""
     bins_before: list[dict[str, float]] | None = None
     bins_after: list[dict[str, float]] | None = None
 
@@ -121,3 +126,13 @@ def calibrate(logits: np.ndarray, labels: np.ndarray, multi_label: bool, fixed: 
         nll_before=nll(logits, labels, multi_label), nll_after=nll(logits, labels, multi_label, temperature),
         fitted=fixed is None, threshold=threshold if multi_label else None,
         served_threshold=moved if multi_label else None, bins_before=reliability_bins(*before), bins_after=reliability_bins(*after))
+
+
+def measure_held_out(report: CalibrationReport, logits: np.ndarray, labels: np.ndarray,
+                     multi_label: bool) -> CalibrationReport:
+    """The report with the expected calibration error before and after its temperature on examples it was not
+    fitted on (the test split): the fitted split's ECE after is optimistic, this one is not."""
+    before = confidences(logits, labels, multi_label)
+    after = confidences(logits, labels, multi_label, report.temperature)
+    return replace(report, test_examples=int(len(labels)), test_ece_before=expected_calibration_error(*before),
+                   test_ece_after=expected_calibration_error(*after))

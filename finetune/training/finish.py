@@ -23,7 +23,7 @@ from finetune.models.modeling import read_model_info, write_model_info
 from finetune.models.predictor import Predictor
 from finetune.reports import artifacts
 from finetune.tasks import Reference, Task, TaskSettings
-from finetune.tasks.calibration import CalibrationReport, calibrate
+from finetune.tasks.calibration import CalibrationReport, calibrate, measure_held_out
 from finetune.tracking.registry import register_and_maybe_promote
 from finetune.training.evaluation import evaluate
 from finetune.training.report import RunEnd
@@ -133,10 +133,19 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
         tracker.set_tags({"finetune.warnings": "\n".join(warnings)})
     test_metrics: dict[str, float] = {}
     if data.test is not None:
-        test_metrics, _ = evaluate(best, accelerator.prepare(eval_loader(data.test, collator, batch_size)), accelerator, task,
-                                   settings, Reference(data.test_features, data.raw_test, recipe.data), data.label_names,
-                                   extra)
+        test_metrics, test_outputs = evaluate(best, accelerator.prepare(eval_loader(data.test, collator, batch_size)),
+                                              accelerator, task, settings,
+                                              Reference(data.test_features, data.raw_test, recipe.data),
+                                              data.label_names, extra)
         tracker.log_metrics({f"test/{k}": v for k, v in test_metrics.items()}, step=state.step)
+        if report is not None and accelerator.is_main_process:
+            report = measure_held_out(report, np.asarray(test_outputs), np.asarray(data.raw_test["labels"]),
+                                      task.sigmoid_scores)
+            info = read_model_info(best_dir)
+            info.calibration = report.saved()
+            write_model_info(best_dir, info)
+            tracker.log_metrics({"calibration/test_ece_before": report.test_ece_before,
+                                 "calibration/test_ece_after": report.test_ece_after}, step=state.step)
 
     model_uri, champion, problem, summary = None, None, None, None
     if accelerator.is_main_process:
