@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import datasets
@@ -194,7 +195,9 @@ def test_the_bf16_measurement_is_a_ratio_and_leaves_the_random_state_alone():
     state = torch.random.get_rng_state()
     measured = preflight.measure_cpu_bf16_speedup()
     assert torch.equal(state, torch.random.get_rng_state())
-    assert 0.05 < measured.low <= measured.median <= measured.high < 20
+    # Only ordering and sign: the ratio itself is the CPU's (2.0x on AMX, 0.55x on AVX-512 without it, 0.05x on an
+    # AVX2-only EPYC, where bf16 is emulated).
+    assert 0 < measured.low <= measured.median <= measured.high and math.isfinite(measured.high)
 
 
 class _Quiet:
