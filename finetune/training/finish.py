@@ -65,14 +65,14 @@ def _data_description(recipe: Recipe, task: Task, data: PreparedData) -> str:
             + (f", {len(data.test)} test examples" if data.test is not None else ""))
 
 
-def calibrate_best(best_dir: Path, task: Task, settings: TaskSettings, eval_logits: np.ndarray,
+def calibrate_best(task: Task, settings: TaskSettings, eval_logits: np.ndarray,
                    gold: np.ndarray) -> tuple[TaskSettings, CalibrationReport | None]:
-    """Fit temperature scaling on the evaluation split's logits and keep it in the best model's finetune.json.
+    """Fit temperature scaling on the evaluation split's logits (`save_calibration` keeps it with the model).
 
     Returns the settings with the temperature (and, multi-label, the threshold moved with the scores: what the
-    served model answers with) and the report; the model is
-    unchanged when the task's scores are not calibrated or the recipe says task.calibration: none (unless it fixes
-    task.temperature, which is then only measured).
+    served model answers with) and the report; the settings are unchanged and the report None when the task's
+    scores are not calibrated or the recipe says task.calibration: none (unless it fixes task.temperature, which
+    is then only measured).
     """
     if not task.calibrates or (settings.calibration == "none" and settings.temperature is None) or not len(gold):
         return settings, None
@@ -80,11 +80,14 @@ def calibrate_best(best_dir: Path, task: Task, settings: TaskSettings, eval_logi
     update = {"temperature": report.temperature}
     if report.served_threshold is not None:
         update["threshold"] = report.served_threshold
-    settings = settings.model_copy(update=update)
+    return settings.model_copy(update=update), report
+
+
+def save_calibration(best_dir: Path, settings: TaskSettings, report: CalibrationReport) -> None:
+    """Keep the fitted settings and the report (held-out figures included) in the best model's finetune.json."""
     info = read_model_info(best_dir)
     info.settings, info.calibration = settings.saved(), report.saved()
     write_model_info(best_dir, info)
-    return settings, report
 
 
 def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, accelerator: Accelerator,
@@ -118,7 +121,7 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
                                settings, eval_reference, data.label_names)
     report = None
     if accelerator.is_main_process:
-        settings, report = calibrate_best(best_dir, task, settings, np.asarray(eval_outputs),
+        settings, report = calibrate_best(task, settings, np.asarray(eval_outputs),
                                           np.asarray(data.raw_eval["labels"]) if task.calibrates else np.zeros(0))
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
@@ -141,11 +144,11 @@ def finish_run(recipe: Recipe, task: Task, data: PreparedData, collator, acceler
         if report is not None and accelerator.is_main_process:
             report = measure_held_out(report, np.asarray(test_outputs), np.asarray(data.raw_test["labels"]),
                                       task.sigmoid_scores)
-            info = read_model_info(best_dir)
-            info.calibration = report.saved()
-            write_model_info(best_dir, info)
             tracker.log_metrics({"calibration/test_ece_before": report.test_ece_before,
                                  "calibration/test_ece_after": report.test_ece_after}, step=state.step)
+
+    if report is not None and accelerator.is_main_process:
+        save_calibration(best_dir, settings, report)  # once, after the test split's figures are in
 
     model_uri, champion, problem, summary = None, None, None, None
     if accelerator.is_main_process:
