@@ -13,6 +13,7 @@ least 1.8x the teacher's throughput, within 1.5 points of its accuracy, and bett
 
     python bench/distill.py                                  # about 30 min on 2 CPU cores
     python bench/distill.py --teacher runs/sst2-minilm/best  # reuse a trained teacher
+    python bench/distill.py --resume                         # continue a stopped run: finished runs are kept
     python bench/distill.py --quick --checkpoint DIR         # tiny data, a few steps (the test suite)
 """
 
@@ -59,13 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="the teacher's starting checkpoint (default: its recipe's, the offline MiniLM)")
     parser.add_argument("--workdir", help="where runs and the MLflow store go (default runs/bench-distill; --quick: temporary)")
     parser.add_argument("--quick", action="store_true", help="tiny data, a few steps (smoke run)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a stopped run of this benchmark in the same --workdir: runs that finished are read back "
+                             "from its MLflow store, not run again; an interrupted one continues from its last checkpoint")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
         work = Path(args.workdir or (tmp if args.quick else ROOT / "runs" / "bench-distill"))
-        runner = Runner(work, in_process=args.quick)
+        runner = Runner(work, in_process=args.quick, resume=args.resume)
         sample = ROOT / "data" / "sst2"
         small = [f"data.files.train={sample / 'train.tsv'}", f"data.files.validation={sample / 'dev.tsv'}",
                  "data.max_train_samples=128", "data.max_eval_samples=64", "training.max_steps=4",

@@ -16,6 +16,7 @@ in the work folder; the pretraining runs once and every seed fine-tunes from it.
     python bench/pretrain.py long               # about 4 h on 2 CPU cores (see BENCHMARKS.md)
     python bench/pretrain.py short              # about 25 min
     python bench/pretrain.py long --ways chunks,bigbird,bigbird-mlm   # also the converted BigBird without pretraining
+    python bench/pretrain.py long --resume      # continue a stopped run: finished runs are not run again
     python bench/pretrain.py --quick --checkpoint DIR   # both comparisons, tiny data, a few steps (the test suite)
 """
 
@@ -189,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="where runs and the MLflow store go (default runs/bench-pretrain; "
                                           "--quick: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="tiny data, a few steps, one seed (smoke run)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a stopped run of this benchmark in the same --workdir: runs that finished are read back "
+                             "from its MLflow store, not run again; an interrupted one continues from its last checkpoint")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     args.ways = [w.strip() for w in args.ways.split(",") if w.strip()]
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as tmp:
         workdir = Path(args.workdir or (tmp if args.quick else ROOT / "runs" / "bench-pretrain"))
-        runner = Runner(workdir, in_process=args.quick)
+        runner = Runner(workdir, in_process=args.quick, resume=args.resume)
         quick = write_quick_documents(Path(tmp)) if args.quick else None
         report: dict = {}
         if args.comparison in ("long", "both"):

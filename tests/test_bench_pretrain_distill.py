@@ -41,3 +41,29 @@ def test_quick_distillation_benchmark_trains_teacher_students_and_serves_both(ti
     assert out.count("- met: ") + out.count("- MISSED: ") == 3
     saved = json.loads(report.read_text())
     assert saved["layers"] == "0" and saved["serving"]["teacher"]["rps"] > 0 and saved["serving"]["distilled"]["rps"] > 0
+
+
+def test_a_stopped_benchmark_resumes_without_running_finished_runs_again(tiny_checkpoints, tmp_path, monkeypatch,
+                                                                         capsys):
+    """The full benchmarks outlast a working session: `--resume` in the same work folder reads the finished runs
+    back from MLflow and runs again only the one that was stopped (its journal has no `finished` line)."""
+    work, first, second = tmp_path / "work", tmp_path / "first.json", tmp_path / "second.json"
+    common = ["short", "--quick", "--checkpoint", str(tiny_checkpoints["bert"]), "--workdir", str(work)]
+    code, out, err = run_bench("pretrain", [*common, "--json", str(first)], monkeypatch, capsys)
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert "not run again" not in out
+    journal = work / "bench-journal.jsonl"
+    entries = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert [e["event"] for e in entries] == ["started", "finished"] * 3  # the pretraining and one seed of each way
+    stopped = entries[-1]["args"]  # pretend the last fine-tuning was killed: started, never finished
+    journal.write_text("".join(json.dumps(e) + "\n" for e in entries[:-1]))
+
+    code, out, err = run_bench("pretrain", [*common, "--resume", "--json", str(second)], monkeypatch, capsys)
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert out.count("not run again") == 2, out
+    ran = [line for line in out.splitlines() if line.startswith("$ finetune ") and "not run again" not in line]
+    assert len(ran) == 1 and all(arg in ran[0] for arg in stopped[-2:]), out
+    before, after = json.loads(first.read_text())["short"], json.loads(second.read_text())["short"]
+    assert after["pretraining"] == before["pretraining"]  # read back from the MLflow store, not trained again
+    assert after["ways"]["quickstart"]["dev_accuracy"] == before["ways"]["quickstart"]["dev_accuracy"]
+    assert after["ways"]["quickstart"]["seconds"] == before["ways"]["quickstart"]["seconds"]
