@@ -156,6 +156,48 @@ def test_masked_lm_loss_equals_the_heads_own(tiny_checkpoints):
                                    model(**inputs, **targets).loss)
 
 
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "big_bird"])
+def test_the_head_computes_only_masked_positions_with_the_same_loss_gradients_and_scores(tiny_checkpoints, family):
+    """`MaskedLMTask.forward` gives the head only the masked positions: (masked tokens x vocabulary) logits, and the
+    loss, every gradient and the evaluation tensors at the masked positions are those of the full logits."""
+    from finetune.data.features import prepare
+
+    model_section = {"max_length": 80, **({"attention_type": "block_sparse"} if family == "big_bird" else {})}
+    recipe = Recipe.model_validate(mlm_recipe(tiny_checkpoints[family], model=model_section))
+    tokenizer = load_tokenizer(recipe.model.checkpoint)
+    data = prepare(recipe, MASKED_LM, tokenizer)
+    model, _ = build_model(resolve_checkpoint(recipe.model.checkpoint), recipe.model, MASKED_LM, None)
+    batch = make_collator(tokenizer, model.config, MASKED_LM, TaskSettings.of(recipe.task))([data.train[i] for i in range(8)])
+    inputs, targets = MASKED_LM.split_batch(batch)
+    masked = targets["labels"] != IGNORE_INDEX
+    model.train()  # dropout off through the seed: both passes draw the same masks
+    results = {}
+    for way in ("full", "masked only"):
+        model.zero_grad()
+        torch.manual_seed(0)
+        outputs = model(**inputs) if way == "full" else MASKED_LM.forward(model, inputs, targets)
+        loss = MASKED_LM.loss(outputs, targets, TaskSettings())
+        loss.backward()
+        results[way] = (outputs.logits, loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                        MASKED_LM.eval_tensors(outputs, batch))
+    full, sparse = results["full"], results["masked only"]
+    assert sparse[0].shape == (int(masked.sum()), model.config.vocab_size) and full[0].dim() == 3
+    # Sums taken in another order (the decoder's gradient over fewer rows) differ in the last float32 bits only.
+    close = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sparse[0], full[0][masked], **close)
+    torch.testing.assert_close(sparse[1], full[1], **close)
+    assert full[2].keys() == sparse[2].keys() and len(full[2]) > 10
+    for name, grad in full[2].items():
+        torch.testing.assert_close(sparse[2][name], grad, **close, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(sparse[3]["nll"][masked], full[3]["nll"][masked], **close)
+    assert torch.equal(sparse[3]["labels"], full[3]["labels"])
+    predicted = sparse[3]["predicted"][masked]  # each the best token of the full logits too (ties aside)
+    assert torch.equal(predicted, sparse[0].argmax(dim=-1))
+    best = full[0][masked].max(dim=-1).values
+    torch.testing.assert_close(full[0][masked].gather(1, predicted[:, None])[:, 0], best, **close)
+    assert model(**inputs).logits.dim() == 3  # the hook is idle outside MaskedLMTask.forward
+
 def test_pretraining_lowers_held_out_loss_and_its_output_fine_tunes(tiny_checkpoints, tmp_path):
     from transformers import AutoModelForSequenceClassification
 

@@ -253,6 +253,11 @@ class Task:
         """Why a model of a task that does not serve (`serves` False) cannot answer, and what to do instead."""
         return f"{where} is a {self.name} model, which does not answer inputs"
 
+    def forward(self, model: Any, inputs: dict[str, Any], targets: dict[str, Any]) -> Any:
+        """The model's outputs on a batch, for `loss` and `eval_tensors`. A task may compute only what its loss
+        reads (masked_lm: the vocabulary at the masked positions only)."""
+        return model(**inputs)
+
     def loss(self, outputs: Any, targets: dict[str, Any], settings: TaskSettings) -> Any:
         """The training loss of a batch from the model's outputs and the batch's targets (`target_keys`)."""
         raise NotImplementedError

@@ -210,6 +210,48 @@ def position_buckets(positions: np.ndarray, nll: np.ndarray, correct: np.ndarray
     return rows
 
 
+class MaskedPositions:
+    """A forward pre-hook on a masked-LM head: while `positions` (a boolean batch x length mask) is set, the head
+    sees only those positions' hidden states, so it returns (masked tokens x vocabulary) logits.
+
+    Written here because the transformers MLM heads project every position onto the vocabulary, and only the
+    masked ~15% have a loss. For a small encoder that projection is most of the step: MiniLM's decoder
+    (384 x 30,522) has as many multiply-adds per token as its six layers together, and its logits (batch x length
+    x 30,522 floats, and their gradient) are most of the memory. The model is still called as a whole, so
+    DistributedDataParallel and autocast see an ordinary forward.
+    """
+
+    HEADS = ("cls", "vocab_transform")
+    """The first module of the head, which receives the encoder's last hidden states: BERT and BigBird
+    (`cls`), DistilBERT (`vocab_transform`, then activation, layer norm and projector, each per position)."""
+
+    def __init__(self) -> None:
+        self.positions: Any = None
+
+    def __call__(self, module: Any, args: tuple) -> tuple | None:
+        if self.positions is None:
+            return None
+        return (args[0][self.positions], *args[1:])
+
+    @classmethod
+    def on(cls, model: Any) -> "MaskedPositions | None":
+        """The hook of `model` (installed on first use; under DistributedDataParallel on the model it wraps), or None
+        for an architecture whose head is not one of HEADS."""
+        import torch
+        from accelerate.utils import extract_model_from_parallel
+
+        inner = extract_model_from_parallel(model)
+        hook = inner.__dict__.get("_finetune_masked_positions")
+        if hook is None:
+            head = next((m for m in (getattr(inner, name, None) for name in cls.HEADS) if isinstance(m, torch.nn.Module)), None)
+            hook = False
+            if head is not None:
+                hook = cls()
+                head.register_forward_pre_hook(hook)
+            inner.__dict__["_finetune_masked_positions"] = hook
+        return hook or None
+
+
 class MaskedLMTask(Task):
     name = "masked_lm"
     description = ("masked-language-model pretraining on unlabelled text (whole words, 80/10/10, dynamic masks); "
@@ -315,17 +357,39 @@ class MaskedLMTask(Task):
                   "projection tied to the word embeddings")
         carry_pooler(model, path)
 
+    def forward(self, model: Any, inputs: dict[str, Any], targets: dict[str, Any]) -> Any:
+        """Outputs whose logits are (masked tokens x vocabulary), in the order of `labels != IGNORE_INDEX`, when
+        the architecture's head is known (`MaskedPositions`); otherwise every position's."""
+        hook = MaskedPositions.on(model)
+        if hook is None or "labels" not in targets:
+            return model(**inputs)
+        hook.positions = targets["labels"] != IGNORE_INDEX
+        try:
+            return model(**inputs)
+        finally:
+            hook.positions = None
+
     def loss(self, outputs: Any, targets: dict[str, Any], settings: TaskSettings) -> Any:
         import torch.nn.functional as F
 
-        logits = outputs.logits
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets["labels"].view(-1), ignore_index=IGNORE_INDEX)
+        logits, labels = outputs.logits, targets["labels"]
+        if logits.dim() == 2:  # masked positions only (forward)
+            return F.cross_entropy(logits, labels[labels != IGNORE_INDEX])
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=IGNORE_INDEX)
 
     # --- evaluation --------------------------------------------------------------------------
     def eval_tensors(self, outputs: Any, batch: dict) -> dict:
+        import torch
         import torch.nn.functional as F
 
         logits, labels = outputs.logits, batch["labels"]
+        if logits.dim() == 2:  # masked positions only: put them back in place (the rest are never read)
+            masked = labels != IGNORE_INDEX
+            nll = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+            nll[masked] = F.cross_entropy(logits.float(), labels[masked], reduction="none")
+            predicted = torch.full_like(labels, IGNORE_INDEX)
+            predicted[masked] = logits.argmax(dim=-1)
+            return {"nll": nll, "predicted": predicted, "labels": labels}
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                               ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
         return {"nll": nll, "predicted": logits.argmax(dim=-1), "labels": labels}

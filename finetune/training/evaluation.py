@@ -28,7 +28,7 @@ def evaluate(model, loader, accelerator: Accelerator, task: Task, settings: Task
     for batch in loader:
         inputs, targets = task.split_batch(batch)
         with attention_for_batch(unwrapped, inputs["input_ids"]):
-            outputs = model(**inputs)
+            outputs = task.forward(model, inputs, targets)
         loss = task.loss(outputs, targets, settings)
         for key, tensor in task.eval_tensors(outputs, batch).items():
             if tensor.dim() > 1 and task.per_token:  # token axes differ between processes' batches

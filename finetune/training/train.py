@@ -174,7 +174,7 @@ def train_one_epoch(
             # The loss inside the autocast region, as the Hugging Face heads compute it: autocast runs the
             # loss functions in fp32 whatever the logits' precision.
             with attention_for_batch(unwrapped, inputs["input_ids"], state.attention_counts), autocast:
-                loss = task.loss(model(**inputs), targets, settings)
+                loss = task.loss(task.forward(model, inputs, targets), targets, settings)
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
