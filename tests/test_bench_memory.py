@@ -1,4 +1,4 @@
-"""Smoke tests of the memory benchmarks: bench/activation_memory.py and bench/memory.py."""
+"""Smoke tests of the memory benchmarks: bench/activation_memory.py, bench/mlm_head.py and bench/memory.py."""
 
 from __future__ import annotations
 
@@ -24,6 +24,19 @@ def test_activation_memory_bench_measures_each_variant_in_its_own_process(monkey
     code, _, err = run_bench("activation_memory", ["--variants", "default,flash"], monkeypatch, capsys)
     assert code == 2 and "--variants: unknown flash; allowed: default, attention_dropout=0, gradient_checkpointing" in err
 
+
+
+def test_mlm_head_bench_runs_both_heads_on_the_same_batch(monkeypatch, capsys, tmp_path):
+    out_json = tmp_path / "mlm.json"
+    code, out, err = run_bench("mlm_head", ["--batch", "2", "--length", "16", "--steps", "2", "--json", str(out_json)],
+                               monkeypatch, capsys)
+    assert code == 0, err
+    assert "| every position (transformers' BertForMaskedLM with labels) |" in out
+    assert "| masked positions only (finetune) |" in out
+    full, masked = json.loads(out_json.read_text())["rows"]
+    assert (full["variant"], masked["variant"]) == ("full", "masked")
+    assert masked["loss"] == pytest.approx(full["loss"], rel=1e-4)  # the same loss, computed on fewer rows
+    assert all(r["step_s"] > 0 for r in (full, masked))
 
 @pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="bench/memory.py measures under /usr/bin/time -v")
 def test_memory_bench_reports_the_peak_and_the_test_split_of_a_run(tiny_checkpoints, tmp_path, monkeypatch, capsys):
