@@ -128,6 +128,13 @@ class Runner:
             return _Attempts()  # trained again or removed since: the journal is stale for it
         return _Attempts(last["carried"] + _progress_seconds(out, last["time"]))  # stopped: finetune resumes it
 
+    def artifact(self, run_id: str, path: str) -> Path:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking)
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
+                                                        dst_path=str(self.workdir / "artifacts" / run_id)))
+
 
 @dataclass
 class _Attempts:
@@ -148,13 +155,6 @@ def _progress_seconds(out: Path | None, started: float) -> float:
     steps = list((out / "checkpoints").glob("step-*")) if out is not None else []
     newest = max((p.stat().st_mtime for p in steps), default=started)
     return max(0.0, newest - started)
-
-    def artifact(self, run_id: str, path: str) -> Path:
-        import mlflow
-
-        mlflow.set_tracking_uri(self.tracking)
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
-                                                        dst_path=str(self.workdir / "artifacts" / run_id)))
 
 
 def mean_sd(values: list[float]) -> str:
