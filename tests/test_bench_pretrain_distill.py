@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_bench
+from tests.conftest import load_bench, run_bench
 
 pytestmark = pytest.mark.e2e
 
@@ -67,3 +67,22 @@ def test_a_stopped_benchmark_resumes_without_running_finished_runs_again(tiny_ch
     assert after["pretraining"] == before["pretraining"]  # read back from the MLflow store, not trained again
     assert after["ways"]["quickstart"]["dev_accuracy"] == before["ways"]["quickstart"]["dev_accuracy"]
     assert after["ways"]["quickstart"]["seconds"] == before["ways"]["quickstart"]["seconds"]
+
+
+def test_serving_rounds_take_turns_and_pair_each_round(tmp_path, monkeypatch):
+    """Teacher and student are served in turns, and the speed-up is the median of each round's own ratio: a slow
+    spell of the machine during one round (here round 2, both 2x slower) does not move it."""
+    module = load_bench("distill", monkeypatch)
+    order, rps = [], {("t", 0): 100.0, ("s", 0): 190.0, ("t", 1): 50.0, ("s", 1): 95.0, ("t", 2): 110.0, ("s", 2): 176.0}
+
+    def fake_serve(model, clients, quick, workdir):
+        n = sum(1 for m in order if m == model.name)
+        order.append(model.name)
+        return {"clients": clients, "rps": rps[(model.name, n)], "p99_ms": 1000 / rps[(model.name, n)]}
+
+    monkeypatch.setattr(module, "serve_throughput", fake_serve)
+    out = module.serve_rounds({"teacher": tmp_path / "t", "distilled": tmp_path / "s"}, 3, 16, False, tmp_path)
+    assert order == ["t", "s", "t", "s", "t", "s"]
+    assert out["teacher"]["rps"] == 100.0 and out["distilled"]["rps"] == 176.0
+    assert out["distilled"]["ratio_by_round"] == pytest.approx([1.9, 1.9, 1.6])
+    assert len(out["teacher"]["rounds"]) == 3
