@@ -312,7 +312,14 @@ def run_way(way: str, spec: Spec, in_process: bool = False) -> dict:
     """One way in a fresh process, so none inherits another's warmed-up caches or allocator state; `in_process`
     (--quick, a smoke run whose timings mean nothing) saves each way the seconds of importing the libraries."""
     if in_process:
-        return run_finetune(spec) if way == "c" else run_trainer(spec, pad_to_max=way == "a", cpu_bf16=way == "d")
+        if way == "c":
+            return run_finetune(spec)
+        from finetune.training.speed import release_accelerator
+
+        try:
+            return run_trainer(spec, pad_to_max=way == "a", cpu_bf16=way == "d")
+        finally:  # the Trainer leaves its Accelerate state (bf16 for (d)) to the rest of the process: the test suite
+            release_accelerator()
     spec_file, out_file = Path(spec.workdir) / f"spec-{way}.json", Path(spec.workdir) / f"result-{way}.json"
     spec_file.write_text(json.dumps(asdict(spec)))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", way, "--spec", str(spec_file), "--out", str(out_file)]

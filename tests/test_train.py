@@ -145,3 +145,20 @@ def test_diverging_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(t
             train.main(recipe)
     assert (tmp_path / "out" / "checkpoints" / "step-4" / "model.safetensors").is_file()
     assert not (tmp_path / "out" / "checkpoints" / "step-6").exists()
+
+
+def test_a_run_after_an_accelerator_of_another_precision_in_the_same_process(tiny_checkpoints):
+    """A Trainer(bf16=True) or an Accelerator(mixed_precision="bf16") earlier in a notebook or test process used to
+    make the next fp32 run fail with "AcceleratorState has already been initialized" (CI on a bf16 CPU, where
+    bench/train.py --quick runs the Trainer with --bf16 in the test process)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, is_initialized
+
+    Accelerator(cpu=True, mixed_precision="bf16")
+    assert AcceleratorState().mixed_precision == "bf16"
+    recipe, result = _run(tiny_recipe(tiny_checkpoints["bert"], training={"max_steps": 2, "mixed_precision": "no"}))
+    assert result.steps == 2 and not is_initialized()  # the run's own state is released when it ends
+    # And the other way: what the process does after a run is not refused for the run's precision.
+    assert Accelerator(cpu=True, mixed_precision="bf16").mixed_precision == "bf16"
+    recipe, result = _run(tiny_recipe(tiny_checkpoints["bert"], training={"max_steps": 1, "mixed_precision": "no"}))
+    assert result.steps == 1

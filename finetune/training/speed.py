@@ -10,7 +10,9 @@ import contextlib
 from typing import Any
 
 import torch
-from accelerate.utils import DataLoaderConfiguration
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, is_initialized
+from accelerate.utils import DataLoaderConfiguration, DistributedType
 
 from finetune.config.recipe import Recipe, TrainingSection
 from finetune.errors import RecipeError
@@ -36,6 +38,36 @@ def accelerator_options(recipe: Recipe) -> dict[str, Any]:
     # training_autocast instead: Accelerate would wrap every forward pass, evaluation's too.
     return {"mixed_precision": precision(recipe) if cuda else "no",
             "dataloader_config": DataLoaderConfiguration(non_blocking=cuda)}
+
+
+def new_accelerator(recipe: Recipe) -> Accelerator:
+    """The run's Accelerator, even when something else in this process made one with another precision first.
+
+    Accelerate keeps one AcceleratorState per process and refuses an Accelerator whose mixed precision differs
+    from it. So an earlier Trainer(bf16=True) or Accelerator(mixed_precision="bf16") in the same notebook or test
+    process made every later fp32 run fail with "AcceleratorState has already been initialized". A single-process
+    state from before is dropped (its device and process state, PartialState, stay), and `release_accelerator`
+    drops this run's when it ends; a distributed one is left alone, since `accelerate launch` made it for this run.
+    """
+    options = accelerator_options(recipe)
+    if _single_process_state() and AcceleratorState().mixed_precision != options["mixed_precision"]:
+        AcceleratorState._reset_state()
+    return Accelerator(gradient_accumulation_steps=recipe.training.gradient_accumulation_steps, **options)
+
+
+def release_accelerator() -> None:
+    """After a run in a single process: drop its AcceleratorState, so whatever the process does next (a Trainer
+    with --bf16, another Accelerator) is not refused for the precision this run trained in."""
+    if _single_process_state():
+        AcceleratorState._reset_state()
+
+
+def _single_process_state() -> bool:
+    # AcceleratorState._reset_state is how Accelerate's own test suite resets it; there is no public call for it.
+    if not is_initialized():
+        return False
+    state = AcceleratorState()
+    return state.num_processes == 1 and state.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU)
 
 
 def training_autocast(recipe: Recipe) -> contextlib.AbstractContextManager:

@@ -240,6 +240,7 @@ def main(recipe: Recipe, resume_run: bool = False, nested: bool = False,
         return _train(recipe, resume_run, nested, hooks, overwrite, report)
     finally:  # a run that raised is no longer in progress, though this process lives on (sweeps, notebooks)
         outputs.release(recipe.output_dir)
+        speed.release_accelerator()
 
 
 def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks | None, overwrite: bool,
@@ -254,7 +255,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     if recipe.distillation is not None:
         d = recipe.distillation
         task = DistilledTask(task, d.temperature, d.alpha, d.hidden_weight)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, **speed.accelerator_options(recipe))
+    accelerator = speed.new_accelerator(recipe)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
         raise RuntimeError(
