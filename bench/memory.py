@@ -42,7 +42,7 @@ def peak_of(recipe: str, multiple: int | None, overrides: list[str], workdir: Pa
         raise RuntimeError(f"{recipe} failed:\n{(done.stdout + done.stderr)[-3000:]}")
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
     info = json.loads((out / "best" / "finetune.json").read_text())
-    return {"recipe": recipe, "pad_to_multiple_of": multiple, "peak_gib": peak_kb / 2**20, "wall_s": wall,
+    return {"recipe": recipe, "pad_to_multiple_of": multiple, "overrides": overrides, "peak_gib": peak_kb / 2**20, "wall_s": wall,
             "metrics": info.get("metrics", {}), "test_metrics": _test_metrics(workdir / "mlflow.db")}
 
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipes", nargs="+", help="recipe files; KEY=VALUE arguments are overrides for every run")
     parser.add_argument("--multiples", help="comma-separated model.pad_to_multiple_of values (default: the recipe's)")
     parser.add_argument("--json", help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come after the options, as in the examples above
     recipes = [r for r in args.recipes if "=" not in r]
     overrides = [r for r in args.recipes if "=" in r]
     multiples = [int(m) for m in args.multiples.split(",")] if args.multiples else [None]

@@ -44,12 +44,14 @@ def test_memory_bench_reports_the_peak_and_the_test_split_of_a_run(tiny_checkpoi
     recipe = tiny_recipe(tiny_checkpoints["bert"], name="tiny-memory",
                          data={"files": {"train": str(DATA / "sst2" / "train.tsv"), "validation": dev, "test": dev},
                                "test_split": "test"},
-                         training={"max_steps": 3, "batch_size": 8})
+                         training={"batch_size": 8})
     path = write_recipe(tmp_path / "tiny-memory.yaml", recipe, "finetune run tiny-memory.yaml")
     out_json = tmp_path / "memory.json"
-    code, out, err = run_bench("memory", [str(path), "--multiples", "16", "--json", str(out_json)], monkeypatch, capsys)
+    # Overrides after the options, as the bench's own examples write them.
+    code, out, err = run_bench("memory", [str(path), "--multiples", "16", "--json", str(out_json), "training.max_steps=3"],
+                               monkeypatch, capsys)
     assert code == 0, err
     rows = json.loads(out_json.read_text())["rows"]
-    assert [r["pad_to_multiple_of"] for r in rows] == [16]
+    assert [r["pad_to_multiple_of"] for r in rows] == [16] and rows[0]["overrides"] == ["training.max_steps=3"]
     assert all(0.1 < r["peak_gib"] < 24 and "accuracy" in r["metrics"] and "accuracy" in r["test_metrics"] for r in rows)
     assert "pad_to_multiple_of=16: peak " in out and "; test: accuracy " in out
