@@ -51,10 +51,6 @@ def serve_throughput(model: Path, clients: int, quick: bool, workdir: Path) -> d
     return {"clients": level["concurrency"], "rps": level["rps"], "p99_ms": level["p99_ms"]}
 
 
-def listed(values, fmt: str) -> str:
-    return ", ".join(fmt.format(v) for v in values)
-
-
 def serve_rounds(models: dict[str, Path], rounds: int, clients: int, quick: bool, workdir: Path) -> dict:
     """Each model's serving figures over `rounds` rounds, the models taking turns within a round.
 
@@ -146,10 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     distilled = statistics.mean(students["distilled"]["dev_accuracy"])
     plain = statistics.mean(students["without teacher"]["dev_accuracy"])
     speedup = statistics.median(serving["distilled"]["ratio_by_round"])  # paired by round: see serve_rounds
-    print(f"\nserving, {len(serving['teacher']['rounds'])} rounds taking turns (requests/s): teacher "
-          f"{listed((m['rps'] for m in serving['teacher']['rounds']), '{:.1f}')}; distilled student "
-          f"{listed((m['rps'] for m in serving['distilled']['rounds']), '{:.1f}')}; ratio by round "
-          f"{listed(serving['distilled']['ratio_by_round'], '{:.2f}x')} (the table gives medians)")
+    teacher_rps = ", ".join(f"{m['rps']:.1f}" for m in serving["teacher"]["rounds"])
+    student_rps = ", ".join(f"{m['rps']:.1f}" for m in serving["distilled"]["rounds"])
+    ratios = ", ".join(f"{r:.2f}x" for r in serving["distilled"]["ratio_by_round"])
+    print(f"\nserving, {len(serving['teacher']['rounds'])} rounds taking turns (requests/s): teacher {teacher_rps}; "
+          f"distilled student {student_rps}; ratio by round {ratios} (the table gives medians)")
     checks = [(f"throughput {speedup:.2f}x the teacher's (target >= {TARGET_SPEEDUP}x)", speedup >= TARGET_SPEEDUP),
               (f"{(teacher_accuracy - distilled) * 100:.2f} points below the teacher (target <= {TARGET_POINTS * 100:.1f})",
                teacher_accuracy - distilled <= TARGET_POINTS),

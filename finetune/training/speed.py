@@ -51,6 +51,7 @@ def new_accelerator(recipe: Recipe) -> Accelerator:
     """
     options = accelerator_options(recipe)
     if _single_process_state() and AcceleratorState().mixed_precision != options["mixed_precision"]:
+        # How Accelerate's own test suite resets it between tests; there is no public call for it.
         AcceleratorState._reset_state()
     return Accelerator(gradient_accumulation_steps=recipe.training.gradient_accumulation_steps, **options)
 
@@ -63,7 +64,6 @@ def release_accelerator() -> None:
 
 
 def _single_process_state() -> bool:
-    # AcceleratorState._reset_state is how Accelerate's own test suite resets it; there is no public call for it.
     if not is_initialized():
         return False
     state = AcceleratorState()
