@@ -140,21 +140,23 @@ def test_speed_switches_parse_validate_and_default(tmp_path):
         load_recipe(recipe, ["training.group_by_length=sometimes"])
     with pytest.raises(RecipeError, match="training.compile cannot be used with model.attention_type block_sparse"):
         load_recipe(recipe, ["training.compile=true", "model.attention_type=block_sparse"])
-    with pytest.raises(RecipeError, match=r"training.mixed_precision: bf16 cannot be used with model.attention_type "
-                                          r"block_sparse .*allowed with block_sparse: auto \(trains in fp32\) or no"):
-        load_recipe(recipe, ["training.mixed_precision=bf16", "model.attention_type=block_sparse"])
+    bf16 = load_recipe(recipe, ["training.mixed_precision=bf16", "model.attention_type=block_sparse"])
+    assert bf16.training.mixed_precision == "bf16"
 
 
-def test_block_sparse_bigbird_trains_in_fp32_whatever_auto_would_pick(tmp_path, monkeypatch):
+def test_block_sparse_bigbird_follows_auto_precision_like_any_model(tmp_path, monkeypatch):
     from finetune.training import preflight, speed
 
     monkeypatch.setattr(preflight, "cpu_computes_bf16", lambda: True)
     monkeypatch.setattr(preflight, "cpu_bf16_speedup", lambda: 1.5)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {checkpoint: x}\ndata: {files: {train: t.csv}}\ntask: {type: classification}\n")
-    assert speed.precision(load_recipe(recipe, ["model.attention_type=block_sparse"])) == "no"
-    assert speed.precision(load_recipe(recipe, ["model.attention_type=original_full"])) == (
-        "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp16")
+    half = "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp16"
+    assert speed.precision(load_recipe(recipe, ["model.attention_type=block_sparse"])) == half
+    assert speed.precision(load_recipe(recipe, ["model.attention_type=original_full"])) == half
+    monkeypatch.setattr(preflight, "cpu_bf16_speedup", lambda: 0.6)
+    if not torch.cuda.is_available():
+        assert speed.precision(load_recipe(recipe, ["model.attention_type=block_sparse"])) == "no"
 
 
 def test_compile_switch_compiles_in_place():

@@ -15,12 +15,19 @@ Evaluation is deterministic: in eval mode transformers draws no random blocks (t
 transformers PR 23056), and `plan_batches` keeps the inputs that run block-sparse apart from inputs
 of other padded lengths, because a block-sparse input's result depends on the padded length (the last
 global block and the sliding windows move with it).
+
+Mixed precision: transformers' block-sparse attention fails under autocast (it scatters float32 softmax
+weights into a tensor of the half-precision matmul's dtype). `sparse_attention_in_fp32` runs that one
+computation in fp32 and leaves every linear layer to autocast, so block-sparse models train and predict in
+bf16 or fp16 like any other. `attention_for_batch` applies it before every block-sparse forward pass, since
+transformers builds a new attention module each time the type switches.
 """
 
 from __future__ import annotations
 
+import types
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -137,9 +144,47 @@ def attention_for_batch(model: torch.nn.Module, input_ids: torch.Tensor, counts:
         yield chosen
         return
     base.set_attention_type(chosen)
+    if chosen == "block_sparse":
+        sparse_attention_in_fp32(model)  # switching made new attention modules
     if counts is not None:
         counts[chosen] = counts.get(chosen, 0) + 1
     try:
         yield chosen
     finally:
         base.set_attention_type(configured)
+
+
+def _block_sparse_core_in_fp32(self, query, key, value, *rest: Any, **kwargs: Any):
+    """transformers' `bigbird_block_sparse_attention`, computed in fp32 when autocast is on (and unchanged when not)."""
+    original = type(self).bigbird_block_sparse_attention
+    device = query.device.type
+    if not torch.is_autocast_enabled(device):
+        return original(self, query, key, value, *rest, **kwargs)
+
+    def fp32(x):
+        return x.float() if torch.is_tensor(x) and x.is_floating_point() else x
+
+    with torch.autocast(device, enabled=False):
+        return original(self, fp32(query), fp32(key), fp32(value), *map(fp32, rest),
+                        **{k: fp32(v) for k, v in kwargs.items()})
+
+
+def sparse_attention_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
+    """Make a BigBird's block-sparse attention core run in fp32 under autocast; other models are left as they are.
+
+    Under bf16/fp16 autocast transformers' block-sparse attention fails ("scatter(): Expected self.dtype to be
+    equal to src.dtype"): it rebuilds the full attention-probability matrix in the matmul's half-precision dtype
+    from float32 softmax weights. Only that core is switched, per module instance (a bound method on the
+    instance, so `copy.deepcopy` rebinds it to the copy and no other model in the process changes; each switch of
+    attention type makes new modules, hence `attention_for_batch` calls this every time): the
+    query/key/value projections, the feed-forward layers and the head, most of the arithmetic at 1,536 tokens,
+    still run in half precision. Without autocast nothing changes.
+    """
+    if not is_bigbird(model):
+        return model
+    from transformers.models.big_bird.modeling_big_bird import BigBirdBlockSparseAttention
+
+    for module in model.modules():
+        if isinstance(module, BigBirdBlockSparseAttention):
+            module.bigbird_block_sparse_attention = types.MethodType(_block_sparse_core_in_fp32, module)
+    return model

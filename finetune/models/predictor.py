@@ -12,7 +12,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from finetune.models.bigbird import RULE_ATTRIBUTE, attention_for_batch, is_bigbird, is_block_sparse, plan_batches, sparse_min_length
+from finetune.models.bigbird import (
+    RULE_ATTRIBUTE, attention_for_batch, is_bigbird, plan_batches, sparse_min_length,
+)
 from finetune.models.integrity import check_model_folder, load_weights
 from finetune.models.modeling import ModelInfo, make_collator
 from finetune.tasks import Encoded, PostprocessOptions, get_task
@@ -23,7 +25,7 @@ class Predictor:
 
     def __init__(self, model: Any, tokenizer: Any, info: ModelInfo, batch_size: int = 32, precision: str = "fp32"):
         self.model = model.eval()
-        self.precision = check_inference_precision(precision, model.config)
+        self.precision = check_inference_precision(precision)
         self.tokenizer = tokenizer
         self.info = info
         self.task = get_task(info.task)
@@ -107,18 +109,14 @@ class Predictor:
 INFERENCE_PRECISIONS = ("fp32", "bf16")
 
 
-def check_inference_precision(precision: str, config: Any) -> str:
+def check_inference_precision(precision: str) -> str:
     """The precision a Predictor runs in: fp32 (what evaluation uses, so answers match the logged metrics
     exactly) or bf16 autocast (faster on CPUs that compute bf16 natively; answers can differ near ties).
 
-    Raises ValueError naming the allowed values, or why a model cannot run in bf16.
+    Raises ValueError naming the allowed values. Block-sparse BigBird runs in bf16 too (`finetune.models.bigbird`).
     """
     if precision not in INFERENCE_PRECISIONS:
         raise ValueError(f"precision {precision!r}: allowed values are {', '.join(INFERENCE_PRECISIONS)}")
-    if precision == "bf16" and is_block_sparse(config):
-        # The same limit training has: transformers' block-sparse attention fails under autocast.
-        raise ValueError("precision bf16: block-sparse BigBird runs in fp32 only (transformers' block-sparse "
-                         "attention fails under autocast); allowed for this model: fp32")
     return precision
 
 

@@ -135,7 +135,7 @@ def load_predictor(found: Located, backend: str = "auto", precision: str = "fp32
     if not predictor.task.serves:
         raise ModelSourceError(predictor.task.not_served(found.source))
     try:
-        predictor.precision = check_inference_precision(precision, predictor.model.config)
+        predictor.precision = check_inference_precision(precision)
     except ValueError as e:
         raise ModelSourceError(f"--{e}") from None
     return predictor

@@ -22,11 +22,9 @@ from finetune.training.preflight import choose_mixed_precision
 def precision(recipe: Recipe) -> str:
     """The precision this run trains in ("no", "bf16" or "fp16"): the recipe's, with `auto` resolved for this machine.
 
-    Block-sparse BigBird trains in fp32 whatever `auto` would pick: transformers' block-sparse attention fails
-    under autocast (the recipe refuses bf16/fp16 for it outright).
+    Block-sparse BigBird too: its sparse attention core runs in fp32 inside the autocast region
+    (`finetune.models.bigbird.sparse_attention_in_fp32`, applied by `attention_for_batch` before every forward pass).
     """
-    if recipe.model.attention_type == "block_sparse":
-        return "no"
     return choose_mixed_precision(recipe.training.mixed_precision)
 
 
