@@ -114,22 +114,49 @@ def test_teacher_outputs_are_computed_once_and_equal_fresh_ones(teacher_dir, tin
     from finetune.models.predictor import Predictor
     from finetune.training.teacher import add_teacher_outputs
 
-    recipe = student_recipe(tiny_checkpoints["distilbert"], teacher_dir, tmp_path, hidden_weight=1.0)
+    recipe = student_recipe(tiny_checkpoints["distilbert"], teacher_dir, tmp_path, hidden_weight=1.0,
+                            teacher_precision="fp32")
     task = get_task("classification")
 
-    def prepared():
+    def prepared(recipe):
         return add_teacher_outputs(prepare(recipe, task, load_tokenizer(recipe.model.checkpoint)), recipe, 32)
 
-    first = prepared()
-    assert "computed once, cached" in capsys.readouterr().out
-    again = prepared()
+    first = prepared(recipe)
+    assert "(fp32) on 96 training examples: computed once, cached" in capsys.readouterr().out
+    again = prepared(recipe)
     assert "from cache" in capsys.readouterr().out
     cached = np.array(again.train[TEACHER_LOGITS])
     assert np.array_equal(cached, np.array(first.train[TEACHER_LOGITS]))
     # The same numbers the teacher gives when asked now, text by text (fp32; batching only rounds).
-    fresh = Predictor.from_dir(teacher_dir).logits(list(first.raw_train["sentence"]), None)
+    texts = list(first.raw_train["sentence"])
+    fresh = Predictor.from_dir(teacher_dir).logits(texts, None)
     np.testing.assert_allclose(cached, fresh, rtol=0, atol=1e-5)
     assert np.array(first.train[TEACHER_HIDDEN]).shape == (len(first.train), 32)
+
+    # In bf16 they are cached apart (never mixed up with the fp32 ones) and near the teacher's bf16 answers.
+    bf16 = prepared(student_recipe(tiny_checkpoints["distilbert"], teacher_dir, tmp_path, hidden_weight=1.0,
+                                   teacher_precision="bf16"))
+    assert "(bf16) on 96 training examples: computed once, cached" in capsys.readouterr().out
+    half = np.array(bf16.train[TEACHER_LOGITS])
+    assert not np.array_equal(half, cached), "bf16 autocast did not run"
+    spread = np.abs(cached).max()
+    assert np.abs(half - cached).max() <= 0.05 * spread  # bf16 keeps three significant digits, not rounding
+    assert np.abs(half - Predictor.from_dir(teacher_dir, precision="bf16").logits(texts, None)).max() <= 0.05 * spread
+
+
+def test_teacher_precision_follows_the_students_by_default(teacher_dir, tiny_checkpoints, tmp_path, monkeypatch):
+    from finetune.training import preflight
+    from finetune.training.teacher import teacher_precision
+
+    monkeypatch.setattr(preflight, "cpu_computes_bf16", lambda: True)
+    for speedup, expected in ((1.5, "bf16"), (0.6, "fp32")):
+        monkeypatch.setattr(preflight, "cpu_bf16_speedup", lambda: speedup)
+        assert teacher_precision(student_recipe(tiny_checkpoints["bert"], teacher_dir, tmp_path)) == (
+            expected if not torch.cuda.is_available() else "fp32")
+    assert teacher_precision(student_recipe(tiny_checkpoints["bert"], teacher_dir, tmp_path,
+                                            teacher_precision="fp32")) == "fp32"
+    with pytest.raises(ValueError, match="teacher_precision"):
+        student_recipe(tiny_checkpoints["bert"], teacher_dir, tmp_path, teacher_precision="fp16")
 
 
 def test_a_distilled_student_trains_serves_and_exports_and_names_its_teacher(teacher_dir, tiny_checkpoints, tmp_path):
@@ -144,6 +171,7 @@ def test_a_distilled_student_trains_serves_and_exports_and_names_its_teacher(tea
     assert math.isfinite(result.best_metrics["loss"])
     run = mlflow.get_run(result.run_id)
     assert run.data.tags["finetune.teacher"] == str(teacher_dir)
+    assert run.data.tags["finetune.teacher_precision"] in ("fp32", "bf16")
     assert run.data.params["distillation.teacher"] == str(teacher_dir)
     assert f"**Distilled from:** `{teacher_dir}`" in (result.best_dir / "MODEL_CARD.md").read_text()
     assert json.loads((result.best_dir / "finetune.json").read_text())["task"] == "classification"

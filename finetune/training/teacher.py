@@ -80,10 +80,21 @@ def model_digest(path: Path) -> str:
     return digest.hexdigest()[:24]
 
 
+def teacher_precision(recipe: Recipe) -> str:
+    """`distillation.teacher_precision` resolved: auto is bf16 when the student trains in bf16 on a CPU, else fp32."""
+    requested = recipe.distillation.teacher_precision
+    if requested != "auto":
+        return requested
+    from finetune.training.speed import precision
+
+    return "bf16" if not torch.cuda.is_available() and precision(recipe) == "bf16" else "fp32"
+
+
 @torch.inference_mode()
 def teacher_outputs(teacher: Predictor, texts: list[str], pairs: list[str] | None, hidden: bool,
-                    batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
-    """The teacher's logits (and first-token last hidden state) for every text, in order, in fp32 eval mode."""
+                    batch_size: int = 64, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray | None]:
+    """The teacher's logits (and first-token last hidden state) for every text, in order, in eval mode, in fp32 or
+    under bf16 autocast (`precision`); returned as float32."""
     task, settings, model = teacher.task, teacher.settings, teacher.model.eval()
     logits_out, hidden_out = [], []
     progress = tqdm(total=len(texts), desc="teacher outputs", disable=len(texts) < 1000)
@@ -96,7 +107,8 @@ def teacher_outputs(teacher: Predictor, texts: list[str], pairs: list[str] | Non
         states: list[Any] = [None] * len(features)
         for idx in plan_batches([len(f["input_ids"]) for f in features], batch_size, model.config):
             batch = teacher.collator([features[i] for i in idx])
-            with attention_for_batch(model, batch["input_ids"]):
+            with attention_for_batch(model, batch["input_ids"]), \
+                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 out = model(**batch, output_hidden_states=hidden)
             for j, i in enumerate(idx):
                 rows[i] = out.logits[j].float().numpy()
@@ -121,23 +133,26 @@ def add_teacher_outputs(data: PreparedData, recipe: Recipe, student_hidden: int)
     if len(data.train) != len(data.raw_train):
         raise RecipeError("distillation needs one training feature per training text (task.long_inputs: truncate)")
     hidden = bool(cfg.hidden_weight)
+    precision = teacher_precision(recipe)
     key = hashlib.sha256(json.dumps({
         "teacher": model_digest(folder), "train": data.raw_train._fingerprint,
         "columns": [recipe.data.text_column, recipe.data.text_pair_column], "hidden": hidden, "version": 1,
+        **({"precision": precision} if precision != "fp32" else {}),  # fp32 keeps the key caches made before it
     }, sort_keys=True).encode()).hexdigest()[:24]
     cached = cache_root().parent / "teacher" / f"{key}.npz"
     if cached.is_file():
         saved = np.load(cached)
         logits, states = saved["logits"], (saved["hidden"] if hidden else None)
-        print(f"teacher outputs of {cfg.teacher} on {len(logits)} training examples: from cache")
+        print(f"teacher outputs of {cfg.teacher} ({precision}) on {len(logits)} training examples: from cache")
     else:
         texts, pairs = batch_texts(data.raw_train[:], recipe.data)
-        logits, states = teacher_outputs(teacher, texts, pairs, hidden)
+        logits, states = teacher_outputs(teacher, texts, pairs, hidden, precision=precision)
         cached.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cached.parent, suffix=".npz", delete=False) as f:
             np.savez(f, logits=logits, **({"hidden": states} if hidden else {}))
         os.replace(f.name, cached)  # written whole, then renamed: an interrupted run leaves no half file
-        print(f"teacher outputs of {cfg.teacher} on {len(logits)} training examples: computed once, cached")
+        print(f"teacher outputs of {cfg.teacher} ({precision}) on {len(logits)} training examples: computed once, "
+              "cached")
     data.train = data.train.add_column(TEACHER_LOGITS, logits.tolist())
     if hidden:
         data.train = data.train.add_column(TEACHER_HIDDEN, states.tolist())

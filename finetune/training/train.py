@@ -323,6 +323,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     tags = {"finetune.checkpoint_source": resolved.source, **lineage}
     if recipe.distillation is not None:
         tags["finetune.teacher"] = recipe.distillation.teacher
+        tags["finetune.teacher_precision"] = teacher.teacher_precision(recipe)
     tracker = (
         Tracker(recipe, tags, run_id=state.run_id, nested=nested)
         if accelerator.is_main_process else NullTracker()
