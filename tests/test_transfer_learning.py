@@ -276,6 +276,62 @@ def test_layer_wise_learning_rates_are_as_specified(tiny_checkpoints):
     assert len({round(r, 12) for r in now}) == 1  # the schedule scales every group alike
 
 
+def test_head_only_steps_keep_the_encoder_still_then_train_it(tiny_checkpoints):
+    """training.head_only_steps: the encoder is bit for bit unchanged while the head trains alone, then it trains,
+    warming up from 0 again; the head follows the recipe's schedule throughout."""
+    from transformers import AutoModelForSequenceClassification
+
+    from finetune.training.optim import make_optimizer, make_scheduler
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoints["bert"], num_labels=2)
+    cfg = TrainingSection(learning_rate=1e-2, head_only_steps=3, warmup_ratio=0.25)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps=11, num_processes=1)
+    head = [g for g in optimizer.param_groups if g["head"]]
+    assert head and all(set(g["layers"]) == {"head"} for g in head)
+    encoder_weight, head_weight = model.bert.encoder.layer[0].output.dense.weight, model.classifier.weight
+    start_encoder, start_head = encoder_weight.detach().clone(), head_weight.detach().clone()
+    batch = {"input_ids": torch.randint(5, 100, (4, 12)), "labels": torch.tensor([0, 1, 0, 1])}
+    rates = []
+    for step in range(11):
+        rates.append((optimizer.param_groups[0]["lr"], head[0]["lr"]))
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        if step == 2:  # three optimizer steps of the head alone
+            assert torch.equal(encoder_weight, start_encoder)
+            assert not torch.equal(head_weight, start_head)
+    assert not torch.equal(encoder_weight, start_encoder)
+    encoder_rates = [e for e, _ in rates]
+    assert encoder_rates[:4] == [0.0] * 4  # still, and the first step of its own warmup starts from 0
+    assert 0 < encoder_rates[4] < encoder_rates[5]  # warming up over its share (2 of the 8 steps left)
+    assert encoder_rates[6] == pytest.approx(rates[6][1])  # then the recipe's schedule, as the head has
+    assert rates[1][1] > 0 and rates[0][1] == 0.0  # the head warms up from step 0
+
+
+def test_a_head_first_run_logs_an_encoder_rate_of_0_then_trains_everything(tiny_checkpoints):
+    import mlflow
+
+    base = load_file(str(tiny_checkpoints["bert"] / "model.safetensors"))
+    result = _run(tiny_recipe(tiny_checkpoints["bert"], training={"head_only_steps": 3, "max_steps": 6, "logging_steps": 1,
+                                                                  "learning_rate": 1e-2, "warmup_ratio": 0}))
+    rates = {m.step: m.value for m in mlflow.tracking.MlflowClient().get_metric_history(result.run_id, "train/learning_rate")}
+    # Logged after step s: the rate of step s + 1. Steps 1-3 ran at 0, step 4 on (no warmup asked) at the schedule's.
+    assert [rates[s] for s in (1, 2)] == [0.0, 0.0] and rates[3] == pytest.approx(1e-2 * 3 / 6)
+    trained = load_file(str(result.best_dir / "model.safetensors"))
+    assert not torch.equal(trained["bert.encoder.layer.0.output.dense.weight"], base["encoder.layer.0.output.dense.weight"])
+
+
+def test_head_only_steps_that_leave_nothing_to_train_are_refused(tiny_checkpoints):
+    with pytest.raises(ValueError, match="training.head_only_steps cannot be used with training.freeze: encoder"):
+        Recipe.model_validate(tiny_recipe(tiny_checkpoints["bert"], training={"freeze": "encoder", "head_only_steps": 2}))
+    with pytest.raises(RecipeError, match=r"training.head_only_steps: 4, but the run has only 4 optimizer steps.*"
+                                          r"allowed: 0 to 3"):
+        _run(tiny_recipe(tiny_checkpoints["bert"], training={"head_only_steps": 4, "max_steps": 4}))
+
+
 def test_impossible_freezing_is_refused_naming_the_limits(tiny_checkpoints):
     from finetune.training.preflight import preflight
 

@@ -270,6 +270,16 @@ class TrainingSection(_Section):
     """Layer-wise learning-rate decay: the top encoder layer trains at learning_rate, each layer below at this factor times the one above, the embeddings lowest (learning_rate x decay^layers). null: one learning rate for the encoder."""
     head_learning_rate: float | None = Field(None, gt=0, lt=1)
     """Learning rate of the task head (the parameters outside the encoder, and BERT's pooler, which only the head reads). null: learning_rate."""
+    head_only_steps: int = Field(0, ge=0, le=MAX_COUNT)
+    """Train the head alone first: for this many optimizer steps the encoder's learning rate is 0 (its weights do not move), then everything trains, the encoder with a warmup of its own (warmup_steps or warmup_ratio of the steps left). Linear probing then fine-tuning (Kumar et al., 2022): a new head initialised at random otherwise sends its noisy gradients into the pretrained encoder, e.g. a masked-language-model head added to an encoder that ships without one. The logged train/learning_rate is the encoder's. 0: off. Not with freeze: encoder (nothing else would ever train)."""
+
+    @model_validator(mode="after")
+    def _head_only_steps_leave_an_encoder(self) -> "TrainingSection":
+        if self.head_only_steps and self.freeze == "encoder":
+            raise ValueError("training.head_only_steps cannot be used with training.freeze: encoder (the encoder never "
+                             "trains, so there is no later phase); allowed: head_only_steps 0, or freeze none, "
+                             "embeddings or a number of layers")
+        return self
 
     @model_validator(mode="after")
     def _eval_steps_given(self) -> "TrainingSection":

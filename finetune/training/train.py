@@ -149,6 +149,9 @@ def setup_model(recipe: Recipe, task: Task, start: Start,
         built.notes.append("The frozen encoder's outputs were computed once per text and cached; only the head trained.")
     if recipe.training.freeze != "none" and built.adapter is None:
         built.notes.append(f"Frozen: {trainable.frozen}; {trainable.trainable:,} of {trainable.total:,} parameters trained.")
+    if recipe.training.head_only_steps:
+        built.notes.append(f"The head trained alone for the first {recipe.training.head_only_steps} steps (the encoder "
+                           "standing still), then everything did.")
     if built.adapter is not None:
         a = built.adapter
         built.notes.append(f"A LoRA adapter (r {a['r']}, alpha {a['alpha']:g}, on {', '.join(a['target_modules'])}) and the "
