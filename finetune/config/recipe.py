@@ -311,7 +311,7 @@ class DistillationSection(_Section):
     alpha: float = Field(0.5, ge=0, le=1)
     """Weight of the distillation term: loss = (1 - alpha) x the task's loss + alpha x T^2 x KL(teacher || student) (regression: the squared difference to the teacher's value). 0 trains on the labels alone, 1 on the teacher alone."""
     teacher_precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """How the teacher computes its outputs, once before training: fp32, or bf16 autocast (several times faster on a CPU that computes bf16; the softened targets need no more than bf16's three significant digits). auto: bf16 when the student trains in bf16 on a CPU (training.mixed_precision), else fp32. The outputs are cached per precision."""
+    """How the teacher computes its outputs, once before training: fp32, or bf16 autocast (faster where the CPU computes bf16 natively, as bf16 training is; the softened targets need no more than bf16's three significant digits). auto: bf16 when the student trains in bf16 on a CPU (training.mixed_precision), else fp32. The outputs are cached per precision."""
     hidden_weight: float = Field(0.0, ge=0, le=1000)
     """Adds hidden_weight x the mean squared difference between the student's and the teacher's last hidden state of the first token ([CLS]), cached like the outputs; only when both models have the same hidden size. 0: off."""
 
