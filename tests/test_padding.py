@@ -58,3 +58,5 @@ def test_the_default_multiple_pads_long_inputs_and_cpu_bf16_only(monkeypatch):
     assert speed.pad_multiple(recipe(64, multiple=8)) == 8 and speed.pad_multiple(recipe(384, multiple=1)) == 1
     if not torch.cuda.is_available():
         assert speed.pad_multiple(recipe(64, "bf16")) == 16, "bf16 kernels are set up once per shape"
+        assert speed.pad_multiple(recipe(256, "bf16")) == 32, "bf16 memory grows with the number of long shapes"
+        assert speed.pad_multiple(recipe(256, "bf16", multiple=16)) == 16
