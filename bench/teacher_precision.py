@@ -36,15 +36,6 @@ def read_texts(path: str, column: str, limit: int | None) -> list[str]:
     return texts[:limit] if limit else texts
 
 
-def softened(logits, temperature: float):
-    import numpy as np
-
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="the teacher: a fine-tuned classification model folder")
@@ -60,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from finetune.models.predictor import Predictor
+    from finetune.tasks.base import softmax
     from finetune.training.teacher import teacher_outputs
 
     teacher = Predictor.from_dir(args.model)
@@ -77,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [f / b for f, b in zip(seconds["fp32"], seconds["bf16"])]
     fp32, bf16 = outputs["fp32"], outputs["bf16"]
     agree = float((fp32.argmax(axis=1) == bf16.argmax(axis=1)).mean())
-    gap = float(np.abs(softened(fp32, args.temperature) - softened(bf16, args.temperature)).max())
+    gap = float(np.abs(softmax(fp32 / args.temperature) - softmax(bf16 / args.temperature)).max())
     result = {"machine": machine, "texts": len(texts), "seconds": seconds, "speedup": statistics.median(ratios),
               "speedups": ratios, "top_class_agreement": agree, "max_softened_difference": gap,
               "temperature": args.temperature, "threads": torch.get_num_threads()}

@@ -90,7 +90,7 @@ class Predictor:
 
     @torch.inference_mode()
     def _forward(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with inference_autocast(self.precision):
             output = self.model(**batch)
         return self.task.output_array(output).float().numpy()
 
@@ -107,6 +107,11 @@ class Predictor:
 
 
 INFERENCE_PRECISIONS = ("fp32", "bf16")
+
+
+def inference_autocast(precision: str) -> torch.autocast:
+    """The autocast region a forward pass runs in at an inference precision (`INFERENCE_PRECISIONS`)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def check_inference_precision(precision: str) -> str:

@@ -68,6 +68,11 @@ def _single_process_state() -> bool:
     return state.num_processes == 1 and state.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU)
 
 
+def trains_bf16_on_cpu(recipe: Recipe) -> bool:
+    """Whether this run's training forward runs under bf16 autocast on a CPU (`training_autocast`)."""
+    return not torch.cuda.is_available() and precision(recipe) == "bf16"
+
+
 def training_autocast(recipe: Recipe) -> contextlib.AbstractContextManager:
     """bf16 autocast for the training forward pass on a CPU when the recipe's precision resolves to bf16.
 
@@ -76,7 +81,7 @@ def training_autocast(recipe: Recipe) -> contextlib.AbstractContextManager:
     weights and optimizer state stay fp32 (autocast casts per operation). On GPUs Accelerate's own mixed
     precision applies (accelerator_options) and this is a no-op.
     """
-    if torch.cuda.is_available() or precision(recipe) != "bf16":
+    if not trains_bf16_on_cpu(recipe):
         return contextlib.nullcontext()
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
@@ -108,7 +113,7 @@ def pad_multiple(recipe: Recipe) -> int:
     """The recipe's `model.pad_to_multiple_of`, with the default resolved for its inputs and this machine."""
     if recipe.model.pad_to_multiple_of is not None:
         return recipe.model.pad_to_multiple_of
-    cpu_bf16 = not torch.cuda.is_available() and precision(recipe) == "bf16"
+    cpu_bf16 = trains_bf16_on_cpu(recipe)
     long = recipe.model.max_length >= LONG_INPUTS
     if long and cpu_bf16:
         return PAD_MULTIPLE_LONG_CPU_BF16

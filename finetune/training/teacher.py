@@ -24,7 +24,7 @@ from finetune.config.recipe import Recipe
 from finetune.data.features import PreparedData, cache_root
 from finetune.errors import RecipeError
 from finetune.models.bigbird import attention_for_batch, plan_batches
-from finetune.models.predictor import Predictor
+from finetune.models.predictor import Predictor, inference_autocast
 from finetune.tasks.distillation import TEACHER_HIDDEN, TEACHER_LOGITS
 from finetune.tasks.sequence import batch_texts, pool_windows
 from finetune.tracking.tracker import tracking_uri
@@ -85,9 +85,9 @@ def teacher_precision(recipe: Recipe) -> str:
     requested = recipe.distillation.teacher_precision
     if requested != "auto":
         return requested
-    from finetune.training.speed import precision
+    from finetune.training.speed import trains_bf16_on_cpu
 
-    return "bf16" if not torch.cuda.is_available() and precision(recipe) == "bf16" else "fp32"
+    return "bf16" if trains_bf16_on_cpu(recipe) else "fp32"
 
 
 @torch.inference_mode()
@@ -107,8 +107,7 @@ def teacher_outputs(teacher: Predictor, texts: list[str], pairs: list[str] | Non
         states: list[Any] = [None] * len(features)
         for idx in plan_batches([len(f["input_ids"]) for f in features], batch_size, model.config):
             batch = teacher.collator([features[i] for i in idx])
-            with attention_for_batch(model, batch["input_ids"]), \
-                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with attention_for_batch(model, batch["input_ids"]), inference_autocast(precision):
                 out = model(**batch, output_hidden_states=hidden)
             for j, i in enumerate(idx):
                 rows[i] = out.logits[j].float().numpy()
