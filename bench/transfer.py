@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from machine_info import describe_machine
+from recipe_runs import mean_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("knobs", "transfer", "imbalance", "calibration")
@@ -116,14 +117,6 @@ class Runner:
             with open(self.journal, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"recipe": recipe.name, **result}) + "\n")
         return result
-
-
-def mean_sd(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
 def _mean(runs: list[dict], key: str) -> float:

@@ -13,11 +13,7 @@ the source's hidden states on inputs the source can read (at most its 512 positi
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,11 +22,11 @@ import torch
 
 from finetune.errors import ConversionError
 from finetune.models.bigbird import default_sparse_min_length, min_sparse_length
+from finetune.models.conversion_folder import check_target, publish, staging_folder
 from finetune.models.pretrained import check_weights_format, load_config, resolve_checkpoint
 
 SUPPORTED_TYPES = ("bert", "distilbert")
 MAX_LENGTH_LIMIT = 16384  # model.max_length's upper bound in recipes
-REPORT_FILE = "conversion.json"
 
 # BigBird layer weight -> the same weight's name in each source family (per layer; `{}` is the layer index).
 _LAYER_NAMES = {
@@ -242,8 +238,7 @@ def convert_to_bigbird(source: str, target: str | Path, max_length: int = 4096, 
     started = time.perf_counter()
     _check_arguments(max_length, attention_type, block_size, num_random_blocks)
     target = Path(target)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise ConversionError(f"{target} exists and is not empty; choose another folder or pass --overwrite")
+    check_target(target, overwrite)
     resolved = resolve_checkpoint(source, allow_pickle=allow_pickle)
     check_weights_format(resolved.path, allow_pickle)
     source_config = load_config(resolved)
@@ -267,9 +262,7 @@ def convert_to_bigbird(source: str, target: str | Path, max_length: int = 4096, 
                              config.num_hidden_layers, has_pooler)
     converted.load_state_dict(state, strict=True)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
+    with staging_folder(target) as tmp:
         converted.save_pretrained(tmp, safe_serialization=True)
         tokenizer.model_max_length = max_length
         tokenizer.save_pretrained(tmp)
@@ -299,14 +292,4 @@ def convert_to_bigbird(source: str, target: str | Path, max_length: int = 4096, 
             "pooler": has_pooler, "weights_copied": len(state),
             "parity_length": length, "parity_max_abs_diff": difference, "tolerance": tolerance,
         }
-        report["seconds"] = round(time.perf_counter() - started, 2)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the checkpoint is an ordinary folder
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return report
+        return publish(tmp, target, report, started)

@@ -10,11 +10,7 @@ every weight the source had except the dropped layers', each kept layer exactly 
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,9 +18,9 @@ from typing import Any
 import torch
 
 from finetune.errors import ConversionError
+from finetune.models.conversion_folder import check_target, publish, staging_folder
 from finetune.models.pretrained import check_weights_format, load_config, resolve_checkpoint
 
-REPORT_FILE = "conversion.json"
 # `<prefix>layer.<N>.<rest>`: BERT and BigBird keep their layers in encoder.layer, DistilBERT in transformer.layer
 # (under the base model's name when the checkpoint has a head: bert., distilbert.).
 LAYER_KEY = re.compile(r"^(?P<prefix>(?:.+\.)?(?:encoder|transformer)\.layer\.)(?P<index>\d+)\.(?P<rest>.+)$")
@@ -103,8 +99,7 @@ def select_layers(source: str, target: str | Path, layers: list[int], allow_pick
 
     started = time.perf_counter()
     target = Path(target)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise ConversionError(f"{target} exists and is not empty; choose another folder or pass --overwrite")
+    check_target(target, overwrite)
     resolved = resolve_checkpoint(source, allow_pickle=allow_pickle)
     check_weights_format(resolved.path, allow_pickle)
     config = load_config(resolved)
@@ -114,9 +109,7 @@ def select_layers(source: str, target: str | Path, layers: list[int], allow_pick
     new = selected_state(state, layers)
     config.num_hidden_layers = len(layers)  # DistilBERT's n_layers through its attribute map
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
+    with staging_folder(target) as tmp:
         config.save_pretrained(tmp)
         # Tied weights share storage; safetensors writes each tensor once, so each gets its own copy.
         save_file({k: v.detach().clone().contiguous() for k, v in new.items()}, str(tmp / "model.safetensors"),
@@ -141,14 +134,4 @@ def select_layers(source: str, target: str | Path, layers: list[int], allow_pick
             "weights_copied": len(new), "parameters": sum(t.numel() for t in new.values()),
             "source_parameters": sum(t.numel() for t in state.values()),
         }
-        report["seconds"] = round(time.perf_counter() - started, 2)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the checkpoint is an ordinary folder
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return report
+        return publish(tmp, target, report, started)
