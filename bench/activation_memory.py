@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fresh_process import run_worker
 
 VARIANTS = {
     "default": "the checkpoint's attention dropout (0.1)",
@@ -81,11 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--variants: unknown {', '.join(unknown)}; allowed: {', '.join(VARIANTS)}")
     rows = []
     for variant in variants:
-        done = subprocess.run([sys.executable, __file__, "--worker", variant, "--batch", str(args.batch), "--length",
-                               str(args.length), "--steps", str(args.steps)], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{variant} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        rows.append(run_worker(__file__, variant, "--batch", str(args.batch), "--length", str(args.length),
+                               "--steps", str(args.steps)))
     from machine_info import describe_machine
 
     machine = describe_machine(["torch", "transformers"])

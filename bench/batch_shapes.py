@@ -14,9 +14,10 @@ import argparse
 import json
 import random
 import resource
-import subprocess
 import sys
 import time
+
+from fresh_process import run_worker
 
 
 def worker(multiple: int, steps: int, bf16: bool) -> dict:
@@ -55,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, args.steps, args.bf16)))
         return 0
     for multiple in (int(m) for m in args.multiples.split(",")):
-        cmd = [sys.executable, __file__, "--worker", str(multiple), "--steps", str(args.steps)] + (["--bf16"] if args.bf16 else [])
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        r = json.loads(done.stdout.strip().splitlines()[-1])
+        r = run_worker(__file__, str(multiple), "--steps", str(args.steps), *(["--bf16"] if args.bf16 else []))
         print(f"multiple {multiple}: {args.steps} steps in {r['seconds']:.0f} s, peak {r['peak_gib']:.2f} GiB, "
               f"resident at the end {r['resident_gib']:.2f} GiB", flush=True)
     return 0

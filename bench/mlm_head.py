@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from activation_memory import _status_mb
+from fresh_process import run_worker
 
 VARIANTS = {
     "full": "every position (transformers' BertForMaskedLM with labels)",
@@ -75,11 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for variant in VARIANTS:
-        done = subprocess.run([sys.executable, __file__, "--worker", variant, "--batch", str(args.batch), "--length",
-                               str(args.length), "--steps", str(args.steps)], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{variant} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        rows.append(run_worker(__file__, variant, "--batch", str(args.batch), "--length", str(args.length),
+                               "--steps", str(args.steps)))
     from machine_info import describe_machine
 
     machine = describe_machine(["torch", "transformers"])
