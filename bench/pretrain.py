@@ -13,7 +13,7 @@ short  The quickstart fine-tuned from MiniLM and from MiniLM after task-adaptive
 Every command runs in a fresh process from the repository root, one after the other, and logs to one MLflow store
 in the work folder; the pretraining runs once and every seed fine-tunes from it.
 
-    python bench/pretrain.py long               # about 4 h on 2 CPU cores (see BENCHMARKS.md)
+    python bench/pretrain.py long               # about 3.5 h on 2 cores of a bf16 CPU (Zen 4; BENCHMARKS.md)
     python bench/pretrain.py short              # about 25 min
     python bench/pretrain.py long --ways chunks,bigbird,bigbird-mlm   # also the converted BigBird without pretraining
     python bench/pretrain.py long --resume      # continue a stopped run: finished runs are not run again
