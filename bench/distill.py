@@ -7,7 +7,9 @@ student fine-tuned without a teacher, and the serving throughput of teacher and 
   3. that student fine-tuned without a teacher (sst2-minilm-3layers.yaml) and distilled (sst2-minilm-student.yaml:
      temperature 2, alpha 0.5), each over --seeds training seeds;
   4. `bench/serve.py --servers pytorch` on the teacher and on the distilled student at --clients concurrent clients,
-     --serve-rounds times, taking turns (one 20 s run each varies by more than the target's margin).
+     --serve-rounds times, taking turns (one 20 s run each varies by more than the target's margin);
+  5. the same two models' forward passes alone (no HTTP, no tokenising), batches of --clients dev sentences, taking
+     turns: how much of the served ratio the layers themselves give, and how much the serving around them costs.
 
 It prints one markdown table (layers, dev accuracy, requests/s, p99) and checks the issue's targets: the student at
 least 1.8x the teacher's throughput, within 1.5 points of its accuracy, and better than the student without teacher.
@@ -72,6 +74,41 @@ def serve_rounds(models: dict[str, Path], rounds: int, clients: int, quick: bool
     return out
 
 
+def forward_rounds(models: dict[str, Path], batch_size: int, rounds: int, quick: bool) -> dict:
+    """Sentences/s of each model's forward passes alone (`Predictor.outputs`, fp32, this process's threads) over
+    the SST-2 dev sentences in consecutive batches of `batch_size`, the models taking turns each round; medians of
+    the rounds.
+
+    The served ratio mixes the model with the per-request work around it (HTTP, routing, tokenising, the load
+    generator on the same cores); this is the ratio that the layers alone give.
+    """
+    from serve import load_sentences
+
+    from finetune.models.predictor import Predictor
+
+    sentences = load_sentences()[:64 if quick else None]
+    prepared = {}
+    for name, folder in models.items():
+        predictor = Predictor.from_dir(folder, batch_size=batch_size)
+        features = predictor.encode_inputs(sentences).features
+        predictor.outputs(features[:batch_size])  # the first pass sets up kernels; it is not measured
+        prepared[name] = (predictor, features)
+    measured: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, (predictor, features) in prepared.items():
+            started = time.perf_counter()
+            for at in range(0, len(features), batch_size):  # in arrival order, as the server's batcher hands them over
+                predictor.outputs(features[at:at + batch_size])
+            measured[name].append(len(features) / (time.perf_counter() - started))
+    first = next(iter(models))
+    out = {name: {"batch_size": batch_size, "sentences_per_s": statistics.median(m), "rounds": m}
+           for name, m in measured.items()}
+    for name in models:
+        if name != first:
+            out[name]["ratio_by_round"] = [m / t for m, t in zip(measured[name], measured[first])]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", help="a trained teacher model folder (default: train recipes/offline/sst2-minilm.yaml)")
@@ -123,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
                               "seconds": [r.seconds for r in runs],
                               "best": str(work / recipe.removesuffix(".yaml") / str(seeds[0]) / "best")}
         n_teacher = AutoConfig.from_pretrained(teacher_dir).num_hidden_layers
-        serving = serve_rounds({"teacher": teacher_dir, "distilled": Path(students["distilled"]["best"])},
-                               args.serve_rounds or (1 if args.quick else 3), args.clients, args.quick, work)
-    results |= {"layers": layers, "teacher_accuracy": teacher_accuracy, "students": students, "serving": serving}
+        served_models = {"teacher": teacher_dir, "distilled": Path(students["distilled"]["best"])}
+        serving = serve_rounds(served_models, args.serve_rounds or (1 if args.quick else 3), args.clients, args.quick, work)
+        forward = forward_rounds(served_models, args.clients, 2 if args.quick else 5, args.quick)
+    results |= {"layers": layers, "teacher_accuracy": teacher_accuracy, "students": students, "serving": serving,
+                "forward": forward}
 
     print(f"\ncommand: python {shlex.join(['bench/distill.py', *(argv if argv is not None else sys.argv[1:])])}; "
           f"{minutes(time.perf_counter() - started)} in all")
@@ -147,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     ratios = ", ".join(f"{r:.2f}x" for r in serving["distilled"]["ratio_by_round"])
     print(f"\nserving, {len(serving['teacher']['rounds'])} rounds taking turns (requests/s): teacher {teacher_rps}; "
           f"distilled student {student_rps}; ratio by round {ratios} (the table gives medians)")
+    forward_ratio = statistics.median(forward["distilled"]["ratio_by_round"])
+    print(f"forward passes alone, batches of {forward['teacher']['batch_size']} dev sentences, {len(forward['teacher']['rounds'])} rounds: "
+          f"teacher {forward['teacher']['sentences_per_s']:.1f}, distilled student "
+          f"{forward['distilled']['sentences_per_s']:.1f} sentences/s (median ratio {forward_ratio:.2f}x): the "
+          f"served ratio {speedup:.2f}x is what is left of it after the per-request work")
     checks = [(f"throughput {speedup:.2f}x the teacher's (target >= {TARGET_SPEEDUP}x)", speedup >= TARGET_SPEEDUP),
               (f"{(teacher_accuracy - distilled) * 100:.2f} points below the teacher (target <= {TARGET_POINTS * 100:.1f})",
                teacher_accuracy - distilled <= TARGET_POINTS),

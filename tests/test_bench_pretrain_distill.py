@@ -41,6 +41,9 @@ def test_quick_distillation_benchmark_trains_teacher_students_and_serves_both(ti
     assert out.count("- met: ") + out.count("- MISSED: ") == 3
     saved = json.loads(report.read_text())
     assert saved["layers"] == "0" and saved["serving"]["teacher"]["rps"] > 0 and saved["serving"]["distilled"]["rps"] > 0
+    forward = saved["forward"]
+    assert forward["teacher"]["sentences_per_s"] > 0 and len(forward["distilled"]["ratio_by_round"]) == 2
+    assert "forward passes alone, batches of 16 dev sentences" in out, out[-2000:]
 
 
 def test_a_stopped_benchmark_resumes_without_running_finished_runs_again(tiny_checkpoints, tmp_path, monkeypatch,
