@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import types
 
 import pytest
@@ -13,7 +15,7 @@ from finetune.errors import RecipeError
 from finetune.models import pretrained
 from finetune.models.modeling import build_task_model
 from finetune.tasks import get_task
-from finetune.training import speed
+from finetune.training import host_memory, speed
 from tests.conftest import tiny_recipe
 
 
@@ -105,3 +107,46 @@ def test_a_tiny_run_trains_with_both_knobs(tiny_checkpoints):
         training={"max_steps": 3, "batch_size": 8, "gradient_checkpointing": True},
         tracking={"log_model": False, "system_metrics": False})))
     assert (result.best_dir / "model.safetensors").is_file()
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_malloc_trim_returns_freed_pages_that_free_alone_keeps():
+    """What the training loop relies on: blocks freed in the middle of glibc's heap stay resident until trimmed."""
+    trim = host_memory.malloc_trim()
+    assert trim is not None
+    trim(0)
+    blocks = [bytearray(64 * 1024) for _ in range(4096)]  # 256 MiB in heap-sized blocks (below the mmap threshold)
+    pin = bytearray(64 * 1024)  # the heap's top stays in use, so free() cannot shrink the heap from the top
+    for b in blocks:
+        b[::4096] = b"\x01" * len(b[::4096])  # touch every page
+    before_free = _resident_bytes()
+    del blocks
+    after_free = _resident_bytes()
+    trim(0)
+    after_trim = _resident_bytes()
+    assert after_free > before_free - 64 * 2**20, "free() alone already returned the pages: nothing to test"
+    assert after_trim < after_free - 128 * 2**20, (before_free, after_free, after_trim)
+    del pin
+
+
+def test_freed_memory_is_returned_every_trim_every_steps_of_a_training_run(tiny_checkpoints, monkeypatch):
+    from finetune.training import train
+
+    calls = []
+    monkeypatch.setattr(host_memory, "malloc_trim", lambda: calls.append)
+    train.main(Recipe.model_validate(tiny_recipe(
+        tiny_checkpoints["bert"], training={"max_steps": 2 * host_memory.TRIM_EVERY + 3, "batch_size": 8},
+        tracking={"log_model": False, "system_metrics": False})))
+    assert calls == [0, 0]  # after steps 10 and 20 of 23
+
+
+def test_without_glibc_nothing_is_trimmed(monkeypatch):
+    monkeypatch.setattr(host_memory, "malloc_trim", lambda: None)
+    freed = host_memory.FreedMemory()
+    assert freed.trim is None
+    freed.after_step(host_memory.TRIM_EVERY)  # no C library function: a no-op, no error

@@ -39,6 +39,7 @@ from finetune.tasks.metrics import is_improvement
 from finetune.threads import ThreadBudget, requested_threads
 from finetune.tracking.tracker import NullTracker, Tracker
 from finetune.training import finish, outputs, speed, teacher
+from finetune.training.host_memory import FreedMemory
 from finetune.training import state as training_state
 from finetune.training.evaluation import evaluate
 from finetune.training.optim import make_optimizer, make_scheduler
@@ -170,6 +171,7 @@ def train_one_epoch(
     unwrapped = accelerator.unwrap_model(model)
     running_loss = torch.zeros((), device=accelerator.device)
     loss_count, window_start, window_samples = 0, time.perf_counter(), 0
+    freed = FreedMemory()
     for batch in loader:
         threads.apply()  # fewer threads while another process keeps a core busy (finetune.threads)
         inputs, targets = task.split_batch(batch)
@@ -210,6 +212,7 @@ def train_one_epoch(
             running_loss.zero_()
             loss_count, window_start, window_samples = 0, time.perf_counter(), 0
         on_step_end()
+        freed.after_step(state.step)
         if state.stop or state.step >= total_steps:
             return
 
