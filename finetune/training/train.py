@@ -39,9 +39,9 @@ from finetune.tasks.metrics import is_improvement
 from finetune.threads import ThreadBudget, requested_threads
 from finetune.tracking.tracker import NullTracker, Tracker
 from finetune.training import finish, outputs, speed, teacher
-from finetune.training.host_memory import FreedMemory
 from finetune.training import state as training_state
 from finetune.training.evaluation import evaluate
+from finetune.training.host_memory import FreedMemory
 from finetune.training.optim import make_optimizer, make_scheduler
 from finetune.training.preflight import preflight
 from finetune.training.report import Progress, RunReport, RunStart
