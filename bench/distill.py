@@ -53,6 +53,12 @@ def serve_throughput(model: Path, clients: int, quick: bool, workdir: Path) -> d
     return {"clients": level["concurrency"], "rps": level["rps"], "p99_ms": level["p99_ms"]}
 
 
+def ratios_by_round(rates: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Each model's rate over the first model's, round by round (the rounds pair them: see `serve_rounds`)."""
+    first = rates[next(iter(rates))]
+    return {name: [m / t for m, t in zip(measured, first)] for name, measured in list(rates.items())[1:]}
+
+
 def serve_rounds(models: dict[str, Path], rounds: int, clients: int, quick: bool, workdir: Path) -> dict:
     """Each model's serving figures over `rounds` rounds, the models taking turns within a round.
 
@@ -64,13 +70,11 @@ def serve_rounds(models: dict[str, Path], rounds: int, clients: int, quick: bool
     for _ in range(rounds):
         for name, model in models.items():
             runs[name].append(serve_throughput(model, clients, quick, workdir))
-    first = next(iter(models))
-    out = {}
-    for name, measured in runs.items():
-        out[name] = {"clients": measured[0]["clients"], "rps": statistics.median(m["rps"] for m in measured),
-                     "p99_ms": statistics.median(m["p99_ms"] for m in measured), "rounds": measured}
-        if name != first:
-            out[name]["ratio_by_round"] = [m["rps"] / t["rps"] for m, t in zip(measured, runs[first])]
+    out = {name: {"clients": measured[0]["clients"], "rps": statistics.median(m["rps"] for m in measured),
+                  "p99_ms": statistics.median(m["p99_ms"] for m in measured), "rounds": measured}
+           for name, measured in runs.items()}
+    for name, ratios in ratios_by_round({name: [m["rps"] for m in measured] for name, measured in runs.items()}).items():
+        out[name]["ratio_by_round"] = ratios
     return out
 
 
@@ -100,12 +104,10 @@ def forward_rounds(models: dict[str, Path], batch_size: int, rounds: int, quick:
             for at in range(0, len(features), batch_size):  # in arrival order, as the server's batcher hands them over
                 predictor.outputs(features[at:at + batch_size])
             measured[name].append(len(features) / (time.perf_counter() - started))
-    first = next(iter(models))
     out = {name: {"batch_size": batch_size, "sentences_per_s": statistics.median(m), "rounds": m}
            for name, m in measured.items()}
-    for name in models:
-        if name != first:
-            out[name]["ratio_by_round"] = [m / t for m, t in zip(measured[name], measured[first])]
+    for name, ratios in ratios_by_round(measured).items():
+        out[name]["ratio_by_round"] = ratios
     return out
 
 
