@@ -13,10 +13,13 @@ own), logging to a temporary MLflow store that the figures are read back from. S
                balanced, and with task.loss: focal; macro- and micro-F1 on the dev set.
   calibration  expected calibration error before and after temperature scaling: SST-2 (the knobs section's full
                fine-tuning runs) and AG News (4 classes).
+  pooling      model.pooling first against mean, with full fine-tuning and with a linear probe, on SST-2 at the knobs
+               section's sizes (the MiniLM was trained by sentence-transformers for mean pooling).
 
     python bench/transfer.py                                  # everything, 3 seeds (hours on 2 CPU cores)
     python bench/transfer.py --sections knobs --seeds 5
     python bench/transfer.py --sections imbalance --seeds 2 --first-seed 2   # seeds 2 and 3
+    python bench/transfer.py --sections pooling --sizes 6000  # model.pooling first vs mean, 3 seeds
     python bench/transfer.py --quick                          # smoke run on the shipped samples (the tests run this)
 
 The results print as markdown tables to paste into BENCHMARKS.md, after the machine, the command and the date.
@@ -41,7 +44,7 @@ from machine_info import describe_machine
 from recipe_runs import mean_sd
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("knobs", "transfer", "imbalance", "calibration")
+SECTIONS = ("knobs", "transfer", "imbalance", "calibration", "pooling")
 CALIBRATION_DATA = ("sst2", "agnews")
 KNOBS = {
     "full": ("full fine-tuning", []),
@@ -50,6 +53,9 @@ KNOBS = {
     "llrd": ("layer-wise LR decay 0.8", ["training.layer_lr_decay=0.8", "training.learning_rate=2e-4"]),
     "lora-r8": ("LoRA r=8 (query, value)", ["model.adapter.r=8", "model.adapter.alpha=16", "training.learning_rate=1e-3"]),
 }
+# What the head reads (model.pooling), for the two ways that differ most in how much of the encoder trains.
+POOLING = {"full": KNOBS["full"], "linear-probe": KNOBS["linear-probe"]}
+POOLINGS = {"first": "first token ([CLS], through BERT's pooler)", "mean": "mean over tokens (then the pooler)"}
 IMBALANCE = {
     "plain": ("binary cross-entropy", []),
     "balanced": ("class_weights: balanced (pos_weight)", ["task.class_weights=balanced"]),
@@ -150,6 +156,24 @@ def knobs_section(runner: Runner, recipe: Path, train_file: Path, sizes: list[in
     return lines, results
 
 
+def pooling_section(runner: Runner, recipe: Path, train_file: Path, sizes: list[int], seeds: list[int],
+                    workdir: Path, extra: list[str]) -> tuple[list[str], dict]:
+    lines, results = [], {}
+    for size in sizes:
+        subset = write_subset(train_file, workdir / f"sst2-train-{size}.tsv", size, seed=42)
+        lines += [f"Pooling: SST-2, {size} training sentences (seeded subset, seed 42), full dev set, seeds {seeds}:", "",
+                  "| way | pooling | dev accuracy | train s |", "|---|---|---|---|"]
+        for way, (what, overrides) in POOLING.items():
+            for pooling, said in POOLINGS.items():
+                runs = [runner.run(recipe, [f"data.files.train={subset}", f"training.seed={s}", *extra, *overrides,
+                                            f"model.pooling={pooling}"]) for s in seeds]
+                results[f"{size}/{way}/{pooling}"] = runs
+                lines.append(f"| {what} | {said} | {mean_sd([r['metrics']['best/accuracy'] for r in runs])} | "
+                             f"{_mean(runs, 'train/runtime_seconds'):.1f} |")
+        lines.append("")
+    return lines, results
+
+
 def transfer_section(runner: Runner, source_recipe: Path, target_recipe: Path, seeds: list[int],
                      source_extra: list[str], target_extra: list[str]) -> tuple[list[str], dict]:
     parent = runner.run(source_recipe, [*source_extra])
@@ -198,7 +222,7 @@ def tiny_checkpoint(target: Path) -> Path:
     import torch
     from transformers import AutoModel, BertConfig, BertTokenizerFast
 
-    from tests.conftest import _vocab
+    from tests.tiny_models import _vocab
 
     tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(_vocab())}, do_lower_case=True)
     torch.manual_seed(0)
@@ -304,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
             lines, results["knobs"] = knobs_section(runner, recipes["sst2"], train_file, sizes, seeds, workdir, knob_extra,
                                                      ways) \
                 if "knobs" in sections else ([], {})
+            out += lines
+        if "pooling" in sections:
+            lines, results["pooling"] = pooling_section(runner, recipes["sst2"], train_file, sizes, seeds, workdir,
+                                                        knob_extra)
             out += lines
         if "transfer" in sections:
             lines, results["transfer"] = transfer_section(runner, recipes["source"], recipes["target"], other_seeds,

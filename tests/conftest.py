@@ -1,16 +1,15 @@
-"""Shared fixtures: tiny random BERT, DistilBERT and BigBird checkpoints, isolated MLflow stores and caches."""
+"""Shared fixtures: tiny random checkpoints of each tested encoder family, isolated MLflow stores and caches."""
 
 from __future__ import annotations
 
-import collections
-import csv
 import json
 import os
-import re
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.tiny_models import build_tiny_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -29,21 +28,6 @@ os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _vocab() -> list[str]:
-    """A small WordPiece vocabulary from the shipped samples, so tiny models see real words."""
-    counts: collections.Counter[str] = collections.Counter()
-    files = [DATA / "sst2" / "train.tsv", TEST_DATA / "mrpc_sample.tsv", TEST_DATA / "goemotions_sample.tsv"]
-    for path in files:
-        with open(path, encoding="utf-8") as f:
-            for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-                for cell in row:
-                    counts.update(re.findall(r"\w+|[^\w\s]", cell.lower()))
-    words = [w for w, _ in counts.most_common(1500)]
-    chars = sorted({c for w in words for c in w})
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    return specials + chars + [f"##{c}" for c in chars] + [w for w in words if w not in chars]
 
 
 # A batch of other shapes changes how float32 matrix products are blocked (oneDNN picks kernels by shape and by
@@ -85,34 +69,10 @@ def session_outside_the_checkout(tmp_path_factory, empty_store):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """Random-weight checkpoints of each tested family, saved with save_pretrained (safetensors)."""
-    from transformers import AutoModel, BertConfig, BertTokenizerFast, BigBirdConfig, DistilBertConfig
-
-    root = tmp_path_factory.mktemp("checkpoints")
-    # transformers 5 takes the vocabulary itself (a `vocab_file=` argument is silently ignored).
-    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(_vocab())}, do_lower_case=True)
-    assert tokenizer.tokenize("the film") == ["the", "film"]
-    size = len(tokenizer)
-    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    configs = {
-        "bert": BertConfig(vocab_size=size, max_position_embeddings=512, **small),
-        "distilbert": DistilBertConfig(vocab_size=size, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=512),
-        "big_bird": BigBirdConfig(
-            vocab_size=size, max_position_embeddings=1024, attention_type="block_sparse", block_size=8,
-            num_random_blocks=2, pad_token_id=0, bos_token_id=2, eos_token_id=3, sep_token_id=3, **small,
-        ),
-    }
-    paths = {}
-    for family, config in configs.items():
-        import torch
-
-        torch.manual_seed(0)
-        model = AutoModel.from_config(config)
-        path = root / family
-        model.save_pretrained(path, safe_serialization=True)
-        tokenizer.save_pretrained(path)
-        paths[family] = path
-    return paths
+    """Random-weight checkpoints of each tested family, saved with save_pretrained (safetensors), by transformers
+    model_type: bert, distilbert and big_bird share one small WordPiece vocabulary; roberta, xlm-roberta,
+    deberta-v2, electra, modernbert and eurobert have tokenizers built like their hub ones (tests/tiny_models.py)."""
+    return build_tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.fixture(scope="session")

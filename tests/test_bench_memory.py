@@ -31,12 +31,22 @@ def test_mlm_head_bench_runs_both_heads_on_the_same_batch(monkeypatch, capsys, t
     code, out, err = run_bench("mlm_head", ["--batch", "2", "--length", "16", "--steps", "2", "--json", str(out_json)],
                                monkeypatch, capsys)
     assert code == 0, err
-    assert "| every position (transformers' BertForMaskedLM with labels) |" in out
+    assert "| every position (transformers' own masked-LM model, given the labels) |" in out
     assert "| masked positions only (finetune) |" in out
     full, masked = json.loads(out_json.read_text())["rows"]
     assert (full["variant"], masked["variant"]) == ("full", "masked")
     assert masked["loss"] == pytest.approx(full["loss"], rel=1e-4)  # the same loss, computed on fewer rows
     assert all(r["step_s"] > 0 for r in (full, masked))
+
+
+def test_mlm_head_bench_on_another_family_computes_the_same_loss(monkeypatch, capsys, tmp_path):
+    out_json = tmp_path / "mlm.json"
+    code, out, err = run_bench("mlm_head", ["--family", "modernbert", "--batch", "2", "--length", "16", "--steps", "2",
+                                            "--json", str(out_json)], monkeypatch, capsys)
+    assert code == 0, err
+    assert "modernbert masked-LM model at MiniLM's size (6 x 384), 50,368-piece vocabulary" in out
+    full, masked = json.loads(out_json.read_text())["rows"]
+    assert masked["loss"] == pytest.approx(full["loss"], rel=1e-4)
 
 @pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="bench/memory.py measures under /usr/bin/time -v")
 def test_memory_bench_reports_the_peak_and_the_test_split_of_a_run(tiny_checkpoints, tmp_path, monkeypatch, capsys):

@@ -20,7 +20,8 @@ def test_quick_transfer_benchmark_runs_every_section(tmp_path, monkeypatch, caps
     assert code == 0, out[-3000:] + err[-3000:]
     assert "command: python bench/transfer.py --quick" in out and "machine:" in out and "date:" in out
     for heading in ("| way | dev accuracy | trainable parameters |", "| start | dev accuracy |",
-                    "| loss | macro-F1 | micro-F1 |", "| data | ECE before | ECE after |"):
+                    "| loss | macro-F1 | micro-F1 |", "| data | ECE before | ECE after |",
+                    "| way | pooling | dev accuracy |"):
         assert heading in out, out
     saved = json.loads(report.read_text())["results"]
     knobs = {key.split("/")[1]: runs for key, runs in saved["knobs"].items()}
@@ -33,6 +34,9 @@ def test_quick_transfer_benchmark_runs_every_section(tmp_path, monkeypatch, caps
     assert set(saved["imbalance"]) == {"plain", "balanced", "focal"}
     journal = [json.loads(line) for line in (tmp_path / "bench.json.jsonl").read_text().splitlines()]
     assert len(journal) == len(set(r["run_id"] for r in journal)) and journal[0]["metrics"] == knobs["full"][0]["metrics"]
+    pooled = {key.split("/", 1)[1]: runs for key, runs in saved["pooling"].items()}
+    assert set(pooled) == {"full/first", "full/mean", "linear-probe/first", "linear-probe/mean"}
+    assert all("model.pooling=mean" in r["overrides"] for r in pooled["full/mean"] + pooled["linear-probe/mean"])
     parent = saved["transfer"]["parent"]["best_dir"]
     assert all(f"model.checkpoint={parent}" in r["overrides"] for r in saved["transfer"]["from_parent"])
 

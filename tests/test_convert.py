@@ -44,7 +44,7 @@ def test_bert_conversion_reproduces_the_source(converted_bert, tiny_checkpoints)
     assert torch.equal(dst["embeddings.position_embeddings.weight"], torch.cat([positions, positions]))
     # checked independently of the command: full attention on 300 real tokens gives the source's states
     bigbird.set_attention_type("original_full")
-    assert parity(source, bigbird, "bert", 300) <= 1e-4
+    assert parity(source, bigbird, 300) <= 1e-4
 
 
 def test_distilbert_conversion_reproduces_the_source(tiny_checkpoints, tmp_path):

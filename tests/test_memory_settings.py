@@ -12,6 +12,7 @@ import torch
 
 from finetune.config.recipe import ModelSection, Recipe, TrainingSection
 from finetune.errors import RecipeError
+from finetune.families.support import recipe_problems
 from finetune.models import pretrained
 from finetune.models.modeling import build_task_model
 from finetune.tasks import get_task
@@ -65,10 +66,14 @@ def test_attention_dropout_is_refused_out_of_range_or_where_a_model_has_none(tmp
         with pytest.raises(RecipeError, match="model.attention_dropout"):
             load_recipe(recipe, [f"model.attention_dropout={bad}"])
     no_setting = types.SimpleNamespace(model_type="mystery", max_position_embeddings=512)
-    problems = pretrained.check_model_settings(no_setting, ModelSection(checkpoint="m", attention_dropout=0.0))
-    assert problems == ["model.attention_dropout: m (mystery) has no attention dropout setting in its config "
-                        "(attention_probs_dropout_prob, attention_dropout); remove the field"]
-    assert pretrained.check_model_settings(no_setting, ModelSection(checkpoint="m")) == []
+    task = types.SimpleNamespace(name="classification", auto_model="AutoModelForSequenceClassification",
+                                 pooled_head=True)
+    recipe = types.SimpleNamespace(model=ModelSection(checkpoint="m", attention_dropout=0.0, trust_remote_code=True),
+                                   training=TrainingSection())
+    assert recipe_problems(no_setting, recipe, task) == [
+        "model.attention_dropout: m (mystery) has no attention dropout setting in its config; remove the field"]
+    recipe.model = ModelSection(checkpoint="m", trust_remote_code=True)
+    assert recipe_problems(no_setting, recipe, task) == []
 
 
 def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_gradients(tiny_checkpoints):

@@ -55,23 +55,27 @@ def test_alignment_with_a_real_tokenizer(tiny_checkpoints):
 
 def test_entities_merge_pieces_into_words_and_words_into_spans():
     text = "Kenji Watanabe visited New York."
-    # pieces: [CLS] ken ##ji wat ##anabe visited new york . [SEP]
+    # pieces: [CLS] ken ##ji wat ##anabe visited new york . [SEP]; words: Kenji Watanabe visited New York .
     word_ids = [None, 0, 0, 1, 1, 2, 3, 4, 5, None]
-    offsets = [(0, 0), (0, 3), (3, 5), (6, 9), (9, 14), (15, 22), (23, 26), (27, 31), (31, 32), (0, 0)]
+    spans = [(0, 5), (6, 14), (15, 22), (23, 26), (27, 31), (31, 32)]
     tags = ["O", "B-PER", "O", "I-PER", "B-LOC", "O", "B-LOC", "I-LOC", "O", "O"]  # non-first pieces are ignored
     scores = [0, 0.9, 0.1, 0.7, 0.2, 0.99, 0.8, 0.6, 0.95, 0]
-    entities = merge_entities(text, word_ids, offsets, tags, scores)
+    entities = merge_entities(text, word_ids, spans, tags, scores)
     assert entities == [
         {"type": "PER", "text": "Kenji Watanabe", "start": 0, "end": 14, "score": pytest.approx(0.8)},
         {"type": "LOC", "text": "New York", "start": 23, "end": 31, "score": pytest.approx(0.7)},
     ]
 
 
-def test_a_lone_i_tag_or_a_type_change_starts_a_new_entity():
-    text = "Paris Berlin"
-    entities = merge_entities(text, [None, 0, 1, None], [(0, 0), (0, 5), (6, 12), (0, 0)],
-                              ["O", "I-LOC", "I-PER", "O"], [0, 0.5, 0.5, 0])
-    assert [(e["type"], e["text"]) for e in entities] == [("LOC", "Paris"), ("PER", "Berlin")]
+def test_entities_are_the_ones_the_metric_counts():
+    """Strict IOB2, as seqeval scores them: an I- tag continuing nothing is no entity, a type change ends one."""
+    text = "Paris Berlin Rome Oslo"
+    spans = [(0, 5), (6, 12), (13, 17), (18, 22)]
+    tags = ["O", "I-LOC", "B-PER", "I-LOC", "B-LOC", "O"]
+    entities = merge_entities(text, [None, 0, 1, 2, 3, None], spans, tags, [0, 0.5, 0.5, 0.5, 0.5, 0])
+    assert [(e["type"], e["text"]) for e in entities] == [("PER", "Berlin"), ("LOC", "Oslo")]
+    gold = [["O", "B-PER", "O", "B-LOC"]]
+    assert M.entity_scores(gold, [tags[1:-1]])["f1"] == 1.0  # the same two entities
 
 
 def test_seqeval_strict_entity_scores_by_hand():
@@ -129,7 +133,7 @@ def _straddling_context(tokenizer, answer: str) -> tuple[str, int]:
         context = " ".join(words[:k] + answer.split() + words[k:])
         start = len(" ".join(words[:k])) + (1 if k else 0)
         encoded = tokenize_windows(tokenizer, ["where ?"], [context], max_length=32, doc_stride=8)
-        first = [o for o in context_offsets(encoded, 0) if o is not None]
+        first = [o for o in context_offsets(encoded, 0, context) if o is not None]
         if start < first[-1][1] < start + len(answer):
             return context, start
     raise AssertionError("no placement straddles the first window's end")
@@ -141,7 +145,7 @@ def test_long_context_is_split_into_overlapping_windows_and_the_answer_found_acr
     encoded = tokenize_windows(tokenizer, ["where ?"], [context], max_length=32, doc_stride=8)
     windows = len(encoded["input_ids"])
     assert windows >= 3 and set(encoded["overflow_to_sample_mapping"]) == {0}
-    offsets = [context_offsets(encoded, i) for i in range(windows)]
+    offsets = [context_offsets(encoded, i, context) for i in range(windows)]
     spans = [[o for o in offs if o is not None] for offs in offsets]
     assert spans[0][-8:] == spans[1][:8]  # consecutive windows share doc_stride context tokens
     positions = [answer_positions(offs, start_char, start_char + len(answer)) for offs in offsets]

@@ -167,3 +167,62 @@ def test_run_names_every_missing_file_before_printing_or_starting_anything(tiny_
     assert "data.files.validation: file not found: neither.tsv" in captured.err
     assert captured.out == "", "nothing is printed before the check"
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+# --- what the checkpoint's family can do, said before anything trains (issue: model families) ------------------
+
+def test_a_task_the_family_has_no_head_for_is_refused_with_the_reason(tiny_checkpoints, tmp_path, capsys):
+    code, out = _validate(tmp_path, tiny_recipe(tiny_checkpoints["eurobert"], "question_answering"), capsys)
+    assert code == 1
+    assert "task.type question_answering: transformers has no question-answering head for eurobert checkpoints" in out
+    assert "family eurobert" in out
+
+
+def test_positions_past_robertas_offset_and_missing_lora_targets_are_refused(tiny_checkpoints, tmp_path, capsys):
+    code, out = _validate(tmp_path, tiny_recipe(tiny_checkpoints["roberta"]), capsys, "model.max_length=513")
+    assert code == 1 and "model.max_length: 513 is longer than the checkpoint's 512 positions" in out
+    code, out = _validate(tmp_path, tiny_recipe(tiny_checkpoints["modernbert"]), capsys,
+                          "model.adapter.target_modules=[query,value]")
+    assert code == 1 and "model.adapter.target_modules: the model has no linear layer named query, value" in out
+    assert "Wqkv" in out  # the ones it has, to choose from
+    code, out = _validate(tmp_path, tiny_recipe(tiny_checkpoints["modernbert"]), capsys, "model.adapter.r=4")
+    assert code == 0, out  # the family's default (Wqkv) exists
+
+
+def test_a_model_type_no_family_covers_is_validated_with_what_it_offers(tiny_checkpoints, tmp_path, capsys):
+    import shutil
+
+    import transformers
+
+    folder = tmp_path / "mpnet"
+    config = transformers.MPNetConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                      vocab_size=transformers.AutoTokenizer.from_pretrained(tiny_checkpoints["bert"]).vocab_size,
+                                      max_position_embeddings=514)
+    transformers.AutoModel.from_config(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_checkpoints["bert"] / name, folder / name)
+    code, out = _validate(tmp_path, tiny_recipe(folder), capsys)
+    assert code == 0, out
+    assert "note: mpnet is not one of the families finetune knows" in out
+    assert "yes  training.freeze N, training.layer_lr_decay" in out
+    assert "yes  tasks classification, regression, multi_label, token_classification" in out
+    assert "no   model.adapter (LoRA) with default targets: no default LoRA targets for mpnet" in out
+    code, out = _validate(tmp_path, tiny_recipe(folder), capsys, "model.adapter.r=4", "model.pooling=mean")
+    assert code == 1
+    assert "model.adapter.target_modules: no default LoRA targets for mpnet: name the linear layers" in out
+    assert "model.pooling: mean: finetune has no family module for mpnet" in out
+
+
+def test_a_run_refused_after_its_folder_was_made_can_be_run_again_corrected(tiny_checkpoints, tmp_path):
+    """A refusal must not leave files that make the corrected rerun refuse the folder as not finetune's."""
+    from finetune.config.recipe import Recipe
+    from finetune.errors import DataError
+    from finetune.training import train
+
+    out = tmp_path / "out"
+    bad = tiny_recipe(tiny_checkpoints["bert"], output_dir=str(out), data={"label_column": "sentence"})
+    with pytest.raises(DataError):  # found once the data loads, after the output folder was made
+        train.main(Recipe.model_validate(bad))
+    assert out.is_dir() and not (out / "recipe.yaml").exists()
+    good = tiny_recipe(tiny_checkpoints["bert"], output_dir=str(out), training={"max_steps": 2})
+    assert train.main(Recipe.model_validate(good)).steps == 2

@@ -15,6 +15,8 @@ from finetune.config.recipe import Recipe, load_recipe, recipe_to_yaml
 from finetune.data.features import length_stats
 from finetune.data.loading import load_splits, missing_files
 from finetune.errors import CheckpointError, DataError, RecipeError
+from finetune.families import family_of
+from finetune.families.support import offers, recipe_problems
 from finetune.models import pretrained
 from finetune.models.modeling import load_tokenizer
 from finetune.tasks import TaskSettings, get_task
@@ -43,12 +45,25 @@ def _check_checkpoint(recipe: Recipe, problems: list[str]) -> tuple[Any, Any]:
         print(f"starts from the fine-tuned {start.parent.task} model {start.parent_source} "
               f"(labels: {', '.join(start.parent.label_names or []) or 'none'})")
     problems.extend(check_freeze(recipe.training.freeze, config))
-    family = config.model_type
-    note = "" if family in pretrained.TESTED_FAMILIES else " (not one of the tested families; loaded through AutoModel)"
-    say(f"checkpoint: {recipe.model.checkpoint} -> {resolved.path} [{resolved.source}], family {family}{note}, "
-        f"{getattr(config, 'max_position_embeddings', '?')} positions")
-    problems.extend(pretrained.check_model_settings(config, recipe.model))
+    family = family_of(config)
+    positions = family.usable_positions(config)
+    say(f"checkpoint: {recipe.model.checkpoint} -> {resolved.path} [{resolved.source}], family {family.name}, "
+        f"{positions if positions is not None else 'no limit of'} positions")
+    if not family.known:
+        _unknown_family(config)
+    problems.extend(recipe_problems(config, recipe, get_task(recipe.task.type)))
     return load_tokenizer(resolved.path, recipe.model.trust_remote_code), config
+
+
+def _unknown_family(config: Any) -> None:
+    """What a checkpoint of a model type no family module covers can and cannot do, and why."""
+    from finetune.families import FAMILIES
+    from finetune.tasks import TASKS
+
+    say(f"note: {config.model_type} is not one of the families finetune knows ({', '.join(FAMILIES)}); it loads "
+        "through transformers' Auto classes and offers what can be read from the model:")
+    for offer in offers(config, TASKS):
+        say(f"  {'yes' if offer.reason is None else 'no '}  {offer.feature}" + (f": {offer.reason}" if offer.reason else ""))
 
 
 def _check_teacher(recipe: Recipe, label_names: list[str] | None, student_config: Any, problems: list[str]) -> None:

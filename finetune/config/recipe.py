@@ -72,6 +72,8 @@ class ModelSection(_Section):
     """BigBird only: random blocks each query block attends to (default: the checkpoint's)."""
     sparse_attention_min_length: int | None = Field(None, ge=1, le=MAX_TOKENS)
     """BigBird block_sparse only: a batch runs block-sparse attention when its padded length is at least this many tokens, full attention otherwise (chosen per batch, restored after it; the same rule in training, evaluation and serving). Default: (6 + 2 x num_random_blocks) x block_size, the shortest padded length above the (5 + 2 x num_random_blocks) x block_size tokens transformers needs for block-sparse; less than that is refused."""
+    pooling: Literal["auto", "first", "mean"] = "auto"
+    """What the head of a sentence task (classification, multi_label, regression) or multiple_choice reads from the encoder: first (the first token's final hidden state, through the family's pooler where it has one: BERT's dense + tanh), mean (the mean over the input's tokens, what sentence-transformers bodies such as the offline MiniLM were trained for), or auto (the checkpoint's own: first for most families, ModernBERT's and EuroBERT's classifier_pooling). Saved with the model, so evaluation, predict, serve, ONNX and the frozen-encoder cache read the same."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub checkpoint. Off unless you trust its author."""
     allow_pickle: bool = False
@@ -91,8 +93,8 @@ class ModelSection(_Section):
     @model_validator(mode="after")
     def _sparse_rule_possible(self) -> "ModelSection":
         # Checked here when the recipe gives the block layout; otherwise against the checkpoint's layout
-        # in checkpoints.check_model_settings (validate and run both call it before anything loads).
-        from finetune.models.bigbird import min_sparse_length
+        # in the BigBird family's check_settings (validate and run both call it before anything loads).
+        from finetune.families.big_bird import min_sparse_length
 
         value = self.sparse_attention_min_length
         if value is None:

@@ -82,7 +82,7 @@ def tokenize_splits(
         "settings": recipe.task.model_dump(include={"label_all_tokens", "doc_stride", "long_inputs", "chunk_stride",
                                                     *task.feature_settings}),
         "labels": label_names,
-        "version": 2,
+        "version": 3,  # 3: words of token tasks cut by task.word_split and tokenised after a space
     }
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:24]
     target = cache_root() / key
@@ -148,11 +148,13 @@ def length_stats(split: datasets.Dataset, recipe: Recipe, task: Task, tokenizer:
     sample = split if len(split) <= limit else split.shuffle(seed=recipe.training.seed).select(range(limit))
     # Tokenised a slice at a time: the untruncated encodings of 20,000 long texts, held at once as Python lists,
     # took about 1.4 GB; only their lengths are kept.
+    settings = TaskSettings.of(recipe.task)
     lengths = np.array([n for start in range(0, len(sample), LENGTH_SLICE)
-                        for n in task.token_lengths(sample[start:start + LENGTH_SLICE], data, tokenizer)], dtype=np.int64)
+                        for n in task.token_lengths(sample[start:start + LENGTH_SLICE], data, tokenizer, settings)],
+                       dtype=np.int64)
     rows = sample[:]
     pct = np.percentile(lengths, [50, 90, 95, 99]).round().astype(int).tolist()
-    windows = task.window_stats(rows, lengths, data, tokenizer, recipe.model.max_length, TaskSettings.of(recipe.task))
+    windows = task.window_stats(rows, lengths, data, tokenizer, recipe.model.max_length, settings)
     return (windows or {}) | {
         "examples": int(len(lengths)),
         "p50": pct[0],

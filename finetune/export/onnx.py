@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from finetune.errors import CheckpointError, ExportError
-from finetune.models.bigbird import is_block_sparse
+from finetune.families import family_of
 from finetune.models.checksums import read_manifest, write_manifest
 from finetune.models.integrity import check_model_folder
 from finetune.models.modeling import MANIFEST_FILE, ModelInfo
@@ -100,12 +100,9 @@ def export_onnx(model_dir: str | Path, target: str | Path, quantize: str | None 
             "its outputs are per token or per choice and its parity check is not written yet. Serve it with the "
             "PyTorch backend."
         )
-    if is_block_sparse(config):
-        raise ExportError(
-            "BigBird with block_sparse attention cannot be exported to ONNX: its sparse attention pattern is built "
-            "with Python control flow that tracing freezes into a wrong graph. Export a model trained with "
-            "model.attention_type: original_full, or serve this one with the PyTorch backend."
-        )
+    refusal = family_of(config).export_problem(config)
+    if refusal:
+        raise ExportError(refusal)
     if check and not (model_dir / "recipe.yaml").is_file():
         raise ExportError(f"{model_dir} has no recipe.yaml, so the export cannot be checked on the recipe's "
                           "evaluation data; pass --no-check to export it unchecked")

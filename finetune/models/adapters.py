@@ -18,14 +18,14 @@ from typing import Any
 import torch
 
 from finetune.errors import CheckpointError, RecipeError
+from finetune.families import family_of
+from finetune.families.pooling import CONFIG_KEY as POOLING_KEY
+from finetune.families.pooling import install_pooling
+from finetune.families.support import default_lora_targets, linear_names
 from finetune.models.pretrained import check_weights_format, resolve_checkpoint
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-
-# peft's own table has no entry for these families; the attention query and value projections, as for BERT.
-DEFAULT_TARGETS = {"distilbert": ["q_lin", "v_lin"], "big_bird": ["query", "value"]}
-
 
 def is_adapter_model(model: Any) -> bool:
     return hasattr(model, "peft_config")
@@ -37,35 +37,30 @@ def is_adapter_folder(path: Path | str) -> bool:
 
 def head_modules(model: torch.nn.Module) -> list[str]:
     """The task head: the model's top-level modules with weights, other than the encoder (BERT: classifier, and the
-    pooler, which only the head reads (finetune.models.layers); DistilBERT: pre_classifier and classifier; QA:
-    qa_outputs). peft matches the names as suffixes of module paths."""
-    from finetune.models.layers import bert_pooler
+    pooler inside the encoder that the head reads, `Family.head_pooler`; DistilBERT: pre_classifier and classifier;
+    ModernBERT: head and classifier; QA: qa_outputs). peft matches the names as suffixes of module paths."""
+    from finetune.models.layers import head_pooler
 
+    pooler = family_of(model.config).head_pooler
     return [name for name, child in model.named_children()
             if name != model.base_model_prefix and any(True for _ in child.parameters())] + \
-        (["pooler"] if bert_pooler(model) is not None else [])
-
-
-def linear_names(model: torch.nn.Module) -> list[str]:
-    """The last name part of every linear layer inside the encoder: what `target_modules` may name."""
-    encoder = getattr(model, model.base_model_prefix)
-    return sorted({name.rsplit(".", 1)[-1] for name, module in encoder.named_modules() if isinstance(module, torch.nn.Linear)})
+        ([pooler] if head_pooler(model) is not None else [])
 
 
 def target_modules(model: torch.nn.Module, asked: list[str] | None) -> list[str]:
-    """The layers to adapt: the recipe's, else the family's attention query and value projections.
+    """The layers to adapt: the recipe's, else the family's default (`Family.lora_targets`: the attention query and
+    value projections, ModernBERT's fused projection).
 
     Raises RecipeError naming the ones the model has when it lacks any of them.
     """
-    have = linear_names(model)
+    family = family_of(model.config)
+    encoder = family.encoder(model)
+    have = linear_names(encoder)
     if asked is None:
-        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
-
-        model_type = model.config.model_type
-        asked = DEFAULT_TARGETS.get(model_type) or PEFT_DEFAULTS.get(model_type)
-        if not asked:
-            raise RecipeError(f"model.adapter.target_modules: no default for {model_type} models; name the linear layers "
-                              f"to adapt, from: {', '.join(have)}")
+        default, problem = default_lora_targets(family, encoder)
+        if default is None:
+            raise RecipeError(f"model.adapter.target_modules: {problem}")
+        return default
     missing = [t for t in asked if t not in have]
     if missing:
         raise RecipeError(f"model.adapter.target_modules: the model has no linear layer named {', '.join(missing)}; "
@@ -140,10 +135,15 @@ def load_adapter_model(path: Path | str, task: Any, adapter: dict[str, Any], bas
     head_config = AutoConfig.from_pretrained(path)
     extra = {k: getattr(head_config, k) for k in ("id2label", "label2id", "num_labels", "problem_type")
              if getattr(head_config, k, None) is not None}
-    for key in ("attention_type", "block_size", "num_random_blocks"):
+    # What the head reads is in the task model's config (model.pooling): the base gets it too.
+    own = family_of(head_config).pooling_key
+    for key in ("attention_type", "block_size", "num_random_blocks") + ((own,) if own else ()):
         if getattr(head_config, key, None) is not None:
             extra[key] = getattr(head_config, key)
     model = model_class(task).from_pretrained(base_path, use_safetensors=True, **extra)
+    if getattr(head_config, POOLING_KEY, None) is not None:
+        setattr(model.config, POOLING_KEY, getattr(head_config, POOLING_KEY))
+    install_pooling(model)
     want = (adapter.get("base") or {}).get("digest")
     if want and weights_digest(model) != want:
         raise CheckpointError(

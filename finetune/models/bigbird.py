@@ -31,33 +31,19 @@ from typing import Any, Iterator
 
 import torch
 
+from finetune.families.big_bird import default_sparse_min_length, is_block_sparse, min_sparse_length
+from finetune.families.big_bird import is_bigbird as _is_bigbird_config
+
+__all__ = ["RULE_ATTRIBUTE", "attention_for_batch", "attention_for_config", "attention_for_length",
+           "default_sparse_min_length", "is_bigbird", "is_block_sparse", "min_sparse_length", "plan_batches",
+           "sparse_attention_in_fp32", "sparse_min_length"]
 
 RULE_ATTRIBUTE = "sparse_attention_min_length"  # on the model config, so it is saved with the model
 
 
 def is_bigbird(model: torch.nn.Module) -> bool:
     """Whether the model (or the config-only stand-in of an exported model) is a BigBird."""
-    return getattr(getattr(model, "config", None), "model_type", None) == "big_bird"
-
-
-def is_block_sparse(config) -> bool:
-    """Whether a model config is a BigBird set up for block-sparse attention (chosen per batch by the rule)."""
-    return getattr(config, "model_type", None) == "big_bird" and getattr(config, "attention_type", None) == "block_sparse"
-
-
-def min_sparse_length(block_size: int, num_random_blocks: int) -> int:
-    """Shortest padded length at which block-sparse attention can run (transformers falls back at or below
-    (5 + 2 * num_random_blocks) * block_size)."""
-    return (5 + 2 * num_random_blocks) * block_size + 1
-
-
-def default_sparse_min_length(block_size: int, num_random_blocks: int) -> int:
-    """The default rule's threshold: the shortest multiple of block_size at which block-sparse can run.
-
-    Batches are padded to multiples of block_size, so this is the first padded length that can use it.
-    """
-    shortest = min_sparse_length(block_size, num_random_blocks)
-    return -(-shortest // block_size) * block_size
+    return _is_bigbird_config(getattr(model, "config", None))
 
 
 def sparse_min_length(config, requested: int | None = None) -> int:

@@ -21,51 +21,19 @@ from typing import Any
 import torch
 
 from finetune.errors import ConversionError
-from finetune.models.bigbird import default_sparse_min_length, min_sparse_length
+from finetune.families import family_of
+from finetune.families.big_bird import default_sparse_min_length, min_sparse_length
 from finetune.models.conversion_folder import check_target, publish, staging_folder
 from finetune.models.pretrained import check_weights_format, load_config, resolve_checkpoint
 
-SUPPORTED_TYPES = ("bert", "distilbert")
 MAX_LENGTH_LIMIT = 16384  # model.max_length's upper bound in recipes
 
-# BigBird layer weight -> the same weight's name in each source family (per layer; `{}` is the layer index).
-_LAYER_NAMES = {
-    "bert": {
-        "attention.self.query": "encoder.layer.{}.attention.self.query",
-        "attention.self.key": "encoder.layer.{}.attention.self.key",
-        "attention.self.value": "encoder.layer.{}.attention.self.value",
-        "attention.output.dense": "encoder.layer.{}.attention.output.dense",
-        "attention.output.LayerNorm": "encoder.layer.{}.attention.output.LayerNorm",
-        "intermediate.dense": "encoder.layer.{}.intermediate.dense",
-        "output.dense": "encoder.layer.{}.output.dense",
-        "output.LayerNorm": "encoder.layer.{}.output.LayerNorm",
-    },
-    "distilbert": {
-        "attention.self.query": "transformer.layer.{}.attention.q_lin",
-        "attention.self.key": "transformer.layer.{}.attention.k_lin",
-        "attention.self.value": "transformer.layer.{}.attention.v_lin",
-        "attention.output.dense": "transformer.layer.{}.attention.out_lin",
-        "attention.output.LayerNorm": "transformer.layer.{}.sa_layer_norm",
-        "intermediate.dense": "transformer.layer.{}.ffn.lin1",
-        "output.dense": "transformer.layer.{}.ffn.lin2",
-        "output.LayerNorm": "transformer.layer.{}.output_layer_norm",
-    },
-}
 
+def _sources() -> list[str]:
+    """The families whose layers `convert --to bigbird` can map onto BigBird's (`Family.bert_layout`)."""
+    from finetune.families import FAMILIES
 
-def _sizes(config: Any) -> dict[str, Any]:
-    """The source's architecture in BigBirdConfig's terms."""
-    if config.model_type == "distilbert":
-        return dict(hidden_size=config.dim, num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-                    intermediate_size=config.hidden_dim, hidden_act=config.activation, hidden_dropout_prob=config.dropout,
-                    attention_probs_dropout_prob=config.attention_dropout, layer_norm_eps=1e-12,
-                    # DistilBERT has no segment embeddings; two all-zero rows add nothing, whatever ids come in.
-                    type_vocab_size=2)
-    return dict(hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-                num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
-                hidden_act=config.hidden_act, hidden_dropout_prob=config.hidden_dropout_prob,
-                attention_probs_dropout_prob=config.attention_probs_dropout_prob, layer_norm_eps=config.layer_norm_eps,
-                type_vocab_size=config.type_vocab_size)
+    return [name for name, family in FAMILIES.items() if family.bert_layout is not None]
 
 
 def bigbird_config(source_config: Any, tokenizer: Any, max_length: int, attention_type: str, block_size: int,
@@ -85,22 +53,23 @@ def bigbird_config(source_config: Any, tokenizer: Any, max_length: int, attentio
         num_random_blocks=num_random_blocks, use_bias=True, rescale_embeddings=False,
         # BigBirdConfig's defaults (bos 1, eos 2, sep 66) are the ids of BigBird's own vocabulary, not this one's.
         pad_token_id=pad, bos_token_id=token_id("cls_token_id", None), eos_token_id=sep, sep_token_id=sep,
-        architectures=["BigBirdModel"], **_sizes(source_config),
+        architectures=["BigBirdModel"], **family_of(source_config).bert_sizes(source_config),
     )
 
 
-def weight_map(source_type: str, num_layers: int, pooler: bool) -> dict[str, str]:
-    """BigBird weight name -> source weight name, for everything copied as it is.
+def weight_map(source_config: Any, num_layers: int, pooler: bool, token_types: bool) -> dict[str, str]:
+    """BigBird weight name -> source weight name, for everything copied as it is (the family's `bert_layout`).
 
-    The position embeddings (tiled) and DistilBERT's missing token-type embeddings (zeros) are not in it.
+    The position embeddings (tiled) and the token-type embeddings of a source without them (zeros) are not in it.
     """
+    layout = family_of(source_config).bert_layout
     mapping: dict[str, str] = {}
     for name in ("word_embeddings.weight", "LayerNorm.weight", "LayerNorm.bias"):
         mapping[f"embeddings.{name}"] = f"embeddings.{name}"
-    if source_type == "bert":
+    if token_types:
         mapping["embeddings.token_type_embeddings.weight"] = "embeddings.token_type_embeddings.weight"
     for layer in range(num_layers):
-        for target, source in _LAYER_NAMES[source_type].items():
+        for target, source in layout.items():
             for param in ("weight", "bias"):
                 mapping[f"encoder.layer.{layer}.{target}.{param}"] = f"{source.format(layer)}.{param}"
     if pooler:
@@ -159,10 +128,11 @@ def _load_source(path: Path, allow_pickle: bool) -> tuple[Any, bool]:
     return model.eval(), has_pooler
 
 
-def _converted_state(source_state: dict[str, torch.Tensor], target_state: dict[str, torch.Tensor], source_type: str,
+def _converted_state(source_state: dict[str, torch.Tensor], target_state: dict[str, torch.Tensor], source_config: Any,
                      num_layers: int, pooler: bool) -> dict[str, torch.Tensor]:
     """The BigBird state dict, every tensor taken from the source; fails naming anything left unset or unused."""
-    mapping = weight_map(source_type, num_layers, pooler)
+    token_types = "embeddings.token_type_embeddings.weight" in source_state
+    mapping = weight_map(source_config, num_layers, pooler, token_types)
     new: dict[str, torch.Tensor] = {}
     for target, source in mapping.items():
         if source not in source_state:
@@ -170,7 +140,7 @@ def _converted_state(source_state: dict[str, torch.Tensor], target_state: dict[s
         new[target] = source_state[source].clone()
     length = target_state["embeddings.position_embeddings.weight"].shape[0]
     new["embeddings.position_embeddings.weight"] = tile_positions(source_state["embeddings.position_embeddings.weight"], length)
-    if source_type == "distilbert":
+    if not token_types:
         new["embeddings.token_type_embeddings.weight"] = torch.zeros_like(target_state["embeddings.token_type_embeddings.weight"])
     unset = sorted(set(target_state) - set(new))
     if unset:
@@ -199,10 +169,13 @@ def _parity_inputs(vocab_size: int, length: int, type_vocab_size: int, seed: int
 
 
 @torch.inference_mode()
-def parity(source: Any, converted: Any, source_type: str, length: int) -> float:
+def parity(source: Any, converted: Any, length: int) -> float:
     """Largest absolute difference between the two models' hidden states (and pooler outputs) on real tokens."""
+    import inspect
+
     inputs = _parity_inputs(converted.config.vocab_size, length, converted.config.type_vocab_size)
-    source_inputs = {k: v for k, v in inputs.items() if not (source_type == "distilbert" and k == "token_type_ids")}
+    accepted = inspect.signature(source.forward).parameters
+    source_inputs = {k: v for k, v in inputs.items() if k in accepted}  # a source without token types ignores them
     a, b = source(**source_inputs), converted(**inputs)
     real = inputs["attention_mask"].bool()
     worst = (a.last_hidden_state[real] - b.last_hidden_state[real]).abs().max().item()
@@ -243,10 +216,10 @@ def convert_to_bigbird(source: str, target: str | Path, max_length: int = 4096, 
     check_weights_format(resolved.path, allow_pickle)
     source_config = load_config(resolved)
     source_type = source_config.model_type
-    if source_type not in SUPPORTED_TYPES:
+    if family_of(source_config).name not in _sources():
         raise ConversionError(
-            f"{source} is a {source_type} checkpoint; finetune convert --to bigbird supports {', '.join(SUPPORTED_TYPES)} "
-            "(BERT's weight layout with absolute learned positions)"
+            f"{source} is a {source_type} checkpoint; finetune convert --to bigbird supports {', '.join(_sources())} "
+            "(BERT's weight layout with absolute learned positions counted from 0)"
         )
     if getattr(source_config, "position_embedding_type", "absolute") != "absolute":
         raise ConversionError(f"{source} uses {source_config.position_embedding_type} position embeddings; "
@@ -258,7 +231,7 @@ def convert_to_bigbird(source: str, target: str | Path, max_length: int = 4096, 
     tokenizer = AutoTokenizer.from_pretrained(resolved.path)
     config = bigbird_config(source_config, tokenizer, max_length, attention_type, block_size, num_random_blocks)
     converted = BigBirdModel(config, add_pooling_layer=has_pooler)
-    state = _converted_state(source_model.state_dict(), converted.state_dict(), source_type,
+    state = _converted_state(source_model.state_dict(), converted.state_dict(), source_config,
                              config.num_hidden_layers, has_pooler)
     converted.load_state_dict(state, strict=True)
 
@@ -276,7 +249,7 @@ def convert_to_bigbird(source: str, target: str | Path, max_length: int = 4096, 
         reloaded.eval()
         reloaded.set_attention_type("original_full")
         length = min(source_config.max_position_embeddings, max_length)
-        difference = parity(source_model, reloaded, source_type, length)
+        difference = parity(source_model, reloaded, length)
         if not difference <= tolerance:
             raise ConversionError(
                 f"the converted model does not reproduce {source}: hidden states differ by up to {difference:.3g} "

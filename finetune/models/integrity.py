@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import CheckpointError
+from finetune.families.pooling import install_pooling
 from finetune.models.adapters import ADAPTER_WEIGHTS
 from finetune.models.checksums import manifest_problem, read_manifest
 from finetune.models.modeling import MANIFEST_FILE, ModelInfo, load_tokenizer, model_class, read_model_info
@@ -146,7 +147,7 @@ def load_weights(checked: CheckedModel, base_path: Path | str | None = None) -> 
 
         return load_adapter_model(checked.weights_dir, task, checked.info.adapter, base_path)
     try:
-        return model_class(task).from_pretrained(checked.weights_dir, use_safetensors=True)
+        return install_pooling(model_class(task).from_pretrained(checked.weights_dir, use_safetensors=True))
     except Exception as e:  # a config and weights that do not fit each other, say: named, not a traceback
         raise CheckpointError(f"{checked.weights_dir}: the weights do not load ({type(e).__name__}: "
                               f"{str(e)[:200]})") from None

@@ -1,4 +1,4 @@
-"""`finetune convert --to fewer-layers`: a smaller student that keeps chosen layers of a BERT-family checkpoint.
+"""`finetune convert --to fewer-layers`: a smaller student that keeps chosen layers of an encoder checkpoint.
 
 DistilBERT was initialised this way, with every other layer of BERT-base. Everything outside the encoder
 layers (embeddings, pooler, a fine-tuned head) is kept as it is, and the kept layers are renumbered 0, 1, ...
@@ -18,12 +18,33 @@ from typing import Any
 import torch
 
 from finetune.errors import ConversionError
+from finetune.families import family_of
 from finetune.models.conversion_folder import check_target, publish, staging_folder
 from finetune.models.pretrained import check_weights_format, load_config, resolve_checkpoint
 
-# `<prefix>layer.<N>.<rest>`: BERT and BigBird keep their layers in encoder.layer, DistilBERT in transformer.layer
-# (under the base model's name when the checkpoint has a head: bert., distilbert.).
-LAYER_KEY = re.compile(r"^(?P<prefix>(?:.+\.)?(?:encoder|transformer)\.layer\.)(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+def layer_key(path: str) -> re.Pattern:
+    """`<prefix><path>.<N>.<rest>`: the weights of layer N, the layer list at `path` inside the encoder (BERT's
+    encoder.layer, DistilBERT's transformer.layer, ModernBERT's layers), under the base model's name when the
+    checkpoint has a head (bert., model.)."""
+    return re.compile(rf"^(?P<prefix>(?:.+\.)?{re.escape(path)}\.)(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+def layers_path(config: Any, source: str) -> str:
+    """Where the checkpoint's encoder keeps its layer list, read from the model its config builds (on the meta
+    device: no weights); a ConversionError saying why when there is no single list of its layers."""
+    import torch
+    from transformers import AutoModel
+
+    family = family_of(config)
+    with torch.device("meta"):
+        encoder = AutoModel.from_config(config)
+    found = family.layers(encoder, config)
+    if found is None:
+        raise ConversionError(f"cannot tell the layers of {source} apart: its {config.model_type} encoder has no single "
+                              f"list of its {family.layer_count(config)} layers, so there is nothing to choose from")
+    return found.path
 
 
 def parse_layers(text: str) -> list[int]:
@@ -62,16 +83,18 @@ def _read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     return state
 
 
-def selected_state(state: dict[str, torch.Tensor], layers: list[int]) -> dict[str, torch.Tensor]:
-    """The weights with only the chosen layers, renumbered in the order given; everything else unchanged."""
-    prefixes = {m.group("prefix") for m in map(LAYER_KEY.match, state) if m}
+def selected_state(state: dict[str, torch.Tensor], layers: list[int], path: str) -> dict[str, torch.Tensor]:
+    """The weights with only the chosen layers (of the layer list at `path`), renumbered in the order given;
+    everything else unchanged."""
+    pattern = layer_key(path)
+    prefixes = {m.group("prefix") for m in map(pattern.match, state) if m}
     if len(prefixes) != 1:
         found = ", ".join(sorted(prefixes)) or "none"
-        raise ConversionError(f"cannot tell the encoder layers' weights apart (looked for one `...encoder.layer.N.` or "
-                              f"`...transformer.layer.N.` prefix; found: {found})")
+        raise ConversionError(f"cannot tell the encoder layers' weights apart (looked for one `...{path}.N.` prefix; "
+                              f"found: {found})")
     new = {}
     for key, tensor in state.items():
-        match = LAYER_KEY.match(key)
+        match = pattern.match(key)
         if match is None:
             new[key] = tensor
         elif int(match.group("index")) in layers:
@@ -103,11 +126,16 @@ def select_layers(source: str, target: str | Path, layers: list[int], allow_pick
     resolved = resolve_checkpoint(source, allow_pickle=allow_pickle)
     check_weights_format(resolved.path, allow_pickle)
     config = load_config(resolved)
-    available = config.num_hidden_layers
+    family = family_of(config)
+    available = family.layer_count(config)
+    path = layers_path(config, source)
     check_layers(layers, available, source)
+    problem = family.layer_selection_problem(layers, config)
+    if problem:
+        raise ConversionError(f"--layers: {problem}")
     state = _read_weights(resolved.path, allow_pickle)
-    new = selected_state(state, layers)
-    config.num_hidden_layers = len(layers)  # DistilBERT's n_layers through its attribute map
+    new = selected_state(state, layers, path)
+    family.select_layers(config, layers)
 
     with staging_folder(target) as tmp:
         config.save_pretrained(tmp)
@@ -122,8 +150,11 @@ def select_layers(source: str, target: str | Path, layers: list[int], allow_pick
             raise ConversionError(f"the student reloads with weights missing: {sorted(student_missing - source_missing)}")
         if AutoConfig.from_pretrained(tmp).num_hidden_layers != len(layers):
             raise ConversionError("the saved student does not have the number of layers asked for")
+        pattern = layer_key(path)
         for key, tensor in student_state.items():
-            match = LAYER_KEY.match(key)
+            if key in student_missing:  # not in either folder (RoBERTa's pooler, which its classifier has not): random
+                continue
+            match = pattern.match(key)
             origin = key if match is None else \
                 f"{match.group('prefix')}{layers[int(match.group('index'))]}.{match.group('rest')}"
             if origin not in source_state or not torch.equal(source_state[origin], tensor):

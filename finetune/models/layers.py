@@ -1,12 +1,13 @@
 """What trains: the encoder's layers by depth, freezing them (`training.freeze`), and caching a frozen encoder.
 
-Depth is read from parameter names, so it works for every BERT-family encoder (and for LoRA parameters
-inside them): the embeddings are depth 0, encoder layer i is depth i + 1, anything else inside the encoder
-(a final LayerNorm, BigBird's unused pooler) sits on top at depth L + 1, and parameters outside the encoder are
-the task head (depth None). Layer-wise learning-rate decay (`finetune.training.optim`) reads the same depths.
+Depth is read from the model's structure as its family (`finetune.families`) finds it, so it works for every
+family (and for LoRA parameters inside the layers): the embeddings (with what the family adds to them, such as
+ELECTRA's projection and DeBERTa's relative positions) are depth 0, encoder layer i is depth i + 1, anything else
+inside the encoder (a final norm, BigBird's pooler) sits on top at depth L + 1, and parameters outside the encoder
+are the task head (depth None). Layer-wise learning-rate decay (`finetune.training.optim`) reads the same depths.
 
-BERT's pooler (dense + tanh on the first token, read only by the sequence-classification and multiple-choice
-heads) counts as the head, as DistilBERT's pre_classifier does: it trains whatever is frozen, and an adapter saves
+A pooler inside the encoder that the head reads (BERT's and RoBERTa's dense + tanh on the first token, read by the
+sequence-classification and multiple-choice heads) counts as the head, as DistilBERT's pre_classifier does: it trains whatever is frozen, and an adapter saves
 it with the head. Frozen, the offline MiniLM's pooler (which sentence-transformers never trained) hands the
 classifier outputs of about 0.05, and a linear probe and LoRA r=8 both stayed at the majority class (0.509) on
 SST-2 while full fine-tuning reached 0.78 (bench/transfer.py).
@@ -18,63 +19,56 @@ then costs one encoder pass per text instead of one per text per epoch, and no b
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|block|blocks)\.(\d+)\.")
+from finetune.families import family_of, unwrap
+
+_HEAD = object()  # marks parameters inside the encoder that belong to the head (BERT's pooler)
 
 
 def layer_count(config: Any) -> int | None:
     """How many transformer layers a checkpoint's encoder has (None: the config does not say)."""
-    for key in ("num_hidden_layers", "n_layers", "num_layers"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
-def _base_prefix(model: Any) -> str:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model
-    return inner.base_model_prefix
+    return family_of(config).layer_count(config)
 
 
 def depths(model: torch.nn.Module) -> tuple[dict[str, int | None], int]:
-    """Every parameter's depth (None for the head) and the number of encoder layers (see the module docstring)."""
-    prefix = re.compile(rf"(?:^|\.){re.escape(_base_prefix(model))}\.(.*)$")
-    pooler_is_head = bert_pooler(model) is not None
-    found: dict[str, Any] = {}
-    layers = 0
-    for name, _ in model.named_parameters():
-        inside = prefix.search(name)
-        if inside is None or (pooler_is_head and inside.group(1).startswith("pooler.")):
-            found[name] = None
-            continue
-        rest = inside.group(1)
-        layer = _LAYER.search(rest)
-        if layer is not None:
-            found[name] = int(layer.group(1)) + 1
-            layers = max(layers, int(layer.group(1)) + 1)
-        elif rest.startswith("embeddings.") or ".embeddings." in rest:
-            found[name] = 0
-        else:
-            found[name] = "top"
-    return {k: (layers + 1 if v == "top" else v) for k, v in found.items()}, layers
+    """Every parameter's depth (None for the head) and the number of encoder layers (see the module docstring).
+
+    Read from the model's structure through its family (`finetune.families`): the modules of the embeddings, the
+    layer list, the pooler the head reads; never from parameter names.
+    """
+    inner = unwrap(model)
+    family = family_of(inner.config)
+    encoder = family.encoder(inner)
+    found = family.layers(encoder, inner.config)
+    by_parameter: dict[int, Any] = {}
+    for _, module in family.embeddings(encoder):
+        for param in module.parameters():
+            by_parameter[id(param)] = 0
+    count = 0 if found is None else len(found.modules)
+    for i, layer in enumerate(found.modules if found is not None else ()):
+        for param in layer.parameters():
+            by_parameter[id(param)] = i + 1
+    pooler = head_pooler(model)
+    for param in (pooler.parameters() if pooler is not None else ()):
+        by_parameter[id(param)] = _HEAD
+    for param in encoder.parameters():
+        by_parameter.setdefault(id(param), count + 1)  # inside the encoder, above the layers (a final norm)
+    depth = {name: by_parameter.get(id(param)) for name, param in model.named_parameters()}
+    return {name: None if d is _HEAD else d for name, d in depth.items()}, count
 
 
-def bert_pooler(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The task model's BERT-style pooler (a module that pools hidden states itself, e.g. BertPooler), or None
-    (DistilBERT has none; BigBird's is a bare Linear its classification head does not read)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model
-    return _pooler_of(getattr(inner, inner.base_model_prefix, None))
-
-
-def _pooler_of(encoder: Any) -> torch.nn.Module | None:
-    pooler = getattr(encoder, "pooler", None)
-    inner = getattr(pooler, "original_module", pooler)  # peft wraps a module it trains and saves
-    return pooler if isinstance(inner, torch.nn.Module) and type(inner).__name__.endswith("Pooler") else None
+def head_pooler(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The pooler inside the encoder that the task head reads and trains as its own (BERT's, RoBERTa's), or None."""
+    inner = unwrap(model)
+    family = family_of(inner.config)
+    if family.head_pooler is None:
+        return None
+    pooler = getattr(family.encoder(inner), family.head_pooler, None)
+    return pooler if isinstance(pooler, torch.nn.Module) else None
 
 
 def check_freeze(freeze: Any, config: Any) -> list[str]:
@@ -137,19 +131,24 @@ def encoder_frozen(model: torch.nn.Module) -> bool:
 
 
 class FrozenFeatureCache:
-    """Stands in for a frozen encoder's `forward`: the first token's final hidden state and the pooler output of each
-    distinct input, computed once in eval mode and then looked up.
+    """Stands in for a frozen encoder's `forward`: what the head reads of each distinct input, computed once in eval
+    mode and then looked up.
 
-    For heads that read only those (`Task.head_reads_first_token`: BERT's pooler, DistilBERT's and RoBERTa's first
-    token). Installed on the encoder instance, so the model's weights, state dict and saved folder are unchanged;
-    `remove` restores the encoder's own forward. Inputs are keyed by their unpadded token ids (and token types).
+    With `first_only` (heads that read one vector per input from the first position, `Family.head_reads_first_token`:
+    BERT's pooler, DistilBERT's and RoBERTa's first token, the mean `model.pooling` puts there) it keeps the first
+    position's final hidden state and the pooler output; otherwise (ModernBERT's mean pooling, EuroBERT's late
+    pooling, per-token heads) the final hidden state of every real token, put back in place for each batch.
+    Installed on the encoder instance, so the model's weights, state dict and saved folder are unchanged; `remove`
+    restores the encoder's own forward. Inputs are keyed by their unpadded token ids (and token types).
     """
 
-    def __init__(self, encoder: torch.nn.Module):
+    def __init__(self, encoder: torch.nn.Module, first_only: bool = True):
         self.encoder = encoder
         self.compute = encoder.forward
-        # BERT's pooler is the head's (see the module docstring): it trains, so it runs on the cached states.
-        self.pooler = _pooler_of(encoder)
+        self.first_only = first_only
+        # A pooler the head trains (BERT's, see the module docstring) runs on the cached states at every batch.
+        pooler = getattr(encoder, family_of(encoder.config).head_pooler or "", None)
+        self.pooler = pooler if isinstance(pooler, torch.nn.Module) else None
         self.store: dict[bytes, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.output_class: Any = None
         self.computed = 0
@@ -171,9 +170,13 @@ class FrozenFeatureCache:
 
     def __call__(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  token_type_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        if input_ids is None or kwargs.get("inputs_embeds") is not None:
-            return self.compute(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs)
+        given = {name: t for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids))
+                 if t is not None}  # only what the caller passed: not every family's encoder takes token types
+        if input_ids is None or kwargs.get("inputs_embeds") is not None or kwargs.get("output_hidden_states"):
+            # Every layer's states (distillation's hidden term) are not kept: computed as usual.
+            return self.compute(input_ids=input_ids, **given, **kwargs)
         keys = self._keys(input_ids, attention_mask, token_type_ids)
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         firsts: dict[bytes, int] = {}
         for i, k in enumerate(keys):
             if k not in self.store:
@@ -181,8 +184,7 @@ class FrozenFeatureCache:
         missing = sorted(firsts.values())
         if missing:
             rows = torch.tensor(missing, device=input_ids.device)
-            pick = {name: t.index_select(0, rows) for name, t in
-                    (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)) if t is not None}
+            pick = {name: t.index_select(0, rows) for name, t in given.items()}
             was_training = self.encoder.training
             self.encoder.eval()
             try:
@@ -195,18 +197,25 @@ class FrozenFeatureCache:
             pooled = getattr(out, "pooler_output", None) if self.pooler is None else None
             for j, i in enumerate(missing):
                 # Cloned: a slice would keep the whole batch's hidden states alive.
-                self.store[keys[i]] = (out.last_hidden_state[j, :1].clone(), None if pooled is None else pooled[j].clone())
+                states = out.last_hidden_state[j, :1] if self.first_only else out.last_hidden_state[j][real[i]]
+                self.store[keys[i]] = (states.clone(), None if pooled is None else pooled[j].clone())
             self.computed += len(missing)
-        first = torch.stack([self.store[k][0] for k in keys])
+        if self.first_only:
+            hidden = torch.stack([self.store[k][0] for k in keys])
+        else:
+            first = self.store[keys[0]][0]
+            hidden = first.new_zeros((len(keys), input_ids.shape[1], first.shape[-1]))
+            for i, k in enumerate(keys):
+                hidden[i][real[i]] = self.store[k][0]
         pooled = [self.store[k][1] for k in keys]
-        result = {"last_hidden_state": first}
+        result = {"last_hidden_state": hidden}
         if self.pooler is not None:
-            result["pooler_output"] = self.pooler(first)
+            result["pooler_output"] = self.pooler(hidden)
         elif pooled[0] is not None:
             result["pooler_output"] = torch.stack(pooled)
         return self.output_class(**result)
 
 
 def base_module(model: torch.nn.Module) -> torch.nn.Module:
-    """The encoder inside a task model (model.bert, model.distilbert, ...)."""
-    return getattr(model, model.base_model_prefix)
+    """The encoder inside a task model (model.bert, model.distilbert, model.model, ...)."""
+    return family_of(unwrap(model).config).encoder(model)

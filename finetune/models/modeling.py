@@ -20,9 +20,12 @@ from transformers import AutoTokenizer
 
 from finetune.config.recipe import ModelSection
 from finetune.errors import CheckpointError
+from finetune.families import family_of
+from finetune.families.pooling import CONFIG_KEY as POOLING_KEY
+from finetune.families.pooling import choose_pooling
 from finetune.models.bigbird import RULE_ATTRIBUTE, is_block_sparse, sparse_min_length
 from finetune.models.checksums import fsync_path, fsync_tree, write_manifest
-from finetune.models.pretrained import ResolvedCheckpoint, attention_dropout_key, check_weights_format, load_config
+from finetune.models.pretrained import ResolvedCheckpoint, check_weights_format, load_config
 from finetune.tasks import Task, TaskSettings
 
 METADATA_FILE = "finetune.json"
@@ -124,10 +127,12 @@ def build_task_model(resolved: ResolvedCheckpoint, model_cfg: ModelSection, task
     for key in ("attention_type", "block_size", "num_random_blocks"):
         if getattr(model_cfg, key) is not None:
             extra[key] = getattr(model_cfg, key)
-    if model_cfg.attention_dropout is not None:
-        key = attention_dropout_key(load_config(resolved, model_cfg.trust_remote_code))
-        if key is not None:  # check_model_settings refused the recipe otherwise
-            extra[key] = model_cfg.attention_dropout
+    config = load_config(resolved, model_cfg.trust_remote_code)
+    family = family_of(config)
+    if model_cfg.attention_dropout is not None and family.attention_dropout_key is not None:
+        extra[family.attention_dropout_key] = model_cfg.attention_dropout  # a family without one is refused earlier
+    if task.pooled_head:  # the family's own pooling key, when it has one (choose_pooling does the rest)
+        extra.update({k: v for k, v in family.pooling_config(config, model_cfg.pooling).items() if k != POOLING_KEY})
     if task.hf_problem_type is not None:
         extra["problem_type"] = task.hf_problem_type
     if task.num_labels(label_names) is not None:
@@ -144,6 +149,7 @@ def build_task_model(resolved: ResolvedCheckpoint, model_cfg: ModelSection, task
         raise CheckpointError(
             f"model.checkpoint: {resolved.name} has no {task.auto_model.removeprefix('AutoModelFor')} head class in transformers ({e})"
         ) from None
+    choose_pooling(model, task.pooled_head, model_cfg.pooling)
     task.model_loaded(model, loading, resolved.name, resolved.path)
     # Parameters the checkpoint did not have (the head, or a pooler a checkpoint lacks) were freshly initialised:
     # freezing (`training.freeze`) leaves them trainable.
@@ -164,17 +170,17 @@ def load_tokenizer(path: Path | str, trust_remote_code: bool = False):
 def make_collator(tokenizer: Any, model_config: Any, task: Task, settings: TaskSettings | None = None,
                   pad_to_multiple_of: int = 1, max_length: int | None = None) -> Any:
     """The task's collator, padding each batch to its longest example rounded up to `pad_to_multiple_of` tokens
-    (`model.pad_to_multiple_of`), and to a multiple of the block size for BigBird.
+    (`model.pad_to_multiple_of`), and to the multiple the family needs (BigBird: its block size).
 
     A multiple that would pad `max_length` inputs beyond the model's positions is not used (the longest then sets
     the length), so padding never asks for a position the model does not have.
     """
     multiple = pad_to_multiple_of
-    positions = getattr(model_config, "max_position_embeddings", None)
+    family = family_of(model_config)
+    positions = family.usable_positions(model_config)
     if max_length and positions and -(-max_length // multiple) * multiple > positions:
         multiple = 1
-    if model_config.model_type == "big_bird":
-        multiple = math.lcm(multiple, model_config.block_size)
+    multiple = math.lcm(multiple, family.pad_multiple(model_config))
     return task.collator(tokenizer, multiple if multiple > 1 else None, settings=settings)
 
 

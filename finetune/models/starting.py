@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import RecipeError
+from finetune.families import family_of
 from finetune.models import adapters
 from finetune.models.modeling import ModelInfo, build_model, load_tokenizer
 from finetune.models.pretrained import ResolvedCheckpoint, resolve_checkpoint
@@ -84,7 +85,7 @@ def build_for_run(start: Start, model_cfg: Any, task: Task, label_names: list[st
                 "the adapter's base would be that model, which an adapter folder cannot name. Train the model further "
                 "without model.adapter, or start the adapter from the pretrained checkpoint it came from "
                 f"({parent.checkpoint or 'see its recipe'})")
-        built = _full_start(start.resolved, model_cfg, task, label_names, same)
+        built = _full_start(start.resolved, model_cfg, task, label_names, same, parent.task)
     elif model_cfg.adapter is not None:
         built = _continue_adapter(start, model_cfg, task, label_names, same)
         said += "; its adapter keeps training on the same base"
@@ -102,8 +103,10 @@ def build_for_run(start: Start, model_cfg: Any, task: Task, label_names: list[st
 
 
 def _full_start(folder: ResolvedCheckpoint, model_cfg: Any, task: Task, label_names: list[str] | None,
-                same_head: bool) -> BuiltModel:
-    """A full model folder's encoder, with its head (same task and labels) or a fresh one."""
+                same_head: bool, parent_task: str | None = None) -> BuiltModel:
+    """A full model folder's encoder, with its head (same task and labels) or a fresh one; from a masked-LM parent
+    (`finetune pretrain`), the fresh head starts with what it shares with the trained masked-LM head
+    (`Family.mlm_head_shared`), as it would from the hub checkpoint."""
     if same_head:
         # The same labels in the same order give the same head shape and names, so the head loads with the encoder.
         model, tokenizer = build_model(folder, model_cfg, task, label_names)
@@ -119,7 +122,37 @@ def _full_start(folder: ResolvedCheckpoint, model_cfg: Any, task: Task, label_na
             if extra.name.startswith(("tokenizer", "vocab", "special_tokens", "merges")):
                 shutil.copy(extra, Path(tmp) / extra.name)
         model, tokenizer = build_model(ResolvedCheckpoint(folder.name, Path(tmp), "local"), model_cfg, task, label_names)
-    return BuiltModel(model, tokenizer)
+    built = BuiltModel(model, tokenizer)
+    if parent_task == "masked_lm":
+        kept = _keep_shared_head(model, folder.path)
+        if kept:
+            built.notes.append(f"The pretrained masked-LM head's {', '.join(kept)} start the new head, as from a hub "
+                               "checkpoint.")
+    return built
+
+
+def _keep_shared_head(model: Any, folder: Path) -> list[str]:
+    """Load the weights a masked-LM parent's head shares with the new task head (`Family.mlm_head_shared`: ModernBERT's
+    dense + norm), which then count as loaded, not fresh; returns their names."""
+    from safetensors import safe_open
+
+    prefixes = family_of(model.config).mlm_head_shared
+    if not prefixes:
+        return []
+    own = model.state_dict()
+    shared = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(prefixes) and key in own and tuple(f.get_slice(key).get_shape()) == tuple(own[key].shape):
+                    shared[key] = f.get_tensor(key)
+    if shared:
+        model.load_state_dict(shared, strict=False)
+        model.finetune_fresh_parameters = frozenset(model.finetune_fresh_parameters) - set(shared)
+        new = getattr(model, "finetune_new_weights", None)
+        if new is not None:
+            new.head = [name for name in new.head if not any(key.startswith(f"{name}.") for key in shared)]
+    return sorted(shared)
 
 
 def _add_adapter(built: BuiltModel, model_cfg: Any, checkpoint: str, resolved: ResolvedCheckpoint) -> None:

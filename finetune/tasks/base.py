@@ -154,9 +154,10 @@ class Task:
     """Whether scores are softmax or sigmoid of logits that temperature scaling (`task.calibration`) can calibrate."""
     sigmoid_scores: bool = False
     """Whether each output is a probability of its own (a sigmoid per label) rather than a softmax over outputs."""
-    head_reads_first_token: bool = False
-    """Whether the head reads only the first token's final hidden state (or the pooler output made from it), so a
-    frozen encoder's outputs can be computed once per text and cached (`training.freeze: encoder`)."""
+    pooled_head: bool = False
+    """Whether the head reads one vector per input made from the encoder's output (the first token, or what
+    `model.pooling` makes: sequence tasks and multiple choice), so `model.pooling` applies and a frozen encoder's
+    outputs can be cached as one vector per input (`training.freeze: encoder`)."""
     ranks_label_issues: bool = False
     """Whether the model gives a probability per class (`label_probabilities`), so `finetune evaluate
     --find-label-issues` and `finetune label-issues` can rank the examples whose label it disputes."""
@@ -219,8 +220,9 @@ class Task:
         """Model features for a batch of labelled rows (a `datasets.map(batched=True, with_indices=True)` function)."""
         raise NotImplementedError
 
-    def token_lengths(self, batch: dict[str, list], data: Any, tokenizer: Any) -> list[int]:
-        """Untruncated token counts of a batch of rows, for `finetune validate`."""
+    def token_lengths(self, batch: dict[str, list], data: Any, tokenizer: Any, settings: TaskSettings) -> list[int]:
+        """Untruncated token counts of a batch of rows (tokenised with the recipe's task settings), for
+        `finetune validate`."""
         raise NotImplementedError
 
     def window_stats(self, rows: dict[str, list], lengths: np.ndarray, data: Any, tokenizer: Any, max_length: int,

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import finetune.tasks.metrics as M
+from finetune.families import family_of
 from finetune.tasks.base import IGNORE_INDEX, Encoded, FeatureContext, InputError, Reference, Task, TaskSettings
 
 MASK_SHARE = 0.8
@@ -218,12 +219,10 @@ class MaskedPositions:
     masked ~15% have a loss. For a small encoder that projection is most of the step: MiniLM's decoder
     (384 x 30,522) has as many multiply-adds per token as its six layers together, and its logits (batch x length
     x 30,522 floats, and their gradient) are most of the memory. The model is still called as a whole, so
-    DistributedDataParallel and autocast see an ordinary forward.
+    DistributedDataParallel and autocast see an ordinary forward. The head is the family's (`Family.mlm_head`: BERT's
+    `cls`, DistilBERT's `vocab_transform`, RoBERTa's `lm_head`, ModernBERT's `head`, ...); every module after it works
+    position by position.
     """
-
-    HEADS = ("cls", "vocab_transform")
-    """The first module of the head, which receives the encoder's last hidden states: BERT and BigBird
-    (`cls`), DistilBERT (`vocab_transform`, then activation, layer norm and projector, each per position)."""
 
     def __init__(self) -> None:
         self.positions: Any = None
@@ -236,14 +235,13 @@ class MaskedPositions:
     @classmethod
     def on(cls, model: Any) -> "MaskedPositions | None":
         """The hook of `model` (installed on first use; under DistributedDataParallel on the model it wraps), or None
-        for an architecture whose head is not one of HEADS."""
-        import torch
+        for a family whose masked-LM head is not known (`Family.mlm_head`)."""
         from accelerate.utils import extract_model_from_parallel
 
         inner = extract_model_from_parallel(model)
         hook = inner.__dict__.get("_finetune_masked_positions")
         if hook is None:
-            head = next((m for m in (getattr(inner, name, None) for name in cls.HEADS) if isinstance(m, torch.nn.Module)), None)
+            head = family_of(inner.config).mlm_head_module(inner)
             hook = False
             if head is not None:
                 hook = cls()
@@ -321,7 +319,7 @@ class MaskedLMTask(Task):
             out["input_ids"], out["labels"] = masked, labels
         return out
 
-    def token_lengths(self, batch: dict[str, list], data: Any, tokenizer: Any) -> list[int]:
+    def token_lengths(self, batch: dict[str, list], data: Any, tokenizer: Any, settings: TaskSettings) -> list[int]:
         return [len(ids) for ids in tokenizer(self._texts(batch, data), truncation=False, verbose=False)["input_ids"]]
 
     def window_stats(self, rows: dict[str, list], lengths: np.ndarray, data: Any, tokenizer: Any, max_length: int,
@@ -438,31 +436,33 @@ class MaskedLMTask(Task):
 
 
 def carry_pooler(model: Any, path: Path) -> None:
-    """Keep a BERT checkpoint's trained pooler in the masked-LM model, frozen, so the folder it saves has it.
+    """Keep a checkpoint's trained pooler in the masked-LM model, frozen, so the folder it saves has it.
 
-    BertForMaskedLM has no pooler, but the sequence-classification head fine-tuning puts on the saved folder
-    reads one: without this, continued pretraining would hand fine-tuning a randomly initialised pooler, and a
-    with/without comparison would measure that rather than the pretraining. Frozen, because the MLM loss never
-    reaches it (and several processes would otherwise wait for its gradients).
+    BERT's and RoBERTa's masked-LM models have no pooler, but the heads fine-tuning puts on the saved folder read
+    one (`Family.head_pooler`): without this, continued pretraining would hand fine-tuning a randomly initialised
+    pooler, and a with/without comparison would measure that rather than the pretraining. Frozen, because the MLM
+    loss never reaches it (and several processes would otherwise wait for its gradients).
     """
-    if getattr(model.config, "model_type", None) != "bert" or getattr(model.base_model, "pooler", None) is not None:
+    family = family_of(model.config)
+    encoder = family.encoder(model)
+    if family.head_pooler is None or getattr(encoder, family.head_pooler, None) is not None:
         return
     from safetensors import safe_open
-    from transformers.models.bert.modeling_bert import BertPooler
 
     found: dict[str, Any] = {}
+    prefixes = [f"{family.head_pooler}.", f"{model.base_model_prefix}.{family.head_pooler}."]
     for file in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                for prefix in ("pooler.dense.", f"{model.base_model_prefix}.pooler.dense."):
+                for prefix in prefixes:
                     if key.startswith(prefix):
                         found[key.removeprefix(prefix)] = f.get_tensor(key)
-    if set(found) != {"weight", "bias"}:
+    pooler = family.new_pooler(model.config)
+    if set(found) != set(pooler.state_dict()):
         return
-    pooler = BertPooler(model.config)
-    pooler.dense.load_state_dict(found)
+    pooler.load_state_dict(found)
     pooler.requires_grad_(False)
-    model.base_model.pooler = pooler
+    setattr(encoder, family.head_pooler, pooler)
     print("kept the checkpoint's pooler (frozen) so fine-tuning the result starts from it")
 
 

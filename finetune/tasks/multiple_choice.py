@@ -40,6 +40,7 @@ class MultipleChoiceTask(Task):
     pipeline_task = None
     structured_inputs = True
     reads_choice_columns = True
+    pooled_head = True
 
     def check_recipe(self, recipe: Any) -> list[str]:
         problems = super().check_recipe(recipe)
@@ -105,7 +106,7 @@ class MultipleChoiceTask(Task):
                 raise ValueError(f"data.label_column: label {label} but only {size} choices")
         return encoded
 
-    def token_lengths(self, batch: dict[str, list], data: Any, tokenizer: Any) -> list[int]:
+    def token_lengths(self, batch: dict[str, list], data: Any, tokenizer: Any, settings: TaskSettings) -> list[int]:
         contexts = [str(c) for c in batch[data.text_column]]
         starts = [str(s) for s in batch[data.text_pair_column]] if data.text_pair_column else [None] * len(contexts)
         lengths = []

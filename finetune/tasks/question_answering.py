@@ -38,10 +38,21 @@ def tokenize_windows(tokenizer: Any, questions: Sequence[str], contexts: Sequenc
     )
 
 
-def context_offsets(encoded: Any, i: int) -> list[tuple[int, int] | None]:
-    """Character offsets of window i's tokens, None for everything that is not context (question, specials)."""
+def context_offsets(encoded: Any, i: int, context: str) -> list[tuple[int, int] | None]:
+    """Character offsets of window i's tokens, None for everything that is not context (question, specials).
+
+    A token's span starts at its first character that is not whitespace: SentencePiece pieces (XLM-R, DeBERTa-v3)
+    carry the space before a word, so an answer would otherwise start with it."""
     sequence_ids = encoded.sequence_ids(i)
-    return [tuple(o) if s == 1 else None for o, s in zip(encoded["offset_mapping"][i], sequence_ids)]
+    out: list[tuple[int, int] | None] = []
+    for (start, end), sequence in zip(encoded["offset_mapping"][i], sequence_ids):
+        if sequence != 1:
+            out.append(None)
+            continue
+        while start < end - 1 and context[start].isspace():
+            start += 1
+        out.append((start, end))
+    return out
 
 
 def answer_positions(offsets: Sequence[tuple[int, int] | None], start_char: int, end_char: int) -> tuple[int, int]:
@@ -145,7 +156,7 @@ class QuestionAnsweringTask(Task):
         owners = encoded.pop("overflow_to_sample_mapping")
         starts, ends, example_ids, offsets_column = [], [], [], []
         for i, owner in enumerate(owners):
-            offsets = context_offsets(encoded, i)
+            offsets = context_offsets(encoded, i, batch[data.context_column][owner])
             answers = batch[data.answers_column][owner] or {}
             texts, answer_starts = answers.get("text") or [], answers.get("answer_start") or []
             if texts:
@@ -162,7 +173,7 @@ class QuestionAnsweringTask(Task):
             encoded["example_id"], encoded["offset_mapping"] = example_ids, offsets_column
         return encoded
 
-    def token_lengths(self, batch: dict[str, list], data: Any, tokenizer: Any) -> list[int]:
+    def token_lengths(self, batch: dict[str, list], data: Any, tokenizer: Any, settings: TaskSettings) -> list[int]:
         encoded = tokenizer(batch[data.question_column], batch[data.context_column], truncation=False, verbose=False)
         return [len(ids) for ids in encoded["input_ids"]]
 
@@ -260,7 +271,7 @@ class QuestionAnsweringTask(Task):
                                     f"at most {MAX_WINDOWS_PER_INPUT} per input")
         model_keys = [k for k in encoded if k not in ("offset_mapping", "overflow_to_sample_mapping")]
         features = [{k: encoded[k][j] for k in model_keys} for j in range(len(owners))]
-        meta = [context_offsets(encoded, j) for j in range(len(owners))]
+        meta = [context_offsets(encoded, j, inputs[owners[j]]["context"]) for j in range(len(owners))]
         return Encoded(features, owners, meta, [False] * len(inputs))
 
     def output_array(self, outputs: Any) -> Any:

@@ -48,7 +48,7 @@ class SequenceTask(Task):
     """A sentence (or sentence-pair) task with one row of logits per text; subclasses say what the logits mean."""
 
     reads_chunks = True
-    head_reads_first_token = True
+    pooled_head = True
 
     # --- what subclasses define ------------------------------------------------------------
     def predictions(self, logits: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -120,7 +120,7 @@ class SequenceTask(Task):
             encoded["example_id"] = [indices[o] for o in owners]
         return encoded
 
-    def token_lengths(self, batch: dict[str, list], data: Any, tokenizer: Any) -> list[int]:
+    def token_lengths(self, batch: dict[str, list], data: Any, tokenizer: Any, settings: TaskSettings) -> list[int]:
         texts, pairs = batch_texts(batch, data)
         return [len(ids) for ids in tokenizer(texts, pairs, truncation=False, verbose=False)["input_ids"]]
 

@@ -23,6 +23,8 @@ class TaskSettings(BaseModel):
     """Multi-label: sigmoid score at or above which a label is predicted. Evaluation during training applies it to the raw scores; when calibration fits a temperature T, the model is saved with the same cut on calibrated scores, sigmoid(logit(threshold) / T), so the served labels are the ones evaluation scored."""
     label_all_tokens: bool = False
     """token_classification: train on every word piece of a word (B- becomes I- after the first) instead of only the first; evaluation always scores one tag per word."""
+    word_split: Literal["punctuation", "whitespace"] = "punctuation"
+    """token_classification: what a word is, the same in training, evaluation and serving: punctuation (cut at whitespace, every punctuation character a word of its own, as BERT's pre-tokenizer and mostly CoNLL do; a data set's word the rule cuts, such as "U.S." or "2-1", becomes several, the first with its tag and the rest continuing it) or whitespace (cut at whitespace only: "Paris." is one word, and an entity's span includes the full stop). Served texts are cut by the same rule, so an entity's start and end are its words' characters."""
     doc_stride: int = Field(128, ge=1, le=16384)
     """question_answering: tokens shared by consecutive windows of a context longer than model.max_length."""
     max_answer_length: int = Field(30, ge=1, le=16384)

@@ -4,6 +4,14 @@ Training reads words and one tag per word (CoNLL files or a hub data set with to
 columns). Only the first word piece of a word carries its tag unless `task.label_all_tokens` is set;
 evaluation always scores one tag per word, so the metric means the same with either setting.
 Serving reads plain text and answers with entities: type, text, character start and end, score.
+
+Words are the same everywhere (`task.word_split`): serving cuts a text into words by the rule, and training and
+evaluation cut the data set's words by the same rule (a word the rule splits, such as CoNLL's "U.S." or "2-1"
+under `punctuation`, becomes several, the first with the word's tag and the others continuing it: B-X -> I-X), so
+a text made of an evaluation sentence's words gives the model exactly the tokens evaluation gave it. Each word is
+then tokenised as it reads after a space in running text (`encode_words`), whatever the tokenizer: byte-level BPE
+(RoBERTa, ModernBERT, EuroBERT) and SentencePiece vocabularies (XLM-R, DeBERTa-v3) mark that space in the piece,
+WordPiece ignores it. An entity's start and end are its first and last word's characters in the text.
 """
 
 from __future__ import annotations
@@ -52,49 +60,63 @@ def align_labels(word_ids: Sequence[int | None], word_tags: Sequence[int], label
     return aligned
 
 
-def merge_entities(text: str, word_ids: Sequence[int | None], offsets: Sequence[tuple[int, int]],
-                   tags: Sequence[str], scores: Sequence[float]) -> list[dict[str, Any]]:
-    """Entities from per-piece tags: pieces join into words (the first piece's tag), words into entities.
+def split_words(text: str, rule: str) -> list[tuple[str, tuple[int, int]]]:
+    """The words of a text and their character spans, by `task.word_split`: `punctuation` cuts at whitespace and
+    makes every punctuation character a word of its own (BERT's pre-tokenizer, which CoNLL's words mostly follow);
+    `whitespace` cuts at whitespace only."""
+    from tokenizers.pre_tokenizers import BertPreTokenizer, WhitespaceSplit
 
-    A word tagged B-X starts an entity; I-X continues an entity of type X and otherwise starts one
-    (so a lone I- tag still yields an entity, as transformers' pipeline does); O ends it.
-    The entity score is the mean of its words' scores.
+    splitter = BertPreTokenizer() if rule == "punctuation" else WhitespaceSplit()
+    return [(word, (start, end)) for word, (start, end) in splitter.pre_tokenize_str(text)]
+
+
+def resplit(words: Sequence[str], tags: Sequence[int], rule: str, continuation: Sequence[int]) -> tuple[list[str], list[int]]:
+    """A labelled sentence's words cut by the serving rule (`split_words`): a word that becomes several keeps its tag
+    on the first and the continuation tag (B-X -> I-X) on the rest; a word with nothing in it is dropped."""
+    out_words: list[str] = []
+    out_tags: list[int] = []
+    for word, tag in zip(words, tags):
+        pieces = [w for w, _ in split_words(str(word), rule)]
+        out_words += pieces
+        out_tags += [int(tag)] + [int(continuation[tag])] * (len(pieces) - 1) if pieces else []
+    return out_words, out_tags
+
+
+def encode_words(tokenizer: Any, rows: Sequence[Sequence[str]], max_length: int | None, **kwargs: Any) -> Any:
+    """Tokenise sentences given as words, each word as it reads after a space in running text (see the module
+    docstring); `max_length` None: untruncated. The one tokenisation of words in training, validation and serving."""
+    spaced = [[" " + word for word in row] for row in rows]
+    if max_length is None:
+        return tokenizer(spaced, is_split_into_words=True, truncation=False, verbose=False, **kwargs)
+    return tokenizer(spaced, is_split_into_words=True, truncation=True, max_length=max_length, **kwargs)
+
+
+def merge_entities(text: str, word_ids: Sequence[int | None], spans: Sequence[tuple[int, int]],
+                   tags: Sequence[str], scores: Sequence[float]) -> list[dict[str, Any]]:
+    """Entities from per-piece tags: each word takes its first piece's tag and score, and the entities are read from
+    the words' tags exactly as the metric reads them (`finetune.tasks.metrics.entity_scores`: seqeval, strict IOB2,
+    so B-X starts an entity, I-X continues it, and an I- tag that continues nothing is no entity), so the entities
+    served are the ones evaluation counted.
+
+    `spans` are the words' character spans in `text` (`split_words`); an entity runs from its first word's start
+    to its last word's end. Its score is the mean of its words' scores.
     """
-    words: list[list[Any]] = []  # [tag, score, start, end]
+    from seqeval.scheme import IOB2, Entities
+
+    words: list[tuple[str, float, int, int]] = []
     previous = None
     for piece, word in enumerate(word_ids):
-        if word is None:
+        if word is None or word == previous:
             continue
-        start, end = offsets[piece]
-        if word != previous:
-            words.append([tags[piece], float(scores[piece]), start, end])
-        else:
-            words[-1][3] = end
+        start, end = spans[word]
+        words.append((tags[piece], float(scores[piece]), start, end))
         previous = word
-    entities: list[dict[str, Any]] = []
-    current: dict[str, Any] | None = None
-    word_scores: list[float] = []
-
-    def close() -> None:
-        if current is not None:
-            current["score"] = float(np.mean(word_scores))
-            current["text"] = text[current["start"]:current["end"]]
-            entities.append(current)
-
-    for tag, score, start, end in words:
-        prefix, _, kind = tag.partition("-")
-        if tag == "O" or not kind:
-            close()
-            current, word_scores = None, []
-        elif prefix == "I" and current is not None and current["type"] == kind:
-            current["end"] = end
-            word_scores.append(score)
-        else:
-            close()
-            current, word_scores = {"type": kind, "text": "", "start": start, "end": end}, [score]
-    close()
-    return [{"type": e["type"], "text": e["text"], "start": e["start"], "end": e["end"], "score": e["score"]}
-            for e in entities]
+    entities = []
+    for found in Entities([[w[0] for w in words]], IOB2, suffix=False).entities[0]:
+        start, end = words[found.start][2], words[found.end - 1][3]
+        entities.append({"type": found.tag, "text": text[start:end], "start": start, "end": end,
+                         "score": float(np.mean([w[1] for w in words[found.start:found.end]]))})
+    return entities
 
 
 class TokenClassificationTask(Task):
@@ -144,21 +166,23 @@ class TokenClassificationTask(Task):
         logits = outputs.logits
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets["labels"].view(-1), ignore_index=IGNORE_INDEX)
 
+    feature_settings = ("word_split",)
+
     def features(self, batch: dict[str, list], indices: list[int], ctx: FeatureContext) -> dict:
-        words = [[str(w) for w in row] for row in batch[ctx.data.text_column]]
-        encoded = ctx.tokenizer(words, is_split_into_words=True, truncation=True, max_length=ctx.max_length)
         continuation = continuation_tags(ctx.label_names)
+        rows = [resplit([str(w) for w in words], tags, ctx.settings.word_split, continuation)
+                for words, tags in zip(batch[ctx.data.text_column], batch["labels"])]
+        encoded = encode_words(ctx.tokenizer, [words for words, _ in rows], ctx.max_length)
         # Evaluation scores one tag per word, so only training labels continuation pieces.
         label_all = ctx.settings.label_all_tokens and ctx.train
-        encoded["labels"] = [
-            align_labels(encoded.word_ids(i), tags, label_all, continuation) for i, tags in enumerate(batch["labels"])
-        ]
+        encoded["labels"] = [align_labels(encoded.word_ids(i), tags, label_all, continuation)
+                             for i, (_, tags) in enumerate(rows)]
         return encoded
 
-    def token_lengths(self, batch: dict[str, list], data: Any, tokenizer: Any) -> list[int]:
-        words = [[str(w) for w in row] for row in batch[data.text_column]]
-        encoded = tokenizer(words, is_split_into_words=True, truncation=False, verbose=False)
-        return [len(ids) for ids in encoded["input_ids"]]
+    def token_lengths(self, batch: dict[str, list], data: Any, tokenizer: Any, settings: TaskSettings) -> list[int]:
+        rows = [[w for word in row for w, _ in split_words(str(word), settings.word_split)]
+                for row in batch[data.text_column]]
+        return [len(ids) for ids in encode_words(tokenizer, rows, None)["input_ids"]]
 
     def collator(self, tokenizer: Any, pad_to_multiple_of: int | None, settings: TaskSettings | None = None) -> Any:
         from transformers import DataCollatorForTokenClassification
@@ -195,7 +219,9 @@ class TokenClassificationTask(Task):
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        words = [" ".join(map(str, row)) for row in reference.raw[reference.data.text_column]]
+        continuation = continuation_tags(label_names)
+        words = [" ".join(resplit([str(w) for w in row], [0] * len(row), settings.word_split, continuation)[0])
+                 for row in reference.raw[reference.data.text_column]]
         frame = pd.DataFrame({"words": words[: len(outputs["gold"])],
                               "gold": [" ".join(t) for t in outputs["gold"]],
                               "predicted": [" ".join(t) for t in outputs["predicted"]]})
@@ -216,26 +242,28 @@ class TokenClassificationTask(Task):
         return list(inputs)
 
     def encode(self, tokenizer: Any, inputs: list[Any], text_pair: bool, max_length: int, settings: TaskSettings) -> Encoded:
-        encoded = tokenizer(inputs, truncation=True, max_length=max_length + 1, return_offsets_mapping=True)
+        split = [split_words(text, settings.word_split) for text in inputs]
+        rows = [[word for word, _ in words] for words in split]
+        encoded = encode_words(tokenizer, rows, max_length + 1)
         truncated = [len(ids) > max_length for ids in encoded["input_ids"]]
         if any(truncated):
-            encoded = tokenizer(inputs, truncation=True, max_length=max_length, return_offsets_mapping=True)
+            encoded = encode_words(tokenizer, rows, max_length)
         features, meta = [], []
         for i in range(len(inputs)):
-            features.append({k: encoded[k][i] for k in encoded if k != "offset_mapping"})
-            meta.append((encoded.word_ids(i), encoded["offset_mapping"][i]))
+            features.append({k: encoded[k][i] for k in encoded})
+            meta.append((encoded.word_ids(i), [span for _, span in split[i]]))
         return Encoded(features, list(range(len(inputs))), meta, truncated)
 
     def answer(self, inputs: list[Any], encoded: Encoded, rows: Sequence[np.ndarray], label_names: Sequence[str] | None,
                settings: TaskSettings, options: PostprocessOptions) -> list[dict[str, Any]]:
         assert label_names is not None
         answers = []
-        for text, (word_ids, offsets), logits, was_truncated in zip(inputs, encoded.meta, rows, encoded.truncated):
+        for text, (word_ids, spans), logits, was_truncated in zip(inputs, encoded.meta, rows, encoded.truncated):
             probs = softmax(np.asarray(logits, dtype=np.float64))
             best = probs.argmax(axis=-1)
             tags = [label_names[i] for i in best]
             scores = probs[np.arange(len(best)), best]
-            answers.append({"entities": merge_entities(text, word_ids, offsets, tags, scores), "truncated": was_truncated})
+            answers.append({"entities": merge_entities(text, word_ids, spans, tags, scores), "truncated": was_truncated})
         return answers
 
     def label_counts(self, split: Any, label_names: Sequence[str] | None) -> dict[str, Any]:

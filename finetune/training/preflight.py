@@ -14,6 +14,7 @@ import torch
 
 from finetune.config.recipe import Recipe
 from finetune.errors import RecipeError
+from finetune.families.support import recipe_problems
 from finetune.models import pretrained
 from finetune.models.layers import check_freeze
 from finetune.models.starting import Start
@@ -179,7 +180,7 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> tuple[Task, Start]:
                           tracking_uri(recipe))
     resolved = start.resolved
     config = pretrained.load_config(resolved, recipe.model.trust_remote_code)
-    problems = pretrained.check_model_settings(config, recipe.model) + check_freeze(recipe.training.freeze, config)
+    problems = recipe_problems(config, recipe, task) + check_freeze(recipe.training.freeze, config)
     if problems:
         raise RecipeError("the recipe does not fit the checkpoint:\n" + "\n".join(f"  - {p}" for p in problems))
     choose_mixed_precision(recipe.training.mixed_precision)

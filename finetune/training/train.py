@@ -29,6 +29,7 @@ from finetune.data import batching
 from finetune.data.features import PreparedData, prepare
 from finetune.errors import CheckpointError, TrainingDiverged
 from finetune.evaluation.extra_metrics import ExtraMetrics
+from finetune.families import family_of
 from finetune.models import layers, pretrained
 from finetune.models.bigbird import attention_for_batch, is_block_sparse
 from finetune.models.modeling import ModelInfo, NewWeights, load_tokenizer, make_collator, save_model_dir
@@ -144,9 +145,13 @@ def setup_model(recipe: Recipe, task: Task, start: Start,
     trainable = layers.freeze(model, recipe.training.freeze, fresh) if built.adapter is None else \
         layers.count_parameters(model, "the encoder (an adapter trains)")
     # Not for block-sparse BigBird: its outputs depend on the padded length of the batch a text comes in.
-    if (recipe.training.freeze == "encoder" and task.head_reads_first_token and layers.encoder_frozen(model)
-            and not recipe.training.compile and not is_block_sparse(model.config)):
-        layers.FrozenFeatureCache(layers.base_module(model))
+    if (recipe.training.freeze == "encoder" and layers.encoder_frozen(model) and not recipe.training.compile
+            and not is_block_sparse(model.config)):
+        # One vector per text when the head reads only the first position of right-padded batches; otherwise
+        # every position's (ModernBERT's mean and EuroBERT's late pooling, per-token heads).
+        first_only = (task.pooled_head and family_of(model.config).head_reads_first_token(model.config)
+                      and built.tokenizer.padding_side == "right")
+        layers.FrozenFeatureCache(layers.base_module(model), first_only)
         built.notes.append("The frozen encoder's outputs were computed once per text and cached; only the head trained.")
     if recipe.training.freeze != "none" and built.adapter is None:
         built.notes.append(f"Frozen: {trainable.frozen}; {trainable.trainable:,} of {trainable.total:,} parameters trained.")
@@ -273,8 +278,6 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     threads = ThreadBudget(cfg.threads or requested_threads(),
                            processes=int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     threads.apply()
-    if accelerator.is_main_process:  # the recipe as run, beside its log, even if no model is ever saved
-        (Path(recipe.output_dir) / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(resolved.path, recipe.model.trust_remote_code)
     data = setup_data(recipe, task, tokenizer, accelerator)
@@ -303,6 +306,9 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     with accelerator.main_process_first():
         if accelerator.is_main_process:
             outputs.claim(recipe.output_dir, recipe.name, state.recipe_hash)
+            # The recipe as run, beside its log, even if no model is ever saved; written once the folder is marked as
+            # finetune's, so a run refused before then leaves nothing that would make its own rerun refuse the folder.
+            (Path(recipe.output_dir) / "recipe.yaml").write_text(recipe_to_yaml(recipe))
             outputs.recover(recipe.output_dir)
             checkpoint = training_state.find_resumable(recipe.output_dir, state.recipe_hash, resume_run, outputs.warn)
         else:  # the main process has already checked, recovered and set aside what it will not resume
