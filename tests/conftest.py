@@ -123,6 +123,42 @@ def seed_bf16_speedup(cache: Path, entry: dict) -> None:
     (cache / preflight.BF16_SPEEDUP_FILE).write_text(json.dumps(entry))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def placeholder_figures():
+    """Runs in this process save a small placeholder PNG instead of rendering their plots (learning curves,
+    confusion matrix, reliability diagram): matplotlib's drawing took about a second of each tiny run, a quarter of
+    its time, over a few hundred runs. The figure writers themselves are tested for real (`figures` marker:
+    tests/test_artifacts.py, the run's artifacts in tests/test_tracking.py); commands run as subprocesses render."""
+    from finetune.reports import artifacts
+
+    real = artifacts.save_figure
+
+    def placeholder(fig, path):
+        from PIL import Image
+
+        artifacts.plt.close(fig)
+        Image.new("RGB", (160, 120), "white").save(path, format="PNG")
+        return path
+
+    artifacts.save_figure = placeholder
+    _REAL_SAVE_FIGURE.append(real)
+    yield
+    artifacts.save_figure = real
+
+
+@pytest.fixture(autouse=True)
+def real_figures(request, monkeypatch):
+    """Tests marked `figures` render the plots (see placeholder_figures)."""
+    if request.node.get_closest_marker("figures") is not None:
+        from finetune.reports import artifacts
+
+        monkeypatch.setattr(artifacts, "save_figure", _REAL_SAVE_FIGURE[0])
+    yield
+
+
+_REAL_SAVE_FIGURE: list = []
+
+
 @pytest.fixture(autouse=True)
 def isolated_stores(request, tmp_path, monkeypatch):
     """Each test gets its own MLflow store, tokenisation cache and working directory. The store starts empty, as

@@ -12,6 +12,8 @@ import yaml
 from finetune.reports.artifacts import write_learning_curves, write_model_card
 from finetune.tasks import Reference, TaskSettings, get_task
 
+pytestmark = pytest.mark.figures  # the plots are what these tests look at
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRICKY = ['plain', 'a, comma', 'say "hi", then\nleave', "it's; fine", 'x', 'last, "one"']
 

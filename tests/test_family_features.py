@@ -124,6 +124,14 @@ def test_a_frozen_encoder_is_cached_and_the_saved_model_is_the_trained_one(tiny_
     if pooling == "mean":
         key = FAMILIES[family].pooling_key
         assert (config[key] == "mean") if key else (config["finetune_pooling"] == "mean")
+    # The ONNX graph reads what the head reads too.
+    from finetune.export.onnx import OnnxPredictor, export_onnx
+
+    export_onnx(result.best_dir, tmp_path / "onnx", check=False)
+    _, _, evaluation, _ = load_splits(recipe, get_task("classification"))
+    texts = evaluation[recipe.data.text_column]
+    np.testing.assert_allclose(OnnxPredictor.from_dir(tmp_path / "onnx").logits(texts, None),
+                               Predictor.from_dir(result.best_dir).logits(texts, None), atol=1e-4)
 
 
 @pytest.mark.parametrize("family", families_for("lora"))
@@ -150,13 +158,16 @@ def test_pretraining_and_fine_tuning_its_output_keeps_the_trained_head_parts(tin
     assert_served_as_logged(recipe, result)
     shared = FAMILIES[family].mlm_head_shared
     if shared:  # ModernBERT: the new head's dense + norm start as the pretrained masked-LM head's
-        start = weights(mlm.best_dir)
-        model = Predictor.from_dir(result.best_dir).model
-        names = [k for k in start if k.startswith(shared)]
-        assert names
-        card = (result.best_dir / "MODEL_CARD.md").read_text()
-        assert "pretrained masked-LM head's" in card
-        assert all(k in dict(model.named_parameters()) for k in names)
+        from finetune.models.pretrained import ResolvedCheckpoint
+        from finetune.models.starting import full_model_start
+
+        trained = {k: v for k, v in weights(mlm.best_dir).items() if k.startswith(shared)}
+        assert trained
+        start = full_model_start(ResolvedCheckpoint("mlm", mlm.best_dir, "local"), recipe.model, get_task("classification"),
+                            ["negative", "positive"], False, "masked_lm")
+        params = dict(start.model.named_parameters())
+        assert all(torch.equal(params[k], v) for k, v in trained.items()), "the trained head parts were not kept"
+        assert "pretrained masked-LM head's" in (result.best_dir / "MODEL_CARD.md").read_text()
     if FAMILIES[family].head_pooler and family != "roberta":  # BERT: the checkpoint's pooler went through pretraining
         pooler = [k for k in weights(mlm.best_dir) if ".pooler." in f".{k}"]
         assert pooler, "the pretrained pooler was not carried"

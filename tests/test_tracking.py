@@ -133,6 +133,7 @@ def test_resumed_run_continues_the_same_mlflow_run_and_ends_where_an_uninterrupt
     assert len(mlflow.search_runs(experiment_names=["resume"], output_format="list")) == 2
 
 
+@pytest.mark.figures
 def test_artifacts_inputs_and_model_card(tiny_checkpoints, tmp_path):
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     result = train.main(_recipe(tiny_checkpoints["bert"], 3e-3, tracking={"register_as": None}))

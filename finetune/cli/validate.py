@@ -47,8 +47,8 @@ def _check_checkpoint(recipe: Recipe, problems: list[str]) -> tuple[Any, Any]:
     problems.extend(check_freeze(recipe.training.freeze, config))
     family = family_of(config)
     positions = family.usable_positions(config)
-    say(f"checkpoint: {recipe.model.checkpoint} -> {resolved.path} [{resolved.source}], family {family.name}, "
-        f"{positions if positions is not None else 'no limit of'} positions")
+    say(f"checkpoint: {recipe.model.checkpoint} -> {resolved.path} [{resolved.source}], family {family.name} "
+        f"({family.description}), {positions if positions is not None else 'no limit of'} positions")
     if not family.known:
         _unknown_family(config)
     problems.extend(recipe_problems(config, recipe, get_task(recipe.task.type)))

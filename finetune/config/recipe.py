@@ -50,7 +50,7 @@ class AdapterSection(_Section):
     dropout: float = Field(0.1, ge=0, lt=1)
     """Dropout on the adapted layers' inputs to the low-rank update, while training."""
     target_modules: list[str] | None = None
-    """Names of the linear layers to adapt (the last part of the module name, e.g. [query, value] for BERT, [q_lin, v_lin] for DistilBERT). Default: the attention query and value projections (peft's choice for the family). Names the model lacks are refused with the ones it has."""
+    """Names of the linear layers to adapt (the last part of the module name, e.g. [query, value] for BERT, [q_lin, v_lin] for DistilBERT). Default: the checkpoint family's attention query and value projections (its module in finetune/families says which; ModernBERT's are one fused Wqkv). Names the model lacks are refused with the ones it has."""
 
 
 class ModelSection(_Section):

@@ -25,6 +25,10 @@ POOLINGS = ("auto", "first", "mean")
 """`model.pooling`: the family's own choice (`auto`), the first token's final hidden state, or the mean over the
 input's tokens (attention-masked)."""
 
+POOLING_CONFIG_KEY = "finetune_pooling"
+"""The config key that asks for `model.pooling: mean` where the family has no setting of its own
+(`finetune.families.pooling`)."""
+
 # The transformers Auto classes of the task heads, and the mapping of model types that have each.
 HEAD_MAPPINGS = {
     "AutoModelForSequenceClassification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
@@ -100,6 +104,7 @@ class Family:
     onnx_refusal: str | None = None
     """Why models of this family cannot be exported to ONNX (None: they can)."""
     description: str = ""
+    """What checkpoints the family holds, for people (`finetune validate`)."""
 
     # --- from the config alone -------------------------------------------------------------
     def covers(self, model_type: str) -> bool:
@@ -151,7 +156,7 @@ class Family:
             return {}
         if self.pooling_key is not None:
             return {self.pooling_key: self.pooling_values[asked]}
-        return {"finetune_pooling": asked}
+        return {POOLING_CONFIG_KEY: asked}
 
     def head_reads_first_token(self, config: Any) -> bool:
         """Whether a sequence head reads only the first position of the encoder's output (so a frozen encoder's

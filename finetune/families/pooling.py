@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from finetune.families.base import POOLING_CONFIG_KEY as CONFIG_KEY
 from finetune.families.registry import family_of
 
-CONFIG_KEY = "finetune_pooling"
+__all__ = ["CONFIG_KEY", "MeanIntoFirst", "choose_pooling", "install_pooling", "masked_mean"]
 
 
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

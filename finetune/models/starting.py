@@ -85,7 +85,7 @@ def build_for_run(start: Start, model_cfg: Any, task: Task, label_names: list[st
                 "the adapter's base would be that model, which an adapter folder cannot name. Train the model further "
                 "without model.adapter, or start the adapter from the pretrained checkpoint it came from "
                 f"({parent.checkpoint or 'see its recipe'})")
-        built = _full_start(start.resolved, model_cfg, task, label_names, same, parent.task)
+        built = full_model_start(start.resolved, model_cfg, task, label_names, same, parent.task)
     elif model_cfg.adapter is not None:
         built = _continue_adapter(start, model_cfg, task, label_names, same)
         said += "; its adapter keeps training on the same base"
@@ -94,7 +94,7 @@ def build_for_run(start: Start, model_cfg: Any, task: Task, label_names: list[st
         with tempfile.TemporaryDirectory(prefix="finetune-merged-") as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
             load_tokenizer(start.resolved.path).save_pretrained(tmp)
-            built = _full_start(ResolvedCheckpoint(str(start.parent_source), Path(tmp), "local"), model_cfg, task,
+            built = full_model_start(ResolvedCheckpoint(str(start.parent_source), Path(tmp), "local"), model_cfg, task,
                                 label_names, same)
         said += "; its adapter is merged into the base, and the whole model trains"
     built.head_reused = same
@@ -102,7 +102,7 @@ def build_for_run(start: Start, model_cfg: Any, task: Task, label_names: list[st
     return built
 
 
-def _full_start(folder: ResolvedCheckpoint, model_cfg: Any, task: Task, label_names: list[str] | None,
+def full_model_start(folder: ResolvedCheckpoint, model_cfg: Any, task: Task, label_names: list[str] | None,
                 same_head: bool, parent_task: str | None = None) -> BuiltModel:
     """A full model folder's encoder, with its head (same task and labels) or a fresh one; from a masked-LM parent
     (`finetune pretrain`), the fresh head starts with what it shares with the trained masked-LM head
