@@ -330,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                 if "knobs" in sections else ([], {})
             out += lines
         if "pooling" in sections:
-            lines, results["pooling"] = pooling_section(runner, recipes["sst2"], train_file, sizes, seeds, workdir,
-                                                        knob_extra)
+            lines, results["pooling"] = pooling_section(runner, recipes["sst2"], train_file, sizes, other_seeds,
+                                                        workdir, knob_extra)
             out += lines
         if "transfer" in sections:
             lines, results["transfer"] = transfer_section(runner, recipes["source"], recipes["target"], other_seeds,

@@ -39,7 +39,7 @@ def run(checkpoint: Path | str, family: str, root: Path, name: str, kind: str = 
     fitted = str(first_rows(DATA / "sst2" / "train.tsv", EXAMPLES, root / f"first-{EXAMPLES}.tsv"))
     data = {"files": {"train": fitted, "validation": fitted}, "max_train_samples": None, "max_eval_samples": None,
             **sections.pop("data", {})}
-    training = {"max_steps": 30, "learning_rate": 3e-3, "warmup_ratio": 0.0, "scheduler": "constant",
+    training = {"max_steps": 16, "learning_rate": 5e-3, "warmup_ratio": 0.0, "scheduler": "constant",
                 "eval_strategy": "steps", "eval_steps": 30, "logging_steps": 30, **sections.pop("training", {})}
     for attempt in (1, 3):  # until the predictions are not constant: three times the steps once more
         steps = training["max_steps"] * attempt
@@ -85,7 +85,7 @@ def teachers(tiny_checkpoints, tmp_path_factory):
     for family in families_for("freeze"):
         out[family] = (root, *run(tiny_checkpoints[family], family, root, f"{family}-teacher",
                                   training={"freeze": 1, "layer_lr_decay": 0.8, "head_only_steps": 2,
-                                            "learning_rate": 1e-2, "max_steps": 40, "eval_steps": 40}))
+                                            "learning_rate": 1e-2, "max_steps": 24}))
     return out
 
 
@@ -116,7 +116,7 @@ def test_a_frozen_encoder_is_cached_and_the_saved_model_is_the_trained_one(tiny_
     # of the tokens, through their family's own setting (ModernBERT) or with the mean where the first token was.
     pooling = "auto" if family == "eurobert" else "mean"
     recipe, result = run(tiny_checkpoints[family], family, tmp_path, "frozen", model={"pooling": pooling},
-                         training={"freeze": "encoder", "learning_rate": 2e-2, "max_steps": 40, "eval_steps": 40})
+                         training={"freeze": "encoder", "learning_rate": 2e-2, "max_steps": 24})
     card = (result.best_dir / "MODEL_CARD.md").read_text()
     assert "computed once per text and cached" in card
     assert_served_as_logged(recipe, result)
@@ -138,7 +138,7 @@ def test_a_frozen_encoder_is_cached_and_the_saved_model_is_the_trained_one(tiny_
 def test_lora_with_the_familys_default_targets(tiny_checkpoints, tmp_path, family):
     recipe, result = run(tiny_checkpoints[family], family, tmp_path, "lora",
                          model={"adapter": {"r": 4, "alpha": 8}, "pooling": "first"},
-                         training={"learning_rate": 2e-2, "max_steps": 40, "eval_steps": 40})
+                         training={"learning_rate": 2e-2, "max_steps": 40})
     saved = json.loads((result.best_dir / "finetune.json").read_text())
     assert saved["adapter"]["target_modules"] == sorted(FAMILIES[family].lora_targets)
     assert (result.best_dir / "adapter_model.safetensors").is_file() and not (result.best_dir / "model.safetensors").exists()

@@ -1,67 +1,19 @@
-"""The training loop on tiny random checkpoints: every task, every tested family."""
+"""The training loop on tiny random checkpoints (every family and task end to end: tests/test_parity.py)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 
-from finetune.training import speed, train
-from finetune.data.loading import load_splits
+from finetune.training import train
 from finetune.models.predictor import Predictor
 from finetune.config.recipe import Recipe
-from finetune.tasks import get_task
 from tests.conftest import DATA, first_rows, tiny_recipe
 
 
 def _run(recipe_dict: dict) -> tuple[Recipe, train.RunResult]:
     recipe = Recipe.model_validate(recipe_dict)
     return recipe, train.main(recipe)
-
-
-def _predictor_metrics(recipe: Recipe, result: train.RunResult) -> dict[str, float]:
-    """Score the saved best model through the serving path (Predictor) on the same evaluation examples."""
-    task = get_task(recipe.task.type)
-    _, _, evaluation, _ = load_splits(recipe, task)
-    predictor = Predictor.from_dir(result.best_dir)
-    texts = evaluation[recipe.data.text_column]
-    pairs = evaluation[recipe.data.text_pair_column] if recipe.data.text_pair_column else None
-    logits = predictor.logits(texts, pairs)
-    return task.compute_metrics(logits, np.asarray(evaluation["labels"]), recipe.task.threshold)
-
-
-@pytest.mark.parametrize(
-    "family,task",
-    [
-        ("bert", "classification"),
-        ("distilbert", "pair"),
-        ("bert", "regression"),
-        ("distilbert", "multi_label"),
-        ("big_bird", "classification"),
-    ],
-)
-def test_each_task_trains_saves_and_predicts_consistently(tiny_checkpoints, family, task):
-    extra = {"model": {"attention_type": "original_full"}} if family == "big_bird" else {}
-    recipe, result = _run(tiny_recipe(tiny_checkpoints[family], task, **extra))
-
-    definition = get_task(recipe.task.type)
-    assert set(definition.metrics) | {"loss"} == set(result.best_metrics)
-    assert result.steps == 6
-    saved = json.loads((result.best_dir / "finetune.json").read_text())
-    assert saved["task"] == recipe.task.type
-    assert saved["text_pair"] is (task == "pair")
-    assert saved["pad_to_multiple_of"] == speed.pad_multiple(recipe), "predict and serve pad as training did"
-    assert (result.best_dir / "model.safetensors").is_file()
-    assert not list(result.best_dir.glob("*.bin"))
-    config = json.loads((result.best_dir / "config.json").read_text())
-    if definition.has_label_names:
-        assert config["id2label"] == {str(i): n for i, n in enumerate(saved["label_names"])}
-    # The serving path reproduces the metrics the training loop measured on the same examples.
-    again = _predictor_metrics(recipe, result)
-    for name, value in result.best_metrics.items():
-        if name != "loss":
-            assert again[name] == pytest.approx(value, abs=1e-5), name
 
 
 def test_training_actually_learns(tiny_checkpoints, tmp_path):
