@@ -19,6 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_serializer, model_validator
 
 from finetune.errors import RecipeError
+from finetune.files import RefusedDocument, load_yaml
+from finetune.files import short as _short
 from finetune.tasks import TASKS, TaskSettings
 
 __all__ = ["Recipe", "RecipeError", "AdapterSection", "ModelSection", "DataSection", "TaskSection", "TrainingSection",
@@ -393,82 +395,15 @@ MAX_RECIPE_DEPTH = 64
 """Levels of nesting a recipe may have (its sections nest three or four deep)."""
 
 
-class _RefusedYaml(ValueError):
-    """A YAML document too large once expanded, too deep, or referring to itself."""
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    if isinstance(node, yaml.MappingNode):
-        return [part for pair in node.value for part in pair]
-    return []
-
-
-def _check_expansion(root: yaml.Node) -> None:
-    """Refuse a composed document whose aliases expand to more than MAX_RECIPE_NODES nodes, or that nests too deep.
-
-    An alias is the node its anchor names, shared: nine aliases of a list of nine aliases ... compose quickly but
-    expand to 9**9 nodes in everything that walks the data afterwards (validation, merging, error messages).
-    Sizes are counted over the shared nodes with memoisation, so counting costs as much as composing, and
-    iteratively, so a deep document cannot exhaust Python's stack here.
-    """
-    sizes: dict[int, int] = {}
-    on_path: set[int] = set()
-    stack: list[tuple[yaml.Node, bool, int]] = [(root, False, 1)]
-    while stack:
-        node, children_done, depth = stack.pop()
-        key = id(node)
-        if children_done:
-            on_path.discard(key)
-            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
-            if sizes[key] > MAX_RECIPE_NODES:
-                raise _RefusedYaml(f"it expands to more than {MAX_RECIPE_NODES} YAML nodes (its aliases repeat "
-                                   f"parts of it); a recipe holds a few hundred")
-            continue
-        if key in sizes:
-            continue
-        if depth > MAX_RECIPE_DEPTH:
-            raise _RefusedYaml(f"it nests deeper than {MAX_RECIPE_DEPTH} levels")
-        on_path.add(key)
-        stack.append((node, True, depth))
-        for child in _children(node):
-            if id(child) in on_path:
-                raise _RefusedYaml(f"an alias at line {child.start_mark.line + 1} refers to a node that contains it")
-            if id(child) not in sizes:
-                stack.append((child, False, depth + 1))
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """yaml.SafeLoader (data only, never objects) that checks a document's expanded size before constructing it."""
-
-    def compose_document(self) -> yaml.Node:
-        node = super().compose_document()
-        _check_expansion(node)
-        return node
-
-
 def _safe_load(text: str) -> Any:
-    """yaml.safe_load, bounded: raises _RefusedYaml (see `_check_expansion`) or yaml.YAMLError."""
-    try:
-        return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: data only, never objects
-    except RecursionError:  # PyYAML composes recursively: a document nested thousands deep
-        raise _RefusedYaml(f"it nests deeper than {MAX_RECIPE_DEPTH} levels") from None
+    """yaml.safe_load, bounded to a recipe's size (`finetune.files.load_yaml`); raises RefusedDocument."""
+    return load_yaml(text, MAX_RECIPE_NODES, MAX_RECIPE_DEPTH, MAX_RECIPE_BYTES)
 
 
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """What PyYAML found and where, without the quoted line of the file it appends (which could be any content)."""
-    if isinstance(error, yaml.reader.ReaderError):  # a character YAML does not allow, e.g. NUL or other control codes
-        return f"{error.reason} (character #x{error.character:x} at position {error.position})"
-    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-    problem = getattr(error, "problem", None) or getattr(error, "context", None) or type(error).__name__
-    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-    return f"{_short(str(problem), 120)}{where}"
-
-
-def _short(text: str, limit: int = 80) -> str:
-    """Text cut to `limit` characters, so no message repeats a long value in full."""
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+def _refusal(error: RefusedDocument) -> str:
+    """`is not valid YAML: ...` or `is refused: ...`, to follow the name of what was read."""
+    message = str(error)
+    return f"is {message}" if message.startswith("not valid YAML") else f"is refused: {message}"
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -488,10 +423,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise RecipeError(f"cannot read recipe file {path}: {type(e).__name__}") from None
     try:
         data = _safe_load(text)
-    except _RefusedYaml as e:
-        raise RecipeError(f"{path} is refused: {e}") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
+    except RefusedDocument as e:
+        raise RecipeError(f"{path} {_refusal(e)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -589,7 +522,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         try:
             # lists and mappings (e.g. data.label_names=[neg,pos]) are written as YAML/JSON
             value = TypeAdapter(annotation).validate_python(_safe_load(raw))
-        except (ValidationError, yaml.YAMLError, _RefusedYaml) as e:
+        except (ValidationError, RefusedDocument) as e:
             raise RecipeError(f"override {_short(key)}={_short(raw)!r}: {_first_message(e)}") from None
     if isinstance(value, BaseModel):
         value = value.model_dump()
@@ -599,8 +532,6 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def _first_message(error: Exception) -> str:
     if isinstance(error, ValidationError):
         return _short(error.errors()[0]["msg"], 300)
-    if isinstance(error, yaml.YAMLError):
-        return f"not valid YAML: {_yaml_problem(error)}"
     return _short(str(error), 300)
 
 
