@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -262,3 +263,199 @@ def spreadsheet_safe(value: Any) -> Any:
     if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
         return "'" + value
     return value
+
+
+# --- added for issue 33: bounds shared with serving, spreadsheet cells, output folders ---------------------
+
+MAX_INPUT_CHARS = 100_000
+"""The most characters one input (all its texts together) may have before it is tokenised: `finetune serve
+--max-input-chars`' default, and what `finetune predict --input` answers with `pred_error` beyond (a tokeniser
+given megabytes of text takes gigabytes)."""
+
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def spreadsheet_cell(value: Any) -> Any:
+    """`spreadsheet_safe`, except that text which is a plain number ("-5", "+1.5e3", as a CSV column read as text
+    holds them) is left as it is: a spreadsheet reads it as that number, not a formula."""
+    if isinstance(value, str) and _PLAIN_NUMBER.fullmatch(value):
+        return value
+    return spreadsheet_safe(value)
+
+
+def spreadsheet_frame(frame: Any) -> Any:
+    """A copy of a pandas DataFrame for a CSV/TSV file people open: every text cell and column name through
+    `spreadsheet_cell`."""
+    from pandas.api.types import is_object_dtype, is_string_dtype
+
+    safe = frame.rename(columns=lambda name: spreadsheet_cell(name) if isinstance(name, str) else name)
+    for i, dtype in enumerate(safe.dtypes):
+        if is_object_dtype(dtype) or is_string_dtype(dtype):  # text (numbers and booleans cannot be formulas)
+            safe.isetitem(i, safe.iloc[:, i].map(spreadsheet_cell))
+    return safe
+
+
+def move_new(source: Path | str, target: Path | str) -> None:
+    """Move the file `source` to `target` (same file system), refusing (FileExistsError) when anything, a link
+    included, is at `target`: a hard link then unlinking the source cannot replace what appeared meanwhile, unlike
+    a rename. File systems without hard links get a check followed by the rename."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except FileExistsError:
+        raise FileExistsError(f"{target} already exists") from None
+    except OSError:  # no hard links here (EPERM, EXDEV, ENOTSUP ...)
+        if os.path.lexists(target):
+            raise FileExistsError(f"{target} already exists") from None
+        os.rename(source, target)
+        return
+    os.unlink(source)
+
+
+OUTPUT_MARKER = ".finetune-output.json"
+"""The file that says finetune made an output folder (`finetune evaluate --output-dir`, `label-issues`, `export`)
+and which files in it are finetune's, by the kind of output that wrote them."""
+
+
+def _owned_files(folder: Path) -> dict[str, set[str]]:
+    """The files the marker of `folder` lists, by kind ({} when there is no readable marker finetune wrote)."""
+    try:
+        marker = read_json(folder / OUTPUT_MARKER)
+    except (OSError, RefusedDocument):
+        return {}
+    if not isinstance(marker, dict) or marker.get("created_by") != "finetune" or not isinstance(marker.get("files"), dict):
+        return {}
+    owned: dict[str, set[str]] = {}
+    for kind, names in marker["files"].items():
+        if isinstance(names, list):
+            # Only plain relative paths: a marker cannot make finetune touch anything outside its folder.
+            owned[str(kind)] = {n for n in names if isinstance(n, str) and n and not os.path.isabs(n)
+                                and ".." not in Path(n).parts}
+    return owned
+
+
+def is_output_folder(folder: Path | str) -> bool:
+    """Whether `folder` carries finetune's output marker."""
+    return os.path.isfile(Path(folder) / OUTPUT_MARKER) and not os.path.islink(Path(folder) / OUTPUT_MARKER) \
+        and bool(_owned_files(Path(folder)))
+
+
+def check_output_folder(folder: Path | str, what: str, overwrite: bool = False) -> None:
+    """Refuse (RefusedWrite, naming `what` and the folder) an output folder that is a link, not a folder, or a
+    non-empty folder finetune did not make (no marker), unless `overwrite`. New and empty folders pass."""
+    folder = Path(folder)
+    refuse_link(folder, what)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise RefusedWrite(f"{what}: {folder} is a file, not a folder; choose a folder")
+    if overwrite or is_output_folder(folder):
+        return
+    entries = sorted(p.name for p in folder.iterdir())
+    if entries:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise RefusedWrite(f"{what}: {folder} already holds files finetune did not write ({shown}) and has no "
+                           f"{OUTPUT_MARKER}, so finetune writes nothing in it; choose a new or empty folder")
+
+
+def staging_folder(folder: Path | str) -> Path:
+    """A new private folder beside `folder` (same file system, so its files move into place by rename)."""
+    import tempfile
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-staging-"))
+
+
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
+def _open_folder(name: str, parent: int | None, create: bool) -> int:
+    """A folder's descriptor, never through a link (relative to `parent`'s descriptor when given)."""
+    if create:
+        try:
+            os.mkdir(name, 0o777, dir_fd=parent)
+        except FileExistsError:
+            pass
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent)
+    except OSError:
+        try:
+            link = stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+        except OSError:
+            link = False
+        if link:
+            raise RefusedWrite(f"{name} is a symbolic link; finetune does not write through links") from None
+        raise
+
+
+def publish_files(staged: Path | str, folder: Path | str, kind: str, what: str, overwrite: bool = False) -> list[Path]:
+    """Move every file under the staging folder `staged` into `folder` at the same relative path, and record them
+    in `folder`'s marker as finetune's (of `kind`); `staged` is removed. Returns the files' paths in `folder`.
+
+    Refused (RefusedWrite, before anything moves) when `folder` or a folder inside it is a link, or a file would
+    replace one finetune did not write there (not in the marker) unless `overwrite`. Each file moves by rename
+    through descriptors opened without following links, so nothing planted is written through; files of this
+    `kind` that an earlier output listed and this one lacks are removed (they would contradict the new ones).
+    """
+    import shutil
+
+    staged, folder = Path(staged), Path(folder)
+    check_output_folder(folder, what, overwrite)
+    names = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*")
+                   if p.is_file() and not p.is_symlink() and p.name != OUTPUT_MARKER)
+    owned = _owned_files(folder) if folder.is_dir() else {}
+    mine = set().union(*owned.values()) if owned else set()
+    foreign = []
+    for name in names:
+        target = folder / name
+        for parent in list(reversed(Path(name).parents))[1:]:
+            refuse_link(folder / parent, what)
+        if os.path.lexists(target):
+            if os.path.isdir(target) and not os.path.islink(target):
+                raise RefusedWrite(f"{what}: {target} is a folder where finetune writes a file; move it away")
+            if name not in mine and not overwrite:
+                foreign.append(name)
+    if foreign:
+        raise RefusedWrite(f"{what}: {folder} holds files finetune did not write there "
+                           f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); finetune does not "
+                           "replace them: move them away or choose another folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    root = _open_folder(str(folder), None, create=True)
+    try:
+        for name in names:
+            parts = Path(name).parts
+            fd = root
+            opened = []
+            try:
+                for part in parts[:-1]:
+                    fd = _open_folder(part, fd, create=True)
+                    opened.append(fd)
+                os.replace(staged / name, parts[-1], dst_dir_fd=fd)
+            finally:
+                for f in opened:
+                    os.close(f)
+        for stale in sorted(owned.get(kind, set()) - set(names)):
+            try:
+                info = os.stat(stale, dir_fd=root, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode):
+                # An earlier output's file the new one lacks (e.g. model.int8.onnx): only through real folders.
+                if all(not os.path.islink(folder / p) for p in Path(stale).parents if str(p) != "."):
+                    os.unlink(folder / stale)
+        kinds = {k: sorted(v) for k, v in owned.items()} | {kind: names}
+        marker = {"created_by": "finetune", "files": kinds}
+        data = json.dumps(marker, indent=2).encode()
+        tmp = f".{OUTPUT_MARKER}.{os.getpid()}.tmp"
+        try:
+            os.unlink(tmp, dir_fd=root)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666, dir_fd=root)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, OUTPUT_MARKER, src_dir_fd=root, dst_dir_fd=root)
+    finally:
+        os.close(root)
+    shutil.rmtree(staged, ignore_errors=True)
+    return [folder / name for name in names]

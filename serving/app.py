@@ -14,31 +14,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+import fastapi_offline
 import numpy as np
 import regex
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
-from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from finetune.files import MAX_INPUT_CHARS
 from finetune.tasks import InputError, PostprocessOptions
 from finetune.threads import ThreadBudget
 from serving.batcher import Batcher, QueueFull
-from serving.gates import LOOPBACK_NAMES, ApiKey, BodyReader, Guard, Metrics, client_gone
+from serving.gates import (DOCS_POLICY, LOOPBACK_NAMES, PAGE_POLICY, ApiKey, BodyReader, Guard, Metrics, PageHeaders,
+                           client_gone)
 from serving.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
-# No inline script or style on the page, and nothing fetched from anywhere but this server.
-_PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
-                               "frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Cache-Control": "no-cache",
-}
+# Swagger UI's and ReDoc's JavaScript and CSS, shipped in the fastapi_offline package: served from here, not a CDN,
+# so the docs work offline, do not change under us, and fit a CSP that allows this server's scripts only.
+DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
+# The OpenAPI document's title and description are fixed text: ReDoc renders the description as Markdown with
+# HTML, so nothing read from a model folder or the registry (a model's name, its labels) may reach it.
+TITLE = "finetune inference"
+DESCRIPTION = ("Predictions of fine-tuned models. What is served (name, version, task, labels, metrics) is at "
+               "GET /v1/model and GET /v1/models; the playground is at /.")
+_PAGE_HEADERS = {"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"}
+_DOCS_HEADERS = {"Content-Security-Policy": DOCS_POLICY, "Cache-Control": "no-cache"}
 # Tokenising lanes by request size: up to INLINE_CHARS (about 2 ms of tokenising) on the event loop itself,
 # where a thread hop would cost more than the work; up to LARGE_REQUEST_CHARS in one thread; beyond, another.
 INLINE_CHARS = 2_000
@@ -61,7 +66,7 @@ class Settings:
     max_queue: int = 512
     request_timeout_s: float = 30.0
     api_key: str | None = None
-    max_input_chars: int = 100_000  # per input, all its texts together; checked before tokenising
+    max_input_chars: int = MAX_INPUT_CHARS  # per input, all its texts together; checked before tokenising
     # Characters accepted for tokenising but not yet tokenised (one thread does it); beyond, requests get 503.
     max_pending_chars: int = 4_000_000
     body_timeout_s: float = 30.0
@@ -159,6 +164,14 @@ def _inline_refs(schema: dict) -> dict:
 
 def _error(status: int, field: list, message: str) -> HTTPException:
     return HTTPException(status, detail=[{"loc": field, "msg": message}])
+
+
+def _failed(stage: str, error: BaseException, index: int | None = None) -> HTTPException:
+    """500 for one request whose inputs made the model or its post-processing fail: the stage and the error's kind,
+    never its text (which may hold paths or data); the server log has the rest."""
+    where = ["body", "inputs"] + ([index] if index is not None else [])
+    return _error(500, where, f"{stage} failed on {'this input' if index is not None else 'these inputs'} "
+                              f"({type(error).__name__}); other requests are not affected, and the server log says more")
 
 
 def _texts(item) -> list[tuple[list, str]]:
@@ -323,6 +336,11 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
             encoded = await in_lane(lane, chars, "encode_inputs", inputs, lanes=lanes)
         except InputError as e:
             raise _error(422, ["body", "inputs", e.index], str(e)) from None
+        except HTTPException:
+            raise
+        except Exception as e:  # the tokenizer choked on something the checks let through: this request only
+            log.exception("tokenising a request's inputs failed for %r", served.name)
+            raise _failed("tokenising the inputs", e) from None
         if not body.options.truncate:
             too_long = [i for i, t in enumerate(encoded.truncated) if t]
             if too_long:
@@ -333,31 +351,54 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
         except QueueFull as e:
             raise HTTPException(503, detail=f"busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
         try:
-            rows = await asyncio.wait_for(asyncio.gather(*futures), timeout=settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise HTTPException(504, detail=f"no answer within {settings.request_timeout_s:g} s") from None
+            # asyncio.wait, not gather: a request cancelled meanwhile (its client left) leaves no gathering future
+            # behind whose CancelledError asyncio would print as "exception was never retrieved".
+            _, pending = await asyncio.wait(futures, timeout=settings.request_timeout_s)
         finally:
             for f in futures:  # timed out, or the client left: the batcher skips what is still queued
                 f.cancel()
+        if pending:
+            raise HTTPException(504, detail=f"no answer within {settings.request_timeout_s:g} s")
+        for i, f in enumerate(futures):  # the model failed on these inputs alone (serving.batcher)
+            if f.exception() is not None:
+                raise _failed("running the model", f.exception(), i)
+        rows = [f.result() for f in futures]
         options = PostprocessOptions(
             threshold=body.options.threshold if body.options.threshold is not None else info.threshold,
             top_k=body.options.top_k,
         )
-        answers = await in_lane(lane, 0, "answer", inputs, encoded, rows, options, lanes=lanes)
+        try:
+            answers = await in_lane(lane, 0, "answer", inputs, encoded, rows, options, lanes=lanes)
+        except HTTPException:
+            raise
+        except Exception as e:  # e.g. a label list that does not fit the model's outputs
+            log.exception("reading the model's outputs failed for %r", served.name)
+            raise _failed("reading the model's outputs", e) from None
         # Returned as a ready response: the answers are built by the task definition already, and FastAPI's
         # re-validation of them against PredictResponse (still the documented schema) costs throughput.
         return JSONResponse({"model": served.name, "version": served.version, "predictions": answers})
 
-    # FastAPIOffline: FastAPI with /docs and /redoc loading their JavaScript and CSS from this server (the
-    # package ships Swagger UI and ReDoc), not from a CDN, so the docs work offline and do not change under us.
-    app = FastAPIOffline(title="finetune inference", version="1", lifespan=lifespan,
-                         description=f"Serves {model.name} ({info.task}{', sentence pairs' if info.text_pair else ''}).")
+    # /docs and /redoc are static pages of ours (no inline script: docs.js starts Swagger UI) around the assets
+    # fastapi_offline ships; FastAPI's own pages would inline the start-up script, which the CSP forbids.
+    app = FastAPI(title=TITLE, version="1", lifespan=lifespan, description=DESCRIPTION, docs_url=None,
+                  redoc_url=None)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static-offline-docs", StaticFiles(directory=DOCS_ASSETS), name="static-offline-docs")
 
     @app.get("/", include_in_schema=False)
     async def playground() -> FileResponse:
         """A page to try the model by hand; it calls /v1/model and /v1/predict like any client."""
         return FileResponse(STATIC / "index.html", headers=_PAGE_HEADERS)
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> FileResponse:
+        """Swagger UI on this server's OpenAPI document."""
+        return FileResponse(STATIC / "docs.html", headers=_DOCS_HEADERS)
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> FileResponse:
+        """ReDoc on this server's OpenAPI document."""
+        return FileResponse(STATIC / "redoc.html", headers=_DOCS_HEADERS)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -452,5 +493,5 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     inner = BodyReader(app, settings.max_body_bytes, settings.body_timeout_s)
-    return Metrics(Guard(ApiKey(inner, settings.api_key), settings.allowed_hosts, settings.allowed_origins),
-                   requests, latency)
+    return PageHeaders(Metrics(Guard(ApiKey(inner, settings.api_key), settings.allowed_hosts, settings.allowed_origins),
+                               requests, latency))

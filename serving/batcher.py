@@ -117,15 +117,47 @@ class Batcher:
             if not batch:
                 continue
             try:
-                logits = await loop.run_in_executor(self._executor, self.run_batch, [i.features for i in batch])
-            except Exception as e:  # a model failure fails this batch's requests, never the worker
-                log.exception("inference failed")
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(e)
+                logits = await self._run(loop, batch)
+            except Exception as e:  # never the worker: the failing inputs fail, their batch-mates are answered
+                if len(batch) == 1:
+                    self._fail(batch[0], e)
+                else:
+                    await self._one_by_one(loop, batch)
                 continue
             if self.on_batch is not None:
                 self.on_batch(len(batch))
             for item, row in zip(batch, logits):
                 if not item.future.done():
                     item.future.set_result(row)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[Item]) -> list:
+        rows = await loop.run_in_executor(self._executor, self.run_batch, [i.features for i in batch])
+        if len(rows) != len(batch):
+            raise RuntimeError(f"the model answered {len(rows)} rows for {len(batch)} inputs")
+        return rows
+
+    @staticmethod
+    def _fail(item: Item, error: Exception) -> None:
+        log.error("inference failed on an input (%s: %s)", type(error).__name__, str(error)[:300],
+                  exc_info=(type(error), error, error.__traceback__))
+        if not item.future.done():
+            item.future.set_exception(error)
+
+    async def _one_by_one(self, loop: asyncio.AbstractEventLoop, batch: list[Item]) -> None:
+        """After a batch failed: run each of its inputs alone, so only the inputs that make the model fail (and so
+        only their requests) get the error. Inputs of different requests share batches; one client's input must
+        not fail the others'."""
+        if len(batch) > 1:
+            log.warning("inference failed on a batch of %d inputs; running them one at a time", len(batch))
+        for item in batch:
+            if item.future.done():
+                continue
+            try:
+                (row,) = await self._run(loop, [item])
+            except Exception as e:
+                self._fail(item, e)
+                continue
+            if self.on_batch is not None:
+                self.on_batch(1)
+            if not item.future.done():
+                item.future.set_result(row)

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +21,7 @@ from typing import Sequence
 from finetune.cli import build_parser
 from finetune.cli.serve_options import KEY_ENV
 from finetune.errors import FinetuneError, RecipeError
+from finetune.files import RefusedDocument, read_text
 from finetune.threads import ENV as THREADS_ENV
 from finetune.threads import cpu_budget, requested_threads
 
@@ -34,8 +36,46 @@ def _is_loopback(host: str) -> bool:
         return False  # a name: it may resolve to anything, so it counts as exposed
 
 
+MIN_KEY_CHARS = 16
+MIN_KEY_DISTINCT = 6
+KEY_ADVICE = "make one with: openssl rand -hex 32"
+
+
+def key_problem(key: str) -> str | None:
+    """Why a key is too weak to guard a service (None when it is not): too short, too few different characters, a
+    short part repeated, or mostly runs (aaaa, abcd, 4321). The message never repeats the key."""
+    if len(key) < MIN_KEY_CHARS:
+        return f"the key is {len(key)} character{'s' if len(key) != 1 else ''} long; at least {MIN_KEY_CHARS} are required"
+    if len(set(key)) < MIN_KEY_DISTINCT:
+        return f"the key has only {len(set(key))} different characters; at least {MIN_KEY_DISTINCT} are required"
+    for period in range(1, len(key) // 2 + 1):
+        if all(key[i] == key[i % period] for i in range(len(key))):
+            return f"the key is a part of {period} characters repeated"
+    runs = sum(abs(ord(a) - ord(b)) <= 1 for a, b in zip(key, key[1:]))
+    if runs > (len(key) - 1) // 2:
+        return "the key is mostly repeated or consecutive characters (aaaa, abcd, 4321)"
+    return None
+
+
+def _key_file_problem(path: Path) -> str | None:
+    """Why a key file may not be trusted, as ssh refuses a private key file: not a regular file, owned by another
+    user (who could change the key), or readable or writable by group or others."""
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        return "it is not a regular file"
+    if info.st_uid not in (os.geteuid(), 0):
+        return (f"it is owned by user id {info.st_uid}, not by you (user id {os.geteuid()}), so someone else can "
+                f"change the key; chown it to yourself")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        return (f"its permissions {mode:04o} are too open: other users of this machine can read the key; run "
+                f"chmod 600 {path}")
+    return None
+
+
 def api_key(args: argparse.Namespace) -> str | None:
-    """The key from --api-key-file or $FINETUNE_API_KEY (never the command line), checked."""
+    """The key from --api-key-file or $FINETUNE_API_KEY (never the command line), checked: the file private to its
+    owner, the key printable and strong enough."""
     if args.api_key is not None:
         raise RecipeError(f"--api-key would show the key to every user of this machine (ps, shell history); put it "
                           f"in a file readable only by you and pass --api-key-file PATH, or set ${KEY_ENV}")
@@ -45,15 +85,25 @@ def api_key(args: argparse.Namespace) -> str | None:
     else:
         if from_env:
             raise RecipeError(f"both --api-key-file and ${KEY_ENV} are set; give the key one way")
-        try:
-            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise RecipeError(f"--api-key-file {args.api_key_file}: cannot read it ({e})") from None
         where = f"--api-key-file {args.api_key_file}"
+        path = Path(args.api_key_file)
+        try:
+            problem = _key_file_problem(path)
+            if problem:
+                raise RecipeError(f"{where}: {problem}")
+            key = read_text(path, max_bytes=4096).strip()
+        except RefusedDocument as e:
+            raise RecipeError(f"{where}: cannot read it ({e})") from None
+        except OSError as e:
+            raise RecipeError(f"{where}: cannot read it ({e.strerror or e})") from None
         if not key:
             raise RecipeError(f"{where} is empty")
     if key is not None and not re.fullmatch(r"[\x21-\x7e]+", key):
         raise RecipeError(f"{where}: the key must be printable ASCII without spaces (it travels in an HTTP header)")
+    if key is not None:
+        weak = key_problem(key)
+        if weak:
+            raise RecipeError(f"{where}: {weak} ({KEY_ADVICE})")
     return key
 
 
@@ -73,8 +123,24 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+_CLIENT_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
+class QuietDisconnects(logging.Filter):
+    """Drops asyncio's reports of a client that went away (a reset or broken pipe while writing to it, the
+    "socket.send() raised exception" warnings after it): serving.requests already logs each as one 499 line, and a
+    traceback there reads as a fault of the server. Anything else asyncio reports still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, _CLIENT_GONE):
+            return False
+        return not record.getMessage().startswith("socket.send() raised exception")
+
+
 def _log_handler() -> None:
     """Client-caused events (disconnects, timeouts, refused connections) as one line each on stderr."""
+    logging.getLogger("asyncio").addFilter(QuietDisconnects())
     logger = logging.getLogger("serving")
     if logger.handlers:
         return
@@ -83,6 +149,12 @@ def _log_handler() -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+def shown(text: object) -> str:
+    """Text from a model folder or the registry as the terminal shows it: control characters (escape sequences
+    that would recolour, move or retitle the terminal) written as escapes."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -128,17 +200,19 @@ def serve(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host):
         print(f"warning: serving on {args.host} exposes the model beyond this machine"
               + ("" if key else " without an API key"), file=sys.stderr)
-    version = f" version {loaded.version}" if loaded.version else ""
-    print(f"serving {loaded.name}{version} ({loaded.predictor.info.task}, {loaded.predictor.runtime}) from {loaded.source} "
-          f"at http://{args.host}:{args.port}  (playground: /, docs: /docs)", flush=True)
+    version = f" version {shown(loaded.version)}" if loaded.version else ""
+    print(f"serving {shown(loaded.name)}{version} ({shown(loaded.predictor.info.task)}, {loaded.predictor.runtime}) "
+          f"from {shown(loaded.source)} at http://{args.host}:{args.port}  (playground: /, docs: /docs)", flush=True)
     for model_name, model in named.items():
-        print(f"  {model_name}: {model.predictor.info.task} from {model.source} at /v1/models/{model_name}/predict", flush=True)
+        print(f"  {model_name}: {shown(model.predictor.info.task)} from {shown(model.source)} at "
+              f"/v1/models/{model_name}/predict", flush=True)
     print(f"threads: {threads} (fixed)" if threads is not None else
           f"threads: up to {cpu_budget()}, fewer while other processes keep cores busy (--threads N fixes it)", flush=True)
     _log_handler()
     config = uvicorn.Config(
         create_app(loaded, settings, named), host=args.host, port=args.port, log_level="warning",
-        http=guarded_protocol(args.max_connections, args.header_timeout, args.body_timeout),
+        http=guarded_protocol(args.max_connections, args.header_timeout, args.body_timeout,
+                              args.max_client_connections),
         timeout_keep_alive=args.keep_alive,
         # Long enough for a request that has just arrived to finish: its body, then its answer.
         timeout_graceful_shutdown=args.body_timeout + args.timeout,

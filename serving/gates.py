@@ -9,14 +9,18 @@ Starlette's error handler (which answers 500 to any exception, even after a resp
 from __future__ import annotations
 
 import asyncio
+import collections
 import fnmatch
 import hmac
+import ipaddress
 import logging
+import math
 import time
 from typing import Iterable
 from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Histogram
+from starlette.datastructures import MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 
@@ -28,7 +32,7 @@ OPEN_ROUTES = {"/healthz", "/readyz"}
 PLAYGROUND = {"/", "/static/playground.js", "/static/playground.css"}
 KEYLESS_ROUTES = OPEN_ROUTES | PLAYGROUND
 # Metrics are labelled by these paths only, so random URLs cannot blow up the label set.
-ROUTES = {"/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"} | PLAYGROUND
+ROUTES = {"/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json"} | PLAYGROUND
 
 
 def _named_route(path: str) -> str:
@@ -41,6 +45,49 @@ def _named_route(path: str) -> str:
     return "other"
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+# Every HTML page runs this server's script files and nothing else: no inline script, no eval, nothing fetched
+# from elsewhere, never framed. A name or label that reached a page as markup could still run nothing.
+_COMMON_POLICY = ("script-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+                  "frame-ancestors 'none'")
+PAGE_POLICY = f"default-src 'self'; img-src 'self' data:; {_COMMON_POLICY}"
+"""The playground's policy, and any other HTML response's that sets none (an error page)."""
+# Swagger UI and ReDoc set inline styles (ReDoc's styled-components writes <style> elements) and ReDoc runs its
+# search index in a Worker made from a blob of its own bundle; scripts stay this server's files only.
+DOCS_POLICY = (f"default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+               f"worker-src 'self' blob:; {_COMMON_POLICY}")
+"""The policy of /docs and /redoc."""
+
+
+def client_key(host: str | None) -> str:
+    """Whom a connection or a wrong key counts against: the client's IP address; for IPv6 its /64, which one host
+    is commonly given whole (so it cannot pose as many clients by changing the low bits)."""
+    if not host:
+        return "-"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # a Unix socket path or a name: one client
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+class RateLimitedLog:
+    """One log line per second at most: a flood of refusals must not become a flood of log lines."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger, self.last, self.suppressed = logger, 0.0, 0
+
+    def __call__(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self.last < 1.0:
+            self.suppressed += 1
+            return
+        more = f" (and {self.suppressed} more in the last second)" if self.suppressed else ""
+        self.last, self.suppressed = now, 0
+        self.logger.info(message + more, *args)
 
 
 def _reply(status: int, detail, headers: dict | None = None) -> JSONResponse:
@@ -52,6 +99,32 @@ def client_gone(scope, when: str) -> JSONResponse:
     (499) is what Metrics counts and logs, with `when` it went."""
     scope.setdefault("state", {})["gone"] = when
     return _reply(CLIENT_CLOSED, "client closed the connection")
+
+
+class PageHeaders:
+    """Security headers on every response: `nosniff` (a JSON answer carrying a model's name is never sniffed into
+    HTML), and on every HTML one a Content-Security-Policy (the route's own, else PAGE_POLICY) and no framing."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", []))
+                headers = MutableHeaders(scope=message)
+                headers["X-Content-Type-Options"] = "nosniff"
+                if headers.get("content-type", "").lower().startswith("text/html"):
+                    if "content-security-policy" not in headers:
+                        headers["Content-Security-Policy"] = PAGE_POLICY
+                    headers["X-Frame-Options"] = "DENY"
+                    headers["Referrer-Policy"] = "no-referrer"
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 class Metrics:
@@ -194,12 +267,59 @@ class Guard:
         return name == host[0] and (port == host[1] if host[1] is not None else port in (80, 443))
 
 
-class ApiKey:
-    """With a key set, every route but the probes needs X-API-Key: KEY or Authorization: Bearer KEY."""
+class KeyThrottle:
+    """Wrong API keys, counted per client (`client_key`): the first FREE_FAILURES are answered 401; each one after
+    shuts the client out for twice as long as the last (1 s, 2 s, 4 s ... at most MAX_LOCKOUT_S), and while shut
+    out its requests get 429 with Retry-After and no key is compared, so guessing gains nothing. A right key
+    clears the count; a client with no wrong key for FORGET_S is forgotten. Other clients are never slowed."""
 
-    def __init__(self, app, api_key: str | None):
+    FREE_FAILURES = 5
+    MAX_LOCKOUT_S = 300.0
+    FORGET_S = 900.0
+    MAX_CLIENTS = 10_000  # the least recently failing are forgotten first, so memory stays bounded
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        # client -> (wrong keys so far, shut out until, last wrong key)
+        self.clients: collections.OrderedDict[str, tuple[int, float, float]] = collections.OrderedDict()
+
+    def retry_after(self, client: str) -> float:
+        """Seconds this client is still shut out (0 when it may try a key)."""
+        entry = self.clients.get(client)
+        if entry is None:
+            return 0.0
+        failures, until, last = entry
+        now = self.clock()
+        if now - last > self.FORGET_S:
+            del self.clients[client]
+            return 0.0
+        return max(0.0, until - now)
+
+    def failed(self, client: str) -> float:
+        """Count a wrong key; returns the seconds the client is now shut out for (0 while it has free tries)."""
+        now = self.clock()
+        failures, _, last = self.clients.pop(client, (0, 0.0, now))
+        failures = failures + 1 if now - last <= self.FORGET_S else 1
+        lockout = 0.0 if failures < self.FREE_FAILURES else \
+            min(self.MAX_LOCKOUT_S, 2.0 ** (failures - self.FREE_FAILURES))
+        self.clients[client] = (failures, now + lockout, now)
+        while len(self.clients) > self.MAX_CLIENTS:
+            self.clients.popitem(last=False)
+        return lockout
+
+    def succeeded(self, client: str) -> None:
+        self.clients.pop(client, None)
+
+
+class ApiKey:
+    """With a key set, every route but the probes needs X-API-Key: KEY or Authorization: Bearer KEY; wrong keys are
+    throttled per client (KeyThrottle)."""
+
+    def __init__(self, app, api_key: str | None, throttle: KeyThrottle | None = None):
         self.app = app
         self.key = api_key.encode() if api_key else None
+        self.throttle = throttle or KeyThrottle()
+        self.refused_log = RateLimitedLog(log)
 
     def _given(self, scope) -> tuple[bytes | None, str]:
         headers = dict(scope["headers"])
@@ -218,13 +338,28 @@ class ApiKey:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or self.key is None or scope["path"] in KEYLESS_ROUTES or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
+        client = client_key((scope.get("client") or (None, None))[0])
+        wait = self.throttle.retry_after(client)
+        if wait > 0:
+            return await self._too_many(scope, receive, send, wait)
         given, why = self._given(scope)
-        if given is None or not hmac.compare_digest(given, self.key):
-            why = why or "wrong API key"
-            refused = _reply(401, f"{why} (send X-API-Key: KEY or Authorization: Bearer KEY)",
-                             headers={"WWW-Authenticate": "Bearer"})
-            return await refused(scope, receive, send)
-        await self.app(scope, receive, send)
+        if given is not None and hmac.compare_digest(given, self.key):
+            self.throttle.succeeded(client)
+            return await self.app(scope, receive, send)
+        if given is not None:  # a key was tried (a missing or malformed header guesses nothing)
+            lockout = self.throttle.failed(client)
+            if lockout > 0:
+                self.refused_log("%s: %d wrong API keys; its requests get 429 for %g s", client,
+                                 self.throttle.clients[client][0], lockout)
+        refused = _reply(401, f"{why or 'wrong API key'} (send X-API-Key: KEY or Authorization: Bearer KEY)",
+                         headers={"WWW-Authenticate": "Bearer"})
+        return await refused(scope, receive, send)
+
+    @staticmethod
+    async def _too_many(scope, receive, send, wait: float):
+        seconds = max(1, math.ceil(wait))
+        return await _reply(429, f"too many wrong API keys from this address; try again in {seconds} s",
+                            headers={"Retry-After": str(seconds)})(scope, receive, send)
 
 
 class BodyReader:

@@ -1,5 +1,6 @@
-"""Connection-level limits uvicorn does not have: a cap on open connections, a deadline and a size cap on the
-request head, and a bound on how long a client may stall reading a response.
+"""Connection-level limits uvicorn does not have: caps on open connections (in all, and from one client, so that one
+client cannot hold them all), a deadline and a size cap on the request head, and a bound on how long a client may
+stall reading a response.
 
 uvicorn bounds only the idle time between requests (`timeout_keep_alive`, reset by every byte received), and
 httptools has no limit on the size of a request head, so a client trickling a head one byte at a time, or
@@ -12,11 +13,12 @@ on uvicorn internals (pinned in constraints.txt); tests/test_serving_hardening.p
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-import time
-from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from serving.gates import RateLimitedLog, client_key
 
 log = logging.getLogger("serving.connections")
 MAX_HEAD_BYTES = 32 * 1024  # request line and headers; nginx's default buffers hold 32 KB, h11's 16 KB
@@ -28,54 +30,59 @@ def _raw_response(status: str, reason: str, extra: bytes = b"") -> bytes:
             f"connection: close\r\n").encode() + extra + b"\r\n" + body
 
 
-class _RateLimitedLog:
-    """One log line per second at most: a flood of refused connections must not become a flood of log lines."""
-
-    def __init__(self) -> None:
-        self.last, self.suppressed = 0.0, 0
-
-    def __call__(self, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self.last < 1.0:
-            self.suppressed += 1
-            return
-        more = f" (and {self.suppressed} more in the last second)" if self.suppressed else ""
-        self.last, self.suppressed = now, 0
-        log.info(message + more, *args)
-
-
-def guarded_protocol(max_connections: int, header_timeout: float, send_timeout: float) -> type[asyncio.Protocol]:
+def guarded_protocol(max_connections: int, header_timeout: float, send_timeout: float,
+                     max_client_connections: int | None = None) -> type[asyncio.Protocol]:
     """An httptools protocol class for uvicorn's `http=` with these limits.
 
     max_connections: connections open at once; the next one gets 503 and is closed at once.
+    max_client_connections: connections open at once from one client (`serving.gates.client_key`: an IP address,
+    an IPv6 /64), so that one client cannot hold them all; the next one gets 503 and is closed. None: no cap
+    beyond max_connections.
     header_timeout: seconds from connecting (or from the first byte of the next request on a kept-alive
     connection) until the request head is complete; a late head gets 408, an idle connection is closed.
     Also bounds the rest of a request body nobody reads any more (after an early 413, 401 or 408).
     send_timeout: seconds a client may leave the response unread with our send buffer full; then the
     connection is dropped.
     """
-    refused_log = _RateLimitedLog()
+    refused_log = RateLimitedLog(log)
+    per_client = max_client_connections if max_client_connections and max_client_connections < max_connections \
+        else None
+    open_by_client: collections.Counter[str] = collections.Counter()
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _head_timer: asyncio.TimerHandle | None = None
         _send_timer: asyncio.TimerHandle | None = None
         _in_head = False
         _head_bytes = 0
+        _counted_as: str | None = None
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             if len(self.connections) > max_connections:
                 refused_log("refused a connection from %s: %d open, the limit (--max-connections)",
                             self._peer(), max_connections)
-                transport.write(_raw_response("503 Service Unavailable",
-                                              f"busy: {max_connections} connections are open; retry shortly\n",
-                                              b"retry-after: 1\r\n"))
-                transport.close()
+                self._refuse("503 Service Unavailable", f"busy: {max_connections} connections are open; retry shortly\n",
+                             b"retry-after: 1\r\n")
                 return
+            if per_client is not None:
+                client = client_key(self.client[0] if self.client else None)
+                if open_by_client[client] >= per_client:
+                    refused_log("refused a connection from %s: %d open from %s, the limit (--max-client-connections)",
+                                self._peer(), per_client, client)
+                    self._refuse("503 Service Unavailable", f"busy: {per_client} connections from your address are "
+                                 "open, the most one client may hold; close some or retry shortly\n", b"retry-after: 1\r\n")
+                    return
+                open_by_client[client] += 1
+                self._counted_as = client
             self._arm_head_deadline()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_timers()
+            if self._counted_as is not None:
+                open_by_client[self._counted_as] -= 1
+                if open_by_client[self._counted_as] <= 0:
+                    del open_by_client[self._counted_as]
+                self._counted_as = None
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -148,8 +155,8 @@ def guarded_protocol(max_connections: int, header_timeout: float, send_timeout: 
             # abort, not close: close would wait for the unread buffer to drain first.
             self.transport.abort()
 
-        def _refuse(self, status: str, reason: str) -> None:
-            self.transport.write(_raw_response(status, reason))
+        def _refuse(self, status: str, reason: str, extra: bytes = b"") -> None:
+            self.transport.write(_raw_response(status, reason, extra))
             self.transport.close()
 
         def _cancel_timers(self) -> None:

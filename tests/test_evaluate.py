@@ -167,11 +167,14 @@ def test_missing_columns_and_bad_metrics_get_a_message(store, tmp_path, capsys):
     assert main(["evaluate", str(result.best_dir), "glue", "--dataset-config", "sst2", "--split", "validation",
                  "--no-log"]) == 2
     assert "data.dataset: cannot load 'glue' (config 'sst2')" in capsys.readouterr().err
-    # A hub metric name cannot be fetched offline: one message that says to pass a path.
+    # A hub metric name cannot be fetched offline: one message that says to pass a path (with the opt-in to run
+    # metric scripts; without it they are refused first, tests/test_metric_code.py).
     with pytest.raises(EvaluationError, match="pass the path of a local metric module"):
-        ExtraMetrics(["accuracy"])
+        ExtraMetrics(["accuracy"], allow_code=True)
     with pytest.raises(EvaluationError, match="there is no metric module at"):
-        ExtraMetrics([str(tmp_path / "nowhere" / "mine")])
+        ExtraMetrics([str(tmp_path / "nowhere" / "mine")], allow_code=True)
+    with pytest.raises(EvaluationError, match="task.allow_metric_code: true"):
+        ExtraMetrics(["accuracy"])
 
 
 def test_metric_specs_parse_with_config_and_arguments():

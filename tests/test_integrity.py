@@ -15,7 +15,7 @@ import torch
 from finetune.cli import main as cli
 from finetune.config.recipe import MAX_SEED, Recipe
 from finetune.errors import CheckpointError, RecipeError
-from finetune.models.checksums import write_manifest
+from finetune.models.checksums import mark_staging, write_manifest
 from finetune.models.modeling import MANIFEST_FILE, ModelInfo, build_model, recover_model_dir, save_model_dir
 from finetune.models.pretrained import resolve_checkpoint
 from finetune.tasks import get_task
@@ -157,10 +157,20 @@ def test_a_tokenizer_of_another_vocabulary_is_refused(saved_model, tmp_path, loa
         LOADERS[loader](folder)
 
 
-def test_folders_saved_before_checksums_load_and_are_still_checked(saved_model, tmp_path):
-    old = shutil.copytree(saved_model, tmp_path / "old")
-    (old / MANIFEST_FILE).unlink()
-    assert _load_folder(old).predict([TEXT])[0]["label"] in {"negative", "positive"}  # not verified, but served
+def _as_saved_before_checksums(folder: Path) -> Path:
+    """A folder as a finetune before checksums wrote it: no manifest, and finetune.json does not name one."""
+    (folder / MANIFEST_FILE).unlink()
+    meta = json.loads((folder / "finetune.json").read_text())
+    meta.pop("manifest")
+    (folder / "finetune.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_folders_saved_before_checksums_load_and_are_still_checked(saved_model, tmp_path, caplog):
+    old = _as_saved_before_checksums(shutil.copytree(saved_model, tmp_path / "old"))
+    with caplog.at_level("WARNING", logger="finetune"):
+        assert _load_folder(old).predict([TEXT])[0]["label"] in {"negative", "positive"}  # not verified, but served
+    assert f"has no {MANIFEST_FILE}" in caplog.text and "not verified" in caplog.text, "said, not silent"
 
     no_tokenizer = shutil.copytree(old, tmp_path / "no-tokenizer")
     _drop_tokenizer(no_tokenizer, no_tokenizer)
@@ -256,12 +266,16 @@ def test_interrupted_checkpoint_saves_are_finished_or_removed(tmp_path):
     _save_checkpoints(tmp_path, steps=(2, 4))
     root = tmp_path / "checkpoints"
     os.replace(root / "step-4", root / ".step-4.tmp")  # killed after its manifest, before the rename
-    (root / ".step-6.tmp").mkdir()  # killed mid-write
+    (root / ".step-6.tmp").mkdir()  # killed mid-write (a save marks its folder first)
+    mark_staging(root / ".step-6.tmp", ".step-6.tmp")
     (root / ".step-6.tmp" / "rng-0.json").write_text("{}")
+    (root / ".step-8.tmp").mkdir()  # the same name, but not a folder finetune made: left alone
+    (root / ".step-8.tmp" / "rng-0.json").write_text("mine")
     said: list[str] = []
     assert training_state.find_resumable(tmp_path, "recipe-a", False, said.append) == root / "step-4"
-    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-4"]
+    assert sorted(p.name for p in root.iterdir()) == [".step-8.tmp", "step-2", "step-4"]
     assert any("kept as step-4" in s for s in said) and any(".step-6.tmp" in s and "removed" in s for s in said)
+    assert any(".step-8.tmp alone" in s for s in said) and (root / ".step-8.tmp" / "rng-0.json").read_text() == "mine"
 
 
 def test_checkpoints_of_a_changed_recipe_are_kept_aside_and_nothing_foreign_is_deleted(tmp_path):
@@ -291,18 +305,19 @@ def test_a_crash_between_the_two_renames_of_best_is_recovered(saved_model, tmp_p
     from finetune.models.integrity import check_model_folder
 
     best = tmp_path / "best"
-    # save_model_dir had moved the old best aside and not yet renamed the new one in.
-    shutil.copytree(saved_model, tmp_path / ".best-old")
-    shutil.copytree(saved_model, tmp_path / ".best-new")
-    (tmp_path / ".best-k2j3h4x1").mkdir()  # an earlier version's mkdtemp leftover
+    # save_model_dir had moved the old best aside (marked) and not yet renamed the new one (marked) in.
+    for name in (".best-old", ".best-new"):
+        mark_staging(shutil.copytree(saved_model, tmp_path / name), "best")
+    (tmp_path / ".best-k2j3h4x1").mkdir()  # not finetune's (an earlier version's mkdtemp, or the user's): kept
     done = recover_model_dir(best)
     assert check_model_folder(best).info.task == "classification"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".best-k2j3h4x1", "best"]
+    assert sorted(p.name for p in best.iterdir()) == sorted(p.name for p in saved_model.iterdir()), "marker gone"
     assert any("interrupted between its two renames" in d for d in done)
     # Killed after the second rename: the new best is in place, the old one is still aside.
-    shutil.copytree(saved_model, tmp_path / ".best-old")
+    mark_staging(shutil.copytree(saved_model, tmp_path / ".best-old"), "best")
     recover_model_dir(best)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".best-k2j3h4x1", "best"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,8 +380,11 @@ def test_a_killed_run_with_a_damaged_checkpoint_and_a_half_swapped_best_resumes(
         train.main(recipe, hooks=train.TrainingHooks(on_evaluate=crash))
     assert outputs.describe(out).state == "resumable from step-4"
     _truncate(out / "checkpoints" / "step-4")
-    os.replace(out / "best", out / ".best-old")  # and as if killed in the middle of saving best/
+    # And as if killed in the middle of saving best/ (a save marks the old folder it moves aside, and its new one).
+    mark_staging(out / "best", "best")
+    os.replace(out / "best", out / ".best-old")
     (out / ".best-new").mkdir()
+    mark_staging(out / ".best-new", "best")
     capsys.readouterr()
 
     resumed = train.main(recipe)

@@ -196,5 +196,178 @@ def test_resuming_with_other_settings_is_refused(model_dir, tmp_path):
     target = tmp_path / "out.csv"
     (tmp_path / "out.csv.partial").write_text("id,sentence\n")
     (tmp_path / "out.csv.progress.json").write_text(json.dumps({"version": 1, "rows_done": 0, "bytes": 12}))
-    with pytest.raises(DataError, match="interrupted job with another input file"):
+    with pytest.raises(DataError, match="interrupted job of another finetune version"):
         _score(model_dir, source, target)
+
+
+# --- issue 33: links, bounds, resume by content, spreadsheet cells -------------------------------------------------
+
+def _interrupted(model_dir: Path, source: Path, target: Path, monkeypatch, after_chunks: int = 1, **settings) -> None:
+    """A job stopped after `after_chunks` chunks, as a kill would leave it (progress record and partial output)."""
+    import finetune.evaluation.scoring as scoring
+
+    calls = {"n": 0}
+    real = scoring.answer_chunk
+
+    def stop_after(*args, **kwargs):
+        if calls["n"] == after_chunks:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "answer_chunk", stop_after)
+    with pytest.raises(KeyboardInterrupt):
+        _score(model_dir, source, target, **settings)
+    monkeypatch.setattr(scoring, "answer_chunk", real)
+    assert json.loads(Path(f"{target}.progress.json").read_text())["rows_done"] == 10 * after_chunks
+
+
+def test_links_planted_where_the_job_writes_are_never_written_through(model_dir, tmp_path):
+    source = write_csv(tmp_path / "in.csv", 12)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    for suffix in (".partial", ".progress.json", ""):  # the partial output, the progress record, OUTPUT itself
+        target = tmp_path / f"out{len(suffix)}.csv"
+        link = Path(f"{target}{suffix}")
+        link.symlink_to(victim)
+        with pytest.raises(DataError, match=str(link.name)):
+            _score(model_dir, source, target)
+        assert victim.read_text() == "precious\n" and link.is_symlink()
+    # A parts folder of a parquet job linked elsewhere: refused, the folder it points at untouched.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "part-000000.parquet").write_text("mine")
+    (tmp_path / "out.parquet.parts").symlink_to(elsewhere)
+    with pytest.raises(DataError, match="out.parquet.parts"):
+        _score(model_dir, source, tmp_path / "out.parquet")
+    assert (elsewhere / "part-000000.parquet").read_text() == "mine"
+    # --overwrite replaces a link at OUTPUT (the link, never the file it points at).
+    (tmp_path / "out.jsonl").symlink_to(victim)
+    assert main(["predict", str(model_dir), "--input", str(source), "--output", str(tmp_path / "out.jsonl"),
+                 "--overwrite"]) == 0
+    assert victim.read_text() == "precious\n" and not (tmp_path / "out.jsonl").is_symlink()
+    assert len(_read(tmp_path / "out.jsonl")) == 12
+
+
+def test_an_output_that_appears_while_the_job_runs_is_not_replaced(model_dir, tmp_path, monkeypatch):
+    import finetune.evaluation.scoring as scoring
+
+    source = write_csv(tmp_path / "in.csv", 5)
+    target = tmp_path / "out.csv"
+    real = scoring.answer_chunk
+
+    def meanwhile(*args, **kwargs):
+        target.write_text("the user's own file\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "answer_chunk", meanwhile)
+    with pytest.raises(DataError, match="appeared while the job ran; the scored rows are kept in"):
+        _score(model_dir, source, target)
+    assert target.read_text() == "the user's own file\n" and (tmp_path / "out.csv.partial").is_file()
+
+
+def test_resuming_needs_the_same_model_and_input_content(model_dir, tiny_checkpoints, tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    source = write_csv(tmp_path / "in.csv", 30)
+    target = tmp_path / "out.csv"
+    # The model folder at the same path retrained (one weight changed): the rows done came from another model.
+    changed = tmp_path / "model"
+    shutil.copytree(model_dir, changed)
+    _interrupted(changed, source, target, monkeypatch, chunk_rows=10)
+    predictor = Predictor.from_dir(changed)
+    with torch.no_grad():
+        next(predictor.model.parameters()).add_(0.5)
+    from finetune.models.modeling import save_model_dir
+
+    shutil.rmtree(changed)
+    save_model_dir(changed, predictor.model, predictor.tokenizer, predictor.info, (model_dir / "recipe.yaml").read_text())
+    with pytest.raises(DataError, match="interrupted job of another model"):
+        _score(changed, source, target, chunk_rows=10)
+    # The input rewritten with the same size and time: its content is what is compared.
+    target = tmp_path / "out2.csv"
+    _interrupted(model_dir, source, target, monkeypatch, chunk_rows=10)
+    stat = source.stat()
+    text = source.read_bytes()
+    source.write_bytes(text.replace(b"00003", b"00009", 1))
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert source.stat().st_size == stat.st_size
+    with pytest.raises(DataError, match="content of rows 1-10 changed"):
+        _score(model_dir, source, target, chunk_rows=10)
+    # A shortened input is refused too; the same content under another name resumes (content, not path).
+    source.write_bytes(text)
+    short = tmp_path / "short.csv"
+    short.write_bytes(b"\n".join(text.splitlines()[:6]) + b"\n")
+    with pytest.raises(DataError, match="it now has 5 rows"):
+        _score(model_dir, short, target, chunk_rows=10)
+    moved = tmp_path / "moved.csv"
+    source.rename(moved)
+    _score(model_dir, moved, target, chunk_rows=10)
+    assert _read(target)["id"].tolist() == [f"{i:05d}" for i in range(30)]
+
+
+def test_progress_records_are_read_with_a_bound(model_dir, tmp_path):
+    source = write_csv(tmp_path / "in.csv", 5)
+    (tmp_path / "out.csv.partial").write_text("id\n")
+    progress = tmp_path / "out.csv.progress.json"
+    for content, reason in (("[" * 5000 + "]" * 5000, "nests deeper"), (" " * 200_000 + "{}", "bytes; at most"),
+                            ('{"version": 2, "rows_done": "lots"}', "not a progress record finetune wrote")):
+        progress.write_text(content)
+        with pytest.raises(DataError, match=reason):
+            _score(model_dir, source, tmp_path / "out.csv")
+
+
+def test_over_long_inputs_are_answered_with_the_reason_without_tokenising(model_dir, tmp_path, monkeypatch):
+    import finetune.evaluation.scoring as scoring
+    from finetune.files import MAX_INPUT_CHARS
+
+    long_text = "word " * (MAX_INPUT_CHARS // 5 + 10)
+    source = tmp_path / "in.csv"
+    source.write_text(f"id,sentence\n1,a fine film\n2,{long_text}\n3,dull\n")
+    _score(model_dir, source, tmp_path / "out.csv")
+    out = _read(tmp_path / "out.csv")
+    assert out["pred_error"].tolist()[1] == f"{len(long_text)} characters; at most {MAX_INPUT_CHARS} per input (as finetune serve)"
+    assert out["pred_label"].tolist()[1] == "" and all(out["pred_label"].iloc[[0, 2]])
+    # The same in parquet (no reader bound there) ...
+    pd.DataFrame({"id": ["1", "2"], "sentence": ["fine", long_text]}).to_parquet(tmp_path / "in.parquet")
+    _score(model_dir, tmp_path / "in.parquet", tmp_path / "out.parquet")
+    assert "characters; at most" in pd.read_parquet(tmp_path / "out.parquet")["pred_error"].iloc[1]
+    # ... a jsonl line too long to hold is skipped in pieces and answered, the rows around it scored ...
+    monkeypatch.setattr(scoring, "MAX_LINE_BYTES", 2000)
+    lines = [json.dumps({"id": "a", "sentence": "good"}), json.dumps({"id": "b", "sentence": "x " * 5000}),
+             json.dumps({"id": "c", "sentence": "bad"})]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    _score(model_dir, tmp_path / "in.jsonl", tmp_path / "out.jsonl")
+    out = _read(tmp_path / "out.jsonl")
+    assert out["pred_error"].tolist()[0] == "" and out["pred_error"].tolist()[2] == ""
+    assert out["pred_error"].tolist()[1].startswith("line 2 is over")
+    # ... and a csv row longer than the reader's block is refused by name, not read whole.
+    monkeypatch.setattr(scoring, "CSV_BLOCK_BYTES", 4096)
+    source.write_text("id,sentence\n1,fine\n2," + "y" * 20_000 + "\n")
+    with pytest.raises(DataError, match="has a row of more than"):
+        _score(model_dir, source, tmp_path / "out3.csv")
+
+
+def test_csv_and_tsv_outputs_are_safe_in_a_spreadsheet_jsonl_keeps_values(tiny_checkpoints, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from finetune.models.modeling import ModelInfo, load_tokenizer, save_model_dir
+
+    source_ckpt = tiny_checkpoints["bert"]
+    labels = ["=HYPERLINK(\"http://x\")", "@SUM(1)"]
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source_ckpt, num_labels=2, id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    info = ModelInfo(task="classification", label_names=labels, text_pair=False, max_length=32)
+    folder = save_model_dir(tmp_path / "model", model, load_tokenizer(source_ckpt), info, "name: x\n")
+    source = tmp_path / "in.csv"
+    source.write_text("id,sentence\n-5,+cmd|' /C calc'!A0\n7,fine\n")
+    for ending, sep in ((".csv", ","), (".tsv", "\t")):
+        _score(folder, source, tmp_path / f"out{ending}")
+        rows = list(csv.reader(open(tmp_path / f"out{ending}", encoding="utf-8"), delimiter=sep))
+        assert all(not cell[:1] in ("=", "+", "@") for row in rows for cell in row), rows
+        assert rows[1][0] == "-5" and rows[1][1] == "'+cmd|' /C calc'!A0"  # a number stays a number
+        assert {row[2] for row in rows[1:]} <= {"'" + n for n in labels} and rows[0][2] == "pred_label"
+    _score(folder, source, tmp_path / "out.jsonl")
+    assert set(_read(tmp_path / "out.jsonl")["pred_label"]) <= set(labels)

@@ -194,7 +194,8 @@ def test_concurrent_requests_are_batched_and_all_correct(classifier, models):
     expected = Predictor.from_dir(models["classification"][0]).predict(texts)
 
     async def fire():
-        async with httpx.AsyncClient(timeout=60) as client:
+        # one address may hold at most 32 connections (serving's per-client cap; httpx would open 100)
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=32)) as client:
             return await asyncio.gather(*[client.post(f"{classifier.url}/v1/predict", json={"inputs": [t]}) for t in texts])
 
     responses = asyncio.run(fire())
@@ -270,12 +271,12 @@ def test_bf16_precision_is_served_and_reported(models):
 
 def test_api_key_queue_limit_and_timeout(models):
     model = str(models["classification"][0])
-    keyed = Server("--model", model, env={"FINETUNE_API_KEY": "s3cret"})
+    keyed = Server("--model", model, env={"FINETUNE_API_KEY": "serving-tests-k3y"})
     try:
         assert keyed.post({"inputs": ["x"]}).status_code == 401
         assert keyed.post({"inputs": ["x"]}, headers={"X-API-Key": "wrong"}).status_code == 401
-        assert keyed.post({"inputs": ["x"]}, headers={"X-API-Key": "s3cret"}).status_code == 200
-        assert keyed.post({"inputs": ["x"]}, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert keyed.post({"inputs": ["x"]}, headers={"X-API-Key": "serving-tests-k3y"}).status_code == 200
+        assert keyed.post({"inputs": ["x"]}, headers={"Authorization": "Bearer serving-tests-k3y"}).status_code == 200
         for route in ("/v1/model", "/metrics", "/docs", "/openapi.json", "/static-offline-docs/swagger-ui.css"):
             assert httpx.get(f"{keyed.url}{route}").status_code == 401, route
         for route in ("/", "/static/playground.js", "/static/playground.css"):  # the page asks for the key itself

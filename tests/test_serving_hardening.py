@@ -4,12 +4,14 @@ for what an HTTP library will not send. Each class of problem is tried with at l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import socket
 import subprocess
 import time
+from urllib.parse import urljoin
 
 import httpx
 import pytest
@@ -20,7 +22,7 @@ from tests.conftest import tiny_recipe, train_outside_test
 from tests.test_serving import BIN, Server
 
 pytestmark = pytest.mark.e2e
-KEY = "k3y-for-tests"
+KEY = "k3y-for-the-hardening-tests"  # strong enough: 16 characters or more, not repetitive
 AUTH = {"X-API-Key": KEY}
 APP_ORIGIN = "http://app.example:3000"
 
@@ -39,15 +41,18 @@ def server(model, tmp_path_factory):
     enough for a client to leave while its request waits; an API key (from a file) on every route but probes."""
     folder = tmp_path_factory.mktemp("server")
     (folder / "key").write_text(KEY + "\n")
+    (folder / "key").chmod(0o600)
     s = Server("--model", model, "--header-timeout", "1", "--body-timeout", "1.5", "--max-connections", "12",
-               "--max-wait-ms", "200", "--allowed-origins", APP_ORIGIN, "--api-key-file", str(folder / "key"),
-               env={"FINETUNE_API_KEY": ""}, log=folder / "server.log")
+               "--max-client-connections", "8", "--max-wait-ms", "200", "--allowed-origins", APP_ORIGIN,
+               "--api-key-file", str(folder / "key"), env={"FINETUNE_API_KEY": ""}, log=folder / "server.log")
     yield s
     s.stop()
 
 
-def _connect(port: int, timeout: float = 10) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+def _connect(port: int, timeout: float = 10, source: str | None = None) -> socket.socket:
+    """A connection to the server, from `source` (another loopback address: another client) if given."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                    source_address=(source, 0) if source else None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -296,7 +301,8 @@ def test_a_client_that_stops_reading_is_dropped(server):
 
 def test_connections_over_the_limit_get_503(server):
     time.sleep(1.5)  # earlier tests' connections are closed by now
-    held = [_connect(server.port) for _ in range(12)]
+    # From three addresses (4 each, under --max-client-connections 8), so the limit in all is what refuses.
+    held = [_connect(server.port, source=f"127.0.0.{10 + i % 3}") for i in range(12)]
     try:
         extra = _connect(server.port)
         extra.sendall(_head(server.port, "GET", "/healthz", "\r\n"))
@@ -428,15 +434,17 @@ def test_api_key_on_the_command_line_is_refused_with_directions(model, capsys, m
 
 def test_api_key_file_problems_are_named(model, tmp_path, capsys, monkeypatch):
     key_file = tmp_path / "key"
-    key_file.write_text("s3cret")
+    key_file.write_text(KEY)
     (tmp_path / "empty").write_text("\n")
-    (tmp_path / "spaced").write_text("two words")
+    (tmp_path / "spaced").write_text("two words and some more")
+    for name in ("key", "empty", "spaced"):
+        (tmp_path / name).chmod(0o600)
     for args, env_key, message in [
         (["--api-key-file", str(key_file)], "other", "give the key one way"),
         (["--api-key-file", str(tmp_path / "empty")], "", "is empty"),
         (["--api-key-file", str(tmp_path / "nope")], "", "cannot read it"),
         (["--api-key-file", str(tmp_path / "spaced")], "", "printable ASCII without spaces"),
-        ([], "bad key\u00e9", "printable ASCII without spaces"),
+        ([], "bad key\u00e9 and more words", "printable ASCII without spaces"),
     ]:
         code, err = _serve_in_process(capsys, monkeypatch, "--model", model, *args, env_key=env_key)
         assert code == 2 and message in err, (args, err)
@@ -451,7 +459,7 @@ def test_serving_beyond_loopback_without_a_key_is_refused(model, server, capsys,
                                   "--port", str(server.port))
     assert code == 2 and "is in use" in err, err
     code, err = _serve_in_process(capsys, monkeypatch, "--model", model, "--host", "0.0.0.0", "--port", str(server.port),
-                                  env_key="s3cret")
+                                  env_key=KEY)
     assert code == 2 and "is in use" in err, err
 
 
@@ -498,3 +506,426 @@ def test_graceful_shutdown_waits_for_the_request_timeout(model, monkeypatch):
     assert config.timeout_keep_alive == 3
     assert config.http.__name__ == "GuardedHttpToolsProtocol"
     assert seen["sockets"][0].family == socket.AF_INET
+
+
+# --- Issue 33 (hardening, round 3) ------------------------------------------------------------------------------
+# 9. Serving hygiene: per-client connection caps, key strength and key-file permissions, throttled wrong keys,
+#    disconnects without asyncio noise.
+
+def test_one_client_cannot_hold_every_connection(server):
+    time.sleep(1.5)  # earlier tests' connections are closed by now
+    hog = "127.0.0.20"
+    held = [_connect(server.port, source=hog) for _ in range(8)]
+    try:
+        for _ in range(2):  # the hog's next connections are refused at once ...
+            extra = _connect(server.port, source=hog)
+            extra.sendall(_head(server.port, "GET", "/healthz", "\r\n"))
+            answer = _read_all(extra, timeout=5)
+            extra.close()
+            assert answer == b"" or (_status(answer) == 503 and b"8 connections from your address" in answer), answer
+        for other in ("127.0.0.21", "127.0.0.1"):  # ... while other clients still get in and are answered
+            with _connect(server.port, source=other) as sock:
+                sock.sendall(_head(server.port, "GET", "/v1/model", "\r\n"))
+                assert _status(_response(sock)) == 200
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.3)  # the hog's count went down with its connections
+    with _connect(server.port, source=hog) as sock:
+        sock.sendall(_head(server.port, "GET", "/v1/model", "\r\n"))
+        assert _status(_response(sock)) == 200
+    assert "the limit (--max-client-connections)" in server.output()
+
+
+def _client(source: str) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=10)
+
+
+def test_wrong_keys_are_throttled_per_client(server):
+    guesser, other = _client("127.0.0.30"), _client("127.0.0.31")
+    url = f"{server.url}/v1/predict"
+    body = {"inputs": ["x"]}
+    with guesser, other:
+        for i in range(5):  # five tries are answered as usual
+            assert guesser.post(url, json=body, headers={"X-API-Key": f"guess-number-{i}"}).status_code == 401
+        throttled = guesser.post(url, json=body, headers={"X-API-Key": "guess-number-5"})
+        assert throttled.status_code == 429 and int(throttled.headers["retry-after"]) >= 1
+        assert "too many wrong API keys" in throttled.text
+        # While shut out even the right key gets 429 (no key is compared, so guessing learns nothing) ...
+        assert guesser.post(url, json=body, headers=AUTH).status_code == 429
+        assert guesser.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 429
+        # ... other clients are not slowed, and probes stay open to everyone.
+        started = time.monotonic()
+        assert other.post(url, json=body, headers=AUTH).status_code == 200
+        assert other.post(url, json=body, headers={"X-API-Key": "one-wrong-guess"}).status_code == 401
+        assert time.monotonic() - started < 3
+        assert guesser.get(f"{server.url}/healthz").status_code == 200
+        time.sleep(int(throttled.headers["retry-after"]) + 0.2)
+        wrong = guesser.post(url, json=body, headers={"X-API-Key": "guess-number-6"})
+        assert wrong.status_code == 401  # a try after the wait is compared again ...
+        again = guesser.post(url, json=body, headers=AUTH)
+        assert again.status_code == 429 and int(again.headers["retry-after"]) >= 2  # ... and the next wait is longer
+        time.sleep(int(again.headers["retry-after"]) + 0.2)
+        assert guesser.post(url, json=body, headers=AUTH).status_code == 200  # the right key clears the count
+        assert guesser.post(url, json=body, headers={"X-API-Key": "after-the-reset"}).status_code == 401
+    assert "wrong API keys; its requests get 429" in server.output()
+
+
+def test_the_throttle_doubles_caps_forgets_and_stays_bounded():
+    from serving.gates import KeyThrottle
+
+    now = [0.0]
+    throttle = KeyThrottle(clock=lambda: now[0])
+    waits = [throttle.failed("a") for _ in range(14)]
+    assert waits[:4] == [0, 0, 0, 0] and waits[4:9] == [1, 2, 4, 8, 16] and waits[-1] == KeyThrottle.MAX_LOCKOUT_S
+    assert throttle.retry_after("a") == KeyThrottle.MAX_LOCKOUT_S and throttle.retry_after("b") == 0
+    now[0] += KeyThrottle.FORGET_S + 1
+    assert throttle.retry_after("a") == 0 and throttle.failed("a") == 0  # forgotten: free tries again
+    throttle.succeeded("a")
+    assert "a" not in throttle.clients
+    for i in range(KeyThrottle.MAX_CLIENTS + 50):
+        throttle.failed(f"client-{i}")
+    assert len(throttle.clients) == KeyThrottle.MAX_CLIENTS and "client-0" not in throttle.clients
+
+
+@pytest.mark.parametrize("host,key", [("127.0.0.1", "127.0.0.1"), ("::ffff:10.0.0.1", "10.0.0.1"),
+                                      ("2001:db8::1", "2001:db8::/64"), ("2001:db8::ffff:1", "2001:db8::/64"),
+                                      ("2001:db8:0:1::1", "2001:db8:0:1::/64"), (None, "-"), ("testclient", "testclient")])
+def test_clients_are_counted_by_address_and_ipv6_by_64(host, key):
+    from serving.gates import client_key
+
+    assert client_key(host) == key
+
+
+@pytest.mark.parametrize("key,problem", [
+    ("x", "is 1 character long; at least 16"), ("k3y-for-tests", "is 13 characters long"),
+    ("aaaaaaaaaaaaaaaaaaaaaaaa", "only 1 different characters"), ("abcabcabcabcabcabcabc", "only 3 different"),
+    ("passwordpassword", "a part of 8 characters repeated"), ("abcdefgh12abcdefgh12", "a part of 10 characters repeated"),
+    ("abcdefghijklmnopqrstuvwxyz", "mostly repeated or consecutive"), ("0123456789876543210", "mostly repeated or consecutive"),
+    ("Password12345678", "mostly repeated or consecutive"),
+])
+def test_weak_api_keys_are_refused_saying_what_is_required(key, problem, tmp_path, capsys, monkeypatch):
+    from serving.cli import key_problem
+
+    assert problem in key_problem(key)
+    code, err = _serve_in_process(capsys, monkeypatch, "--model", "unused", env_key=key)
+    assert code == 2 and problem in err and "openssl rand -hex 32" in err, err
+    assert len(key) < 8 or key not in err  # the key itself is never repeated
+
+
+def test_strong_api_keys_pass():
+    import random
+    import string
+
+    from serving.cli import key_problem
+
+    draw = random.Random(33)  # random keys of the kinds people make, the same ones every run
+    for _ in range(300):  # what the help suggests, a token_urlsafe(24), and what scripts/deploy-env.sh draws
+        for alphabet, length in (("0123456789abcdef", 64), (string.ascii_letters + string.digits + "-_", 32),
+                                 (string.ascii_letters + string.digits, 32)):
+            key = "".join(draw.choice(alphabet) for _ in range(length))
+            assert key_problem(key) is None, key
+    assert key_problem(KEY) is None and key_problem("playground-s3cret") is None
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o602])
+def test_key_files_others_can_read_or_write_are_refused_as_ssh_does(mode, tmp_path, capsys, monkeypatch):
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    key_file.chmod(mode)
+    code, err = _serve_in_process(capsys, monkeypatch, "--model", "unused", "--api-key-file", str(key_file))
+    assert code == 2 and f"permissions {mode:04o} are too open" in err and f"chmod 600 {key_file}" in err, err
+    assert KEY not in err
+
+
+def test_key_files_owned_by_someone_else_or_not_files_are_refused(tmp_path, capsys, monkeypatch):
+    (tmp_path / "folder").mkdir(mode=0o700)
+    code, err = _serve_in_process(capsys, monkeypatch, "--model", "unused", "--api-key-file", str(tmp_path / "folder"))
+    assert code == 2 and "not a regular file" in err
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a file to another user")
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    key_file.chmod(0o600)
+    os.chown(key_file, 65534, 65534)
+    code, err = _serve_in_process(capsys, monkeypatch, "--model", "unused", "--api-key-file", str(key_file))
+    assert code == 2 and "owned by user id 65534, not by you" in err, err
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as a crashed client or a middlebox does."""
+    import struct
+
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_resets_at_every_stage_are_one_line_each_and_no_asyncio_noise(server):
+    before = _by_status(server).get("499", 0)
+    body = json.dumps({"inputs": ["a fine film"]}).encode()
+    sock = _connect(server.port)  # in the middle of the body
+    sock.sendall(_head(server.port, extra=f"Content-Length: {len(body)}\r\n\r\n") + body[:10])
+    time.sleep(0.2)
+    _reset(sock)
+    for pause in (0.05, 0.1):  # while waiting for the batch (which waits 200 ms for company)
+        sock = _connect(server.port)
+        sock.sendall(_head(server.port, extra=f"Content-Length: {len(body)}\r\n\r\n") + body)
+        time.sleep(pause)
+        _reset(sock)
+    sock = _connect(server.port)  # with answers still being written
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(_head(server.port, "GET", "/openapi.json", "\r\n") * 300)
+    time.sleep(0.5)
+    _reset(sock)
+    sock = _connect(server.port)  # idle, between requests
+    sock.sendall(_head(server.port, "GET", "/healthz", "\r\n"))
+    _response(sock)
+    _reset(sock)
+    deadline = time.time() + 10
+    while _by_status(server).get("499", 0) < before + 3 and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    assert _by_status(server).get("499", 0) == before + 3, _by_status(server)
+    output = server.output()
+    for noise in ("Traceback", "never retrieved", "CancelledError", "ConnectionResetError", "socket.send()",
+                  "Exception in callback", "Fatal error"):
+        assert noise not in output, (noise, output[-3000:])
+    assert server.post({"inputs": ["still answering"]}, headers=AUTH).status_code == 200
+
+
+def test_asyncio_reports_of_clients_that_left_are_dropped_and_others_kept():
+    import logging
+
+    from serving.cli import QuietDisconnects
+
+    def record(message: str, error: BaseException | None) -> logging.LogRecord:
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None,
+                                 (type(error), error, None) if error else None)
+
+    quiet = QuietDisconnects()
+    assert not quiet.filter(record("Fatal error on transport", ConnectionResetError(104, "reset by peer")))
+    assert not quiet.filter(record("Exception in callback", BrokenPipeError(32, "broken pipe")))
+    assert not quiet.filter(record("socket.send() raised exception.", None))
+    assert quiet.filter(record("Task exception was never retrieved", ValueError("a bug")))
+    assert quiet.filter(record("Executing took 0.2 seconds", None))
+
+
+# 2. Markup from names: nothing read from a model folder or the registry reaches a page or the OpenAPI document as
+#    markup, and every HTML page has a CSP that runs this server's script files only.
+
+HOSTILE_NAME = "<script>window.pwned=1</script>\"><img src=x onerror=\"window.pwned=2\">[x](javascript:alert(1))"
+HOSTILE_LABELS = ["<b onmouseover=alert(3)>neg</b>", "\"><svg onload=\"window.pwned=4\">"]
+MARKUP = ("<script", "onerror", "onload", "onmouseover", "<svg", "<img", "javascript:")
+
+
+@contextlib.contextmanager
+def _in_process(model: str, name: str = "tiny", labels: list[str] | None = None, models: dict | None = None,
+                change=None, **settings):
+    """The app `finetune serve` runs, in this process (Starlette's TestClient, lifespan included): the model's name
+    and labels as given, `change(predictor)` applied before the app is built."""
+    from starlette.testclient import TestClient
+
+    from finetune.models.predictor import Predictor
+    from serving.app import Settings, create_app
+    from serving.loading import LoadedModel
+
+    predictor = Predictor.from_dir(model)
+    if labels is not None:
+        predictor.info.label_names = labels
+    if change is not None:
+        change(predictor)
+    loaded = LoadedModel(predictor, name, "1", None, f"{model} (in process)")
+    named = {key: (loaded if value is None else value) for key, value in (models or {}).items()}
+    app = create_app(loaded, Settings(**settings), named or None)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        yield client
+
+
+def _csp(response) -> dict[str, str]:
+    policy = response.headers["content-security-policy"]
+    return {part.split()[0]: part.strip() for part in policy.split(";") if part.strip()}
+
+
+def test_names_and_labels_never_reach_pages_or_the_openapi_document(model):
+    with _in_process(model, name=HOSTILE_NAME, labels=HOSTILE_LABELS) as client:
+        document = client.get("/openapi.json")
+        assert document.status_code == 200
+        assert not any(m in document.text for m in MARKUP), document.json()["info"]
+        assert HOSTILE_NAME not in document.text and "window.pwned" not in document.text
+        for page in ("/", "/docs", "/redoc"):
+            response = client.get(page)
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/html"), page
+            assert "pwned" not in response.text and not any(m in response.text for m in MARKUP[1:]), page
+            # No inline script: every <script> has a src (this server's), so the CSP below can forbid inline code.
+            assert re.findall(r"<script\b[^>]*>", response.text), page
+            assert all(" src=" in tag for tag in re.findall(r"<script\b[^>]*>", response.text)), page
+            policy = _csp(response)
+            assert policy["script-src"] == "script-src 'self'", (page, policy)  # no inline, no eval, no elsewhere
+            assert policy["object-src"] == "object-src 'none'" and policy["frame-ancestors"] == "frame-ancestors 'none'"
+            assert policy["base-uri"] == "base-uri 'none'" and response.headers["x-content-type-options"] == "nosniff"
+            for ref in re.findall(r"""(?:src|href)=["']([^"']+)["']""", response.text):  # the assets are ours, here
+                if ref != "data:,":  # the playground's empty icon
+                    assert not re.match(r"[a-z]+:", ref), (page, ref)
+                    assert client.get(urljoin(f"http://127.0.0.1{page}", ref)).status_code == 200, (page, ref)
+        # The name and labels are data in JSON answers, never sniffed as HTML.
+        info = client.get("/v1/model")
+        assert info.json()["name"] == HOSTILE_NAME and info.json()["label_names"] == HOSTILE_LABELS
+        assert info.headers["content-type"] == "application/json" and info.headers["x-content-type-options"] == "nosniff"
+
+
+def test_every_html_response_gets_a_policy_even_one_no_route_set():
+    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.testclient import TestClient
+
+    from serving.gates import DOCS_POLICY, PAGE_POLICY, PageHeaders
+
+    async def app(scope, receive, send):
+        if scope["path"] == "/error":  # an HTML error page with a reflected name and no header of its own
+            response = HTMLResponse(f"<h1>{HOSTILE_NAME}</h1>", status_code=500)
+        elif scope["path"] == "/own":
+            response = HTMLResponse("<p>docs</p>", headers={"Content-Security-Policy": DOCS_POLICY})
+        else:
+            response = JSONResponse({"name": HOSTILE_NAME})
+        await response(scope, receive, send)
+
+    client = TestClient(PageHeaders(app))
+    error = client.get("/error")
+    assert error.headers["content-security-policy"] == PAGE_POLICY and error.headers["x-frame-options"] == "DENY"
+    assert client.get("/own").headers["content-security-policy"] == DOCS_POLICY  # a route's own policy is kept
+    data = client.get("/data")
+    assert "content-security-policy" not in data.headers and data.headers["x-content-type-options"] == "nosniff"
+
+
+def test_names_reach_the_terminal_without_control_characters(model, capsys, monkeypatch):
+    import uvicorn
+
+    import serving.loading
+    from serving.cli import main, shown
+
+    assert shown("tiny\x1b]0;owned\x07\x1b[2J\r\nnext") == "tiny\\x1b]0;owned\\x07\\x1b[2J\\r\\nnext"
+    real = serving.loading.load_models
+
+    def renamed(*args, **kwargs):
+        first, named = real(*args, **kwargs)
+        first.name, first.source = "evil\x1b[2J\x1b]0;title\x07", "models:/x\x1b[31m"
+        return first, named
+
+    monkeypatch.setattr(serving.loading, "load_models", renamed)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: [s.close() for s in sockets])
+    monkeypatch.setenv("FINETUNE_API_KEY", "")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    main(["--model", model, "--port", str(port)])
+    out = capsys.readouterr().out
+    assert "serving evil\\x1b[2J\\x1b]0;title\\x07" in out and "\x1b" not in out and "\x07" not in out
+
+
+# 6 (serving half). One input that makes the model or its post-processing fail fails its own request only; the
+#    other requests coalesced into the same batch are answered, and the server stays up.
+
+def _concurrently(client, calls: list[tuple[str, dict]]) -> list:
+    """POST each (path, body) from its own thread at once, so that the batcher coalesces them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(lambda call: client.post(call[0], json=call[1], headers={}), calls))
+
+
+def test_an_input_that_fails_the_model_fails_only_its_own_request(model):
+    batches: list[int] = []
+
+    def poison(predictor):  # the model raises on any batch holding a long input (as a shape bug or OOM would)
+        real = predictor.outputs
+
+        def outputs(features):
+            batches.append(len(features))
+            if any(len(f["input_ids"]) > 30 for f in features):
+                raise RuntimeError("the model cannot take this input")
+            return real(features)
+
+        predictor.outputs = outputs
+
+    with _in_process(model, change=poison, max_wait_ms=300) as client:
+        batches.clear()
+        calls = [("/v1/predict", {"inputs": [f"a fine film number {i}"]}) for i in range(3)]
+        calls.insert(1, ("/v1/predict", {"inputs": ["a long and winding review " * 10]}))
+        calls.append(("/v1/predict", {"inputs": ["fine", "a long and winding review " * 10, "dull"]}))
+        responses = _concurrently(client, calls)
+        statuses = [r.status_code for r in responses]
+        assert statuses == [200, 500, 200, 200, 500], [r.text for r in responses]
+        assert max(batches) > 1, batches  # they really shared a batch, which failed, and were answered one by one
+        assert responses[1].json()["detail"][0]["loc"] == ["body", "inputs", 0]
+        assert responses[4].json()["detail"][0]["loc"] == ["body", "inputs", 1]
+        assert "running the model failed on this input (RuntimeError)" in responses[1].text
+        assert "cannot take" not in responses[1].text  # the error's text stays in the server log
+        assert client.post("/v1/predict", json={"inputs": ["still answering"]}).status_code == 200
+        assert client.get("/healthz").status_code == 200
+
+
+def test_a_label_list_that_does_not_fit_fails_that_models_requests_only(model):
+    from finetune.models.predictor import Predictor
+    from serving.loading import LoadedModel
+
+    good = LoadedModel(Predictor.from_dir(model), "good", "1", None, model)
+    # A tampered finetune.json (one label for a two-label head) that got past loading: every answer of this model
+    # fails in post-processing; another model in the same server, and the server itself, are not affected.
+    with _in_process(model, name="short", labels=["only-one"], models={"short": None, "good": good},
+                     max_wait_ms=100) as client:
+        calls = [(f"/v1/models/{name}/predict", {"inputs": ["a fine film", "dull", "awful"]})
+                 for name in ("short", "good", "good", "short")]
+        responses = _concurrently(client, calls)
+        assert [r.status_code for r in responses] == [500, 200, 200, 500], [r.text for r in responses]
+        assert "reading the model's outputs failed on these inputs (IndexError)" in responses[0].text
+        assert client.get("/v1/models/good").json()["label_names"] == ["negative", "positive"]
+
+
+def test_an_input_the_tokenizer_chokes_on_fails_only_its_own_request(model):
+    def choking(predictor):
+        real = predictor.encode_inputs
+
+        def encode_inputs(inputs):
+            if any("\ue000" in str(i) for i in inputs):  # a private-use character a custom tokenizer dislikes
+                raise ValueError("cannot tokenise")
+            return real(inputs)
+
+        predictor.encode_inputs = encode_inputs
+
+    with _in_process(model, change=choking, max_wait_ms=100) as client:
+        responses = _concurrently(client, [("/v1/predict", {"inputs": ["fine"]}),
+                                           ("/v1/predict", {"inputs": ["fine \ue000 film"]}),
+                                           ("/v1/predict", {"inputs": ["x" * 3000 + "\ue000"]}),  # the thread lane
+                                           ("/v1/predict", {"inputs": ["dull"]})])
+        assert [r.status_code for r in responses] == [200, 500, 500, 200], [r.text for r in responses]
+        assert "tokenising the inputs failed on these inputs (ValueError)" in responses[1].text
+
+
+def test_the_batcher_answers_a_failed_batchs_inputs_one_by_one():
+    from serving.batcher import Batcher
+
+    calls: list[list[str]] = []
+
+    def run(features):
+        calls.append([f["text"] for f in features])
+        if any(f["text"].startswith("bad") for f in features):
+            raise ValueError("bad input")
+        if any(f["text"] == "short" for f in features):
+            return [len(f["text"]) for f in features][:-1]  # a model that answers too few rows
+        return [len(f["text"]) for f in features]
+
+    async def scenario():
+        batcher = Batcher(run, max_batch_size=8, max_wait=0.05)
+        batcher.start()
+        items = [{"text": t, "input_ids": [1, 2]} for t in ("ok", "bad-1", "fine", "bad-2", "good")]
+        futures = batcher.submit(items)
+        await asyncio.wait(futures, timeout=5)
+        short = batcher.submit([{"text": "short", "input_ids": [1]}])
+        await asyncio.wait(short, timeout=5)
+        await batcher.stop()
+        return futures, short
+
+    futures, short = asyncio.run(scenario())
+    assert [f.result() for i, f in enumerate(futures) if i in (0, 2, 4)] == [2, 4, 4]
+    assert [str(f.exception()) for i, f in enumerate(futures) if i in (1, 3)] == ["bad input", "bad input"]
+    assert calls[0] == ["ok", "bad-1", "fine", "bad-2", "good"] and calls[1:6] == [[t] for t in calls[0]]
+    assert "answered 0 rows for 1 inputs" in str(short[0].exception())

@@ -395,6 +395,13 @@ def test_the_mlflow_model_of_an_adapter_answers_like_the_folder(adapters):
     assert [a["score"] for a in logged] == pytest.approx([a["score"] for a in direct], abs=1e-6)
 
 
+def reseal(folder) -> None:
+    """Record a model folder's files as they are now in its checksums, as if it had been saved that way."""
+    from finetune.models.checksums import read_manifest, write_manifest
+
+    write_manifest(folder, list(read_manifest(folder, "checksums.json")), "checksums.json")
+
+
 def test_an_adapter_whose_base_is_missing_or_different_is_refused(adapters, tmp_path):
     from transformers import AutoModel
 
@@ -403,6 +410,7 @@ def test_an_adapter_whose_base_is_missing_or_different_is_refused(adapters, tmp_
     meta = json.loads((copy / "finetune.json").read_text())
     meta["adapter"]["base"]["checkpoint"] = str(tmp_path / "gone")
     (copy / "finetune.json").write_text(json.dumps(meta))
+    reseal(copy)  # as if saved naming that base: the base check refuses, not the checksums
     with pytest.raises(CheckpointError, match=r"applies to the base checkpoint '.*gone', which cannot be loaded here"):
         Predictor.from_dir(copy)
     base = json.loads((adapters["sentiment"].best_dir / "finetune.json").read_text())["adapter"]["base"]["checkpoint"]
@@ -413,6 +421,7 @@ def test_an_adapter_whose_base_is_missing_or_different_is_refused(adapters, tmp_
     model.save_pretrained(changed)
     meta["adapter"]["base"]["checkpoint"] = str(changed)
     (copy / "finetune.json").write_text(json.dumps(meta))
+    reseal(copy)
     with pytest.raises(CheckpointError, match="is not the one this adapter was trained on"):
         Predictor.from_dir(copy)
 

@@ -4,8 +4,11 @@
 progress bar, one line per evaluation, and a short summary whose last lines say where the model and the
 MLflow run are. Everything else (the libraries' logging, Python warnings, and the prints and progress bars
 that bypass logging) goes to the run's log file while `capture` is active, and to the terminal as well with
---verbose. Our own warnings (`logging` records of `finetune.*` at WARNING and above) always reach the
-terminal. Only the main process of a multi-process run writes to the terminal.
+--verbose. Our own warnings always reach the terminal, however they were issued: `warn` here, `logging` records
+of `finetune.*` at WARNING and above, Python warnings raised from finetune's own code, and any line printed with
+the `warning: ` prefix (how the training library tells what it did to a folder: a damaged checkpoint removed, an
+interrupted save recovered, checkpoints set aside) even though the stream it was printed to goes to the log.
+Only the main process of a multi-process run writes to the terminal.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from finetune.models.pretrained import PACKAGED_CHECKPOINTS
 from finetune.training.report import Progress, RunEnd, RunReport, RunStart
 
 LOG_FILE = "run.log"
+WARNING_PREFIX = "warning: "
+"""What finetune prints before a line a person must see; such a line reaches the terminal from captured output too."""
+PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # The libraries a run uses, whose own handlers write straight to stderr: for the run their records go to the
 # root logger (the log file) instead. transformers and datasets have switches for it, used in `_route_logging`.
@@ -124,6 +130,9 @@ class _LogStream(io.TextIOBase):
         with self.terminal.lock:
             for part in re.split(r"(\r\n|\r|\n)", text):
                 if part in ("\n", "\r\n"):
+                    if not self.echo and self.pending.startswith(WARNING_PREFIX):
+                        # A warning printed (not logged) by finetune: the person must see it, not only the log.
+                        self.terminal.write(self.terminal.err, self.pending + "\n")
                     self.terminal.write_log(self.pending + "\n")
                     self.pending = ""
                 elif part == "\r":
@@ -163,17 +172,34 @@ class _TerminalHandler(logging.Handler):
         self.terminal, self.verbose = terminal, verbose
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.verbose or record.name.split(".")[0] == "finetune"
+        return self.verbose or record.name.split(".")[0] == "finetune" or _our_python_warning(record) is not None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            if record.name.split(".")[0] == "finetune" and record.levelno >= logging.WARNING:
+            ours = _our_python_warning(record)
+            if ours is not None:
+                text = f"warning: {ours}"
+            elif record.name.split(".")[0] == "finetune" and record.levelno >= logging.WARNING:
                 text = f"{record.levelname.lower()}: {record.getMessage()}"
             else:
                 text = f"[{record.name}] {record.levelname}: {record.getMessage()}"
             self.terminal.write(self.terminal.err, text + "\n")
         except Exception:
             self.handleError(record)
+
+
+_PYTHON_WARNING = re.compile(r"(?P<path>.+?):\d+: (?P<category>\w+): (?P<message>.*)")
+
+
+def _our_python_warning(record: logging.LogRecord) -> str | None:
+    """`Category: message` of a Python warning raised from finetune's own code (captured by `logging.captureWarnings`
+    as a `py.warnings` record), else None: the libraries' warnings stay in the log."""
+    if record.name != "py.warnings":
+        return None
+    found = _PYTHON_WARNING.match(str(record.getMessage()).split("\n", 1)[0])
+    if found is None or not os.path.abspath(found["path"]).startswith(PACKAGE_DIR + os.sep):
+        return None
+    return f"{found['category']}: {found['message']}"
 
 
 @contextlib.contextmanager

@@ -64,14 +64,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _column_options(evaluate, labels=True)
     evaluate.add_argument("--metric", action="append", default=[], metavar="SPEC",
                           help="also compute this Hugging Face `evaluate` metric: a hub name (online), a local module "
-                               "path, or finetune:<task>; NAME[,config=C][,KEY=VALUE...], e.g. f1,average=macro")
+                               "path, or finetune:<task>; NAME[,config=C][,KEY=VALUE...], e.g. f1,average=macro. Hub "
+                               "names and paths are Python scripts: they need --allow-metric-code")
+    evaluate.add_argument("--allow-metric-code", action="store_true",
+                          help="let --metric name hub metrics and local metric modules, whose Python scripts "
+                               "evaluate.load imports and runs in this process (default: only finetune:<task>)")
     evaluate.add_argument("--find-label-issues", action="store_true",
                           help="rank the examples whose label the model most confidently disputes (cleanlab): "
                                "label_issues.csv")
     evaluate.add_argument("--skip-unknown-labels", action="store_true",
                           help="leave out (and report) rows whose labels the model never saw, instead of refusing")
     _model_options(evaluate)
-    evaluate.add_argument("--output-dir", help="where the evaluation files go (default: runs/evaluations/<time>-<data>)")
+    evaluate.add_argument("--output-dir", help="where the evaluation files go (default: runs/evaluations/<time>-<data>); "
+                                               "new, empty or an earlier evaluation's")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="write into an --output-dir finetune did not make, replacing files of the same names "
+                               "(never through a link)")
     evaluate.add_argument("--experiment", help="MLflow experiment of the evaluation run (default: the model's training "
                                                "run's, nested under it)")
     evaluate.add_argument("--no-log", action="store_true", help="do not log an MLflow run")
@@ -82,7 +90,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     issues.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="recipe overrides, e.g. training.num_epochs=1 data.max_train_samples=2000")
     issues.add_argument("--folds", type=int, default=5, help="cross-validation folds: K models are trained (default 5)")
-    issues.add_argument("--output-dir", help="where label_issues.csv goes (default: OUTPUT_DIR-label-issues of the recipe)")
+    issues.add_argument("--output-dir", help="where label_issues.csv goes (default: OUTPUT_DIR-label-issues of the "
+                                             "recipe); new, empty or an earlier label-issues run's")
+    issues.add_argument("--overwrite", action="store_true",
+                        help="write into an --output-dir finetune did not make, replacing files of the same names")
     issues.add_argument("--show", type=int, default=10, help="issues printed (default 10)")
 
 
@@ -132,15 +143,21 @@ def _load(args: argparse.Namespace, backend: str):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from finetune.config.recipe import load_recipe
+    from finetune.errors import EvaluationError
     from finetune.evaluation.data import FILE_SPLIT, data_section, read_labelled, trained_columns
-    from finetune.evaluation.evaluate import run_evaluation
-    from finetune.evaluation.extra_metrics import ExtraMetrics
+    from finetune.evaluation.evaluate import check_evaluation_folder, run_evaluation
+    from finetune.evaluation.extra_metrics import ExtraMetrics, check_specs
 
     if args.data is None and args.recipe is None:
         raise FinetuneError("give DATA (a file or a hub data set) or --recipe RECIPE (its data section)")
+    refused = check_specs(args.metric, args.allow_metric_code)
+    if refused:  # before the model loads
+        raise EvaluationError("\n".join(refused))
+    if args.output_dir:  # a folder that would be refused is refused before the model loads; the default is new
+        check_evaluation_folder(args.output_dir, args.overwrite)
     found, predictor = _load(args, args.backend or "auto")
     task = predictor.task
-    extra = ExtraMetrics(args.metric, task) if args.metric else None
+    extra = ExtraMetrics(args.metric, task, allow_code=args.allow_metric_code) if args.metric else None
     recipe = load_recipe(args.recipe) if args.recipe else None
     if recipe is not None and recipe.task.type != task.name:
         raise FinetuneError(f"--recipe: {args.recipe} is a {recipe.task.type} recipe; the model is {task.name}")
@@ -158,7 +175,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"left out {labelled.skipped_rows} rows with labels the model never saw: {shown}", file=sys.stderr)
     report = run_evaluation(found, predictor, labelled, out_dir, extra, args.find_label_issues, args.experiment,
                             log=not args.no_log, params={"backend": predictor.runtime, "batch_size": args.batch_size,
-                                                         "columns": {k: v for k, v in task.columns(data).items()}})
+                                                         "columns": {k: v for k, v in task.columns(data).items()}},
+                            overwrite=args.overwrite)
     print(f"{task.name} model {found.source} ({predictor.runtime}) on {labelled.name}: {len(labelled.split)} examples"
           f" in {report.seconds:.1f} s")
     print(", ".join(f"{k} {v:.4f}" for k, v in report.metrics.items() if k != "label_issues"))
@@ -182,7 +200,7 @@ def cmd_label_issues(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     out_dir = Path(args.output_dir or f"{recipe.output_dir}-label-issues")
-    report = label_issues(recipe, args.folds, out_dir)
+    report = label_issues(recipe, args.folds, out_dir, overwrite=args.overwrite)
     print(f"\nout-of-fold ({args.folds} folds, {report.examples} examples, {report.seconds:.0f} s): "
           + ", ".join(f"{k} {v:.4f}" for k, v in report.metrics.items()))
     print(f"label issues: {len(report.issues)} of {report.examples} examples; the likeliest first ({report.issues_path}):")

@@ -33,7 +33,9 @@ def cmd_runs(root: str, fmt: str) -> int:
 
 
 def cmd_clean(paths: list[str], resume_only: bool, dry_run: bool) -> int:
-    """Delete (or with dry_run list) what finetune wrote in each folder; 2 when a folder was refused."""
+    """Delete (or with dry_run list) what finetune wrote in each folder; 2 when a folder was refused. Everything is
+    checked before anything is deleted (`finetune.training.outputs.clean`); what has finetune's name but was left
+    alone (a link, a folder holding files finetune did not write) is named on stderr."""
     refused = False
     verb = "would delete" if dry_run else "deleted"
     total = 0
@@ -46,6 +48,8 @@ def cmd_clean(paths: list[str], resume_only: bool, dry_run: bool) -> int:
             for item, size in done.removed:
                 total += size
                 print(f"{verb} {item} ({_mb(size)})")
+            for item, why in done.skipped:
+                print(f"warning: left {item} alone: {why}", file=sys.stderr)
             if not done.removed:
                 print(f"{done.folder}: nothing of finetune's to delete")
             if done.kept:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from finetune.files import MAX_INPUT_CHARS
+
 KEY_ENV = "FINETUNE_API_KEY"
 
 
@@ -35,7 +37,9 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--api-key", help=argparse.SUPPRESS)
     serve.add_argument("--api-key-file", metavar="PATH",
                        help=f"require the key in this file (X-API-Key or Authorization: Bearer) on every route but "
-                            f"/healthz and /readyz; or set ${KEY_ENV}")
+                            f"/healthz and /readyz; or set ${KEY_ENV}. The file must be yours and readable by you only "
+                            f"(chmod 600), the key at least 16 characters and not repetitive (e.g. openssl rand -hex "
+                            f"32); a client's wrong keys past 5 get 429 for 1, 2, 4 ... seconds")
     serve.add_argument("--insecure-no-api-key", action="store_true",
                        help="allow serving on a non-loopback --host without an API key")
     serve.add_argument("--allowed-hosts", type=_names, metavar="H1,H2",
@@ -58,11 +62,16 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     serve.add_argument("--max-queue", type=_positive(int), default=512, help="inputs waiting at most; beyond it requests get 503")
     serve.add_argument("--max-inputs", type=_positive(int), default=64, help="inputs per request at most")
-    serve.add_argument("--max-input-chars", type=_positive(int), default=100_000,
-                       help="characters per input at most (all its texts), checked before tokenising (default 100000)")
+    serve.add_argument("--max-input-chars", type=_positive(int), default=MAX_INPUT_CHARS,
+                       help=f"characters per input at most (all its texts), checked before tokenising (default "
+                            f"{MAX_INPUT_CHARS}, as file scoring)")
     serve.add_argument("--timeout", type=_positive(float), default=30.0, help="seconds before a request gets 504")
     serve.add_argument("--max-connections", type=_positive(int), default=128,
                        help="connections open at once; more are answered 503 and closed (default 128)")
+    serve.add_argument("--max-client-connections", type=_positive(int), default=32,
+                       help="connections open at once from one client address (an IPv6 /64 counts as one), so one "
+                            "client cannot hold them all; more are answered 503 and closed (default 32). Behind a "
+                            "reverse proxy every client has the proxy's address: set it to --max-connections there")
     serve.add_argument("--header-timeout", type=_positive(float), default=10.0,
                        help="seconds for a request line and headers to arrive, else 408 (default 10)")
     serve.add_argument("--body-timeout", type=_positive(float), default=30.0,

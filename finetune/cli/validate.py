@@ -15,6 +15,7 @@ from finetune.config.recipe import Recipe, load_recipe, recipe_to_yaml
 from finetune.data.features import length_stats
 from finetune.data.loading import load_splits, missing_files
 from finetune.errors import CheckpointError, DataError, RecipeError
+from finetune.evaluation.extra_metrics import PACKAGED_PREFIX, check_specs
 from finetune.families import family_of
 from finetune.families.support import offers, recipe_problems
 from finetune.models import pretrained
@@ -104,6 +105,13 @@ def _validate(recipe: Recipe, path: str, overrides: list[str]) -> int:
             check()
         except RecipeError as e:
             problems.append(str(e))
+    # The extra metrics as `run` would refuse them (code without task.allow_metric_code, a module finetune does not
+    # ship), without loading any: loading one is running its script.
+    problems.extend(check_specs(recipe.task.extra_metrics, recipe.task.allow_metric_code))
+    scripts = [m for m in recipe.task.extra_metrics if not str(m).strip().startswith(PACKAGED_PREFIX)]
+    if scripts and recipe.task.allow_metric_code:
+        say("warning: task.allow_metric_code is on: the metric scripts of task.extra_metrics run in finetune's "
+            "process at `finetune run` (validate does not load them)")
     tokenizer, student_config = _check_checkpoint(recipe, problems)
     missing = missing_files(recipe.data)
     if missing:  # nothing can be read until every file is there

@@ -185,7 +185,9 @@ class TaskSection(TaskSettings):
     metric_for_best: str | None = None
     """Metric that picks the best checkpoint and drives early stopping (default: the task's main metric)."""
     extra_metrics: list[str] = []
-    """More metrics, computed at every evaluation and logged beside the task's as eval/<name>/<key>: Hugging Face `evaluate` modules, each NAME_OR_PATH[,config=CONFIG][,KEY=VALUE...]: a hub name (the hub must be reachable), the path of a local module (a folder NAME holding NAME.py), or finetune:<task> for the task metrics finetune ships; e.g. [f1,average=macro]. They cannot be metric_for_best."""
+    """More metrics, computed at every evaluation and logged beside the task's as eval/<name>/<key>: Hugging Face `evaluate` modules, each NAME_OR_PATH[,config=CONFIG][,KEY=VALUE...]: a hub name (the hub must be reachable), the path of a local module (a folder NAME holding NAME.py), or finetune:<task> for the task metrics finetune ships; e.g. [f1,average=macro]. They cannot be metric_for_best. Hub names and local modules are Python scripts that evaluate.load runs: they need task.allow_metric_code."""
+    allow_metric_code: bool = False
+    """Allow task.extra_metrics to name hub metrics and local metric modules, whose Python scripts evaluate.load imports and runs in this process (a hub name downloads its script, or takes a folder of that name in the working directory). Off by default, as model.trust_remote_code is: a recipe is data, and only the finetune:<task> modules finetune ships load without it."""
 
     @model_serializer(mode="wrap")
     def _type_first(self, handler: Any) -> dict[str, Any]:

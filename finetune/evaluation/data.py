@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import yaml
 
 from finetune.config.recipe import DataSection, Recipe
 from finetune.data.loading import FILE_FORMATS, load_raw, make_splits, with_labels
 from finetune.errors import DataError
+from finetune.files import RefusedDocument, load_yaml, read_text
 from finetune.tasks import Task
 from finetune.tasks.labels import as_int
 
@@ -38,21 +38,32 @@ def option_name(key: str) -> str:
 
 
 def trained_columns(model_path: Path, run_id: str | None) -> dict[str, Any]:
-    """The column keys of the recipe the model was trained with (empty when there is none to read)."""
-    text = None
-    if (model_path / "recipe.yaml").is_file():
-        text = (model_path / "recipe.yaml").read_text()
-    elif run_id:
-        import mlflow
+    """The column keys of the recipe the model was trained with (empty when there is none to read).
 
-        try:
-            text = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/recipe.yaml")).read_text()
-        except Exception:  # a run without it (logged elsewhere, or by an old version): the defaults apply
-            text = None
+    The recipe is read bounded (`finetune.files`): one too large, too deep or whose aliases expand too far is a
+    DataError naming it, before it costs minutes or gigabytes; one that is not valid YAML gives no columns, as
+    before (the defaults and the command line's options apply).
+    """
+    source, text = model_path / "recipe.yaml", None
     try:
-        section = (yaml.safe_load(text) or {}).get("data") or {} if text else {}
-    except yaml.YAMLError:
-        section = {}
+        if source.is_file():
+            text = read_text(source)
+        elif run_id:
+            import mlflow
+
+            try:
+                source = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/recipe.yaml"))
+            except Exception:  # a run without it (logged elsewhere, or by an old version): the defaults apply
+                source = None
+            text = read_text(source) if source is not None else None
+        values = load_yaml(text) if text else {}
+    except RefusedDocument as e:
+        if str(e).startswith("not valid YAML"):
+            return {}
+        raise DataError(f"{source}: the model's recipe is refused ({e})") from None
+    section = (values.get("data") or {}) if isinstance(values, dict) else {}
+    if not isinstance(section, dict):
+        return {}
     return {k: section[k] for k in COLUMN_KEYS if k in section}
 
 

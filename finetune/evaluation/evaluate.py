@@ -5,11 +5,17 @@ answers every feature (`Predictor.outputs`: PyTorch, bf16 or ONNX Runtime), and 
 its metrics and evaluation files (`Task.collect`, `evaluation`, `write_artifacts`): the same code that scored
 the model while it trained, so on the same split the numbers are the same. The evaluation is logged as an
 MLflow run linked to the model (finetune.tracking.evaluation_run).
+
+The output folder (`--output-dir`) is written as finetune.files writes folders: refused, before the model runs,
+when it is a link or a non-empty folder finetune did not make; every file is written in a new private folder
+beside it and moved into place without following links, and only files an earlier evaluation wrote there (its
+`.finetune-output.json` lists them) are replaced.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +26,10 @@ import numpy as np
 
 from finetune.evaluation.data import LabelledData
 from finetune.evaluation.extra_metrics import ExtraMetrics
-from finetune.evaluation.label_issues import issues_table, require_class_probabilities, write_issues
+from finetune.errors import EvaluationError
+from finetune.evaluation.label_issues import ISSUES_FILE, issue_files, issues_table, require_class_probabilities
+from finetune.files import RefusedWrite, check_output_folder, publish_files, staging_folder
 from finetune.models.predictor import Predictor
-from finetune.reports.artifacts import markdown_table
 from finetune.tasks import FeatureContext, Reference
 
 FEATURES_PER_CALL = 4096
@@ -96,44 +103,71 @@ class EvaluationReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+OUTPUT_OPTION = "--output-dir"
+
+
+def check_evaluation_folder(out_dir: Path | str, overwrite: bool = False) -> None:
+    """Refuse, naming it, an output folder evaluate must not write in (a link, a file, a non-empty folder
+    finetune did not make, unless `overwrite`); called before the model runs."""
+    try:
+        check_output_folder(out_dir, OUTPUT_OPTION, overwrite)
+    except RefusedWrite as e:
+        raise EvaluationError(str(e)) from None
+
+
 def run_evaluation(located: Any, predictor: Predictor, labelled: LabelledData, out_dir: Path,
                    extra: ExtraMetrics | None = None, find_label_issues: bool = False, experiment: str | None = None,
-                   log: bool = True, progress: bool = True, params: dict[str, Any] | None = None) -> EvaluationReport:
-    """Evaluate, write the task's evaluation files (and label issues) to `out_dir`, log the MLflow run."""
+                   log: bool = True, progress: bool = True, params: dict[str, Any] | None = None,
+                   overwrite: bool = False) -> EvaluationReport:
+    """Evaluate, write the task's evaluation files (and label issues) to `out_dir`, log the MLflow run.
+
+    `out_dir` must be new, empty or an earlier evaluation's (`check_evaluation_folder`; `overwrite` lets files
+    finetune did not write there be replaced); it is checked before the model runs.
+    """
     from finetune.tracking.evaluation_run import log_evaluation_run, registry_version
 
     started = time.perf_counter()
     task, settings, label_names = predictor.task, predictor.settings, predictor.info.label_names
+    out_dir = Path(out_dir)
+    check_evaluation_folder(out_dir, overwrite)
     if find_label_issues:
         require_class_probabilities(task)
     evaluation = evaluate_split(predictor, labelled.split, labelled.data, extra, progress)
     metrics = dict(evaluation.metrics)
-    out_dir = Path(out_dir)
-    files = task.write_artifacts(out_dir / "evaluation", evaluation.reference, evaluation.outputs, metrics,
-                                 label_names, settings)
-    tables = [f for f in files if f.suffix == ".md"]
-    issues = issues_path = None
-    if find_label_issues:
-        issues = issues_table(task, task.label_probabilities(evaluation.outputs, settings), labelled.split,
-                              labelled.data, labelled.rows, label_names, settings.threshold, predictor.info.text_pair)
-        issues_path = write_issues(issues, out_dir)
-        (out_dir / "label_issues.md").write_text(markdown_table(issues.head(50)))
-        files += [issues_path, out_dir / "label_issues.md"]
-        metrics["label_issues"] = float(len(issues))
-    seconds = time.perf_counter() - started
-    counts = {"examples": float(evaluation.examples), "skipped_rows": float(labelled.skipped_rows),
-              "evaluation_seconds": seconds}
     model = {"source": located.source, "run_id": located.run_id, "name": located.name, "version": located.version,
              "runtime": predictor.runtime, "recipe_name": predictor.info.recipe_name or None}
     if located.run_id and not located.version:
         found = registry_version(located.run_id)
         if found:
             model["name"], model["version"] = found
-    summary = {"model": model, "data": {"name": labelled.name, "source": labelled.source, "split": labelled.split_name,
-                                        "examples": evaluation.examples, "skipped_rows": labelled.skipped_rows,
-                                        "unknown_labels": labelled.unknown},
-               "task": task.name, "metrics": metrics}
-    (out_dir / "evaluation.json").write_text(json.dumps(summary, indent=2))
+    stage = staging_folder(out_dir)
+    try:
+        staged = task.write_artifacts(stage / "evaluation", evaluation.reference, evaluation.outputs, metrics,
+                                      label_names, settings)
+        tables = [out_dir / f.relative_to(stage) for f in staged if f.suffix == ".md"]
+        issues = None
+        if find_label_issues:
+            issues = issues_table(task, task.label_probabilities(evaluation.outputs, settings), labelled.split,
+                                  labelled.data, labelled.rows, label_names, settings.threshold,
+                                  predictor.info.text_pair)
+            staged += issue_files(issues, stage)
+            metrics["label_issues"] = float(len(issues))
+        summary = {"model": model, "data": {"name": labelled.name, "source": labelled.source,
+                                            "split": labelled.split_name, "examples": evaluation.examples,
+                                            "skipped_rows": labelled.skipped_rows, "unknown_labels": labelled.unknown},
+                   "task": task.name, "metrics": metrics}
+        (stage / "evaluation.json").write_text(json.dumps(summary, indent=2))
+        try:
+            publish_files(stage, out_dir, "evaluation", OUTPUT_OPTION, overwrite)
+        except RefusedWrite as e:
+            raise EvaluationError(str(e)) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    files = [out_dir / f.relative_to(stage) for f in staged]
+    issues_path = out_dir / ISSUES_FILE if issues is not None else None
+    seconds = time.perf_counter() - started
+    counts = {"examples": float(evaluation.examples), "skipped_rows": float(labelled.skipped_rows),
+              "evaluation_seconds": seconds}
     run_id = None
     if log:
         shown_model = f"{model['name']} v{model['version']}" if model["name"] else Path(str(located.source)).name

@@ -7,6 +7,12 @@ config=multilabel`) and the other pairs go to `compute` (`f1,average=macro`). Ea
 hands `evaluate` metrics (`Task.metric_inputs`: class ids, 0/1 rows, numbers, tag lists, SQuAD dicts) and
 logged as `<label>/<key>`, e.g. `eval/f1_macro/f1`.
 
+Only the packaged modules load by default. A hub name or a local path names a Python script that `evaluate.load`
+imports and runs (a hub name fetches it from the Hugging Face hub, or takes a folder of that name in the working
+directory), and a recipe or a command line is data: running code from it needs the opt-in, `task.allow_metric_code:
+true` in the recipe or `finetune evaluate --allow-metric-code`, as `model.trust_remote_code` is for a model's code.
+`check_specs` says what is refused before anything loads (`finetune validate` reports the same).
+
 `evaluate.load` fetches a metric named by its hub name from the Hugging Face hub; without network that fails,
 and the message says to pass a path instead.
 """
@@ -20,18 +26,33 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import yaml
 
 from finetune.errors import EvaluationError
+from finetune.files import parse_scalar, short
 from finetune.tasks import Reference, Task, TaskSettings
 
 MODULES_DIR = Path(__file__).resolve().parent / "metric_modules"
 PACKAGED_PREFIX = "finetune:"
+RECIPE_OPT_IN = "task.allow_metric_code: true"
+CLI_OPT_IN = "--allow-metric-code"
+MAX_SPEC_CHARS = 1000
+"""The longest metric spec read: a name or path and a few arguments."""
+_SHIPPED_NAME = re.compile(r"[a-z][a-z_]{0,63}")
 
 
 def packaged_module(task_name: str) -> Path:
     """The folder of the `evaluate` module finetune ships for a task's metrics."""
     return MODULES_DIR / task_name
+
+
+def shipped_modules() -> list[str]:
+    """The task names whose metric module finetune ships (`finetune:<task>`)."""
+    return sorted(p.name for p in MODULES_DIR.iterdir() if (p / f"{p.name}.py").is_file())
+
+
+def _is_shipped(wanted: str) -> bool:
+    # A name, never a path: `finetune:../x` or `finetune:/tmp/x` must not reach a module outside MODULES_DIR.
+    return bool(_SHIPPED_NAME.fullmatch(wanted)) and wanted in shipped_modules()
 
 
 @dataclass(frozen=True)
@@ -41,6 +62,11 @@ class MetricSpec:
     name: str
     config: str | None = None
     args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def packaged(self) -> bool:
+        """Whether it names a module finetune ships (`finetune:<task>`), the only ones loaded without the opt-in."""
+        return self.name.startswith(PACKAGED_PREFIX)
 
     @property
     def location(self) -> str:
@@ -58,8 +84,12 @@ class MetricSpec:
 
 
 def parse_spec(text: str) -> MetricSpec:
-    """`NAME_OR_PATH[,config=CONFIG][,KEY=VALUE...]` (values read as YAML scalars: 3, true, macro)."""
-    name, *pairs = [p.strip() for p in str(text).split(",")]
+    """`NAME_OR_PATH[,config=CONFIG][,KEY=VALUE...]`; values are read as numbers, true/false, null or text
+    (`finetune.files.parse_scalar`: never YAML, so a value cannot expand or nest)."""
+    text = str(text)
+    if len(text) > MAX_SPEC_CHARS:
+        raise EvaluationError(f"metric {short(text)!r}: {len(text)} characters; a spec is at most {MAX_SPEC_CHARS}")
+    name, *pairs = [p.strip() for p in text.split(",")]
     if not name:
         raise EvaluationError(f"metric {text!r}: give a hub metric name, a path or finetune:<task> first")
     config, args = None, {}
@@ -71,19 +101,44 @@ def parse_spec(text: str) -> MetricSpec:
         if key.strip() == "config":
             config = value.strip()
         else:
-            args[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+            args[key.strip()] = parse_scalar(value) if value.strip() else ""
     return MetricSpec(name, config, args)
+
+
+def spec_problem(spec: MetricSpec, allow_code: bool) -> str | None:
+    """Why a spec may not be loaded (None when it may): a packaged name finetune does not ship, or, without the
+    opt-in, anything but a packaged module. Nothing is loaded or looked up on disk but finetune's own modules."""
+    if spec.packaged:
+        wanted = spec.name.removeprefix(PACKAGED_PREFIX)
+        if not _is_shipped(wanted):
+            return (f"metric {short(spec.name)!r}: finetune ships no module {short(wanted)!r}; it ships "
+                    f"{', '.join(PACKAGED_PREFIX + s for s in shipped_modules())}")
+        return None
+    if not allow_code:
+        return (f"metric {short(spec.name)!r} names a metric script (a hub metric, or a local module or .py file), "
+                f"which evaluate.load would import and run; a recipe or command line runs no code unless it opts in "
+                f"with {RECIPE_OPT_IN} (recipe) or {CLI_OPT_IN} (finetune evaluate). Without it only the modules "
+                f"finetune ships load: {', '.join(PACKAGED_PREFIX + s for s in shipped_modules())}")
+    return None
+
+
+def check_specs(specs: Sequence[str], allow_code: bool = False) -> list[str]:
+    """Every problem of these specs (parsing, an unknown packaged module, code without the opt-in), without loading
+    anything: what `finetune validate` reports, and what ExtraMetrics raises before loading."""
+    problems = []
+    for text in specs:
+        try:
+            problem = spec_problem(parse_spec(text), allow_code)
+        except EvaluationError as e:
+            problem = str(e)
+        if problem:
+            problems.append(problem)
+    return problems
 
 
 def _load(spec: MetricSpec, task: Task | None) -> Any:
     import evaluate
 
-    if spec.name.startswith(PACKAGED_PREFIX):
-        wanted = spec.name.removeprefix(PACKAGED_PREFIX)
-        if not (packaged_module(wanted) / f"{wanted}.py").is_file():
-            shipped = sorted(p.name for p in MODULES_DIR.iterdir() if (p / f"{p.name}.py").is_file())
-            raise EvaluationError(f"metric {spec.name!r}: finetune ships no module {wanted!r}; it ships "
-                                  f"{', '.join(PACKAGED_PREFIX + s for s in shipped)}")
     try:
         # keep_in_memory: the predictions stay in this process instead of Arrow files under ~/.cache.
         return evaluate.load(spec.location, spec.config, keep_in_memory=True)
@@ -123,7 +178,12 @@ def flatten_scores(result: Any, prefix: str) -> dict[str, float]:
 class ExtraMetrics:
     """The extra metrics of a recipe or a command line, loaded once (so a bad name fails before any training)."""
 
-    def __init__(self, specs: Sequence[str], task: Task | None = None):
+    def __init__(self, specs: Sequence[str], task: Task | None = None, allow_code: bool = False):
+        """allow_code: the opt-in (`task.allow_metric_code`, `--allow-metric-code`) to load hub metrics and local
+        modules, whose scripts run in this process; without it only `finetune:<task>` modules load."""
+        problems = check_specs(specs, allow_code)
+        if problems:  # all of them at once, before any module is loaded
+            raise EvaluationError("\n".join(problems))
         self.specs = [parse_spec(s) for s in specs]
         labels = [s.label for s in self.specs]
         self.labels = [label if labels.count(label) == 1 else f"{label}_{i + 1}" for i, label in enumerate(labels)]

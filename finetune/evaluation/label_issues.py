@@ -5,6 +5,10 @@ the given labels and the model's predicted probabilities, and ranks them by self
 the model gives the given label, lowest first). The probabilities must come from a model that did not train
 on those examples: a held-out set (`finetune evaluate --find-label-issues`) or out-of-fold predictions
 (`finetune label-issues RECIPE --folds K`, finetune.training.crossval).
+
+The files (label_issues.csv and .md) are written as finetune.files writes folders: never into a link or a
+non-empty folder finetune did not make, never over a file it did not write, and the csv's text cells (the
+examples' texts, label names) safe to open in a spreadsheet.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ import numpy as np
 import pandas as pd
 
 from finetune.errors import EvaluationError
+from finetune.files import RefusedWrite, check_output_folder, publish_files, spreadsheet_frame, staging_folder
 
 ISSUES_FILE = "label_issues.csv"
+ISSUES_TABLE = "label_issues.md"
+OUTPUT_OPTION = "--output-dir"
 
 
 def rank_label_issues(given: np.ndarray, probs: np.ndarray, label_names: Sequence[str],
@@ -101,8 +108,41 @@ def issues_table(task: Any, probs: np.ndarray, split: Any, data: Any, rows: Sequ
     return pd.concat([table, frame], axis=1)
 
 
-def write_issues(table: pd.DataFrame, out_dir: Path) -> Path:
-    path = Path(out_dir) / ISSUES_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path, index=False, float_format="%.4f")
-    return path
+def issue_files(table: pd.DataFrame, folder: Path) -> list[Path]:
+    """label_issues.csv (spreadsheet-safe) and label_issues.md (the likeliest 50) in a new folder of finetune's own
+    (a staging folder: see `write_issues` for a user's folder)."""
+    from finetune.reports.artifacts import markdown_table
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = folder / ISSUES_FILE, folder / ISSUES_TABLE
+    spreadsheet_frame(table).to_csv(csv_path, index=False, float_format="%.4f")
+    md_path.write_text(markdown_table(table.head(50)))
+    return [csv_path, md_path]
+
+
+def check_issues_folder(out_dir: Path | str, overwrite: bool = False) -> None:
+    """Refuse, naming it, a folder label issues must not be written to (a link, a file, a non-empty folder finetune
+    did not make, unless `overwrite`): call it before the work that finds them."""
+    try:
+        check_output_folder(out_dir, OUTPUT_OPTION, overwrite)
+    except RefusedWrite as e:
+        raise EvaluationError(str(e)) from None
+
+
+def write_issues(table: pd.DataFrame, out_dir: Path, overwrite: bool = False) -> Path:
+    """label_issues.csv and label_issues.md into `out_dir` (new, empty or finetune's: `check_issues_folder`),
+    written beside it and moved into place without following links; returns the csv's path."""
+    out_dir = Path(out_dir)
+    check_issues_folder(out_dir, overwrite)
+    stage = staging_folder(out_dir)
+    try:
+        issue_files(table, stage)
+        publish_files(stage, out_dir, "label-issues", OUTPUT_OPTION, overwrite)
+    except RefusedWrite as e:
+        raise EvaluationError(str(e)) from None
+    finally:
+        import shutil
+
+        shutil.rmtree(stage, ignore_errors=True)
+    return out_dir / ISSUES_FILE

@@ -4,6 +4,11 @@ The export folder is the trained model folder (safetensors, tokenizer, finetune.
 (and `model.int8.onnx` with dynamic int8 quantization, per-channel). At export, both backends predict the
 recipe's evaluation split; their agreement and metric go into `export_report.json`, and an int8 model more than
 one point below the fp32 one on the recipe's metric fails the export, with the figures.
+
+The target folder is written as finetune.files writes folders: it must be new, empty, or an earlier export's
+(its `.finetune-output.json` lists what finetune wrote there), or it is refused, naming it, before anything runs;
+a link there is refused. The export is built in a private folder beside it and moved in file by file without
+following links, replacing only files an earlier export wrote.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 import torch
 
 from finetune.errors import CheckpointError, ExportError
+from finetune.files import RefusedWrite, check_output_folder, publish_files, staging_folder, write_atomic
 from finetune.families import family_of
 from finetune.models.checksums import read_manifest, write_manifest
 from finetune.models.integrity import check_model_folder
@@ -87,6 +93,12 @@ def export_onnx(model_dir: str | Path, target: str | Path, quantize: str | None 
     `source` names where the model came from in the report (default: model_dir).
     """
     model_dir, target = Path(model_dir), Path(target)
+    in_place = not target.is_symlink() and target.exists() and target.resolve() == model_dir.resolve()
+    try:
+        # Exporting into the model folder itself adds the ONNX files to a folder finetune made.
+        check_output_folder(target, "DST (the export folder)", overwrite=in_place)
+    except RefusedWrite as e:
+        raise ExportError(str(e)) from None
     predictor = Predictor.from_dir(model_dir)
     config = predictor.model.config
     if not predictor.task.serves:
@@ -106,8 +118,33 @@ def export_onnx(model_dir: str | Path, target: str | Path, quantize: str | None 
     if check and not (model_dir / "recipe.yaml").is_file():
         raise ExportError(f"{model_dir} has no recipe.yaml, so the export cannot be checked on the recipe's "
                           "evaluation data; pass --no-check to export it unchecked")
-    if target.resolve() != model_dir.resolve():
-        shutil.copytree(model_dir, target, dirs_exist_ok=True)
+    stage = staging_folder(target)
+    try:
+        shutil.copytree(model_dir, stage, dirs_exist_ok=True)
+        try:
+            report = _export(predictor, model_dir, stage, quantize, check, source)
+        except ExportError:
+            if (stage / ONNX_FILE).is_file():  # a failed int8 check: the checked fp32 export is kept
+                _publish(stage, target, in_place)
+            raise
+        _publish(stage, target, in_place)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return report
+
+
+def _publish(staged: Path, target: Path, in_place: bool) -> None:
+    """Move the staged export into DST (see the module docstring)."""
+    try:
+        publish_files(staged, target, "export", "DST (the export folder)", overwrite=in_place)
+    except RefusedWrite as e:
+        raise ExportError(str(e)) from None
+
+
+def _export(predictor: Predictor, model_dir: Path, target: Path, quantize: str | None, check: bool,
+            source: str | None) -> dict[str, Any]:
+    """The export itself, in the staging folder `target` (a copy of the model folder)."""
+    config = predictor.model.config
     if predictor.info.adapter:
         predictor = _merge_adapter(predictor, target)
     # Tracing passes inputs by position, so they go in the order of the model's forward() signature.
@@ -135,7 +172,7 @@ def export_onnx(model_dir: str | Path, target: str | Path, quantize: str | None 
     if check:
         report.update(_parity(model_dir, target, predictor, quantize == "int8"))
     _record_onnx_checksums(target)
-    (target / "export_report.json").write_text(json.dumps(report, indent=2))
+    write_atomic(target / "export_report.json", json.dumps(report, indent=2))
     return report
 
 
@@ -166,8 +203,8 @@ def _merge_adapter(predictor: Predictor, target: Path) -> Predictor:
     write_model_info(target, info)
     if read_manifest(target, MANIFEST_FILE) is not None:
         # The copied checksums name the adapter's files: list the merged weights instead (with config and
-        # tokenizer, as a saved folder does; finetune.json, the recipe and the card are not listed).
-        unlisted = {MANIFEST_FILE, "finetune.json", "recipe.yaml", "MODEL_CARD.md", "export_report.json", ONNX_FILE,
+        # tokenizer and finetune.json, as a saved folder does; the recipe and the card are not listed).
+        unlisted = {MANIFEST_FILE, "recipe.yaml", "MODEL_CARD.md", "export_report.json", ONNX_FILE,
                     INT8_FILE}
         write_manifest(target, sorted(p.relative_to(target).as_posix() for p in target.rglob("*")
                                       if p.is_file() and p.name not in unlisted), MANIFEST_FILE)

@@ -27,6 +27,14 @@ from finetune.models.pretrained import check_weights_format, resolve_checkpoint
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
+# The recipe's bounds (finetune.config.recipe.AdapterSection): a saved adapter may not go beyond what a run writes.
+MAX_RANK = 1024
+MAX_ALPHA = 4096
+# adapter_config.json fields finetune sets (checked one by one below) and peft's bookkeeping; every other LoraConfig
+# field must keep peft's default, since finetune never changes it (layer_replication, use_dora, rank_pattern...).
+_SET_BY_FINETUNE = {"r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "bias", "peft_type"}
+_BOOKKEEPING = {"peft_version", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping"}
+
 def is_adapter_model(model: Any) -> bool:
     return hasattr(model, "peft_config")
 
@@ -119,6 +127,118 @@ def resolve_base(adapter: dict[str, Any]) -> Path:
                               ) from None
 
 
+def _value(value: Any) -> str:
+    """A value as JSON shows it, cut short (it comes from a file anyone may have edited)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _adapter_problem(config: Any, adapter: dict[str, Any], task: Any) -> str | None:
+    """What is wrong with an adapter_config.json's values (the first problem), or None."""
+    from peft import LoraConfig
+
+    if not isinstance(config, dict):
+        return "a JSON object is expected"
+    if config.get("peft_type") != "LORA":
+        return f"peft_type {_value(config.get('peft_type'))}: finetune makes and loads LORA adapters only"
+    r, alpha, dropout = config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0)
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_RANK:
+        return f"r {_value(r)}: a whole number from 1 to {MAX_RANK} (model.adapter.r)"
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha <= MAX_ALPHA:
+        return f"lora_alpha {_value(alpha)}: a number above 0, at most {MAX_ALPHA} (model.adapter.alpha)"
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        return f"lora_dropout {_value(dropout)}: from 0 to below 1"
+    for key in ("target_modules", "modules_to_save"):
+        names = config.get(key)
+        # A text would be a regular expression peft matches against every module: only plain names are written.
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.isidentifier() for n in names):
+            return f"{key} must be a list of module names"
+    if config.get("bias", "none") != "none":
+        return f"bias {_value(config.get('bias'))}: finetune's adapters train no biases (none)"
+    defaults = LoraConfig().to_dict()
+    for key, value in sorted(config.items()):
+        if key in _SET_BY_FINETUNE or key in _BOOKKEEPING:
+            continue
+        default = defaults.get(key)
+        same = value == default or (value in (None, False, {}, []) and default in (None, False, {}, []))
+        if not same:
+            known = "" if key in defaults else " (a field this peft does not know)"
+            return (f"{key} is {_value(value)}{known}; finetune never sets it, so it must be "
+                    f"{default!r}: the folder was edited or made by another tool")
+    mapping = config.get("auto_mapping")
+    if mapping is not None:
+        head = task.auto_model.removeprefix("AutoModel")
+        base_class = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+        if not isinstance(base_class, str) or not base_class.endswith(head):
+            return (f"auto_mapping.base_model_class {_value(base_class)} is not a {head[3:]} model, which "
+                    f"task {task.name} needs")
+    saved = {"r": r, "alpha": alpha, "target_modules": sorted(config["target_modules"]),
+             "head": list(config["modules_to_save"])}
+    for key, value in saved.items():
+        if key in adapter and (sorted(adapter[key]) if key == "target_modules" else adapter[key]) != value:
+            return f"{key} {_value(value)} disagrees with finetune.json's adapter.{key} {_value(adapter[key])}"
+    return None
+
+
+def check_adapter_config(path: Path | str, adapter: dict[str, Any], task: Any) -> dict[str, Any]:
+    """The adapter_config.json of an adapter model folder, once it is within what finetune writes: a LoRA adapter,
+    rank and alpha within the recipe's bounds, no field finetune never sets (layer_replication, DoRA, patterns...),
+    module lists of plain names, agreeing with finetune.json. Raises CheckpointError naming the file and the field,
+    before peft builds anything (a rank of 20000 would allocate gigabytes first)."""
+    from finetune.files import read_json
+
+    file = Path(path) / ADAPTER_CONFIG
+    if not file.is_file() or file.is_symlink():
+        raise CheckpointError(f"{file} is missing (an adapter model's settings); the model folder is damaged or "
+                              "incomplete: save, export or download it again")
+    try:
+        config = read_json(file)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is unreadable ({e})") from None
+    problem = _adapter_problem(config, adapter, task)
+    if problem:
+        raise CheckpointError(f"{file}: {problem}")
+    return config
+
+
+def check_adapter_fits(path: Path, config: dict[str, Any], model: torch.nn.Module) -> None:
+    """Before peft loads the adapter on `model` (the base with its task head): every target module is a linear
+    layer the base has, modules_to_save covers the task head, and the saved weights are there with the shapes the
+    rank says. Raises CheckpointError naming what is missing or wrong."""
+    from safetensors import safe_open
+
+    file = path / ADAPTER_CONFIG
+    have = linear_names(family_of(model.config).encoder(model))
+    missing = [t for t in config["target_modules"] if t not in have]
+    if missing:
+        raise CheckpointError(f"{file}: target_modules names {', '.join(missing)}, which the base model does not "
+                              f"have (its linear layers: {', '.join(have)})")
+    head = head_modules(model)
+    uncovered = [h for h in head if h not in config["modules_to_save"]]
+    extra = [m for m in config["modules_to_save"] if m not in head]
+    if uncovered or extra:
+        raise CheckpointError(f"{file}: modules_to_save is {config['modules_to_save']}; the task head of this model "
+                              f"is {head}")
+    weights = path / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(weights), "pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as e:  # SafetensorError derives from Exception only
+        raise CheckpointError(f"{weights}: not readable safetensors ({str(e)[:160]})") from None
+    r = config["r"]
+    for key, shape in shapes.items():
+        if ".lora_A." in key and (len(shape) != 2 or shape[0] != r) or \
+                ".lora_B." in key and (len(shape) != 2 or shape[1] != r):
+            raise CheckpointError(f"{weights}: {key} has shape {list(shape)}, not rank {r} as {ADAPTER_CONFIG} says")
+    for name in head:
+        if not any(f".{name}." in f".{key}" and "lora_" not in key for key in shapes):
+            raise CheckpointError(f"{weights} has no weights for the task head {name!r}; the model folder is damaged "
+                                  "or incomplete: save, export or download it again")
+    for name in config["target_modules"]:
+        if not any(f".{name}.lora_A." in key for key in shapes):
+            raise CheckpointError(f"{weights} has no LoRA weights for {name!r}, which {ADAPTER_CONFIG} adapts")
+
+
 def load_adapter_model(path: Path | str, task: Any, adapter: dict[str, Any], base_path: Path | str | None = None):
     """The adapter model of a saved folder: the base (found from finetune.json unless `base_path` is given) with a
     head of the saved shape, the adapter and head weights loaded on top; in eval mode, not merged."""
@@ -130,6 +250,7 @@ def load_adapter_model(path: Path | str, task: Any, adapter: dict[str, Any], bas
     path = Path(path)
     if not (path / ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(f"{path} is an adapter model without {ADAPTER_WEIGHTS} (safetensors only)")
+    config = check_adapter_config(path, adapter, task)
     base_path = Path(base_path) if base_path is not None else resolve_base(adapter)
     check_weights_format(base_path, allow_pickle=False)
     head_config = AutoConfig.from_pretrained(path)
@@ -150,6 +271,7 @@ def load_adapter_model(path: Path | str, task: Any, adapter: dict[str, Any], bas
             f"the base checkpoint {adapter['base'].get('checkpoint')!r} found at {base_path} is not the one this adapter "
             f"was trained on (weights digest {weights_digest(model)[:19]}..., expected {want[:19]}...); put the original "
             "checkpoint there")
+    check_adapter_fits(path, config, model)
     return PeftModel.from_pretrained(model, str(path), is_trainable=False).eval()
 
 

@@ -2,7 +2,9 @@
 
 Both conversions (`--to bigbird`, `--to fewer-layers`) build the new checkpoint in a hidden folder next to the
 target, so a conversion that fails its check leaves nothing half-written under the target's name, and the move
-into place is one rename on the same file system.
+into place is one rename on the same file system. A link at the target is refused (with or without --overwrite:
+finetune never writes or deletes through one), and a folder replaced with --overwrite is moved aside first and
+deleted only once the new one is in place.
 """
 
 from __future__ import annotations
@@ -18,12 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import ConversionError
+from finetune.files import RefusedWrite, refuse_link, write_atomic
 
 REPORT_FILE = "conversion.json"
 
 
 def check_target(target: Path, overwrite: bool) -> None:
-    """Refuse a target folder that holds anything, unless the user passed --overwrite."""
+    """Refuse a target that is a link or a file, and a target folder that holds anything unless the user passed
+    --overwrite."""
+    try:
+        refuse_link(target, "the target folder")
+    except RefusedWrite as e:
+        raise ConversionError(str(e)) from None
+    if target.exists() and not target.is_dir():
+        raise ConversionError(f"{target} is a file, not a folder; choose a folder")
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ConversionError(f"{target} exists and is not empty; choose another folder or pass --overwrite")
 
@@ -42,11 +52,17 @@ def staging_folder(target: Path) -> Iterator[Path]:
 def publish(tmp: Path, target: Path, report: dict[str, Any], started: float) -> dict[str, Any]:
     """Write the report (with the conversion's seconds since `started`) and move the checked folder into place."""
     report["seconds"] = round(time.perf_counter() - started, 2)
-    (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    write_atomic(tmp / REPORT_FILE, json.dumps(report, indent=2))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the checkpoint is an ordinary folder
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    check_target(target, overwrite=True)  # again: a link may have appeared while the conversion ran
+    old = None
+    if target.exists() and any(target.iterdir()):
+        # Aside, not deleted, until the new folder is in place: a failure between the two loses neither.
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-replaced-"))
+        os.replace(target, old / target.name)
+    os.replace(tmp, target)  # an empty folder there is replaced; a link would be too, never followed
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return report

@@ -18,13 +18,16 @@ from typing import Any
 import transformers
 from transformers import AutoTokenizer
 
-from finetune.config.recipe import ModelSection
+from finetune.config.recipe import MAX_TOKENS, ModelSection
 from finetune.errors import CheckpointError
 from finetune.families import family_of
 from finetune.families.pooling import CONFIG_KEY as POOLING_KEY
 from finetune.families.pooling import choose_pooling
 from finetune.models.bigbird import RULE_ATTRIBUTE, is_block_sparse, sparse_min_length
-from finetune.models.checksums import fsync_path, fsync_tree, write_manifest
+from finetune.files import is_link, read_json, write_atomic
+from finetune.models.checksums import (
+    STAGING_MARKER, fsync_path, fsync_tree, is_staging, mark_staging, read_manifest, record_files, write_manifest,
+)
 from finetune.models.pretrained import ResolvedCheckpoint, check_weights_format, load_config
 from finetune.tasks import Task, TaskSettings
 
@@ -59,6 +62,9 @@ class ModelInfo:
     adapter: dict[str, Any] | None = None
     """Adapter models (`model.adapter`): the adapter settings and the base checkpoint the adapter applies to
     (`finetune.models.adapters`); None for a full model."""
+    manifest: str | None = None
+    """The checksums manifest that lists this file (`MANIFEST_FILE`); None in folders saved before finetune.json was
+    listed. A folder that says it has one and lacks it is refused, not loaded unverified."""
 
     @property
     def task_settings(self) -> TaskSettings:
@@ -187,33 +193,46 @@ def make_collator(tokenizer: Any, model_config: Any, task: Task, settings: TaskS
 def save_model_dir(target: Path, model: Any, tokenizer: Any, info: ModelInfo, recipe_yaml: str) -> Path:
     """Save a complete, loadable model folder; written beside the target, synced to disk, then renamed into place.
 
-    The folder records the checksums of its weights, config and tokenizer files (`MANIFEST_FILE`), which every
-    loader compares (`finetune.models.integrity`). The rename means a crash mid-save leaves the previous best model
-    intact instead of half a new one; `recover_model_dir` finishes or undoes a save a crash interrupted.
+    The folder records the checksums of every file it holds but the recipe, finetune.json included
+    (`MANIFEST_FILE`, written last), which every loader compares (`finetune.models.integrity`). The rename means a
+    crash mid-save leaves the previous best model intact instead of half a new one; `recover_model_dir` finishes or
+    undoes a save a crash interrupted. A link at `target` or at its staging names is refused (nothing is written
+    through it), and a folder in the way that finetune did not make is never deleted.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp, aside = staging_dirs(target)
-    shutil.rmtree(tmp, ignore_errors=True)
+    check_save_target(target)
+    if tmp.exists():
+        shutil.rmtree(tmp)  # check_save_target made sure it is a staging folder of finetune's
     tmp.mkdir()  # not mkdtemp: a model folder gets the user's usual permissions (umask), not 0700
+    mark_staging(tmp, target.name)
     if is_block_sparse(model.config):
         info = replace(info, sparse_attention_min_length=sparse_min_length(model.config))
+    info = replace(info, manifest=MANIFEST_FILE)  # so a folder whose manifest was deleted is told from an old one
     model.save_pretrained(tmp, safe_serialization=True)
     if hasattr(model, "peft_config"):
         # An adapter model saves only the adapter and the head; the task model's config keeps labels and head size.
         model.get_base_model().config.save_pretrained(tmp)
         (tmp / "README.md").unlink(missing_ok=True)  # peft's template card; MODEL_CARD.md is the model's
     tokenizer.save_pretrained(tmp)
-    write_manifest(tmp, [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()], MANIFEST_FILE)
-    (tmp / METADATA_FILE).write_text(json.dumps(asdict(info), indent=2))
-    (tmp / "recipe.yaml").write_text(recipe_yaml)
+    write_atomic(tmp / METADATA_FILE, json.dumps(asdict(info), indent=2))
+    write_atomic(tmp / "recipe.yaml", recipe_yaml)
+    # Last, so it lists (and vouches for) finetune.json too: labels and max_length are verified. The recipe is not
+    # listed: nothing that answers reads it, and a folder without one stays loadable (export then asks --no-check).
+    write_manifest(tmp, [p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
+                         if p.is_file() and p.name not in (STAGING_MARKER, "recipe.yaml")], MANIFEST_FILE)
     fsync_tree(tmp)
     if target.exists():
-        shutil.rmtree(aside, ignore_errors=True)
+        if aside.exists():
+            shutil.rmtree(aside)  # check_save_target: finetune's own
+        mark_staging(target, target.name)  # the old folder, while it is aside, is known as finetune's
         os.replace(target, aside)
     os.replace(tmp, target)
     fsync_path(target.parent)
-    shutil.rmtree(aside, ignore_errors=True)
+    if aside.exists():
+        shutil.rmtree(aside)
+    (target / STAGING_MARKER).unlink(missing_ok=True)
     return target
 
 
@@ -222,48 +241,150 @@ def staging_dirs(target: Path) -> tuple[Path, Path]:
     return target.with_name(f".{target.name}-new"), target.with_name(f".{target.name}-old")
 
 
+def check_save_target(target: Path) -> None:
+    """Raise CheckpointError when `save_model_dir` could not save to `target` without following a link or deleting
+    something finetune did not make: `target` or a staging name is a link, or a staging name holds a folder
+    without finetune's marker. Called before training, so a run does not fail only at its first save."""
+    target = Path(target)
+    tmp, aside = staging_dirs(target)
+    for path in (target, tmp, aside):
+        if is_link(path):
+            raise CheckpointError(
+                f"{path} is a symbolic link (-> {os.readlink(path)}); finetune does not write or delete through "
+                f"links: remove the link (what it points at is left alone) or choose another output_dir")
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target} is a file, not a model folder; move it away or choose another output_dir")
+    for path in (tmp, aside):
+        if path.exists() and not is_staging(path, target.name):
+            raise CheckpointError(
+                f"{path} is in the way of saving {target.name}/ and finetune did not make it (no {STAGING_MARKER}), "
+                "so it is not deleted: move or rename it")
+
+
 def recover_model_dir(target: Path) -> list[str]:
     """Finish or undo a `save_model_dir` a crash interrupted; returns what was done, for people.
 
     Killed between its two renames, a save leaves no `target` and the previous folder aside: that one is moved
     back, since the training-state checkpoint a run resumes from was written after the previous best model and
-    before the new one (a resumed run evaluates that step again and saves the new one again). Half-written
-    folders (`.NAME-new`, and the `.NAME-xxxxxxxx` folders of earlier versions) are removed.
+    before the new one (a resumed run evaluates that step again and saves the new one again). A half-written
+    `.NAME-new` is removed. Only folders carrying finetune's staging marker are moved or removed: a user's own
+    `.NAME-old` or `.NAME-anything` is left alone (and said so when it is in the way), and links are never
+    followed (CheckpointError, naming the link).
     """
     target = Path(target)
     tmp, aside = staging_dirs(target)
     done = []
-    if aside.is_dir():
+    for path in (target, tmp, aside):
+        if is_link(path):
+            raise CheckpointError(
+                f"{path} is a symbolic link (-> {os.readlink(path)}); finetune does not write or delete through "
+                f"links: remove the link (what it points at is left alone) or choose another output_dir")
+    if is_staging(aside, target.name):
         if target.exists():
             shutil.rmtree(aside)
         else:
             os.replace(aside, target)
+            (target / STAGING_MARKER).unlink(missing_ok=True)
             fsync_path(target.parent)
             done.append(f"restored {target} from {aside.name} (a save was interrupted between its two renames)")
-    if target.parent.is_dir():
-        for leftover in sorted(target.parent.glob(f".{target.name}-*")):
-            if leftover.is_dir() and leftover != aside:
-                shutil.rmtree(leftover)
-                done.append(f"removed {leftover}, a {target.name} folder whose save was interrupted")
+    elif aside.exists():
+        done.append(f"left {aside} alone: finetune did not make it (no {STAGING_MARKER}); move or rename it, it is "
+                    f"in the way of saving {target.name}/")
+    if is_staging(tmp, target.name):
+        shutil.rmtree(tmp)
+        done.append(f"removed {tmp}, a {target.name} folder whose save was interrupted")
+    elif tmp.exists():
+        done.append(f"left {tmp} alone: finetune did not make it (no {STAGING_MARKER}); move or rename it, it is "
+                    f"in the way of saving {target.name}/")
+    if target.exists() and target.is_dir() and (target / STAGING_MARKER).is_file():
+        (target / STAGING_MARKER).unlink()  # killed after the second rename, before the marker went
     return done
+
+
 def write_model_info(path: Path | str, info: ModelInfo) -> None:
-    """Rewrite a model folder's finetune.json (after calibration), by a rename so readers never see half a file."""
-    target = Path(path) / METADATA_FILE
-    tmp = target.with_name(f".{METADATA_FILE}.tmp")
-    tmp.write_text(json.dumps(asdict(info), indent=2))
-    os.replace(tmp, target)
+    """Rewrite a model folder's finetune.json (after calibration), by a rename so readers never see half a file,
+    and record its new checksum when the folder has a manifest (so the change is not taken for tampering)."""
+    folder = Path(path)
+    if read_manifest(folder, MANIFEST_FILE) is not None:
+        info = replace(info, manifest=MANIFEST_FILE)
+    write_atomic(folder / METADATA_FILE, json.dumps(asdict(info), indent=2))
+    record_files(folder, [METADATA_FILE], MANIFEST_FILE)
 
 
 def read_model_info(path: Path | str) -> ModelInfo:
-    """The ModelInfo of a model folder, or a CheckpointError naming finetune.json and what is wrong with it."""
+    """The ModelInfo of a model folder, or a CheckpointError naming finetune.json and what is wrong with it: not a
+    file, too large or too deep (`finetune.files`), not JSON, or a field of the wrong kind or out of range."""
     meta = Path(path) / METADATA_FILE
+    if is_link(meta):
+        raise CheckpointError(f"{meta} is a symbolic link; a model folder's finetune.json is a file of its own")
     if not meta.is_file():
         raise CheckpointError(f"{path} is not a finetune model folder (no {METADATA_FILE})")
     try:
-        values = json.loads(meta.read_text(encoding="utf-8"))
-        if not isinstance(values, dict):
-            raise ValueError(f"a JSON object is expected, not {type(values).__name__}")
-        return ModelInfo.from_dict(values)
-    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{meta} is unreadable ({type(e).__name__}: {str(e)[:200]}); the model folder is "
-                              "damaged: save or download it again") from None
+        values = read_json(meta)
+    except (OSError, ValueError) as e:  # RefusedDocument is a ValueError
+        raise CheckpointError(f"{meta} is unreadable ({e}); the model folder is damaged: save or download it "
+                              "again") from None
+    problem = info_problem(values)
+    if problem:
+        raise CheckpointError(f"{meta}: {problem}; the model folder is damaged or was edited: save or download it "
+                              "again")
+    return ModelInfo.from_dict(values)
+
+
+MAX_LABELS = 100_000
+"""The most labels a finetune.json may list (far more than any head finetune trains)."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def info_problem(values: Any) -> str | None:
+    """What is wrong with the fields of a finetune.json (the first problem, for people), or None.
+
+    Each field must have the kind ModelInfo gives it and a value a run could have written, so a hand-edited file
+    is refused when the folder loads, never request by request once it serves.
+    """
+    from finetune.tasks import TASKS
+
+    if not isinstance(values, dict):
+        return f"a JSON object is expected, not {type(values).__name__}"
+    task = values.get("task")
+    if not isinstance(task, str) or task not in TASKS:
+        return f"task {str(task)[:40]!r} is not one this finetune knows ({', '.join(TASKS)})"
+    labels = values.get("label_names")
+    if labels is not None:
+        if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
+            return "label_names must be a list of non-empty texts"
+        if not labels or len(labels) > MAX_LABELS:
+            return f"label_names has {len(labels)} labels; 1 to {MAX_LABELS} are allowed"
+        if len(set(labels)) != len(labels):
+            twice = sorted({x for x in labels if labels.count(x) > 1})[:3]
+            return f"label_names names {', '.join(repr(x[:40]) for x in twice)} more than once"
+    if "text_pair" not in values or not isinstance(values["text_pair"], bool):
+        return "text_pair must be true or false"
+    for key, low in (("max_length", 1), ("pad_to_multiple_of", 1)):
+        value = values.get(key, 1)
+        if not _is_int(value) or not low <= value <= MAX_TOKENS:
+            return f"{key} must be a whole number from {low} to {MAX_TOKENS}, not {str(value)[:40]!r}"
+    if "max_length" not in values:
+        return "max_length is missing"
+    sparse = values.get("sparse_attention_min_length")
+    if sparse is not None and (not _is_int(sparse) or not 0 <= sparse <= MAX_TOKENS):
+        return f"sparse_attention_min_length must be a whole number from 0 to {MAX_TOKENS} or null"
+    for key in ("checkpoint", "recipe_name"):
+        if not isinstance(values.get(key, ""), str):
+            return f"{key} must be a text"
+    for key in ("metrics", "settings"):
+        if not isinstance(values.get(key) or {}, dict):
+            return f"{key} must be a JSON object"
+    for key in ("calibration", "parent", "adapter"):
+        if values.get(key) is not None and not isinstance(values[key], dict):
+            return f"{key} must be a JSON object or null"
+    if values.get("manifest") not in (None, MANIFEST_FILE):
+        return f"manifest must be {MANIFEST_FILE!r} or null"
+    try:
+        ModelInfo.from_dict(values).task_settings  # pydantic: each setting's kind and range
+    except Exception as e:  # pydantic's ValidationError and TypeError alike: a setting it cannot read
+        return f"settings: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
+    return None

@@ -31,6 +31,8 @@ class Predictor:
         self.task = get_task(info.task)
         self.settings = info.task_settings
         self.batch_size = batch_size
+        self.unverified: list[str] = []
+        """What the model folder's checksums did not cover when it loaded (`CheckedModel.unverified`), for people."""
         self.collator = make_collator(tokenizer, model.config, self.task, self.settings, info.pad_to_multiple_of,
                                       info.max_length)
         if is_bigbird(model) and info.sparse_attention_min_length is not None:
@@ -45,7 +47,9 @@ class Predictor:
         An adapter model loads its base checkpoint too (`base_path`, else the one finetune.json names).
         """
         checked = check_model_folder(path, tokenizer_dir=tokenizer_path)
-        return cls(load_weights(checked, base_path), checked.tokenizer, checked.info, **kwargs)
+        predictor = cls(load_weights(checked, base_path), checked.tokenizer, checked.info, **kwargs)
+        predictor.unverified = list(checked.unverified)
+        return predictor
 
     @property
     def runtime(self) -> str:

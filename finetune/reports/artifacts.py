@@ -3,10 +3,16 @@ with (per-class tables, confusion matrix, scatter plot, markdown tables), learni
 
 Which files a task writes, and from which predictions, is the task's (`Task.write_artifacts`), so these
 files show exactly what the served model answers.
+
+Every file here is written with finetune.files' `write_atomic` (beside its place, then renamed: a link planted at
+the path is replaced, never written through, and a reader never sees half a file), and every csv's text cells
+(labels, texts, predictions) go through `spreadsheet_frame`, so a label like `=HYPERLINK(...)` is text in a
+spreadsheet, not a formula.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +22,14 @@ matplotlib.use("Agg")  # runs on headless training machines; must precede the py
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
 
+from finetune.files import RefusedDocument, load_yaml, spreadsheet_frame, write_atomic  # noqa: E402
+
+
+def write_csv(path: Path, table: pd.DataFrame, **options: Any) -> Path:
+    """A table as a csv file people open: spreadsheet-safe cells, written atomically, never through a link."""
+    return write_atomic(path, spreadsheet_frame(table).to_csv(index=False, **options))
 
 
 def write_per_class(out_dir: Path, label_names: list[str], gold, pred, averages: tuple[str, ...]) -> list[Path]:
@@ -36,8 +47,8 @@ def write_per_class(out_dir: Path, label_names: list[str], gold, pred, averages:
 def write_table(out_dir: Path, stem: str, table: pd.DataFrame) -> list[Path]:
     """A table as `stem`.csv (for tools) and `stem`.md (for a person reading the run in the MLflow UI)."""
     csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
-    table.to_csv(csv_path, index=False, float_format="%.4f")
-    md_path.write_text(markdown_table(table))
+    write_csv(csv_path, table, float_format="%.4f")
+    write_atomic(md_path, markdown_table(table))
     return [csv_path, md_path]
 
 
@@ -45,8 +56,7 @@ def write_predictions(path: Path, frame: pd.DataFrame, order: list[str], ascendi
     """predictions.csv sorted so the rows worth a look (mistakes, the surest first) come first."""
     # Errors first: the reader opens this file to see what the model gets wrong.
     frame = frame.sort_values(order, ascending=ascending, kind="stable")
-    frame.drop(columns=[c for c in frame.columns if c.startswith("_")]).to_csv(path, index=False)
-    return path
+    return write_csv(path, frame.drop(columns=[c for c in frame.columns if c.startswith("_")]))
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -155,8 +165,13 @@ def _threshold_sentence(calibration: dict[str, Any]) -> str:
 
 def save_figure(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)  # long runs write many plots; open figures would leak memory
+    image = io.BytesIO()
+    path = Path(path)
+    try:
+        fig.savefig(image, dpi=120, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)  # long runs write many plots; open figures would leak memory
+    write_atomic(path, image.getvalue())
     return path
 
 
@@ -201,8 +216,12 @@ def write_model_card(out_dir: Path, *, recipe_yaml: str, recipe_name: str, check
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    recipe = yaml.safe_load(recipe_yaml) or {}
-    max_length = (recipe.get("model") or {}).get("max_length", 128)
+    try:  # the resolved recipe finetune wrote; bounded all the same, as every YAML finetune reads
+        recipe = load_yaml(recipe_yaml) or {}
+    except RefusedDocument:
+        recipe = {}
+    model_section = recipe.get("model") if isinstance(recipe, dict) else None
+    max_length = (model_section if isinstance(model_section, dict) else {}).get("max_length", 128)
     lines = [f"# Model card: {recipe_name}", "",
              f"- **Base checkpoint:** `{checkpoint}`", f"- **Task:** {task.name}: {task.description}",
              *([f"- **Distilled from:** `{teacher}` (the teacher's outputs on the training data; the `distillation` "
@@ -243,6 +262,4 @@ def write_model_card(out_dir: Path, *, recipe_yaml: str, recipe_name: str, check
                 if getattr(task, "serves", True) else []),
               "- Assumes the language of the training data (typically English); other languages are untested.",
               f"- Inherits the biases of the base checkpoint `{checkpoint}` and of its pretraining corpus.", ""]
-    path = out_dir / "MODEL_CARD.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_atomic(out_dir / "MODEL_CARD.md", "\n".join(lines))

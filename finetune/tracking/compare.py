@@ -10,6 +10,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 
+from finetune.files import spreadsheet_frame
 from finetune.tracking.evaluation_run import DATA_TAG, EVALUATION_TAG, MODEL_NAME_TAG, MODEL_RUN_TAG, MODEL_SOURCE_TAG, \
     MODEL_VERSION_TAG, SPLIT_TAG
 from finetune.tracking.registry import champion_run_ids
@@ -114,8 +115,8 @@ def render(frame: pd.DataFrame, fmt: str) -> str:
     """The table as text: table (aligned columns), markdown, csv or json."""
     if frame.empty:
         return "no finished runs" if fmt in ("table", "markdown") else ("" if fmt == "csv" else "[]")
-    if fmt == "csv":
-        return frame.to_csv(index=False)
+    if fmt == "csv":  # opened in spreadsheets: run names, params and tags are text, never formulas
+        return spreadsheet_frame(frame).to_csv(index=False)
     if fmt == "json":
         return json.dumps(json.loads(frame.to_json(orient="records")), indent=2)
     cells = frame.astype(object).where(frame.notna(), "").astype(str)

@@ -20,6 +20,7 @@ from typing import Any
 import mlflow
 
 from finetune.errors import ModelSourceError
+from finetune.files import read_yaml, write_atomic
 from finetune.models.checksums import write_manifest
 from finetune.models.integrity import check_model_folder, load_weights
 from finetune.models.modeling import MANIFEST_FILE, METADATA_FILE
@@ -100,10 +101,11 @@ def predictor_from_data(root: Path) -> Predictor:
 
 
 def _record_checksums(root: Path) -> None:
-    """checksums.json of a data folder MLflow has written (it saves the weights and tokenizer again itself)."""
+    """checksums.json of a data folder MLflow has written (it saves the weights and tokenizer again itself), with
+    finetune.json, so the labels and settings are verified like the weights."""
     files = [p.relative_to(root).as_posix() for sub in (WEIGHTS_DIR, TOKENIZER_DIR)
              for p in (root / sub).rglob("*") if p.is_file()]
-    write_manifest(root, files, MANIFEST_FILE)
+    write_manifest(root, files + ([METADATA_FILE] if (root / METADATA_FILE).is_file() else []), MANIFEST_FILE)
 
 
 def data_folder(mlflow_dir: Path) -> Path:
@@ -115,14 +117,19 @@ def data_folder(mlflow_dir: Path) -> Path:
     from mlflow.models import Model
 
     try:
-        flavor = Model.load(str(Path(mlflow_dir) / "MLmodel")).flavors.get("python_function") or {}
-    except Exception as e:  # a malformed MLmodel file
+        # Read bounded (size, nesting, aliases: finetune.files) before MLflow builds anything from it.
+        flavor = Model.from_dict(read_yaml(Path(mlflow_dir) / "MLmodel")).flavors.get("python_function") or {}
+    except Exception as e:  # a malformed MLmodel file, or one finetune.files refuses
         raise ModelSourceError(f"{mlflow_dir} is not a readable MLflow model ({type(e).__name__}: {str(e)[:200]})") from None
     if flavor.get("loader_module") not in FINETUNE_LOADERS:
         raise ModelSourceError(
             f"{mlflow_dir} was not logged by finetune (its pyfunc loader is {flavor.get('loader_module')!r}); finetune "
             "loads only its own models, from their safetensors weights, and never runs code shipped with a model")
-    return Path(mlflow_dir) / flavor.get("data", ".")
+    data = Path(mlflow_dir) / str(flavor.get("data", "."))
+    if not data.resolve().is_relative_to(Path(mlflow_dir).resolve()):
+        raise ModelSourceError(f"{mlflow_dir}/MLmodel: its data path {str(flavor.get('data'))[:80]!r} is outside the "
+                               "model folder; finetune reads a model's files from the model only")
+    return data
 
 
 def load_logged_model(mlflow_dir: Path) -> Predictor:
@@ -141,10 +148,12 @@ def unpack_model_folder(mlflow_dir: Path, target: Path, recipe_yaml: str | None)
     shutil.copytree(root / WEIGHTS_DIR, target, dirs_exist_ok=True)
     shutil.copytree(root / TOKENIZER_DIR, target, dirs_exist_ok=True)
     (target / MANIFEST_FILE).unlink(missing_ok=True)
-    write_manifest(target, [p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()], MANIFEST_FILE)
     shutil.copy(root / METADATA_FILE, target / METADATA_FILE)
     if recipe_yaml is not None:
-        (target / "recipe.yaml").write_text(recipe_yaml)
+        write_atomic(target / "recipe.yaml", recipe_yaml)
+    # Last, so that it lists finetune.json too, as a folder training saved does (the recipe is not listed there).
+    write_manifest(target, [p.relative_to(target).as_posix() for p in target.rglob("*")
+                            if p.is_file() and p.name != "recipe.yaml"], MANIFEST_FILE)
     return target
 
 

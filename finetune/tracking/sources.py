@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import ModelSourceError
+from finetune.files import RefusedDocument, read_text
 from finetune.models.predictor import Predictor, check_inference_precision
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -157,7 +158,12 @@ def model_folder(source: str, target: Path) -> Path:
     recipe = None
     if found.run_id:
         try:
-            recipe = Path(mlflow.artifacts.download_artifacts(f"runs:/{found.run_id}/recipe.yaml")).read_text()
+            downloaded = Path(mlflow.artifacts.download_artifacts(f"runs:/{found.run_id}/recipe.yaml"))
         except Exception:  # an old or foreign run without it: the export then asks for --no-check
-            recipe = None
+            downloaded = None
+        if downloaded is not None:
+            try:
+                recipe = read_text(downloaded)  # bounded: a recipe is a few KB
+            except (OSError, RefusedDocument) as e:
+                raise ModelSourceError(f"runs:/{found.run_id}/recipe.yaml is refused ({e})") from None
     return unpack_model_folder(found.path, target, recipe)

@@ -24,9 +24,8 @@ from finetune.config.recipe import Recipe
 from finetune.data.loading import check_columns, encode_labels, load_raw, resolve_label_names
 from finetune.errors import RecipeError
 from finetune.evaluation.evaluate import evaluate_split
-from finetune.evaluation.label_issues import issues_table, require_class_probabilities, write_issues
+from finetune.evaluation.label_issues import check_issues_folder, issues_table, require_class_probabilities, write_issues
 from finetune.models.predictor import Predictor
-from finetune.reports.artifacts import markdown_table
 from finetune.tasks import TaskSettings, get_task
 from finetune.tracking.tracker import tracking_uri, use_experiment
 from finetune.training import train
@@ -111,12 +110,15 @@ def _out_of_fold_metrics(task: Any, probs: np.ndarray, labels: np.ndarray, setti
     return task.compute_metrics(logits, labels, settings.threshold)
 
 
-def label_issues(recipe: Recipe, folds: int, out_dir: Path) -> CrossValidationReport:
-    """Train `folds` models, predict each held-out fold, rank the label issues of the whole training split."""
+def label_issues(recipe: Recipe, folds: int, out_dir: Path, overwrite: bool = False) -> CrossValidationReport:
+    """Train `folds` models, predict each held-out fold, rank the label issues of the whole training split.
+
+    `out_dir` is checked before the first model trains (`check_issues_folder`), not after the K trainings."""
     if folds < 2:
         raise RecipeError(f"--folds: {folds}; cross-validation needs at least 2 folds")
     task = get_task(recipe.task.type)
     require_class_probabilities(task)
+    check_issues_folder(out_dir, overwrite)
     started = time.perf_counter()
     settings = TaskSettings.of(recipe.task)
     label_names, split = training_split(recipe, task)
@@ -144,8 +146,7 @@ def label_issues(recipe: Recipe, folds: int, out_dir: Path) -> CrossValidationRe
         metrics = _out_of_fold_metrics(task, probs, labels, settings)
         issues = issues_table(task, probs, split, recipe.data, list(split[ROW]), label_names, settings.threshold,
                               recipe.data.text_pair_column is not None)
-        issues_path = write_issues(issues, out_dir)
-        (out_dir / "label_issues.md").write_text(markdown_table(issues.head(50)))
+        issues_path = write_issues(issues, out_dir, overwrite)
         mlflow.log_metrics({f"out_of_fold/{k}": v for k, v in metrics.items()} | {"label_issues": float(len(issues))})
         mlflow.log_artifacts(str(out_dir))
         run_id = parent.info.run_id

@@ -17,16 +17,21 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from finetune.errors import FinetuneError, RecipeError
-from finetune.models.modeling import METADATA_FILE, recover_model_dir, staging_dirs
+from finetune.errors import CheckpointError, FinetuneError, RecipeError
+from finetune.files import is_link, read_json, refuse_link, write_atomic
+from finetune.models.checksums import STAGING_MARKER, is_staging, read_manifest
+from finetune.models.modeling import (
+    MANIFEST_FILE, METADATA_FILE, check_save_target, recover_model_dir, staging_dirs,
+)
 from finetune.tracking.tracker import UNSENT_METRICS_FILE
 from finetune.training import state as training_state
 
 MARKER_FILE = ".finetune-run.json"
+MAX_MARKER_BYTES = 65_536
 PROBE_FILE = ".write-test"  # preflight's check that the folder is writable
 BEST_DIR = "best"
 
@@ -39,9 +44,11 @@ def warn(message: str) -> None:
 def read_marker(folder: Path | str) -> dict[str, Any] | None:
     """The marker of a folder finetune made, or None (no marker, or not one finetune wrote)."""
     path = Path(folder) / MARKER_FILE
+    if is_link(path):
+        return None  # a link is never finetune's marker
     try:
-        marker = json.loads(path.read_text())
-    except (OSError, ValueError):
+        marker = read_json(path, max_bytes=MAX_MARKER_BYTES)
+    except (OSError, ValueError):  # finetune.files.RefusedDocument included: too large, too deep, not JSON
         return None
     return marker if isinstance(marker, dict) and marker.get("created_by") == "finetune" else None
 
@@ -55,12 +62,23 @@ def _entries(folder: Path) -> list[Path]:
     """A folder's entries but finetune's probe, its run log and a marker a kill left half-written (none makes it
     foreign)."""
     leftovers = (PROBE_FILE, f".{MARKER_FILE}.tmp")
-    return [p for p in folder.iterdir() if p.name not in leftovers and not _is_run_log(p.name)] if folder.is_dir() else []
+    return [p for p in folder.iterdir() if p.name not in leftovers and not _is_run_log(p.name)
+            and not re.fullmatch(rf"\.{re.escape(MARKER_FILE)}\.\d+\.tmp", p.name)] if folder.is_dir() else []
 
 
 def check_output_dir(out: Path | str, overwrite: bool) -> None:
     """Refuse a non-empty output folder finetune did not make (no marker), unless `overwrite` adopts it."""
     out = Path(out)
+    links = [p for p in _written_paths(out) if is_link(p)]
+    if links:
+        raise RecipeError(
+            f"output_dir: {links[0]} is a symbolic link (-> {os.readlink(links[0])}); finetune does not write or "
+            "delete through links, so the run would fail when it saves there: remove the link (what it points at "
+            "is left alone) or choose another output_dir")
+    try:
+        check_save_target(out / BEST_DIR)
+    except CheckpointError as e:
+        raise RecipeError(f"output_dir: {e}") from None
     if overwrite or read_marker(out) is not None:
         return
     entries = _entries(out)
@@ -73,10 +91,20 @@ def check_output_dir(out: Path | str, overwrite: bool) -> None:
             "folders and leaves everything else alone)")
 
 
+def _written_paths(out: Path) -> list[Path]:
+    """The places in an output folder that a run writes, replaces or deletes (a link at any of them is refused)."""
+    checkpoints = training_state.checkpoints_dir(out)
+    paths = [out / MARKER_FILE, out / BEST_DIR, *staging_dirs(out / BEST_DIR), checkpoints,
+             out / UNSENT_METRICS_FILE, out / PROBE_FILE, out / "recipe.yaml"]
+    if checkpoints.is_dir() and not is_link(checkpoints):
+        paths += [checkpoints / training_state.FINISHED_FILE, checkpoints / training_state.SUPERSEDED_DIR]
+        paths += [p for p in checkpoints.iterdir() if training_state.is_step_name(p.name)]
+    return paths
+
+
 def _write_marker(out: Path, marker: dict[str, Any]) -> None:
-    tmp = out / f".{MARKER_FILE}.tmp"
-    tmp.write_text(json.dumps(marker, indent=2))
-    os.replace(tmp, out / MARKER_FILE)
+    refuse_link(out / MARKER_FILE, f"the output folder's marker {out / MARKER_FILE}")
+    write_atomic(out / MARKER_FILE, json.dumps(marker, indent=2))
 
 
 def claim(out: Path | str, recipe_name: str, recipe_hash: str, kind: str = "run") -> None:
@@ -197,7 +225,7 @@ def _output_folders(root: Path) -> Iterator[Path]:
     for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
         yield child
         if read_marker(child) is not None:
-            yield from (g for g in sorted(child.iterdir()) if g.is_dir() and read_marker(g) is not None)
+            yield from (g for g in sorted(child.iterdir()) if g.is_dir() and not is_link(g) and read_marker(g) is not None)
 
 
 def list_runs(root: Path | str = "runs") -> list[OutputFolder]:
@@ -213,24 +241,84 @@ def list_runs(root: Path | str = "runs") -> list[OutputFolder]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _owned(folder: Path, resume_only: bool) -> list[Path]:
-    """What `finetune clean` deletes in one output folder of its own (never anything else)."""
-    found = training_state.checkpoint_folders(folder)
-    if resume_only:
-        return found
-    best = folder / BEST_DIR
-    if (best / METADATA_FILE).is_file():
-        found.append(best)
-    found += [p for p in staging_dirs(best) if p.is_dir()]
-    found += sorted(p for p in folder.glob(f".{BEST_DIR}-*") if p.is_dir() and p not in found)
+# Files a model folder of finetune's holds besides those its manifest lists (and, in folders saved before manifests,
+# the files transformers, tokenizers and peft write).
+_MODEL_EXTRAS = {MANIFEST_FILE, METADATA_FILE, "recipe.yaml", "MODEL_CARD.md", STAGING_MARKER}
+_MODEL_FILES = re.compile(r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|"
+                          r"vocab|adapter_config|preprocessor_config)\.json|model(-\d+-of-\d+)?\.safetensors|"
+                          r"model\.safetensors\.index\.json|adapter_model\.safetensors|vocab\.txt|merges\.txt|"
+                          r"spiece\.model|sentencepiece\.bpe\.model|chat_template\.jinja|README\.md")
+
+
+def _strangers(folder: Path, allowed: Callable[[str], bool]) -> list[str]:
+    """Entries under `folder` that are links, or files whose path (relative to `folder`) `allowed` rejects."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(root) / name
+            rel = path.relative_to(folder).as_posix()
+            if is_link(path) or (name in files and not allowed(rel)):
+                found.append(rel)
+    return sorted(found)
+
+
+def _model_folder_strangers(best: Path) -> list[str]:
+    """What in a model folder a save did not write: files its manifest does not list (or, without a manifest, files
+    transformers does not write), and links."""
+    try:
+        listed = read_manifest(best, MANIFEST_FILE)
+    except ValueError:
+        listed = None
+    if listed is not None:
+        return _strangers(best, lambda rel: rel in listed or rel in _MODEL_EXTRAS)
+    return _strangers(best, lambda rel: rel in _MODEL_EXTRAS or _MODEL_FILES.fullmatch(rel) is not None)
+
+
+def _checkpoint_strangers(step: Path) -> list[str]:
+    """What in a resume checkpoint folder save_training_state did not write."""
+    return _strangers(step, lambda rel: training_state.is_checkpoint_file(rel))
+
+
+def _owned(folder: Path, resume_only: bool) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """What `finetune clean` deletes in one output folder of its own, and what it leaves though it has one of
+    finetune's names, with why: a link (never followed), or a folder holding files finetune does not write there.
+
+    The marker says the folder is finetune's; each thing deleted must also look like what finetune writes, so a
+    copied or forged marker does not turn a user's folder into finetune's.
+    """
+    found: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+
+    def consider(path: Path, strangers: list[str]) -> None:
+        if strangers:
+            shown = ", ".join(strangers[:3]) + (", ..." if len(strangers) > 3 else "")
+            skipped.append((path, f"it holds what finetune does not write there ({shown})"))
+        else:
+            found.append(path)
+
     checkpoints = training_state.checkpoints_dir(folder)
+    best = folder / BEST_DIR
+    for path in (checkpoints, checkpoints / training_state.SUPERSEDED_DIR, best, *staging_dirs(best)):
+        if is_link(path):
+            skipped.append((path, "a symbolic link; finetune never follows links (remove it yourself if it is not "
+                                  "needed: what it points at is left alone)"))
+    if not is_link(checkpoints):
+        for path in training_state.checkpoint_folders(folder):
+            consider(path, _checkpoint_strangers(path))
+    if resume_only:
+        return found, skipped
+    if not is_link(best) and best.is_dir() and (best / METADATA_FILE).is_file():
+        consider(best, _model_folder_strangers(best))
+    found += [p for p in staging_dirs(best) if is_staging(p, BEST_DIR)]
     found += [p for p in (checkpoints / training_state.FINISHED_FILE, folder / UNSENT_METRICS_FILE,
-                          folder / PROBE_FILE) if p.is_file()]
-    return found
+                          folder / PROBE_FILE) if not is_link(p) and p.is_file() and not is_link(p.parent)]
+    return found, skipped
 
 
 def _remove_empty(folders: list[Path]) -> None:
     for folder in folders:
+        if is_link(folder):
+            continue
         try:
             folder.rmdir()  # only if empty: anything finetune did not write stays, and so does its folder
         except OSError:
@@ -245,42 +333,93 @@ class Cleaned:
     removed: list[tuple[Path, int]]
     kept: list[Path]
     refused: str | None = None
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    """Things with finetune's names left alone, and why (a link; a folder holding files finetune did not write; a
+    deletion the system refused)."""
+
+
+@dataclass
+class _Plan:
+    folder: Path
+    targets: list[Path]
+    skipped: list[tuple[Path, str]]
+    resume_only: bool
+
+
+def _plan(path: Path, resume_only: bool, plans: list[_Plan | Cleaned]) -> None:
+    """What `clean` would do under `path`, decided for every folder before anything is deleted."""
+    if is_link(path) and plans:  # a link below the folder given: never followed
+        return
+    if not path.is_dir():
+        plans.append(Cleaned(path, [], [], "not a folder"))
+        return
+    marker = read_marker(path)
+    children = sorted(p for p in path.iterdir() if p.is_dir() and not is_link(p) and read_marker(p) is not None)
+    if marker is None:
+        if not children:
+            plans.append(Cleaned(path, [], [], f"finetune did not make it (no {MARKER_FILE}); nothing deleted"))
+        for child in children:
+            _plan(child, resume_only, plans)
+        return
+    if _running(marker):
+        plans.append(Cleaned(path, [], [], f"a run is in progress in it (pid {marker['pid']}); nothing deleted"))
+        return
+    for child in children:  # sweep trials
+        _plan(child, resume_only, plans)
+    targets, skipped = _owned(path, resume_only)
+    plans.append(_Plan(path, targets, skipped, resume_only))
+
+
+def _delete(path: Path) -> None:
+    if is_link(path):  # checked when planned; a link put there since is still not followed
+        raise OSError(f"{path} became a symbolic link")
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def clean(path: Path | str, resume_only: bool = False, dry_run: bool = False) -> list[Cleaned]:
     """Delete what finetune wrote in the output folder `path` (only its resume checkpoints with `resume_only`).
 
     A folder without the marker is refused, except that a folder holding output folders (runs/, a sweep's
-    folder) has each of those cleaned. A run in progress is refused.
+    folder) has each of those cleaned. A run in progress is refused. Everything is checked before anything is
+    deleted; links are never followed, and a folder with finetune's name that holds files finetune does not write
+    there is left alone and named (`Cleaned.skipped`), as is one the system refuses to delete.
     """
-    path = Path(path)
-    if not path.is_dir():
-        return [Cleaned(path, [], [], "not a folder")]
-    marker = read_marker(path)
-    if marker is None:
-        children = sorted(p for p in path.iterdir() if p.is_dir() and read_marker(p) is not None)
-        if not children:
-            return [Cleaned(path, [], [], f"finetune did not make it (no {MARKER_FILE}); nothing deleted")]
-        return [c for child in children for c in clean(child, resume_only, dry_run)]
-    if _running(marker):
-        return [Cleaned(path, [], [], f"a run is in progress in it (pid {marker['pid']}); nothing deleted")]
+    plans: list[_Plan | Cleaned] = []
+    _plan(Path(path), resume_only, plans)
     done: list[Cleaned] = []
-    for child in sorted(p for p in path.iterdir() if p.is_dir() and read_marker(p) is not None):
-        done += clean(child, resume_only, dry_run)  # sweep trials
-    targets = _owned(path, resume_only)
-    removed = [(p, folder_size(p)) for p in targets]
-    if not dry_run:
-        for p in targets:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        checkpoints = training_state.checkpoints_dir(path)
-        superseded = checkpoints / training_state.SUPERSEDED_DIR
-        _remove_empty(sorted(superseded.glob("*")) + [superseded])
-        if not resume_only:
-            _remove_empty([checkpoints])
-            if [p.name for p in path.iterdir()] == [MARKER_FILE]:
-                (path / MARKER_FILE).unlink()
-                _remove_empty([path])
-    return done + [Cleaned(path, removed, _foreign_entries(path))]
+    for plan in plans:
+        if isinstance(plan, Cleaned):
+            done.append(plan)
+            continue
+        removed, skipped = [], list(plan.skipped)
+        for p in plan.targets:
+            size = folder_size(p)
+            if not dry_run:
+                try:
+                    _delete(p)
+                except OSError as e:
+                    skipped.append((p, f"not deleted: {e.strerror or e}"))
+                    continue
+            removed.append((p, size))
+        if not dry_run:
+            _tidy(plan.folder, plan.resume_only)
+        done.append(Cleaned(plan.folder, removed, _foreign_entries(plan.folder), skipped=skipped))
+    return done
+
+
+def _tidy(folder: Path, resume_only: bool) -> None:
+    """After deleting: the folders finetune made that are now empty, and the marker of a folder left with nothing."""
+    checkpoints = training_state.checkpoints_dir(folder)
+    if is_link(checkpoints):
+        return
+    superseded = checkpoints / training_state.SUPERSEDED_DIR
+    if superseded.is_dir() and not is_link(superseded):
+        _remove_empty(sorted(superseded.iterdir()) + [superseded])
+    if not resume_only:
+        _remove_empty([checkpoints])
+        if [p.name for p in folder.iterdir()] == [MARKER_FILE] and not is_link(folder / MARKER_FILE):
+            (folder / MARKER_FILE).unlink()
+            _remove_empty([folder])
 
 
 def _foreign_entries(folder: Path) -> list[Path]:
@@ -288,5 +427,5 @@ def _foreign_entries(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     ours = {BEST_DIR, "checkpoints", MARKER_FILE, UNSENT_METRICS_FILE, PROBE_FILE}
-    return sorted(p for p in folder.iterdir() if p.name not in ours and not p.name.startswith(f".{BEST_DIR}-")
-                  and read_marker(p) is None)
+    return sorted(p for p in folder.iterdir() if p.name not in ours and not is_staging(p, BEST_DIR)
+                  and (is_link(p) or read_marker(p) is None))

@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from finetune.errors import CheckpointError
-from finetune.models.checksums import fsync_path, manifest_problem, write_manifest
+from finetune.files import is_link, read_json, write_atomic
+from finetune.models.checksums import STAGING_MARKER, fsync_path, is_staging, manifest_problem, mark_staging, write_manifest
 
 STATE_FILE = "trainer_state.json"
 FINISHED_FILE = "FINISHED"
@@ -36,6 +38,30 @@ SUPERSEDED_DIR = "superseded"
 REQUIRED_FILES = (STATE_FILE, "model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_DIR = re.compile(r"^\.step-(\d+)\.tmp$")
+_CHECKPOINT_FILE = re.compile(r"(trainer_state|optimizer|scheduler|scaler|manifest|rng-\d+)\.json|"
+                              r"(model|optimizer|rng-\d+)\.safetensors|" + re.escape(STAGING_MARKER))
+MAX_STATE_JSON_BYTES = 256_000_000
+"""The largest JSON file of a checkpoint read back (optimizer.json lists every parameter group: large models'
+run to megabytes, never to this)."""
+
+
+def is_step_name(name: str) -> bool:
+    """Whether `name` is one finetune gives a checkpoint folder (step-N, or .step-N.tmp while it is written)."""
+    return _STEP_DIR.match(name) is not None or _TMP_DIR.match(name) is not None
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """Whether `name` is one `save_training_state` gives a file in a checkpoint folder."""
+    return _CHECKPOINT_FILE.fullmatch(name) is not None
+
+
+def _read_state_json(path: Path) -> Any:
+    """A checkpoint's JSON file, bounded (`finetune.files`): ValueError when refused or not JSON."""
+    return read_json(path, max_bytes=MAX_STATE_JSON_BYTES)
+
+
+def _is_folder(path: Path) -> bool:
+    return path.is_dir() and not is_link(path)  # a link is never one of finetune's checkpoint folders
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -45,22 +71,22 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
 def step_dirs(output_dir: str | Path) -> list[Path]:
     """The `step-N` checkpoint folders of output_dir, oldest first."""
     root = checkpoints_dir(output_dir)
-    if not root.is_dir():
+    if not _is_folder(root):
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and _is_folder(p)]
     return [p for _, p in sorted(found)]
 
 
 def checkpoint_folders(output_dir: str | Path) -> list[Path]:
     """Every resume checkpoint finetune wrote under output_dir: step-N, interrupted saves, and those set aside."""
     root = checkpoints_dir(output_dir)
-    if not root.is_dir():
+    if not _is_folder(root):
         return []
-    found = step_dirs(output_dir) + sorted(p for p in root.iterdir() if _TMP_DIR.match(p.name) and p.is_dir())
+    found = step_dirs(output_dir) + sorted(p for p in root.iterdir() if _TMP_DIR.match(p.name) and _is_folder(p))
     superseded = root / SUPERSEDED_DIR
-    if superseded.is_dir():
-        for run in sorted(p for p in superseded.iterdir() if p.is_dir()):
-            found += sorted(p for p in run.iterdir() if _STEP_DIR.match(p.name) and p.is_dir())
+    if _is_folder(superseded):
+        for run in sorted(p for p in superseded.iterdir() if _is_folder(p)):
+            found += sorted(p for p in run.iterdir() if _STEP_DIR.match(p.name) and _is_folder(p))
     return found
 
 
@@ -83,8 +109,10 @@ def checkpoint_problem(path: Path) -> str | None:
             return f"{name} is missing"
     for name in sorted(p.name for p in path.iterdir()):
         try:
+            if is_link(path / name):
+                return f"{name} is a symbolic link"
             if name.endswith(".json"):
-                json.loads((path / name).read_text())
+                _read_state_json(path / name)
             elif name.endswith(".safetensors"):
                 from safetensors import safe_open
 
@@ -95,23 +123,34 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+def _strangers(folder: Path) -> list[str]:
+    """Entries of a checkpoint folder that `save_training_state` does not write (links included)."""
+    return sorted(p.name for p in folder.iterdir() if is_link(p) or not p.is_file() or not is_checkpoint_file(p.name))
+
+
 def _recover_interrupted_saves(root: Path, say: Callable[[str], None]) -> None:
     """A `.step-N.tmp` a killed save left: put in place if its manifest was written and matches, else removed."""
-    for tmp in sorted(p for p in root.iterdir() if _TMP_DIR.match(p.name) and p.is_dir()):
+    for tmp in sorted(p for p in root.iterdir() if _TMP_DIR.match(p.name) and _is_folder(p)):
         target = root / f"step-{_TMP_DIR.match(tmp.name).group(1)}"
-        if (tmp / MANIFEST_FILE).is_file() and checkpoint_problem(tmp) is None and not target.exists():
+        if (tmp / MANIFEST_FILE).is_file() and checkpoint_problem(tmp) is None and not target.exists() \
+                and not is_link(target):
             os.replace(tmp, target)
             say(f"{tmp} was written completely before its save was interrupted: kept as {target.name}")
-        else:
+        elif is_staging(tmp, tmp.name):
             shutil.rmtree(tmp)
             say(f"removed {tmp}, a checkpoint whose save was interrupted")
+        else:  # no marker: an earlier version's leftover, or a user's folder; never deleted unasked
+            say(f"left {tmp} alone: it looks like an interrupted checkpoint save but has no {STAGING_MARKER}, so "
+                "finetune cannot tell it made it; delete it yourself if it is not needed")
 
 
 def _set_aside(root: Path, folders: list[Path], why: str, say: Callable[[str], None]) -> None:
     """Move checkpoints a new run will not continue to checkpoints/superseded/<run>/ and say where they went."""
     try:
-        saved = json.loads((folders[-1] / STATE_FILE).read_text())
+        saved = _read_state_json(folders[-1] / STATE_FILE)
         label = saved.get("run_id") or f"recipe-{saved.get('recipe_hash') or 'unknown'}"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", str(label)) or str(label) in (".", ".."):
+            label = "unknown-run"  # it names a folder: never a path
     except (OSError, ValueError, AttributeError):
         label = "unknown-run"
     aside = root / SUPERSEDED_DIR / str(label)
@@ -126,8 +165,14 @@ def _set_aside(root: Path, folders: list[Path], why: str, say: Callable[[str], N
         f"{root} and use --resume to continue it; `finetune clean --resume-checkpoints {root.parent}` deletes them)")
 
 
+def warn(message: str) -> None:
+    """How a checkpoint removed, recovered or set aside is told by default: a `warning: ` line on stderr, which
+    reaches the terminal even while the run's output goes to its log (finetune.cli.console)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def find_resumable(output_dir: str | Path, recipe_hash: str, force: bool,
-                   say: Callable[[str], None] = print) -> Path | None:
+                   say: Callable[[str], None] = warn) -> Path | None:
     """The checkpoint to continue from: the newest intact one of an unfinished run of the same recipe
     (or of any recipe with `force`, i.e. --resume).
 
@@ -136,7 +181,7 @@ def find_resumable(output_dir: str | Path, recipe_hash: str, force: bool,
     checkpoints with an older run's and never drops them silently. `say` tells the user what was done.
     """
     root = checkpoints_dir(output_dir)
-    if not root.is_dir():
+    if not _is_folder(root):
         return None
     _recover_interrupted_saves(root, say)
     finished = (root / FINISHED_FILE).exists()
@@ -144,13 +189,19 @@ def find_resumable(output_dir: str | Path, recipe_hash: str, force: bool,
         for path in reversed(step_dirs(output_dir)):
             problem = checkpoint_problem(path)
             if problem is None:
-                saved = json.loads((path / STATE_FILE).read_text()).get("recipe_hash")
+                state = _read_state_json(path / STATE_FILE)
+                saved = state.get("recipe_hash") if isinstance(state, dict) else None
                 if force or saved == recipe_hash:
                     return path
                 break
+            strangers = _strangers(path)
+            if strangers:  # not a checkpoint finetune wrote: never deleted, never moved
+                say(f"left {path} alone: it is not an intact checkpoint ({problem}) and holds files finetune does not "
+                    f"write there ({', '.join(strangers[:3])}); trying the one before")
+                continue
             shutil.rmtree(path)
             say(f"checkpoint {path} is damaged ({problem}): removed it; trying the one before")
-    left = step_dirs(output_dir)
+    left = [p for p in step_dirs(output_dir) if not _strangers(p)]
     if left:
         why = (f"the run in {output_dir} finished" if finished else
                f"{output_dir} holds an unfinished run of another recipe (up to {left[-1].name}); this run starts afresh")
@@ -163,8 +214,8 @@ def mark_finished(output_dir: str | Path, keep_checkpoints: bool = False) -> Non
     """Record that the run finished, so running the recipe again starts a new run instead of resuming; a finished
     run is never resumed, so its checkpoints are deleted unless the recipe keeps them."""
     root = checkpoints_dir(output_dir)
-    if root.is_dir():
-        (root / FINISHED_FILE).write_text("finished\n")
+    if _is_folder(root):
+        write_atomic(root / FINISHED_FILE, "finished\n")  # a link planted there is replaced, never written through
         if not keep_checkpoints:
             for path in step_dirs(output_dir):
                 shutil.rmtree(path)
@@ -229,8 +280,17 @@ def save_training_state(accelerator, model, optimizer, scheduler, counters: dict
     target = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"  # the same name on every process, so each adds its RNG file to it
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for path in (root, tmp, target):
+            if is_link(path):
+                raise CheckpointError(f"{path} is a symbolic link; finetune does not write or delete through links: "
+                                      "remove the link (what it points at is left alone)")
+        if tmp.exists():
+            if not is_staging(tmp, tmp.name):
+                raise CheckpointError(f"{tmp} is in the way of a checkpoint save and finetune did not make it (no "
+                                      f"{STAGING_MARKER}): move it away")
+            shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
+        mark_staging(tmp, tmp.name)
     accelerator.wait_for_everyone()
     rng_tensors, rng_meta = _rng_state()
     rank = accelerator.process_index
@@ -279,17 +339,17 @@ def load_training_state(accelerator, model, optimizer, scheduler, checkpoint: Pa
 
 
 def _load_training_state(accelerator, model, optimizer, scheduler, checkpoint: Path) -> dict[str, Any]:
-    counters = json.loads((checkpoint / STATE_FILE).read_text())
+    counters = _read_state_json(checkpoint / STATE_FILE)
     accelerator.unwrap_model(model).load_state_dict(load_file(str(checkpoint / "model.safetensors")))
     optimizer.load_state_dict(
         _optimizer_from_files(load_file(str(checkpoint / "optimizer.safetensors")),
-                              json.loads((checkpoint / "optimizer.json").read_text()))
+                              _read_state_json(checkpoint / "optimizer.json"))
     )
-    scheduler.load_state_dict(json.loads((checkpoint / "scheduler.json").read_text()))
+    scheduler.load_state_dict(_read_state_json(checkpoint / "scheduler.json"))
     if getattr(accelerator, "scaler", None) is not None and (checkpoint / "scaler.json").is_file():
-        accelerator.scaler.load_state_dict(json.loads((checkpoint / "scaler.json").read_text()))
+        accelerator.scaler.load_state_dict(_read_state_json(checkpoint / "scaler.json"))
     rank = accelerator.process_index
     rng_file = checkpoint / f"rng-{rank}.safetensors"
     if rng_file.is_file():  # absent when resuming with more processes than were saved
-        _set_rng_state(load_file(str(rng_file)), json.loads((checkpoint / f"rng-{rank}.json").read_text()))
+        _set_rng_state(load_file(str(rng_file)), _read_state_json(checkpoint / f"rng-{rank}.json"))
     return counters

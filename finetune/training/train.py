@@ -262,7 +262,8 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     task, start = preflight(recipe, overwrite)
     resolved = start.resolved
     # Loaded before anything trains, so a metric that cannot be loaded fails now, not after the first epoch.
-    extra = ExtraMetrics(recipe.task.extra_metrics, task) if recipe.task.extra_metrics else None
+    extra = ExtraMetrics(recipe.task.extra_metrics, task, allow_code=recipe.task.allow_metric_code) \
+        if recipe.task.extra_metrics else None
     if recipe.distillation is not None:
         d = recipe.distillation
         task = DistilledTask(task, d.temperature, d.alpha, d.hidden_weight)
