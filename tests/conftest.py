@@ -354,3 +354,16 @@ def run_bench(script: str, argv: list[str], monkeypatch, capsys) -> tuple[int, s
             print(stop.code, file=sys.stderr)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+# The modules that take longest (a trained MiniLM, the parity runs of every family, the compose topology, the
+# benchmarks' smoke runs) start first: with two workers (scripts/test.sh) a long module that starts last runs
+# alone at the end while the other worker idles (the quickstart alone was the suite's last 2.5 minutes).
+LONG_MODULES_FIRST = ("test_transfer.py", "test_parity.py", "test_deploy.py", "test_bench_train.py",
+                      "test_bench_pretrain_distill.py", "test_faults.py", "test_bench_memory.py",
+                      "test_family_features.py", "test_bench_serve.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONG_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

@@ -138,6 +138,7 @@ def test_apply_sets_the_calling_thread_s_count():
         torch.set_num_threads(before)
 
 
+@pytest.mark.quiet_machine
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs: one for the neighbour")
 def test_a_real_busy_neighbour_takes_a_thread_away_and_gives_it_back():
     cpus = sorted(os.sched_getaffinity(0))[:2]

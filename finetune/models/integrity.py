@@ -130,19 +130,22 @@ def metadata_problem(info: ModelInfo, config: Any, adapter_model: bool = False) 
     if task.hf_problem_type and problem_type and problem_type != task.hf_problem_type:
         return (f"config.json's problem_type is {str(problem_type)[:40]!r}, but task {info.task} is "
                 f"{task.hf_problem_type!r}")
-    if task.has_label_names:
-        if info.label_names is None:
-            return f"finetune.json has no label_names, which task {info.task} needs"
+    if task.has_label_names and info.label_names is None:
+        return f"finetune.json has no label_names, which task {info.task} needs"
+    outputs = task.num_labels(info.label_names)
+    if outputs is not None and config.num_labels != outputs:
+        labels = f" for label_names {_shown(info.label_names)}" if info.label_names is not None else ""
+        return (f"config.json's num_labels {config.num_labels} is not the {outputs} outputs a {info.task} head "
+                f"has{labels}: the labels must be the head's outputs, in order")
+    if task.has_label_names and outputs == len(info.label_names):
+        # One output per label (a task may size its head otherwise, e.g. one per step of an ordinal scale; then
+        # config.json's id2label names outputs, not labels): the saved names are the head's, in order.
         id2label = getattr(config, "id2label", None) or {}
         saved = [id2label.get(i) for i in range(len(id2label))]
-        if config.num_labels != len(info.label_names) or saved != info.label_names:
+        if saved != info.label_names:
             return (f"finetune.json's label_names {_shown(info.label_names)} are not config.json's id2label "
                     f"{_shown(saved)} (num_labels {config.num_labels}): the labels must be the head's outputs, in "
                     "order")
-    else:
-        outputs = task.num_labels(info.label_names)
-        if outputs is not None and config.num_labels != outputs:
-            return f"config.json's num_labels is {config.num_labels}; a {info.task} head has {outputs}"
     positions = family_of(config).usable_positions(config)
     if positions is not None and info.max_length > positions:
         return (f"finetune.json's max_length {info.max_length} is more than the {positions} positions the model has "
