@@ -10,7 +10,7 @@ session), the UDF's time and rows/s.
     python bench/spark_udf.py --model models:/sst2-sentiment@champion --rows 20000 --partitions 2
 
 It is run by hand, not by the test suite: on 2 CPU cores the Spark set-up alone takes 10-20 s and one small
-table 30-40 s, and pyspark is a 300 MB install (see README, Scoring at scale).
+table 30-40 s, and pyspark is a 300 MB install (see docs/guides/evaluation.md, Scoring at scale).
 """
 
 from __future__ import annotations

@@ -459,3 +459,9 @@ def publish_files(staged: Path | str, folder: Path | str, kind: str, what: str, 
         os.close(root)
     shutil.rmtree(staged, ignore_errors=True)
     return [folder / name for name in names]
+
+
+def output_files(folder: Path | str) -> dict[str, set[str]]:
+    """The files an output folder's marker lists as finetune's, by kind ({} when it has no marker finetune wrote):
+    what `finetune runs` shows and `clean` may delete there."""
+    return _owned_files(Path(folder))

@@ -187,7 +187,7 @@ def serve(args: argparse.Namespace) -> int:
     sock = _bind(args.host, args.port)
     quiet_model_loading()
     try:
-        loaded, named = load_models(parse_model_specs(args.model), name, args.backend, args.precision)
+        loaded, named = load_models(parse_model_specs(args.model), name, args.backend, args.precision, args.device)
     except FinetuneError:
         sock.close()
         raise

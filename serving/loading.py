@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from finetune.errors import ModelSourceError
 from finetune.models.adapters import share_base
@@ -23,13 +25,25 @@ class LoadedModel:
 
 
 def load_model(source: str | None = None, name: str | None = None, backend: str = "auto",
-               precision: str = "fp32") -> LoadedModel:
+               precision: str = "fp32", served_as: str | None = None, device: str = "cpu") -> LoadedModel:
     """Load what `finetune serve` was asked to serve: any model source (`finetune.tracking.sources`), by
-    default the registry's champion."""
+    default the registry's champion. Its name, which answers carry, is `served_as` (NAME of --model NAME=SOURCE),
+    else `served_name`."""
     found = locate(source, name)
-    predictor = load_predictor(found, backend, precision)
-    return LoadedModel(predictor, found.name or predictor.info.recipe_name or found.path.name, found.version,
-                       found.run_id, found.source)
+    predictor = load_predictor(found, backend, precision, device)
+    return LoadedModel(predictor, served_as or served_name(found), found.version, found.run_id, found.source)
+
+
+def served_name(found: Any) -> str:
+    """The name a model is served as when not given one: its registered name, its MLflow run, else its folder's (the run's folder
+    for runs/<name>/best, since every run's model folder is called best), never the recipe's name inside it, which
+    two differently trained folders can share."""
+    if found.name:
+        return found.name
+    if found.run_id:  # runs:/ID/model, downloaded into a folder whose name says nothing
+        return f"run-{found.run_id}"
+    folder = Path(found.path).resolve()
+    return folder.parent.name if folder.name == "best" and folder.parent.name else folder.name
 
 
 def parse_model_specs(values: list[str] | None) -> list[tuple[str | None, str | None]]:
@@ -58,10 +72,10 @@ def parse_model_specs(values: list[str] | None) -> list[tuple[str | None, str | 
 
 
 def load_models(specs: list[tuple[str | None, str | None]], name: str | None = None, backend: str = "auto",
-                precision: str = "fp32") -> tuple[LoadedModel, dict[str, LoadedModel]]:
+                precision: str = "fp32", device: str = "cpu") -> tuple[LoadedModel, dict[str, LoadedModel]]:
     """The default model and every named one (`parse_model_specs`). Adapter models on the same base (the same weights
     digest) share one copy of the base's weights in memory."""
-    loaded = {spec_name: load_model(source, name, backend, precision) for spec_name, source in specs}
+    loaded = {spec_name: load_model(source, name, backend, precision, spec_name, device) for spec_name, source in specs}
     groups: dict[str, list[LoadedModel]] = {}
     for model in loaded.values():
         adapter = model.predictor.info.adapter

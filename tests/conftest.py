@@ -285,7 +285,18 @@ def tiny_recipe(checkpoint: Path, kind: str = "classification", **sections) -> d
 # database is kept, so a clone that failed once does not keep replaying a stored example after the fix. Bugs
 # the tests found are pinned as explicit @example()s. FINETUNE_HYPOTHESIS_PROFILE=explore searches afresh.
 def _hypothesis_profiles() -> None:
+    import atexit
+    import shutil
+    import tempfile
+
     from hypothesis import settings
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    # Even without an example database, hypothesis caches what it learns (e.g. constants/) in `.hypothesis/` of
+    # the directory pytest started in, the checkout: a temporary folder instead, gone when the process ends.
+    home = tempfile.mkdtemp(prefix="finetune-hypothesis-")
+    atexit.register(shutil.rmtree, home, True)
+    set_hypothesis_home_dir(home)
 
     settings.register_profile("reproducible", derandomize=True, database=None, print_blob=True)
     settings.register_profile("explore", database=None, print_blob=True)
@@ -295,7 +306,7 @@ def _hypothesis_profiles() -> None:
 _hypothesis_profiles()
 
 # Files the suite must never leave in the checkout (what `git status` would show as new).
-_IGNORED_LEFTOVERS = (".venv/", "__pycache__/", ".pytest_cache/", ".egg-info/", ".hypothesis/")
+_IGNORED_LEFTOVERS = (".venv/", "__pycache__/", ".pytest_cache/", ".egg-info/")
 
 
 def _untracked(root: Path) -> set[str]:
@@ -361,7 +372,7 @@ def run_bench(script: str, argv: list[str], monkeypatch, capsys) -> tuple[int, s
 # alone at the end while the other worker idles (the quickstart alone was the suite's last 2.5 minutes).
 LONG_MODULES_FIRST = ("test_transfer.py", "test_parity.py", "test_deploy.py", "test_bench_train.py",
                       "test_bench_pretrain_distill.py", "test_faults.py", "test_bench_memory.py",
-                      "test_family_features.py", "test_bench_serve.py")
+                      "test_docs.py", "test_gpu_check.py", "test_family_features.py", "test_bench_serve.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -1,13 +1,14 @@
 """The tests' registry of families and features: which family is tested with which feature, and why a family is
 refused one, as the family layer says it (the message `finetune validate` prints).
 
-The parity and feature tests take their cases from here (`tested`), and README.md's support matrix is generated
-from here (`markdown`, checked by `tests/test_family_matrix.py`), so a cell marked supported is a case the suite
+The parity and feature tests take their cases from here (`tested`), and the support matrix of the documentation's
+Model families page (docs/guides/model-families.md) is generated from here (`markdown`, checked by `tests/test_family_matrix.py`), so a cell marked supported is a case the suite
 runs, and every other cell is a refusal with its reason.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 FAMILIES: tuple[str, ...] = (
@@ -19,7 +20,7 @@ TASK_KINDS = ("classification", "pair", "regression", "multi_label", "token_clas
 """The parity cases of each family: the kinds of `tests.conftest.tiny_recipe` (pair: sentence-pair classification)."""
 
 FEATURES: dict[str, tuple[str, str]] = {
-    # feature: (what the README calls it, the test that exercises it)
+    # feature: (what the docs call it, the test that exercises it)
     "classification": ("sentence classification", "tests/test_parity.py"),
     "pair": ("sentence-pair classification", "tests/test_parity.py"),
     "regression": ("regression", "tests/test_parity.py"),
@@ -119,7 +120,7 @@ def families_for(feature: str) -> list[str]:
 
 
 def markdown() -> str:
-    """README.md's support matrix: one row per feature, one column per family; a refusal is a numbered note with the
+    """The docs' support matrix: one row per feature, one column per family; a refusal is a numbered note with the
     reason the family layer gives."""
     notes: list[str] = []
     lines = ["| feature | " + " | ".join(FAMILIES) + " |", "|---|" + "---|" * len(FAMILIES)]
@@ -143,19 +144,21 @@ MATRIX_START = "<!-- family matrix: generated from tests/family_matrix.py by `py
 MATRIX_END = "<!-- end of family matrix -->"
 
 
-def write_readme(readme) -> bool:
-    """Put the generated matrix between README.md's markers; returns whether the file changed."""
-    text = readme.read_text(encoding="utf-8")
+MATRIX_PAGE = Path(__file__).resolve().parents[1] / "docs" / "guides" / "model-families.md"
+"""The page the matrix is generated into, between MATRIX_START and MATRIX_END."""
+
+
+def write_matrix(page: Path = MATRIX_PAGE) -> bool:
+    """Put the generated matrix between the page's markers; returns whether the file changed."""
+    text = page.read_text(encoding="utf-8")
     before, rest = text.split(MATRIX_START, 1)
     _, after = rest.split(MATRIX_END, 1)
     new = f"{before}{MATRIX_START}\n{markdown()}{MATRIX_END}{after}"
     if new != text:
-        readme.write_text(new, encoding="utf-8")
+        page.write_text(new, encoding="utf-8")
     return new != text
 
 
 if __name__ == "__main__":
-    from pathlib import Path
-
-    changed = write_readme(Path(__file__).resolve().parents[1] / "README.md")
-    print("README.md's family matrix " + ("rewritten" if changed else "was up to date"))
+    changed = write_matrix()
+    print(f"{MATRIX_PAGE.relative_to(MATRIX_PAGE.parents[2])}: family matrix " + ("rewritten" if changed else "was up to date"))

@@ -101,6 +101,21 @@ def test_convert_command(tiny_checkpoints, tmp_path, capsys):
     assert cli([*args, "--overwrite"]) == 0
 
 
+def test_converted_files_follow_the_umask(tiny_checkpoints, tmp_path):
+    """safetensors writes its weights 0600 whatever the umask; a converted checkpoint is an ordinary folder."""
+    import os
+    import stat
+
+    previous = os.umask(0o002)
+    try:
+        assert cli(["convert", "--to", "fewer-layers", "--layers", "0", str(tiny_checkpoints["bert"]),
+                    str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(previous)
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {oct(0o664)}, modes
+
+
 def test_converted_checkpoint_trains_with_block_sparse_on_long_inputs(converted_bert, tmp_path):
     _, target = converted_bert
     data_file = _mixed_length_file(tmp_path / "mixed.csv")

@@ -4,7 +4,7 @@ targets, `model.pooling`, masked-LM pretraining and fine-tuning its output, a sm
 teacher, and the ONNX export. Each trained model must answer through the serving path with the metrics its run
 logged (the frozen-feature cache once made the trained model differ from the saved one).
 
-The cases come from tests/family_matrix.py (what README.md's support matrix is generated from).
+The cases come from tests/family_matrix.py (what the support matrix in docs/guides/model-families.md is generated from).
 """
 
 from __future__ import annotations

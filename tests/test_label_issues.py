@@ -71,10 +71,12 @@ def test_label_issues_finds_flipped_labels_in_a_constructed_data_set(tiny_checkp
         "task": {"type": "classification"},
         "training": {"max_steps": 40, "batch_size": 16, "learning_rate": 3e-3, "warmup_ratio": 0.0, "logging_steps": 10},
         "tracking": {"log_model": False, "system_metrics": False}})
-    assert main(["label-issues", str(recipe), "--folds", "2", "--output-dir", "issues"]) == 0
+    # The default output folder (OUTPUT_DIR-label-issues): the folds' models train elsewhere, so it holds only
+    # the issues and finetune writes them there.
+    assert main(["label-issues", str(recipe), "--folds", "2"]) == 0
     out = capsys.readouterr().out
     assert "label issues:" in out and "out-of-fold (2 folds, 160 examples" in out
-    issues = pd.read_csv(tmp_path / "issues" / "label_issues.csv")
+    issues = pd.read_csv(tmp_path / "runs" / "reviews-label-issues" / "label_issues.csv")
     assert list(issues.columns) == ["row", "text", "given_label", "suggested_label", "label_quality",
                                     "given_probability", "suggested_probability"]
     flagged = set(issues["row"])

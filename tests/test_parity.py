@@ -4,7 +4,7 @@ library's Predictor, given the evaluation split's raw texts, must give exactly t
 evaluation scored (its evaluation/predictions.csv, logged to MLflow), its scores within float tolerance, and the
 metric computed from the served answers must be the logged one.
 
-The cases come from tests/family_matrix.py (what README.md's support matrix is generated from).
+The cases come from tests/family_matrix.py (what the support matrix in docs/guides/model-families.md is generated from).
 """
 
 from __future__ import annotations

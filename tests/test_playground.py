@@ -357,3 +357,94 @@ def test_multi_label_regression_and_pair_forms_and_answers(browser, ner_server, 
     assert state == "error" and sent == [{"inputs": [["The cat sat.", "A cat was sitting."]]}]
     error = _by_id(browser, "error").text
     assert "503" in error and "busy: 512 inputs waiting" in error and "retry after 1 s" in error
+
+
+# --- issue 34: several models, a picker, copy as curl, metrics that fit, served names ----------------------------------
+
+LONG_METRIC = "eval/per_type_precision_of_a_very_long_entity_type_name_that_takes_the_whole_card"
+
+
+def _fits(driver, css: str) -> list[str]:
+    """Elements matching `css` whose cells stick out of the row (their card), by bounding boxes."""
+    return driver.execute_script("""
+        const out = [];
+        for (const row of document.querySelectorAll(arguments[0])) {
+          const box = row.getBoundingClientRect();
+          for (const cell of row.children) {
+            const c = cell.getBoundingClientRect();
+            if (c.left < box.left - 0.5 || c.right > box.right + 0.5) out.push(row.dataset.metric + ": " + cell.tagName);
+          }
+        }
+        return out;""", css)
+
+
+def test_several_models_a_picker_copy_as_curl_and_served_names(browser, models, artifacts, capsys):
+    import subprocess
+
+    server = Server("--model", f"sentiment={models['classification']}", "--model",
+                    f"entities={models['token_classification']}", env={"FINETUNE_API_KEY": KEY})
+    headers = {"X-API-Key": KEY}
+    try:
+        # Answers carry the served name (NAME of --model NAME=SOURCE), not the recipe's.
+        for path, name in (("/v1/predict", "sentiment"), ("/v1/models/sentiment/predict", "sentiment"),
+                           ("/v1/models/entities/predict", "entities")):
+            reply = httpx.post(f"{server.url}{path}", json={"inputs": ["Maria lives in Paris ."]}, headers=headers)
+            assert reply.status_code == 200 and reply.json()["model"] == name, (path, reply.text)
+
+        browser.set_window_size(1200, 1000)
+        browser.get(f"{server.url}/")
+        _wait(browser, lambda d: _by_id(d, "key-form").is_displayed())
+        _by_id(browser, "api-key").send_keys(KEY)
+        _by_id(browser, "key-form").submit()
+        _wait(browser, lambda d: _by_id(d, "predict-form").is_displayed())
+
+        assert _by_id(browser, "picker").is_displayed()
+        options = [o.get_attribute("value") for o in _all(browser, "#model-picker option")]
+        assert options == ["sentiment", "entities"]
+        assert _by_id(browser, "model-name").text == "sentiment"
+        assert _by_id(browser, "model-task").get_attribute("data-task") == "classification"
+        assert _submit_text(browser, "a fine film") == "done"
+        assert "Answered by sentiment" in _by_id(browser, "result").text
+
+        from selenium.webdriver.support.ui import Select
+
+        Select(_by_id(browser, "model-picker")).select_by_value("entities")
+        _wait(browser, lambda d: _by_id(d, "model-task").get_attribute("data-task") == "token_classification")
+        assert _by_id(browser, "model-name").text == "entities" and _by_id(browser, "result").text == ""
+        _requested_urls(browser)
+        assert _submit_text(browser, "Maria Garcia lives in New York .") == "done"
+        assert "Answered by entities" in _by_id(browser, "result").text
+        assert any(u.endswith("/v1/models/entities/predict") for u in _requested_urls(browser))
+
+        # Copy as curl: the current request, the key by name only; run, it answers as the page did.
+        snippet = _by_id(browser, "curl-snippet").text
+        assert f"{server.url}/v1/models/entities/predict" in snippet and '"Maria Garcia lives in New York ."' in snippet
+        assert "$FINETUNE_API_KEY" in snippet and KEY not in snippet
+        _by_id(browser, "copy-curl").click()
+        _wait(browser, lambda d: _by_id(d, "curl-status").text != "")
+        if shutil.which("curl"):
+            done = subprocess.run(["bash", "-c", snippet], capture_output=True, text=True, timeout=60,
+                                  env={**os.environ, "FINETUNE_API_KEY": KEY})
+            assert done.returncode == 0, done.stderr
+            assert __import__("json").loads(done.stdout)["model"] == "entities"
+
+        # At 1200 px every metric's name and value stay inside their card, a long name included.
+        browser.execute_script("""
+            const row = document.createElement('tr'); row.dataset.metric = arguments[0];
+            const th = document.createElement('th'); th.textContent = arguments[0];
+            const td = document.createElement('td'); td.textContent = '0.123456789';
+            row.append(th, td); document.querySelector('#metrics tbody').append(row);
+            document.getElementById('metrics').hidden = false;""", LONG_METRIC)
+        assert len(_all(browser, "#metrics tr")) > 1
+        assert _fits(browser, "#metrics tr") == []
+        _screenshot(browser, artifacts, "playground-several-models", capsys)
+    finally:
+        browser.set_window_size(1100, 1000)
+        server.stop()
+
+
+def test_an_unnamed_folder_is_served_under_its_runs_folder_name(ner_server, models):
+    info = httpx.get(f"{ner_server.url}/v1/model").json()
+    assert info["name"] == models["token_classification"].parent.name == "ner"
+    reply = httpx.post(f"{ner_server.url}/v1/predict", json={"inputs": ["Maria lives in Paris ."]})
+    assert reply.json()["model"] == "ner"

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store, on loopback (stops with SIGTERM or Ctrl-C)")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--verbose", action="store_true",
+                    help="also show the server's own output (MLflow's and uvicorn's lines) here; always in ui.log "
+                         "in finetune's cache folder")
 
     runs = sub.add_parser("runs", help="list the output folders under runs/: size, state and MLflow run")
     runs.add_argument("root", nargs="?", default="runs", help="the folder holding output folders (default runs)")
@@ -185,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "ui":
             from finetune.cli.ui import run_ui
 
-            return run_ui(args.host, args.port)
+            return run_ui(args.host, args.port, args.verbose)
         if args.command == "validate":
             from finetune.cli.validate import validate
 
@@ -197,6 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FinetuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        # Ctrl-C is the user's choice, not a crash: one line (what was kept, if the command says), no traceback,
+        # and the shell's usual status for it (128 + SIGINT).
+        print(f"\n{str(e) or 'interrupted'}", file=sys.stderr)
+        return 130
     return 1
 
 

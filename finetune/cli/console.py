@@ -286,6 +286,81 @@ def capture(log_path: Path | None, verbose: bool = False, main: bool = True) -> 
         log.close()
 
 
+def terminal_stream() -> TextIO:
+    """Where our own progress bar draws: the terminal's stderr while output is captured (sys.stderr then goes to
+    the log), else sys.stderr."""
+    terminal = _terminal
+    if terminal is not None and terminal.err is not None:
+        return terminal.err
+    return sys.stderr
+
+
+def progress_bar(total: int, desc: str, unit: str) -> Any:
+    """The command's one progress bar (tqdm) on the terminal, kept below the lines `say` writes meanwhile."""
+    from tqdm.auto import tqdm
+
+    stream = terminal_stream()
+    bar = tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True,
+               mininterval=0.1 if stream.isatty() else 30)
+    if _terminal is not None:
+        _terminal.bar = bar
+    return bar
+
+
+def close_bar(bar: Any) -> None:
+    """Close a `progress_bar`: its last state stays on the terminal, and later lines are no longer kept below it."""
+    if _terminal is not None and _terminal.bar is bar:
+        _terminal.bar = None
+    bar.close()
+
+
+@contextlib.contextmanager
+def command_output(kind: str, verbose: bool) -> Iterator[Path]:
+    """For a command that writes an output folder (evaluate, label-issues): our lines on the terminal, library
+    output (load reports, datasets' and transformers' bars, MLflow's lines) to a log, shown too with `verbose`.
+
+    The folder is published whole at the end (`finetune.files.publish_files`), so the log is written in a
+    temporary file first; `publish_log` moves it into the folder. After a failure it stays where it is, and the
+    terminal says where."""
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix=f"finetune-{kind}-", suffix=".log")
+    os.close(fd)
+    path = Path(name)
+    quiet_model_loading()
+    try:
+        with capture(path, verbose) as terminal:
+            try:
+                yield path
+            except (FinetuneError, KeyboardInterrupt):
+                raise
+            except BaseException:
+                if terminal is not None:
+                    terminal.write(terminal.err, f"library output and the traceback: {path}\n")
+                raise
+    except (FinetuneError, KeyboardInterrupt):
+        path.unlink(missing_ok=True)  # the error line says it all; the log would only repeat it
+        raise
+
+
+def publish_log(log: Path, folder: Path, name: str) -> Path | None:
+    """Move a `command_output` log into the command's output folder as `name` (recorded as finetune's file)."""
+    from finetune.files import RefusedWrite, publish_files, staging_folder
+
+    if not log.is_file() or not folder.is_dir():
+        return None
+    stage = staging_folder(folder)
+    try:
+        os.replace(log, stage / name)
+        publish_files(stage, folder, "log", "the output folder")
+    except (OSError, RefusedWrite):
+        import shutil
+
+        shutil.rmtree(stage, ignore_errors=True)
+        return None
+    return folder / name
+
+
 def show_recipe(recipe: Recipe, path: str, verbose: bool) -> None:
     """The resolved recipe: always in the log, on the terminal with --verbose."""
     text = f"# resolved recipe ({path})\n{recipe_to_yaml(recipe)}"
@@ -377,6 +452,7 @@ class TerminalReport(RunReport):
 
     def __init__(self, log_path: Path | None = None):
         self.log_path = log_path
+        self.bar: _Bar | None = None
 
     def data_ready(self, recipe: Recipe, data: Any) -> None:
         say(data_line(recipe, data))
@@ -405,10 +481,16 @@ class TerminalReport(RunReport):
             say(f"log: {self.log_path} (library output and the resolved recipe; --verbose shows them here)")
 
     def progress(self, total: int, initial: int) -> Progress:
-        return _Bar(total, initial)
+        self.bar = _Bar(total, initial)
+        return self.bar
 
     def evaluated(self, step: int, metric: str, metrics: dict[str, float], best: float | None,
                   best_step: int | None) -> None:
+        bar = self.bar
+        if bar is not None and bar.bar.total is not None and step >= bar.bar.total:
+            # The last evaluation: the bar is drawn one last time above it, not again below it (closing twice,
+            # as training does next, is harmless).
+            bar.close()
         say(f"step {step}: eval {metric} {metrics[metric]:.4f}, loss {metrics['loss']:.4f} "
             f"(best {best:.4f} at step {best_step})")
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -83,6 +82,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--experiment", help="MLflow experiment of the evaluation run (default: the model's training "
                                                "run's, nested under it)")
     evaluate.add_argument("--no-log", action="store_true", help="do not log an MLflow run")
+    evaluate.add_argument("--verbose", action="store_true",
+                          help="also show the libraries' output (load reports, progress bars, MLflow's lines) here; "
+                               "it is always in evaluate.log in the output folder")
 
     issues = sub.add_parser("label-issues", help="find label errors in a recipe's training data (K-fold out-of-fold "
                                                  "predictions, cleanlab)")
@@ -95,6 +97,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     issues.add_argument("--overwrite", action="store_true",
                         help="write into an --output-dir finetune did not make, replacing files of the same names")
     issues.add_argument("--show", type=int, default=10, help="issues printed (default 10)")
+    issues.add_argument("--verbose", action="store_true",
+                        help="also show the libraries' output (the folds' training, MLflow's lines) here; it is "
+                             "always in label-issues.log in the output folder")
 
 
 def add_file_options(predict: argparse.ArgumentParser) -> None:
@@ -142,6 +147,17 @@ def _load(args: argparse.Namespace, backend: str):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """`finetune evaluate`: our lines and one progress bar on the terminal, library output in evaluate.log."""
+    import finetune.cli.console as console
+
+    with console.command_output("evaluate", args.verbose) as log:
+        out_dir = _evaluate(args, console)
+    kept = console.publish_log(log, out_dir, "evaluate.log")
+    print(f"log: {kept or log}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, console) -> Path:
     from finetune.config.recipe import load_recipe
     from finetune.errors import EvaluationError
     from finetune.evaluation.data import FILE_SPLIT, data_section, read_labelled, trained_columns
@@ -172,40 +188,62 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out_dir = Path(args.output_dir or f"runs/evaluations/{time.strftime('%Y%m%d-%H%M%S')}-{slug}")
     if labelled.unknown:
         shown = ", ".join(f"{value!r} ({n})" for value, n in list(labelled.unknown.items())[:10])
-        print(f"left out {labelled.skipped_rows} rows with labels the model never saw: {shown}", file=sys.stderr)
+        console.warn(f"left out {labelled.skipped_rows} rows with labels the model never saw: {shown}")
     report = run_evaluation(found, predictor, labelled, out_dir, extra, args.find_label_issues, args.experiment,
                             log=not args.no_log, params={"backend": predictor.runtime, "batch_size": args.batch_size,
                                                          "columns": {k: v for k, v in task.columns(data).items()}},
-                            overwrite=args.overwrite)
-    print(f"{task.name} model {found.source} ({predictor.runtime}) on {labelled.name}: {len(labelled.split)} examples"
-          f" in {report.seconds:.1f} s")
-    print(", ".join(f"{k} {v:.4f}" for k, v in report.metrics.items() if k != "label_issues"))
+                            overwrite=args.overwrite, progress=console.terminal_stream())
+    say = console.say
+    say(f"{task.name} model {found.source} ({predictor.runtime}) on {labelled.name}: {len(labelled.split)} examples"
+        f" in {report.seconds:.1f} s")
+    say(", ".join(f"{k} {v:.4f}" for k, v in report.metrics.items() if k != "label_issues"))
     for table in report.tables:
-        print(f"\n{table.stem.replace('_', ' ')}:\n{table.read_text().rstrip()}")
+        say(f"\n{table.stem.replace('_', ' ')}:\n{table.read_text().rstrip()}")
     if report.issues is not None:
-        print(f"\nlabel issues: {len(report.issues)} of {len(labelled.split)} examples; the likeliest first "
-              f"({report.issues_path}):")
-        print(report.issues.head(10).to_string(index=False, max_colwidth=60))
-    print(f"\nfiles: {out_dir}")
+        say(f"\nlabel issues: {len(report.issues)} of {len(labelled.split)} examples; the likeliest first "
+            f"({report.issues_path}):")
+        say(report.issues.head(10).to_string(index=False, max_colwidth=60))
+    say(f"\nfiles: {out_dir}")
     if report.run_id:
         from finetune.tracking.tracker import tracking_uri
 
-        print(f"MLflow: evaluation run {report.run_id} in {tracking_uri()}")
-    return 0
+        say(f"MLflow: evaluation run {report.run_id} in {tracking_uri()}")
+    return out_dir
 
 
 def cmd_label_issues(args: argparse.Namespace) -> int:
     from finetune.config.recipe import load_recipe
     from finetune.training.crossval import label_issues
 
+    import finetune.cli.console as console
+
     recipe = load_recipe(args.recipe, args.overrides)
     out_dir = Path(args.output_dir or f"{recipe.output_dir}-label-issues")
-    report = label_issues(recipe, args.folds, out_dir, overwrite=args.overwrite)
-    print(f"\nout-of-fold ({args.folds} folds, {report.examples} examples, {report.seconds:.0f} s): "
-          + ", ".join(f"{k} {v:.4f}" for k, v in report.metrics.items()))
-    print(f"label issues: {len(report.issues)} of {report.examples} examples; the likeliest first ({report.issues_path}):")
-    print(report.issues.head(args.show).to_string(index=False, max_colwidth=60))
-    print(f"MLflow: run {report.run_id}")
+    with console.command_output("label-issues", args.verbose) as log:
+        bar = None
+
+        def on_fold(k: int, metrics: dict[str, float]) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = console.progress_bar(args.folds, "folds", "fold")
+            if k >= 0:
+                shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items() if name != "loss")
+                console.say(f"fold {k + 1}/{args.folds}: {shown}")
+                bar.update(1)
+
+        try:
+            report = label_issues(recipe, args.folds, out_dir, overwrite=args.overwrite, on_fold=on_fold)
+        finally:
+            if bar is not None:
+                console.close_bar(bar)
+        console.say(f"\nout-of-fold ({args.folds} folds, {report.examples} examples, {report.seconds:.0f} s): "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in report.metrics.items()))
+        console.say(f"label issues: {len(report.issues)} of {report.examples} examples; the likeliest first "
+                    f"({report.issues_path}):")
+        console.say(report.issues.head(args.show).to_string(index=False, max_colwidth=60))
+        console.say(f"MLflow: run {report.run_id}")
+    kept = console.publish_log(log, out_dir, "label-issues.log")
+    print(f"log: {kept or log}")
     return 0
 
 

@@ -50,9 +50,13 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                             "with CORS headers; default none: cross-origin requests get 403 (same-origin ones pass)")
     serve.add_argument("--backend", choices=["auto", "torch", "onnx", "onnx-int8"], default="auto",
                        help="auto: ONNX Runtime when the model folder has model.onnx (finetune export), else PyTorch")
-    serve.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+    serve.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                        help="PyTorch backend: fp32 answers exactly as evaluation scored the model; bf16 (autocast) is "
-                            "faster on CPUs that compute bf16 natively (AVX512-BF16, AMX) but may flip answers near a tie")
+                            "faster on CPUs that compute bf16 natively (AVX512-BF16, AMX) and on GPUs but may flip "
+                            "answers near a tie; fp16 (autocast) is for GPUs")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="where the PyTorch backend runs: auto (the GPU when PyTorch sees one, else the CPU), cpu, "
+                            "or cuda (refused without a GPU)")
     serve.add_argument("--threads", default=None, metavar="N|auto",
                        help="PyTorch and ONNX Runtime threads for the model (default auto: the CPUs this process may use, "
                             "its affinity and container CPU quota, and fewer while other processes keep cores busy; "

@@ -68,8 +68,32 @@ def stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
     proc.poll()
 
 
-def run_ui(host: str, port: int) -> int:
-    """Serve the MLflow UI until this process is told to stop; 0 when stopped by a signal or Ctrl-C."""
+LOG_FILE = "ui.log"
+
+
+def ui_log() -> "os.PathLike[str]":
+    """Where the UI server's own output goes (MLflow's and uvicorn's start-up lines, its errors): ui.log in
+    finetune's cache folder, replaced at each start."""
+    from finetune.data.features import cache_home
+
+    folder = cache_home()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / LOG_FILE
+
+
+def _tail(path: "os.PathLike[str]", lines: int = 15) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "".join(f.readlines()[-lines:]).rstrip()
+    except OSError:
+        return ""
+
+
+def run_ui(host: str, port: int, verbose: bool = False) -> int:
+    """Serve the MLflow UI until this process is told to stop; 0 when stopped by a signal or Ctrl-C.
+
+    The terminal shows our lines only (starting, ready, stopped); the server's output goes to `ui_log()`, and to
+    the terminal's stderr as well with `verbose`."""
     from finetune.tracking.store import existing_store
 
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -93,20 +117,38 @@ def run_ui(host: str, port: int) -> int:
             raise _Stop(signum)
 
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-        # Its output (server logs) goes to stderr (descriptor 2), so stdout carries only the ready line.
-        proc = subprocess.Popen(cmd, env=env, stdout=2, start_new_session=True)
+        # The server's output goes to the log (and with --verbose to stderr, descriptor 2): stdout carries only the
+        # ready line, stderr only our own.
+        log_path = ui_log()
+        log = None if verbose else open(log_path, "w", encoding="utf-8")
+        try:
+            proc = subprocess.Popen(cmd, env=env, stdout=2 if verbose else log, stderr=2 if verbose else log,
+                                    start_new_session=True)
+        finally:
+            if log is not None:
+                log.close()  # the child holds its own descriptor
         try:
             deadline = time.monotonic() + READY_TIMEOUT_S
             while not _answers(f"{url}/health"):
                 if proc.poll() is not None:
+                    where = "its output is above" if verbose else f"its output, in {log_path}, ends: {_tail(log_path)}"
                     raise FinetuneError(f"the MLflow UI exited with status {proc.returncode} before it answered "
-                                        "(its output is above)")
+                                        f"({where})")
                 if time.monotonic() > deadline:
-                    raise FinetuneError(f"the MLflow UI did not answer at {url} within {READY_TIMEOUT_S:.0f} s")
+                    raise FinetuneError(f"the MLflow UI did not answer at {url} within {READY_TIMEOUT_S:.0f} s "
+                                        f"(its output: {'above' if verbose else log_path})")
                 time.sleep(0.3)
             print(f"MLflow UI ready at {url} for {uri}  (Ctrl-C stops it)", flush=True)
-            return proc.wait()
+            if not verbose:
+                print(f"log: {log_path} (the server's own lines; --verbose shows them here)", file=sys.stderr,
+                      flush=True)
+            code = proc.wait()
+            if code != 0:
+                raise FinetuneError(f"the MLflow UI stopped with status {code} (its output: "
+                                    f"{'above' if verbose else log_path})")
+            return 0
         except _Stop:
+            print("stopped the MLflow UI", file=sys.stderr, flush=True)
             return 0
         finally:
             for sig in previous:  # a second Ctrl-C must not cut the clean-up short

@@ -516,7 +516,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     key = key.strip()
     annotation = _field_annotation(key)
-    if raw.strip().lower() in ("null", "none", "~"):
+    word = raw.strip().lower()
+    if word == "none" and _literal_choice(annotation, "none"):
+        return key.split("."), "none"  # the field's own value named none (data.quoting, training.freeze, ...)
+    if word in ("null", "none", "~"):
         return key.split("."), None
     try:
         value = TypeAdapter(annotation).validate_strings(raw)
@@ -529,6 +532,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if isinstance(value, BaseModel):
         value = value.model_dump()
     return key.split("."), value
+
+
+def _literal_choice(annotation: Any, value: str) -> bool:
+    """Whether `value` is one of the schema type's Literal choices (e.g. quoting: minimal | none), as opposed to
+    free text that would take any word."""
+    if typing.get_origin(annotation) is Literal:
+        return value in typing.get_args(annotation)
+    return any(_literal_choice(arg, value) for arg in typing.get_args(annotation))
 
 
 def _first_message(error: Exception) -> str:

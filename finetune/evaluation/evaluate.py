@@ -56,13 +56,18 @@ def features_of(predictor: Predictor, split: datasets.Dataset, data: Any) -> dat
                      keep_in_memory=True, desc="tokenising")
 
 
-def model_outputs(predictor: Predictor, features: datasets.Dataset, progress: bool = False) -> list[np.ndarray]:
-    """The model's output for every feature, in order (batched by length inside each call)."""
+def model_outputs(predictor: Predictor, features: datasets.Dataset, progress: Any = False) -> list[np.ndarray]:
+    """The model's output for every feature, in order (batched by length inside each call).
+
+    progress: False, True (a bar on stderr) or the stream to draw the bar on (the terminal, while the command's
+    other output goes to its log: `finetune.cli.console.terminal_stream`)."""
     from tqdm.auto import tqdm
 
     keys = [k for k in predictor.tokenizer.model_input_names if k in features.column_names]
     rows: list[np.ndarray] = []
-    with tqdm(total=len(features), unit="features", desc="evaluating", disable=not progress or None) as bar:
+    stream = progress if hasattr(progress, "write") else None
+    with tqdm(total=len(features), unit="features", desc="evaluating", disable=not progress or None,
+              file=stream) as bar:
         for start in range(0, len(features), FEATURES_PER_CALL):
             columns = features.select(range(start, min(start + FEATURES_PER_CALL, len(features)))).select_columns(keys).to_dict()
             batch = [{k: columns[k][i] for k in keys} for i in range(len(columns[keys[0]]))]
@@ -72,7 +77,7 @@ def model_outputs(predictor: Predictor, features: datasets.Dataset, progress: bo
 
 
 def evaluate_split(predictor: Predictor, split: datasets.Dataset, data: Any, extra: ExtraMetrics | None = None,
-                   progress: bool = False) -> Evaluation:
+                   progress: Any = False) -> Evaluation:
     """The task's metrics (and any extra `evaluate` metrics) of a model on a labelled split."""
     task, settings, label_names = predictor.task, predictor.settings, predictor.info.label_names
     features = features_of(predictor, split, data)
@@ -117,7 +122,7 @@ def check_evaluation_folder(out_dir: Path | str, overwrite: bool = False) -> Non
 
 def run_evaluation(located: Any, predictor: Predictor, labelled: LabelledData, out_dir: Path,
                    extra: ExtraMetrics | None = None, find_label_issues: bool = False, experiment: str | None = None,
-                   log: bool = True, progress: bool = True, params: dict[str, Any] | None = None,
+                   log: bool = True, progress: Any = True, params: dict[str, Any] | None = None,
                    overwrite: bool = False) -> EvaluationReport:
     """Evaluate, write the task's evaluation files (and label issues) to `out_dir`, log the MLflow run.
 

@@ -727,7 +727,50 @@ def score_file(predictor: Predictor, input_path: Path, output: Path, data: Any, 
                                 overwrite)
     except (RefusedWrite, FileExistsError) as e:
         raise DataError(f"--output: {e}; remove it, or pass --overwrite") from None
-    started, errors, scored = time.perf_counter(), 0, 0
+    started, errors, scored, committed = time.perf_counter(), 0, 0, done
+    try:
+        committed = _score_rows(tqdm, reader, progress, done, first, chunks, predictor, data, options, predicted,
+                                input_names, answer_fields, writer, digest, progress_path, record)
+    except KeyboardInterrupt:
+        # What the progress file records is what a rerun resumes from (a chunk cut off by the key is redone).
+        raise ScoringInterrupted(_read_progress_rows(progress_path, committed), output) from None
+    scored, errors = committed.scored, committed.errors
+    done = committed.done
+    writer.finish(output)
+    progress_path.unlink(missing_ok=True)
+    seconds = time.perf_counter() - started
+    return ScoreReport(output, done, seconds, scored / seconds if seconds else 0.0, errors,
+                       state["rows_done"] if state else 0, names)
+
+
+class ScoringInterrupted(KeyboardInterrupt):
+    """Ctrl-C while scoring a file: the rows written so far are kept, and the same command resumes after them.
+    A KeyboardInterrupt still (whoever stops on Ctrl-C stops on it); its text is the one line the user sees."""
+
+    def __init__(self, rows: int, output: Path):
+        super().__init__(f"interrupted: {rows} rows written (toward {output}); run the same command again to resume")
+        self.rows = rows
+
+
+def _read_progress_rows(progress: Path, fallback: Any) -> int:
+    try:
+        return int(_read_progress(progress)["rows_done"])
+    except Exception:  # no record yet, or one a kill cut short: the count the loop had reached
+        return int(getattr(fallback, "done", fallback))
+
+
+@dataclass
+class _Counts:
+    done: int
+    scored: int = 0
+    errors: int = 0
+
+
+def _score_rows(tqdm: Any, reader: "Reader", progress: bool, done: int, first: list, chunks: Iterator[list],
+                predictor: Predictor, data: Any, options: PostprocessOptions, predicted: set[str],
+                input_names: list[str], answer_fields: dict[str, Any], writer: Any, digest: Any,
+                progress_path: Path, record: dict[str, Any]) -> "_Counts":
+    counts = _Counts(done)
     with tqdm(total=reader.total_rows() if progress else None, initial=done, unit="rows", unit_scale=True,
               desc="scoring", disable=not progress or None, smoothing=0.1) as bar:
         for prepared in read_ahead(_chain(first, chunks), predictor, reader.names, data):
@@ -741,19 +784,15 @@ def score_file(predictor: Predictor, input_path: Path, output: Path, data: Any, 
                 out |= {PREFIX + k: answer.get(k) for k in answer_fields}
                 out[ERROR_COLUMN] = problem
                 rows.append(out)
-            errors += sum(1 for p in problems if p)
             writer.write(rows)
             hash_rows(digest, chunk)
             done += len(chunk)
-            scored += len(chunk)
             _write_progress(progress_path, record | {"rows_done": done, "input_sha256": digest.hexdigest(),
                                                      **writer.commit()})
+            counts.done, counts.scored = done, counts.scored + len(chunk)
+            counts.errors += sum(1 for p in problems if p)
             bar.update(len(chunk))
-    writer.finish(output)
-    progress_path.unlink(missing_ok=True)
-    seconds = time.perf_counter() - started
-    return ScoreReport(output, done, seconds, scored / seconds if seconds else 0.0, errors,
-                       state["rows_done"] if state else 0, names)
+    return counts
 
 
 def _chain(first: list, rest: Iterator[list]) -> Iterator[list]:

@@ -10,10 +10,12 @@ what is missing. `finetune export` merges the adapter into the base first (`merg
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -245,7 +247,7 @@ def load_adapter_model(path: Path | str, task: Any, adapter: dict[str, Any], bas
     from peft import PeftModel
     from transformers import AutoConfig
 
-    from finetune.models.modeling import model_class
+    from finetune.models.modeling import model_class, new_weights
 
     path = Path(path)
     if not (path / ADAPTER_WEIGHTS).is_file():
@@ -261,7 +263,15 @@ def load_adapter_model(path: Path | str, task: Any, adapter: dict[str, Any], bas
     for key in ("attention_type", "block_size", "num_random_blocks") + ((own,) if own else ()):
         if getattr(head_config, key, None) is not None:
             extra[key] = getattr(head_config, key)
-    model = model_class(task).from_pretrained(base_path, use_safetensors=True, **extra)
+    with _without_load_report():
+        model, loading = model_class(task).from_pretrained(base_path, use_safetensors=True, output_loading_info=True,
+                                                           **extra)
+    missing = _not_in_adapter(model, new_weights(model, loading).encoder)
+    if missing:
+        raise CheckpointError(
+            f"the base checkpoint at {base_path} lacks {len(missing)} encoder weights this adapter needs "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): is it the checkpoint the adapter was "
+            "trained on?")
     if getattr(head_config, POOLING_KEY, None) is not None:
         setattr(model.config, POOLING_KEY, getattr(head_config, POOLING_KEY))
     install_pooling(model)
@@ -273,6 +283,33 @@ def load_adapter_model(path: Path | str, task: Any, adapter: dict[str, Any], bas
             "checkpoint there")
     check_adapter_fits(path, config, model)
     return PeftModel.from_pretrained(model, str(path), is_trainable=False).eval()
+
+
+@contextlib.contextmanager
+def _without_load_report() -> Iterator[None]:
+    """Drop transformers' load report while the base of an adapter model loads: it says the head is MISSING and
+    "newly initialized ... Consider training", which is expected there (the adapter folder's head weights are loaded
+    right after) and alarming on the terminal of predict, serve and export. What is really missing is checked from
+    the loading info instead (`_not_in_adapter`)."""
+    report = logging.getLogger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    report.addFilter(drop)
+    try:
+        yield
+    finally:
+        report.removeFilter(drop)
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+def _not_in_adapter(model: torch.nn.Module, missing: list[str]) -> list[str]:
+    """Missing encoder weights that the adapter folder does not bring either (its head, and the pooler the head
+    reads, come from the adapter's weights)."""
+    heads = head_modules(model)
+    return [key for key in missing if not any(f".{name}." in f".{key}" for name in heads)]
 
 
 def merged(model: torch.nn.Module) -> torch.nn.Module:

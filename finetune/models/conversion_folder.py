@@ -21,6 +21,7 @@ from typing import Any
 
 from finetune.errors import ConversionError
 from finetune.files import RefusedWrite, refuse_link, write_atomic
+from finetune.models.modeling import usual_file_modes
 
 REPORT_FILE = "conversion.json"
 
@@ -56,6 +57,7 @@ def publish(tmp: Path, target: Path, report: dict[str, Any], started: float) -> 
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the checkpoint is an ordinary folder
+    usual_file_modes(tmp)  # and its files too (safetensors writes its weights 0600)
     check_target(target, overwrite=True)  # again: a link may have appeared while the conversion ran
     old = None
     if target.exists() and any(target.iterdir()):

@@ -222,6 +222,7 @@ def save_model_dir(target: Path, model: Any, tokenizer: Any, info: ModelInfo, re
     # listed: nothing that answers reads it, and a folder without one stays loadable (export then asks --no-check).
     write_manifest(tmp, [p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
                          if p.is_file() and p.name not in (STAGING_MARKER, "recipe.yaml")], MANIFEST_FILE)
+    usual_file_modes(tmp)
     fsync_tree(tmp)
     if target.exists():
         if aside.exists():
@@ -234,6 +235,32 @@ def save_model_dir(target: Path, model: Any, tokenizer: Any, info: ModelInfo, re
         shutil.rmtree(aside)
     (target / STAGING_MARKER).unlink(missing_ok=True)
     return target
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc: setting it to read it back
+    would briefly change it for every thread); elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_file_modes(folder: Path) -> None:
+    """Give every file in a model folder the mode a new file of the user's gets (0666 less the umask).
+
+    safetensors' writer (and so save_pretrained's weights) creates its files 0600 whatever the umask, so a model
+    a team shares through a group folder would be readable by its trainer only. Links are skipped, never followed.
+    """
+    mode = 0o666 & ~current_umask()
+    for path in Path(folder).rglob("*"):
+        if not is_link(path) and path.is_file() and (path.stat().st_mode & 0o777) != mode:
+            os.chmod(path, mode)
 
 
 def staging_dirs(target: Path) -> tuple[Path, Path]:

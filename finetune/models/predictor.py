@@ -25,6 +25,7 @@ class Predictor:
 
     def __init__(self, model: Any, tokenizer: Any, info: ModelInfo, batch_size: int = 32, precision: str = "fp32"):
         self.model = model.eval()
+        self.device = torch.device("cpu")
         self.precision = check_inference_precision(precision)
         self.tokenizer = tokenizer
         self.info = info
@@ -51,10 +52,19 @@ class Predictor:
         predictor.unverified = list(checked.unverified)
         return predictor
 
+    def to_device(self, device: str = "auto") -> "Predictor":
+        """Run on `device`: cpu, cuda (refused without a GPU) or auto (the GPU when there is one). Returns self."""
+        self.device = inference_device(device)
+        if self.device.type != "cpu":
+            self.model.to(self.device)
+        if self.precision == "fp16" and self.device.type == "cpu":
+            raise ValueError("precision 'fp16' needs a GPU (--device cuda); on a CPU use bf16 or fp32")
+        return self
+
     @property
     def runtime(self) -> str:
-        """What runs the forward pass, for people: "pytorch fp32", "pytorch bf16", "onnxruntime int8"..."""
-        return f"pytorch {self.precision}"
+        """What runs the forward pass, for people: "pytorch fp32", "pytorch bf16 on cuda", "onnxruntime int8"..."""
+        return f"pytorch {self.precision}" + (f" on {self.device.type}" if self.device.type != "cpu" else "")
 
     def encode_inputs(self, inputs: Sequence[Any]) -> Encoded:
         """Check inputs (raising `InputError` for the first bad one) and turn them into model features."""
@@ -94,9 +104,11 @@ class Predictor:
 
     @torch.inference_mode()
     def _forward(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
-        with inference_autocast(self.precision):
+        if self.device.type != "cpu":
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with inference_autocast(self.precision, self.device.type):
             output = self.model(**batch)
-        return self.task.output_array(output).float().numpy()
+        return self.task.output_array(output).float().cpu().numpy()
 
     def answer(self, inputs: Sequence[Any], encoded: Encoded, rows: Sequence[np.ndarray],
                options: PostprocessOptions | None = None) -> list[dict[str, Any]]:
@@ -110,17 +122,33 @@ class Predictor:
         return self.answer(inputs, encoded, self.outputs(encoded.features), options)
 
 
-INFERENCE_PRECISIONS = ("fp32", "bf16")
+INFERENCE_PRECISIONS = ("fp32", "bf16", "fp16")
+INFERENCE_DEVICES = ("auto", "cpu", "cuda")
 
 
-def inference_autocast(precision: str) -> torch.autocast:
-    """The autocast region a forward pass runs in at an inference precision (`INFERENCE_PRECISIONS`)."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+def inference_autocast(precision: str, device_type: str = "cpu") -> torch.autocast:
+    """The autocast region a forward pass runs in at an inference precision (`INFERENCE_PRECISIONS`) on a device
+    type (fp16 is for GPUs: `Predictor.to_device` refuses it on a CPU)."""
+    return torch.autocast(device_type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+                          enabled=precision != "fp32")
+
+
+def inference_device(device: str = "auto") -> torch.device:
+    """The torch device of `--device`: auto is the first GPU when CUDA has one, else the CPU. Raises ValueError
+    naming the allowed values, or when cuda is asked for and there is none."""
+    if device not in INFERENCE_DEVICES:
+        raise ValueError(f"device {device!r}: allowed values are {', '.join(INFERENCE_DEVICES)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda': this machine has no CUDA GPU that PyTorch can use; use --device cpu")
+    return torch.device(device)
 
 
 def check_inference_precision(precision: str) -> str:
     """The precision a Predictor runs in: fp32 (what evaluation uses, so answers match the logged metrics
-    exactly) or bf16 autocast (faster on CPUs that compute bf16 natively; answers can differ near ties).
+    exactly), bf16 autocast (faster on CPUs that compute bf16 natively and on GPUs; answers can differ near ties)
+    or fp16 autocast (GPUs only).
 
     Raises ValueError naming the allowed values. Block-sparse BigBird runs in bf16 too (`finetune.models.bigbird`).
     """

@@ -36,6 +36,14 @@ def balanced_weights(counts: Sequence[int], total: int, multi_label: bool) -> li
     return [float(f"{w:.6g}") for w in np.maximum(weights, 1e-6)]
 
 
+def weights_by_label(weights: Any, label_names: Sequence[str] | None) -> dict[str, float] | None:
+    """Resolved `task.class_weights` per label name, as the run records them (an MLflow param), or None when the
+    task uses none. `balanced` must already be numbers (`WeightedLosses.settings_for_training`)."""
+    if weights is None or isinstance(weights, str) or not label_names:
+        return None
+    return {str(name): float(w) for name, w in zip(label_names, weights)}
+
+
 def cross_entropy(logits: Any, labels: Any, weights: Sequence[float] | None, focal_gamma: float | None) -> Any:
     """Single-label loss: (class-weighted) cross-entropy, optionally focal.
 

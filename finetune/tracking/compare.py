@@ -14,10 +14,16 @@ from finetune.files import spreadsheet_frame
 from finetune.tracking.evaluation_run import DATA_TAG, EVALUATION_TAG, MODEL_NAME_TAG, MODEL_RUN_TAG, MODEL_SOURCE_TAG, \
     MODEL_VERSION_TAG, SPLIT_TAG
 from finetune.tracking.registry import champion_run_ids
+from finetune.tracking.tracker import RESOLVED_SUFFIX
 from finetune.tasks import TASKS
 
 # Params that identify a run rather than describe how it was trained.
 _NOT_HYPERPARAMETERS = {"name", "output_dir", "tracking.run_name", "tracking.experiment", "tracking.tracking_uri"}
+
+
+PRECISION_PARAM = "training.mixed_precision" + RESOLVED_SUFFIX
+"""The precision a run trained in (`Tracker`); runs logged before it was recorded show none."""
+PRECISION_NAMES = {"no": "fp32"}
 
 
 def collect_runs(experiment: str | None, evaluations: bool = False) -> list[Any]:
@@ -80,7 +86,7 @@ def compare_table(experiment: str | None = None, metric: str | None = None) -> t
         metric = collections.Counter(r.data.params.get("task.metric_for_best") for r in runs).most_common(1)[0][0]
     tasks = {r.data.tags["finetune.task"] for r in runs}
     greater = all(TASKS[t].greater_is_better(metric) for t in tasks if metric in TASKS[t].metrics)
-    keys = sorted({k for r in runs for k in r.data.params} - _NOT_HYPERPARAMETERS)
+    keys = sorted({k for r in runs for k in r.data.params} - _NOT_HYPERPARAMETERS - {PRECISION_PARAM})
     differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
     champions = champion_run_ids()
     scores = evaluation_columns(runs, collect_runs(experiment, evaluations=True), metric)
@@ -91,6 +97,8 @@ def compare_table(experiment: str | None = None, metric: str | None = None) -> t
         row = {
             "run": r.info.run_name, "run_id": r.info.run_id, "checkpoint": r.data.params.get("model.checkpoint"),
             "task": r.data.tags["finetune.task"], metric: None if value is None else round(value, 4),
+            # Always shown: `mixed_precision: auto` resolves per machine, and it moves the metric.
+            "precision": PRECISION_NAMES.get(r.data.params.get(PRECISION_PARAM, ""), r.data.params.get(PRECISION_PARAM, "")),
             **{k: r.data.params.get(k) for k in differing},
             "train_seconds": None if seconds is None else round(seconds, 1),
             "samples_per_s": _round(r.data.metrics.get("train/samples_per_second_overall")),

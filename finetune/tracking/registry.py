@@ -99,3 +99,22 @@ def champion_run_ids() -> set[str]:
         if current is not None and current.run_id:
             ids.add(current.run_id)
     return ids
+
+
+def champion_of(run_id: str, store: str) -> str | None:
+    """"NAME version N" when the model made from `run_id` is a registered model's champion in `store`, else None
+    (also when the store cannot be read: a question asked before a run, which must not stop it)."""
+    from finetune.tracking.store import local_store_file
+
+    path = local_store_file(store)
+    if path is not None and not path.exists():
+        return None  # no store, no registry: and asking must not create one
+    try:
+        client = mlflow.MlflowClient(tracking_uri=store)
+        for version in client.search_model_versions(f"run_id = '{run_id}'"):
+            current = _champion(client, version.name)
+            if current is not None and current.run_id == run_id:
+                return f"{version.name} version {current.version}"
+    except Exception:  # an unreachable or foreign store: nothing to protect that we can know of
+        return None
+    return None

@@ -60,6 +60,27 @@ def champion_name() -> str:
     raise ModelSourceError(f"several registered models have a champion ({', '.join(sorted(names))}); choose one with --name")
 
 
+# What marks a folder as a model (finetune's, an MLflow model, an ONNX export, or a plain save_pretrained one).
+_MODEL_MARKS = ("finetune.json", "MLmodel", "config.json", "model.onnx")
+
+
+def check_not_run_folder(folder: Path) -> None:
+    """Refuse, with the folder meant, a training run's output folder given where a model is expected: the model
+    is its best/ (runs/quickstart is the run, runs/quickstart/best its model)."""
+    from finetune.training.outputs import BEST_DIR, MARKER_FILE
+
+    if any((folder / mark).is_file() for mark in _MODEL_MARKS):
+        return
+    best = folder / BEST_DIR
+    if best.is_dir():
+        raise ModelSourceError(f"model {str(folder)!r} is a training run's output folder, not a model: did you mean "
+                               f"{(folder / BEST_DIR).as_posix()}?")
+    if (folder / MARKER_FILE).is_file():
+        raise ModelSourceError(f"model {str(folder)!r} is a training run's output folder, and it has no "
+                               f"{BEST_DIR}/ model yet (the run has not saved one: see `finetune runs`); give a "
+                               f"model folder such as runs/<name>/{BEST_DIR}, a run id or a models:/ URI")
+
+
 def locate(source: str | None = None, name: str | None = None, store: str | None = None) -> Located:
     """Find (downloading if needed) the model a source names; see the module docstring for the sources.
 
@@ -71,6 +92,7 @@ def locate(source: str | None = None, name: str | None = None, store: str | None
     from finetune.tracking.store import existing_store
 
     if source and Path(source).is_dir():
+        check_not_run_folder(Path(source))
         return Located(Path(source), None, None, None, str(source))
     if source is not None and not (RUN_ID.fullmatch(source) or source.startswith(("models:/", "runs:/"))):
         raise ModelSourceError(f"model {source!r}: there is no such folder, and it is not an MLflow run id or URI; "
@@ -103,12 +125,13 @@ def locate(source: str | None = None, name: str | None = None, store: str | None
     return Located(local, name, version, run_id, source)
 
 
-def load_predictor(found: Located, backend: str = "auto", precision: str = "fp32") -> Predictor:
+def load_predictor(found: Located, backend: str = "auto", precision: str = "fp32", device: str = "cpu") -> Predictor:
     """The Predictor of a located model.
 
     backend: `auto` (ONNX Runtime for a folder with model.onnx, else PyTorch), `torch`, `onnx` or `onnx-int8`
     (both need a `finetune export` folder). precision applies to the PyTorch backend (see
-    `check_inference_precision`); bf16 makes `auto` choose PyTorch.
+    `check_inference_precision`); bf16 makes `auto` choose PyTorch. device (cpu, cuda, auto) is where PyTorch runs
+    it; ONNX Runtime runs on the CPU.
     """
     from finetune.export.onnx import ONNX_FILE, OnnxPredictor
     from finetune.tracking.mlflow_model import load_logged_model
@@ -137,6 +160,8 @@ def load_predictor(found: Located, backend: str = "auto", precision: str = "fp32
         raise ModelSourceError(predictor.task.not_served(found.source))
     try:
         predictor.precision = check_inference_precision(precision)
+        if isinstance(predictor, Predictor) and not isinstance(predictor, OnnxPredictor):
+            predictor.to_device(device)
     except ValueError as e:
         raise ModelSourceError(f"--{e}") from None
     return predictor

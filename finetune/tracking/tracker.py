@@ -74,6 +74,17 @@ def recipe_params(recipe: Recipe) -> tuple[dict[str, str], dict[str, str]]:
     return params, cut
 
 
+RESOLVED_SUFFIX = ".resolved"
+
+
+def resolved_params(resolved: dict[str, str]) -> dict[str, str]:
+    """What a run's automatic settings resolved to, as MLflow params: `training.mixed_precision` ->
+    `training.mixed_precision.resolved` (values longer than a param holds are cut; recipe.yaml does not have them,
+    but they are only ever per-label weights, which the model's finetune.json keeps whole)."""
+    return {f"{key}{RESOLVED_SUFFIX}": value if len(value) <= MAX_PARAM_VAL_LENGTH else value[: MAX_PARAM_VAL_LENGTH - 20]
+            + "...[cut]" for key, value in resolved.items()}
+
+
 def latest_per_step(history: list[Metric]) -> list[tuple[int, float]]:
     """A metric's (step, value) curve with one value per step: the last one logged.
 
@@ -106,7 +117,9 @@ class Tracker:
     """One MLflow run for one training run (continued, not duplicated, when the training resumes)."""
 
     def __init__(self, recipe: Recipe, extra_tags: dict[str, str] | None = None, run_id: str | None = None,
-                 nested: bool = False):
+                 nested: bool = False, resolved: dict[str, str] | None = None):
+        """Start (or, with `run_id`, continue) the run. A new run logs every recipe key as a param, plus what the
+        automatic ones resolved to (`resolved`: key -> value, logged as `<key>.resolved`; see `resolved_params`)."""
         self.recipe = recipe
         # A tracking server that goes away must not stall training for minutes in the client's retries.
         for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
@@ -131,7 +144,7 @@ class Tracker:
             mlflow.set_tag("finetune.resumed", "true")
             return  # params and recipe were logged when the run started
         params, cut = recipe_params(recipe)
-        mlflow.log_params(params)
+        mlflow.log_params({**params, **resolved_params(resolved or {})})
         tags = {"finetune.recipe": recipe.name, "finetune.task": recipe.task.type,
                 "finetune.checkpoint": recipe.model.checkpoint, **(extra_tags or {})}
         tags.update({f"finetune.param_cut.{k}": v for k, v in cut.items()})

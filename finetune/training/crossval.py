@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlflow
 import numpy as np
@@ -78,7 +78,8 @@ def fold_recipe(recipe: Recipe, k: int, folds: int, train_file: Path, label_name
     data = recipe.data
     values = recipe.model_dump(mode="json")
     values["name"] = f"{recipe.name}-fold{k + 1}of{folds}"
-    values["output_dir"] = f"{recipe.output_dir}-label-issues/fold-{k + 1}"
+    # Not inside the default output folder of the issues (OUTPUT_DIR-label-issues), which must hold only them.
+    values["output_dir"] = f"{recipe.output_dir}-label-issues-folds/fold-{k + 1}"
     values["data"] = {"files": {"train": str(train_file)}, "text_column": "text", "label_column": "label",
                       "label_names": list(label_names), "label_separator": data.label_separator,
                       "validation_size": data.validation_size}
@@ -110,10 +111,13 @@ def _out_of_fold_metrics(task: Any, probs: np.ndarray, labels: np.ndarray, setti
     return task.compute_metrics(logits, labels, settings.threshold)
 
 
-def label_issues(recipe: Recipe, folds: int, out_dir: Path, overwrite: bool = False) -> CrossValidationReport:
+def label_issues(recipe: Recipe, folds: int, out_dir: Path, overwrite: bool = False,
+                 on_fold: Callable[[int, dict[str, float]], None] | None = None) -> CrossValidationReport:
     """Train `folds` models, predict each held-out fold, rank the label issues of the whole training split.
 
-    `out_dir` is checked before the first model trains (`check_issues_folder`), not after the K trainings."""
+    `out_dir` is checked before the first model trains (`check_issues_folder`), not after the K trainings.
+    `on_fold(k, metrics)` is told when the folds start (k = -1) and each fold's held-out metrics: the terminal's
+    lines and bar (the folds' own training reports nothing)."""
     if folds < 2:
         raise RecipeError(f"--folds: {folds}; cross-validation needs at least 2 folds")
     task = get_task(recipe.task.type)
@@ -131,6 +135,8 @@ def label_issues(recipe: Recipe, folds: int, out_dir: Path, overwrite: bool = Fa
     mlflow.set_tracking_uri(tracking_uri(recipe))
     use_experiment(recipe.tracking.experiment or recipe.name)
     out_dir = Path(out_dir)
+    if on_fold is not None:
+        on_fold(-1, {})
     with mlflow.start_run(run_name=f"{recipe.name} label issues ({folds} folds)",
                           tags={"finetune.label_issues": "true", "finetune.label_issues_task": task.name}) as parent, tempfile.TemporaryDirectory() as tmp:
         mlflow.log_params({"folds": folds, "examples": len(split), "recipe": recipe.name})
@@ -142,6 +148,8 @@ def label_issues(recipe: Recipe, folds: int, out_dir: Path, overwrite: bool = Fa
             evaluation = evaluate_split(predictor, split.select(held), recipe.data)
             probs[held] = task.label_probabilities(evaluation.outputs, settings)
             fold_metrics.append(evaluation.metrics)
+            if on_fold is not None:
+                on_fold(k, evaluation.metrics)
             mlflow.log_metrics({f"fold_{k + 1}/{name}": value for name, value in evaluation.metrics.items()})
         metrics = _out_of_fold_metrics(task, probs, labels, settings)
         issues = issues_table(task, probs, split, recipe.data, list(split[ROW]), label_names, settings.threshold,

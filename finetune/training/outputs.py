@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from finetune.errors import CheckpointError, FinetuneError, RecipeError
-from finetune.files import is_link, read_json, refuse_link, write_atomic
+from finetune.files import OUTPUT_MARKER, is_link, is_output_folder, read_json, refuse_link, write_atomic
+from finetune.files import output_files
 from finetune.models.checksums import STAGING_MARKER, is_staging, read_manifest
 from finetune.models.modeling import (
     MANIFEST_FILE, METADATA_FILE, check_save_target, recover_model_dir, staging_dirs,
@@ -107,10 +108,18 @@ def _write_marker(out: Path, marker: dict[str, Any]) -> None:
     write_atomic(out / MARKER_FILE, json.dumps(marker, indent=2))
 
 
-def claim(out: Path | str, recipe_name: str, recipe_hash: str, kind: str = "run") -> None:
-    """Mark `out` as finetune's (main process only): a run is starting in it, by this process."""
+def claim(out: Path | str, recipe_name: str, recipe_hash: str, kind: str = "run", store: str | None = None,
+          say: Callable[[str], None] | None = None) -> None:
+    """Mark `out` as finetune's (main process only): a run is starting in it, by this process.
+
+    When the run before it in this folder made a registered model's champion, its best/ is first moved to
+    best-<its run id> (`keep_champion_model`), so a rerun never silently replaces the folder the champion came from.
+    store: the MLflow tracking URI the runs go to (default `tracking_uri()`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = read_marker(out)
+    if kind == "run" and previous is not None:
+        keep_champion_model(out, previous, store, say or _say)
     marker = read_marker(out) or {"created_by": "finetune", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                   "kind": kind}
     if kind == "run":
@@ -119,6 +128,41 @@ def claim(out: Path | str, recipe_name: str, recipe_hash: str, kind: str = "run"
     else:
         marker.setdefault("recipe", recipe_name)
     _write_marker(out, marker)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def keep_champion_model(out: Path, marker: dict[str, Any], store: str | None = None,
+                        say: Callable[[str], None] = _say) -> Path | None:
+    """Move `out`/best to `out`/best-<run id> when the run that saved it made a registered model's champion;
+    returns where it went (None: nothing to keep apart).
+
+    The champion itself is served from the registry's logged copy, so replacing best/ would not change it; but
+    best/ is where a person looks for the champion's model (its files, to copy or start from), and a rerun
+    that quietly put another model there would leave a folder that no longer matches the registry.
+    """
+    from finetune.tracking.registry import champion_of
+    from finetune.tracking.tracker import tracking_uri
+
+    run_id = marker.get("mlflow_run_id")
+    best = out / BEST_DIR
+    if not isinstance(run_id, str) or not re.fullmatch(r"[0-9a-f]{32}", run_id) or is_link(best) \
+            or not (best / METADATA_FILE).is_file() or _running(marker):
+        return None
+    champion = champion_of(run_id, store or tracking_uri())
+    if champion is None:
+        return None
+    kept = out / f"{BEST_DIR}-{run_id}"
+    if os.path.lexists(kept):
+        say(f"note: {best} is the model of {champion} (MLflow run {run_id}) and {kept} already exists; this run "
+            f"will replace {best} (the champion itself is served from the registry's copy, unaffected)")
+        return None
+    os.rename(best, kept)
+    say(f"note: {best} held the model of the registered champion {champion} (MLflow run {run_id}): moved to {kept} "
+        f"so this run's best/ does not replace it; the champion (served from the registry's copy) is unaffected")
+    return kept
 
 
 def update_marker(out: Path | str, **values: Any) -> None:
@@ -202,7 +246,7 @@ def describe(folder: Path) -> OutputFolder:
     marker = read_marker(folder)
     size = folder_size(folder)
     if marker is None:
-        return OutputFolder(folder, "foreign", size, None, None)
+        return OutputFolder(folder, _other_kind(folder) or "foreign", size, None, None)
     checkpoints = training_state.checkpoints_dir(folder)
     latest = training_state.latest_checkpoint(folder)
     if marker.get("kind") == "sweep":
@@ -220,12 +264,37 @@ def describe(folder: Path) -> OutputFolder:
     return OutputFolder(folder, state, size, marker.get("mlflow_run_id"), marker.get("recipe"))
 
 
+def _other_kind(folder: Path) -> str | None:
+    """What finetune output other than a training run `folder` is ("export", "evaluation", "label-issues",
+    "conversion"), or None when it is not finetune's."""
+    if is_output_folder(folder):
+        return " + ".join(sorted(output_files(folder)))
+    if _conversion_report(folder) is not None:
+        return "conversion"
+    return None
+
+
+def _conversion_report(folder: Path) -> dict[str, Any] | None:
+    """The report `finetune convert` writes beside a converted checkpoint, when it is one."""
+    from finetune.models.conversion_folder import REPORT_FILE
+
+    path = folder / REPORT_FILE
+    if is_link(path) or not path.is_file():
+        return None
+    try:
+        report = read_json(path, max_bytes=MAX_MARKER_BYTES)
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and (folder / "config.json").is_file() else None
+
+
 def _output_folders(root: Path) -> Iterator[Path]:
     """Folders under `root` worth listing: each child, and a finetune folder's finetune children (sweep trials)."""
     for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
         yield child
         if read_marker(child) is not None:
-            yield from (g for g in sorted(child.iterdir()) if g.is_dir() and not is_link(g) and read_marker(g) is not None)
+            yield from (g for g in sorted(child.iterdir()) if g.is_dir() and not is_link(g)
+                        and (read_marker(g) is not None or _other_kind(g) is not None))
 
 
 def list_runs(root: Path | str = "runs") -> list[OutputFolder]:
@@ -344,6 +413,14 @@ class _Plan:
     targets: list[Path]
     skipped: list[tuple[Path, str]]
     resume_only: bool
+    outputs: bool = False  # an export/evaluation folder (files listed in its OUTPUT_MARKER), not a training run's
+
+
+def _plain_file_inside(folder: Path, name: str) -> bool:
+    """Whether `name` (relative) is a regular file under `folder` reached through real folders only."""
+    path = folder / name
+    return all(not is_link(folder / parent) for parent in Path(name).parents if str(parent) != ".") \
+        and not is_link(path) and path.is_file()
 
 
 def _plan(path: Path, resume_only: bool, plans: list[_Plan | Cleaned]) -> None:
@@ -354,7 +431,19 @@ def _plan(path: Path, resume_only: bool, plans: list[_Plan | Cleaned]) -> None:
         plans.append(Cleaned(path, [], [], "not a folder"))
         return
     marker = read_marker(path)
-    children = sorted(p for p in path.iterdir() if p.is_dir() and not is_link(p) and read_marker(p) is not None)
+    children = sorted(p for p in path.iterdir() if p.is_dir() and not is_link(p)
+                      and (read_marker(p) is not None or _other_kind(p) is not None))
+    if marker is None and is_output_folder(path):
+        # An export, evaluation or label-issues folder: its marker lists the files finetune wrote there, and only
+        # those (real files, reached through real folders) are deleted, then the marker.
+        targets = [] if resume_only else [path / name for name in sorted(set().union(*output_files(path).values()))
+                                          if _plain_file_inside(path, name)] + [path / OUTPUT_MARKER]
+        plans.append(_Plan(path, targets, [], resume_only, outputs=True))
+        return
+    if marker is None and _conversion_report(path) is not None:
+        plans.append(Cleaned(path, [], [], "a converted checkpoint (`finetune convert`): clean leaves it, as it is a "
+                                           "starting point rather than a run's output; delete it yourself if unneeded"))
+        return
     if marker is None:
         if not children:
             plans.append(Cleaned(path, [], [], f"finetune did not make it (no {MARKER_FILE}); nothing deleted"))
@@ -401,6 +490,13 @@ def clean(path: Path | str, resume_only: bool = False, dry_run: bool = False) ->
                     skipped.append((p, f"not deleted: {e.strerror or e}"))
                     continue
             removed.append((p, size))
+        if plan.outputs:
+            if not dry_run:
+                _remove_empty(sorted((p for p in plan.folder.rglob("*") if p.is_dir() and not is_link(p)),
+                                     key=lambda p: -len(p.parts)) + [plan.folder])
+            kept = sorted(p for p in plan.folder.iterdir()) if plan.folder.is_dir() and not dry_run else []
+            done.append(Cleaned(plan.folder, removed, kept, skipped=skipped))
+            continue
         if not dry_run:
             _tidy(plan.folder, plan.resume_only)
         done.append(Cleaned(plan.folder, removed, _foreign_entries(plan.folder), skipped=skipped))
@@ -428,4 +524,4 @@ def _foreign_entries(folder: Path) -> list[Path]:
         return []
     ours = {BEST_DIR, "checkpoints", MARKER_FILE, UNSENT_METRICS_FILE, PROBE_FILE}
     return sorted(p for p in folder.iterdir() if p.name not in ours and not is_staging(p, BEST_DIR)
-                  and (is_link(p) or read_marker(p) is None))
+                  and (is_link(p) or (read_marker(p) is None and not (p.is_dir() and _other_kind(p)))))

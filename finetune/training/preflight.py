@@ -44,11 +44,14 @@ BF16_MIN_SPEEDUP = 1.1
 def cpu_bf16_speedup() -> float:
     """How much faster bf16 autocast trains than fp32 on this CPU, as `auto` decides on it.
 
-    Kept in the cache folder (FINETUNE_CACHE_DIR, default ~/.cache/finetune) per CPU model and torch version, so a
-    run starts without measuring again, but only when the measurement was clear (`Bf16Measurement.clear`): a
-    figure taken while other processes kept the cores busy is used for this run only, conservatively (its lower
-    quartile), and the next run measures again. A busy moment once made `auto` pick bf16 on a CPU where it trains
-    at 0.54x of fp32 (BENCHMARKS.md).
+    Measured once per CPU model and torch version, in a quiet moment, and kept in the cache folder
+    (FINETUNE_CACHE_DIR, default ~/.cache/finetune), so every later run of any recipe on this machine reads the same
+    figure and resolves `auto` the same way. A measurement counts only when it is clear (`Bf16Measurement.clear`:
+    other processes left the cores alone and the quartiles agree); one taken while the machine is busy is never
+    kept, and counts as no faster than fp32 (at most 1.0), so that run trains in fp32, which is right on every CPU,
+    and says so (`bf16_speedup_source`); the next run measures again. A busy moment once made `auto` pick bf16 on a
+    CPU where it trains at 0.54x of fp32, and a figure taken afresh at each start made one recipe train in fp32 once
+    and in bf16 the next time (BENCHMARKS.md).
     """
     import json
     import os
@@ -61,20 +64,34 @@ def cpu_bf16_speedup() -> float:
     except (OSError, ValueError):
         known = {}
     if isinstance(known, dict) and isinstance(known.get(key), (int, float)):
+        _SOURCE["speedup"] = f"stored in {path}"
         return float(known[key])
     measured = measure_cpu_bf16_speedup()
     if not measured.clear:
         measured = measure_cpu_bf16_speedup()  # once more: a busy moment rarely lasts two measurements
     if not measured.clear:
-        return measured.low
+        _SOURCE["speedup"] = BUSY
+        return min(measured.low, 1.0)
+    _SOURCE["speedup"] = f"measured now, stored in {path}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text(json.dumps({**(known if isinstance(known, dict) else {}), key: measured.median}))
         os.replace(tmp, path)
     except OSError:  # a read-only home still trains; it measures again next time
-        pass
+        _SOURCE["speedup"] = f"measured now, not stored ({path} is not writable)"
     return measured.median
+
+
+BUSY = "busy"
+_SOURCE: dict[str, str] = {}
+"""Where this process's `cpu_bf16_speedup` came from (a stored figure, a new measurement, or BUSY), for the header."""
+
+
+def bf16_speedup_source() -> str | None:
+    """Where `cpu_bf16_speedup`'s figure came from in this process: `stored in PATH`, `measured now, stored in PATH`,
+    BUSY (the machine was busy, nothing was measured that could be trusted), or None (not asked yet)."""
+    return _SOURCE.get("speedup")
 
 
 BF16_SPEEDUP_FILE = "cpu-bf16-speedup.json"
@@ -169,6 +186,21 @@ def choose_mixed_precision(requested: str) -> str:
     if requested == "fp16" and not cuda:
         raise RecipeError("training.mixed_precision: fp16 needs a CUDA GPU and none is visible; allowed here: auto, no, bf16")
     return requested
+
+
+def precision_reason(requested: str) -> str:
+    """Why `choose_mixed_precision(requested)` chose what it did, in a few words for the run's header."""
+    if requested != "auto":
+        return "as the recipe asks"
+    if torch.cuda.is_available():
+        return "auto: this GPU computes bf16" if torch.cuda.is_bf16_supported() else "auto: this GPU lacks bf16"
+    if not cpu_computes_bf16():
+        return "auto: this CPU does not compute bf16 natively"
+    speedup, source = cpu_bf16_speedup(), bf16_speedup_source()
+    if source == BUSY:
+        return ("auto: the machine was busy, so bf16's speed here could not be measured; fp32 for this run, "
+                "measured again next run")
+    return f"auto: bf16 trains {speedup:.2f}x as fast as fp32 on this CPU ({source or 'measured'})"
 
 
 def preflight(recipe: Recipe, overwrite: bool = False) -> tuple[Task, Start]:

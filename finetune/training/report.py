@@ -97,3 +97,38 @@ class RunReport:
 
     def finished(self, end: RunEnd) -> None:
         """The run is over: the best model is saved and logged."""
+
+
+def describe_layer_lr_decay(learning_rate: float, decay: float | None, layers: int) -> str | None:
+    """The header's sentence about layer-wise learning-rate decay (None: off), with the rates it gives
+    (`finetune.training.optim.learning_rate_of`)."""
+    if decay is None:
+        return None
+    return (f"Layer-wise learning-rate decay {decay:g}: the top of {layers} encoder layers trains at {learning_rate:.3g}, "
+            f"each layer below at {decay:g}x the one above, the embeddings at {learning_rate * decay ** layers:.3g}.")
+
+
+def describe_teacher(distillation: Any, lineage: dict[str, str]) -> str:
+    """The header's sentence about distillation: the teacher (`finetune.training.teacher.teacher_lineage`), its run,
+    and how its outputs are mixed in."""
+    d = distillation
+    run = f" (MLflow run {lineage['finetune.teacher_run_id']})" if lineage.get("finetune.teacher_run_id") else ""
+    hidden = f", hidden-state weight {d.hidden_weight:g}" if d.hidden_weight else ""
+    return (f"Distilled from {lineage['finetune.teacher']}{run}: temperature {d.temperature:g}, alpha {d.alpha:g}"
+            f"{hidden}; teacher outputs computed in {lineage['finetune.teacher_precision']}.")
+
+
+def header_notes(recipe: Any, model: Any, resolved: dict[str, str], teacher: dict[str, str]) -> list[str]:
+    """The run header's lines about how it trains beyond the model and data: what the automatic settings resolved
+    to (`finetune.training.speed.resolved_settings`), layer-wise learning-rate decay, the distillation teacher."""
+    from finetune.models.layers import depths
+    from finetune.training.speed import describe_resolved
+
+    lines = [describe_resolved(resolved)]
+    cfg = recipe.training
+    if cfg.layer_lr_decay is not None:
+        lines.append(describe_layer_lr_decay(cfg.learning_rate, cfg.layer_lr_decay, depths(model)[1]))
+    if recipe.distillation is not None:
+        lines.append(describe_teacher(recipe.distillation, teacher))
+    return lines
+

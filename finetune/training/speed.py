@@ -16,7 +16,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedType
 
 from finetune.config.recipe import Recipe, TrainingSection
 from finetune.errors import RecipeError
-from finetune.training.preflight import choose_mixed_precision
+from finetune.training.preflight import choose_mixed_precision, precision_reason
 
 
 def precision(recipe: Recipe) -> str:
@@ -120,6 +120,14 @@ def pad_multiple(recipe: Recipe) -> int:
     return PAD_MULTIPLE if long or cpu_bf16 else 1
 
 
+def gpu_memory_metrics(device: torch.device) -> dict[str, float]:
+    """The GPU's peak allocated memory so far, in GiB, as a training metric (nothing on a CPU, where the run's
+    resident memory is measured by MLflow's system metrics instead)."""
+    if device.type != "cuda":
+        return {}
+    return {"train/gpu_peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
 def describe_device(device: torch.device, threads: Any = None) -> str:
     """Where training runs, for the run's header: `cpu, 2 threads (...)`, `cuda, NVIDIA A100-SXM4-80GB`.
 
@@ -133,10 +141,78 @@ def describe_device(device: torch.device, threads: Any = None) -> str:
 
 
 def describe_precision(recipe: Recipe) -> str:
-    """How training computes, for the run's header (see `precision` and `training_autocast`)."""
+    """How training computes (see `precision` and `training_autocast`)."""
     chosen = precision(recipe)
     if chosen == "no":
         return "fp32"
     if torch.cuda.is_available():
         return f"{chosen} mixed precision"
     return f"{chosen} autocast for training (this CPU computes {chosen}), fp32 for evaluation"
+
+
+def describe_precision_decision(recipe: Recipe) -> str:
+    """How training computes and why, for the run's header: `describe_precision` and what decided it
+    (`finetune.training.preflight.precision_reason`: the recipe, the GPU, or the stored bf16 measurement)."""
+    return f"{describe_precision(recipe)} ({precision_reason(recipe.training.mixed_precision)})"
+
+
+def teacher_precision(recipe: Recipe) -> str:
+    """`distillation.teacher_precision` resolved: auto is bf16 when the student trains in bf16 on a CPU, else fp32."""
+    requested = recipe.distillation.teacher_precision
+    if requested != "auto":
+        return requested
+    return "bf16" if trains_bf16_on_cpu(recipe) else "fp32"
+
+
+def resolved_pooling(model: Any, pooled_head: bool) -> str | None:
+    """What the head of a built model reads (`model.pooling` with `auto` resolved): first, mean, or the family's own
+    value (e.g. EuroBERT's `late`); None for heads that read every token (per-token and span heads)."""
+    from finetune.families import family_of
+    from finetune.families.base import POOLING_CONFIG_KEY
+
+    if not pooled_head:
+        return None
+    config = model.config
+    family = family_of(config)
+    if family.pooling_key is not None:
+        value = getattr(config, family.pooling_key, None)
+        named = {v: k for k, v in family.pooling_values.items()}
+        return named.get(value, str(value))
+    return getattr(config, POOLING_CONFIG_KEY, None) or "first"
+
+
+def resolved_settings(recipe: Recipe, threads: Any, model: Any, task: Any, settings: Any,
+                      label_names: list[str] | None) -> dict[str, str]:
+    """Every automatic decision of a run, resolved once at its start: recipe key -> the value it resolved to.
+
+    Logged as MLflow params `<key>.resolved` (`Tracker`) and said in the run's header, so two runs that differ only in
+    what `auto` chose can be told apart (`finetune compare`). `threads` is the run's `finetune.threads.ThreadBudget`;
+    `model` the built model (its pooling), `settings` the task settings training uses (`class_weights: balanced` as
+    the numbers computed from the train split, per label).
+    """
+    import json
+
+    from finetune.tasks.imbalance import weights_by_label
+
+    pooling = resolved_pooling(model, getattr(task, "pooled_head", False))
+
+    found = {
+        "training.mixed_precision": precision(recipe),
+        "training.threads": str(threads.fixed) if threads.fixed is not None else f"auto (up to {threads.limit})",
+        "model.pad_to_multiple_of": str(pad_multiple(recipe)),
+    }
+    if pooling is not None:
+        found["model.pooling"] = pooling
+    if recipe.distillation is not None:
+        found["distillation.teacher_precision"] = teacher_precision(recipe)
+    weights = weights_by_label(getattr(settings, "class_weights", None), label_names)
+    if weights is not None:
+        found["task.class_weights"] = json.dumps(weights)
+    return found
+
+
+def describe_resolved(resolved: dict[str, str]) -> str:
+    """The header's one line about what `auto` and the defaults resolved to (precision has its own line)."""
+    # Precision has its own line; class weights, one per label, are in MLflow and the model's finetune.json.
+    shown = {k: v for k, v in resolved.items() if k not in ("training.mixed_precision", "task.class_weights")}
+    return "resolved: " + ", ".join(f"{k.rpartition('.')[2]} {v}" for k, v in shown.items())

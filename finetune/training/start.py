@@ -54,5 +54,46 @@ def resolve_start(checkpoint: str, revision: str | None = None, allow_pickle: bo
     else:
         stable = str(Path(folder).resolve())
     info = read_model_info(folder)
-    return Start(pretrained.ResolvedCheckpoint(stable, Path(folder).resolve(), "finetune model"), info, stable,
-                 found.run_id)
+    run_id = found.run_id or folder_run_id(found.path, info.metrics, store)
+    return Start(pretrained.ResolvedCheckpoint(stable, Path(folder).resolve(), "finetune model"), info, stable, run_id)
+
+
+def folder_run_id(folder: Path | str, metrics: dict[str, float] | None = None, store: str | None = None) -> str | None:
+    """The MLflow run that trained a model folder, when the folder tells: a downloaded MLflow model names it in its
+    MLmodel file; a run's `best/` folder through its output folder's marker (`.finetune-run.json`), checked against
+    the run's logged evaluation loss when the store can be read (a rerun that failed before its first evaluation
+    has marked the folder with its own run, though best/ is still the earlier run's). None when nothing says."""
+    from finetune.files import read_yaml
+    from finetune.training.outputs import BEST_DIR, read_marker
+
+    folder = Path(folder).resolve()
+    if (folder / "MLmodel").is_file():
+        try:
+            found = read_yaml(folder / "MLmodel").get("run_id")
+        except Exception:  # unreadable or not a mapping: nothing said
+            return None
+        return found if isinstance(found, str) and RUN_ID.fullmatch(found) else None
+    marker = read_marker(folder.parent) if folder.name == BEST_DIR else None
+    run_id = (marker or {}).get("mlflow_run_id")
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        return None
+    trained = _logged_loss(run_id, (metrics or {}).get("loss"), store)
+    if trained is None:  # the store cannot tell: trust only a run that finished in that folder
+        return run_id if marker.get("state") == "finished" else None
+    return run_id if trained else None
+
+
+def _logged_loss(run_id: str, loss: float | None, store: str | None) -> bool | None:
+    """Whether the run logged this evaluation loss (the best model's); None when it cannot be checked."""
+    if loss is None:
+        return None
+    try:
+        import mlflow
+
+        from finetune.tracking.store import existing_store
+
+        client = mlflow.MlflowClient(tracking_uri=existing_store(store))
+        history = client.get_metric_history(run_id, "eval/loss")
+    except Exception:  # no store here, a server away, a run another store holds
+        return None
+    return any(abs(m.value - loss) <= 1e-6 * max(1.0, abs(loss)) for m in history)

@@ -1,7 +1,7 @@
 """`finetune sweep`: several trials of one recipe as nested MLflow runs under one parent run.
 
-Grid mode tries every combination of `--grid key=v1,v2,...`; search mode lets Optuna sample
-`--search key=SPACE` for `--trials` trials, pruning trials whose evaluation metric lags (Optuna's
+Grid mode tries every combination of `--grid key=v1,v2,...`; search mode lets Optuna's TPE sampler,
+seeded from `training.seed`, sample `--search key=SPACE` for `--trials` trials, pruning trials whose evaluation metric lags (Optuna's
 median pruner, fed at every evaluation). With `--storage` (e.g. a database URL) several workers
 share one study. The parent run logs the best trial, its score and its recipe.
 """
@@ -95,15 +95,33 @@ def sweep(path: str, overrides: list[str], grid: list[str], search: list[str], t
                 "best_overrides": best[2], "trials": len(results)}
 
 
+def sampler_seed(seed: int, storage: str | None) -> int:
+    """The Optuna sampler's seed: the recipe's `training.seed`, so a sweep run again proposes the same trials.
+
+    Workers sharing a study through `--storage` each get their own (the seed mixed with the host and process): with
+    one seed they would all propose the same trials, and which worker takes which trial is a race anyway.
+    """
+    if storage is None:
+        return seed
+    import os
+    import socket
+    import zlib
+
+    return zlib.crc32(f"{seed}|{socket.gethostname()}|{os.getpid()}".encode())
+
+
 def _optuna_search(path, overrides, search, trials, metric, greater, storage, study_name, report=None, say=print):
     import optuna
 
     space = [parse_space(item) for item in search]
     if not space:
         raise RecipeError("finetune sweep needs --grid or --search")
+    seed = sampler_seed(load_recipe(path, overrides).training.seed, storage)
+    mlflow.log_param("sweep.sampler_seed", seed)
     study = optuna.create_study(
         direction="maximize" if greater else "minimize", storage=storage, study_name=study_name,
         load_if_exists=study_name is not None, pruner=optuna.pruners.MedianPruner(n_startup_trials=2),
+        sampler=optuna.samplers.TPESampler(seed=seed),
     )
     results = []
 

@@ -28,6 +28,7 @@ from finetune.models.predictor import Predictor, inference_autocast
 from finetune.tasks.distillation import TEACHER_HIDDEN, TEACHER_LOGITS
 from finetune.tasks.sequence import batch_texts, pool_windows
 from finetune.tracking.tracker import tracking_uri
+from finetune.training.speed import teacher_precision
 
 ENCODE_CHUNK = 2048
 """Texts encoded at a time, so the features of a large training set never sit in memory at once."""
@@ -80,14 +81,42 @@ def model_digest(path: Path) -> str:
     return digest.hexdigest()[:24]
 
 
-def teacher_precision(recipe: Recipe) -> str:
-    """`distillation.teacher_precision` resolved: auto is bf16 when the student trains in bf16 on a CPU, else fp32."""
-    requested = recipe.distillation.teacher_precision
-    if requested != "auto":
-        return requested
-    from finetune.training.speed import trains_bf16_on_cpu
+def teacher_lineage(recipe: Recipe) -> dict[str, str]:
+    """What the run records about its distillation teacher: where it is, so it can be found again from anywhere
+    (`finetune.teacher`: an absolute folder, or a run or registry URI with the version an alias pointed to), and the
+    MLflow run that trained it when there is one (`finetune.teacher_run_id`), beside the precision it computed in."""
+    from finetune.tracking.sources import MODELS_URI, RUN_ID
+    from finetune.training.start import folder_run_id
 
-    return "bf16" if trains_bf16_on_cpu(recipe) else "fp32"
+    source, run_id = recipe.distillation.teacher, None
+    if Path(source).expanduser().is_dir():
+        folder = Path(source).expanduser().resolve()
+        source, run_id = str(folder), folder_run_id(folder, _saved_metrics(folder), tracking_uri(recipe))
+    elif RUN_ID.fullmatch(source):
+        run_id = source
+    elif source.startswith("runs:/"):
+        run_id = source.split("/")[1] if RUN_ID.fullmatch(source.split("/")[1]) else None
+    elif (match := MODELS_URI.fullmatch(source)) is not None:
+        try:
+            import mlflow
+
+            client = mlflow.MlflowClient(tracking_uri=tracking_uri(recipe))
+            name, alias, number = match.groups()
+            version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+            source, run_id = f"models:/{name}/{version.version}", version.run_id
+        except Exception:  # the registry cannot be read now: the URI as given
+            pass
+    return {"finetune.teacher": source, "finetune.teacher_run_id": run_id or "",
+            "finetune.teacher_precision": teacher_precision(recipe)}
+
+
+def _saved_metrics(folder: Path) -> dict[str, float]:
+    from finetune.models.modeling import read_model_info
+
+    try:
+        return read_model_info(folder).metrics
+    except Exception:  # not a finetune model folder (an MLflow model): its MLmodel names the run
+        return {}
 
 
 @torch.inference_mode()

@@ -38,14 +38,14 @@ from finetune.tasks import Reference, Task, TaskSettings
 from finetune.tasks.distillation import DistilledTask
 from finetune.tasks.metrics import is_improvement
 from finetune.threads import ThreadBudget, requested_threads
-from finetune.tracking.tracker import NullTracker, Tracker
+from finetune.tracking.tracker import NullTracker, Tracker, tracking_uri
 from finetune.training import finish, outputs, speed, teacher
 from finetune.training import state as training_state
 from finetune.training.evaluation import evaluate
 from finetune.training.host_memory import FreedMemory
 from finetune.training.optim import make_optimizer, make_scheduler
 from finetune.training.preflight import preflight
-from finetune.training.report import Progress, RunReport, RunStart
+from finetune.training.report import Progress, RunReport, RunStart, header_notes
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def train_one_epoch(
             throughput = window_samples / elapsed if elapsed > 0 else 0.0
             tracker.log_metrics(
                 {"train/loss": mean_loss, "train/learning_rate": scheduler.get_last_lr()[0],
-                 "train/samples_per_second": throughput},
+                 "train/samples_per_second": throughput, **speed.gpu_memory_metrics(accelerator.device)},
                 step=state.step,
             )
             progress.show(mean_loss, throughput)
@@ -306,7 +306,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     state = RunState(recipe_hash=hashlib.sha256(recipe_to_yaml(recipe).encode()).hexdigest()[:16])
     with accelerator.main_process_first():
         if accelerator.is_main_process:
-            outputs.claim(recipe.output_dir, recipe.name, state.recipe_hash)
+            outputs.claim(recipe.output_dir, recipe.name, state.recipe_hash, store=tracking_uri(recipe))
             # The recipe as run, beside its log, even if no model is ever saved; written once the folder is marked as
             # finetune's, so a run refused before then leaves nothing that would make its own rerun refuse the folder.
             (Path(recipe.output_dir) / "recipe.yaml").write_text(recipe_to_yaml(recipe))
@@ -333,12 +333,15 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     lineage = {} if start.parent is None else {
         "finetune.parent_model": start.parent_source, "finetune.parent_run_id": start.parent_run_id or "",
         "finetune.parent_head": "reused" if built.head_reused else "replaced"}
-    tags = {"finetune.checkpoint_source": resolved.source, **lineage}
-    if recipe.distillation is not None:
-        tags["finetune.teacher"] = recipe.distillation.teacher
-        tags["finetune.teacher_precision"] = teacher.teacher_precision(recipe)
+    tags = {"finetune.checkpoint_source": resolved.source, "finetune.device": speed.describe_device(accelerator.device),
+            **lineage}
+    resolved_settings = speed.resolved_settings(recipe, threads, accelerator.unwrap_model(model), task, settings,
+                                                data.label_names)
+    teacher_lineage = teacher.teacher_lineage(recipe) if recipe.distillation is not None else {}
+    tags.update(teacher_lineage)
+    run_notes = header_notes(recipe, accelerator.unwrap_model(model), resolved_settings, teacher_lineage)
     tracker = (
-        Tracker(recipe, tags, run_id=state.run_id, nested=nested)
+        Tracker(recipe, tags, run_id=state.run_id, nested=nested, resolved=resolved_settings)
         if accelerator.is_main_process else NullTracker()
     )
     # Every process keeps the run id in its checkpoint state, so it comes from the main one.
@@ -356,8 +359,8 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
         num_labels=len(data.label_names) if data.label_names else None, total_steps=total_steps,
         steps_per_epoch=updates_per_epoch, train_examples=len(data.train), eval_examples=len(data.eval),
         processes=accelerator.num_processes, device=speed.describe_device(accelerator.device, threads),
-        precision=speed.describe_precision(recipe), cache_hit=data.cache_hit, resumed_at=resumed_from,
-        run_id=state.run_id, notes=list(built.notes),
+        precision=speed.describe_precision_decision(recipe), cache_hit=data.cache_hit, resumed_at=resumed_from,
+        run_id=state.run_id, notes=[*built.notes, *run_notes],
     ))
 
     def run_evaluation() -> None:

@@ -1,5 +1,6 @@
-// The playground at GET /: reads GET /v1/model, draws a form fitted to the model's task, sends what is typed
-// to POST /v1/predict like any other client, and draws the answer for a person.
+// The playground at GET /: reads GET /v1/models (every model served by name, with a picker) or GET /v1/model
+// (one unnamed model), draws a form fitted to the chosen model's task, sends what is typed to its predict
+// endpoint like any other client, draws the answer for a person, and shows the same request as a curl command.
 //
 // Hand-written and framework-free on purpose: the page must work offline, straight from the package, with no
 // build step. Model and user text only ever reach the page through textContent and text nodes (never
@@ -18,7 +19,9 @@
     multiple_choice: "multiple choice",
   };
   const $ = (id) => document.getElementById(id);
-  let info = null; // what GET /v1/model said
+  let info = null; // what GET /v1/model (or the chosen entry of GET /v1/models) said
+  let models = []; // every named model (GET /v1/models); empty when one unnamed model is served
+  let keyInUse = false; // the server asked for a key: the curl snippet sends $FINETUNE_API_KEY
   let afterKey = null; // what to run again once the user gives an API key
 
   /** An element with properties and children; strings become text nodes, so they are never parsed as HTML. */
@@ -61,6 +64,7 @@
       headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
     }
+    if (key) keyInUse = true;
     const response = await fetch(path, init);
     let data = null;
     try {
@@ -117,16 +121,43 @@
     clearError();
     let reply;
     try {
-      reply = await call("v1/model");
+      reply = await call("v1/models");
+      if (reply.ok && !(reply.data && reply.data.models && reply.data.models.length)) reply = await call("v1/model");
     } catch (e) {
       showError("Cannot reach the server.", [String(e.message || e)]);
       return;
     }
-    if (reply.status === 401) return askForKey(reply, loadModel);
+    if (reply.status === 401) {
+      keyInUse = true;
+      return askForKey(reply, loadModel);
+    }
     if (!reply.ok) return showError(`GET /v1/model answered ${reply.status}.`, describe(reply));
-    info = reply.data;
+    models = (reply.data && reply.data.models) || [];
+    drawPicker();
+    choose(models.length ? (models.find((m) => m.name === reply.data.default) || models[0]) : reply.data);
+  }
+
+  /** The model picker: every model served by name; hidden when one unnamed model is served. */
+  function drawPicker() {
+    const picker = $("model-picker");
+    picker.replaceChildren(...models.map((m) => el("option", { value: m.name, text: m.name })));
+    $("picker").hidden = models.length < 2;
+    picker.onchange = () => choose(models.find((m) => m.name === picker.value));
+  }
+
+  function choose(model) {
+    info = model;
+    if (models.length) $("model-picker").value = info.name;
+    $("result").replaceChildren();
+    $("result").dataset.state = "idle";
+    clearError();
     drawInfo();
     drawForm();
+  }
+
+  /** Where the chosen model answers: its own endpoint when served by name, else /v1/predict. */
+  function predictPath() {
+    return models.length ? `v1/models/${encodeURIComponent(info.name)}/predict` : "v1/predict";
   }
 
   function drawInfo() {
@@ -186,6 +217,7 @@
 
   function drawForm() {
     const fields = $("fields");
+    fields.replaceChildren();
     const task = info.task;
     if (task === "question_answering") {
       fields.append(field("Question", el("input", { id: "question", type: "text", required: true })),
@@ -213,12 +245,52 @@
         fields.append(field("Threshold", threshold, "Labels scoring at least this are predicted."));
       }
     }
-    // Ctrl+Enter (or Cmd+Enter) in any box sends the form, so trying many texts needs no mouse.
-    fields.addEventListener("keydown", (e) => {
-      if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("predict-form").requestSubmit();
-    });
     $("predict-form").hidden = false;
+    $("curl").hidden = false;
     fields.querySelector("input, textarea").focus();
+    drawCurl();
+  }
+
+  // --- copy as curl ------------------------------------------------------------------------------------
+
+  /** Text in single quotes for a POSIX shell: nothing in it is expanded. */
+  function shellQuote(text) {
+    return `'${text.replace(/'/g, "'\\''")}'`;
+  }
+
+  function requestBody() {
+    const body = { inputs: [readInput()] };
+    if (info.task === "multi_label") body.options = { threshold: Number($("threshold").value) };
+    return body;
+  }
+
+  /** The current request as a curl command; the key is never written out, only $FINETUNE_API_KEY. */
+  function curlCommand() {
+    const url = new URL(predictPath(), document.baseURI).href;
+    const lines = [`curl -sS ${shellQuote(url)}`, `  -H 'Content-Type: application/json'`];
+    if (keyInUse || sessionStorage.getItem(KEY_STORAGE)) lines.push(`  -H "X-API-Key: $FINETUNE_API_KEY"`);
+    lines.push(`  -d ${shellQuote(JSON.stringify(requestBody()))}`);
+    return lines.join(" \\\n");
+  }
+
+  function drawCurl() {
+    if (!info) return;
+    $("curl-snippet").textContent = curlCommand();
+  }
+
+  async function copyCurl() {
+    drawCurl();
+    const text = $("curl-snippet").textContent;
+    try {
+      await navigator.clipboard.writeText(text);
+      $("curl-status").textContent = "Copied.";
+    } catch (_) { // no clipboard outside a secure context: select it for Ctrl+C instead
+      const range = document.createRange();
+      range.selectNodeContents($("curl-snippet"));
+      window.getSelection().removeAllRanges();
+      window.getSelection().addRange(range);
+      $("curl-status").textContent = "Selected: press Ctrl+C to copy.";
+    }
   }
 
   function readInput() {
@@ -235,15 +307,15 @@
   async function predict(event) {
     event.preventDefault();
     clearError();
-    const body = { inputs: [readInput()] };
-    if (info.task === "multi_label") body.options = { threshold: Number($("threshold").value) };
+    const body = requestBody();
+    drawCurl();
     const result = $("result");
     result.dataset.state = "busy";
     $("submit").disabled = true;
     $("status").textContent = "Predicting…";
     let reply;
     try {
-      reply = await call("v1/predict", body);
+      reply = await call(predictPath(), body);
     } catch (e) {
       reply = null;
       showError("Cannot reach the server.", [String(e.message || e)]);
@@ -381,5 +453,12 @@
     if (then) then();
   });
   $("predict-form").addEventListener("submit", predict);
+  // Ctrl+Enter (or Cmd+Enter) in any box sends the form, so trying many texts needs no mouse.
+  $("fields").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("predict-form").requestSubmit();
+  });
+  $("fields").addEventListener("input", drawCurl);
+  $("fields").addEventListener("click", () => setTimeout(drawCurl)); // choices added or removed
+  $("copy-curl").addEventListener("click", copyCurl);
   loadModel();
 })();
