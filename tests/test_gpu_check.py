@@ -62,6 +62,25 @@ def test_peak_table_knows_the_h100_and_nothing_else_by_accident():
     assert gc.peak_bf16(None) is None
 
 
+def test_the_carried_minilm_is_small_and_comes_back_close():
+    """The MiniLM travels to a bare GPU machine in fp16 with int8 word embeddings (the carry limit is 64 MiB)."""
+    from safetensors.torch import load_file
+
+    from finetune.models import pretrained
+
+    gc = _gpu_check()
+    original = load_file(str(pretrained._packaged_path(gc.MINILM) / "model.safetensors"))
+    packed = gc.pack_tensors(original)
+    size = sum(t.numel() * t.element_size() for t in packed.values())
+    assert size < 0.4 * sum(t.numel() * t.element_size() for t in original.values())
+    restored = gc.unpack_tensors(packed)
+    assert restored.keys() == original.keys()
+    for name, tensor in original.items():
+        assert restored[name].dtype == torch.float32 and restored[name].shape == tensor.shape
+        rows = tensor.float().abs().amax(dim=-1, keepdim=True) if tensor.dim() == 2 else tensor.float().abs().max()
+        assert ((restored[name] - tensor.float()).abs() <= 0.005 * rows + 1e-3).all(), name
+
+
 def test_packed_texts_are_at_least_the_sequence_length():
     from transformers import AutoTokenizer
 
