@@ -31,7 +31,7 @@ fi
 # The suite never touches the network: checkpoints and data are built or shipped locally.
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Two pytest-xdist workers (FINETUNE_TEST_WORKERS): a third of the suite's time is process start-up, file I/O and
-# waiting on servers, which the second worker fills (2 cores: 19 min, where one process would take about 29). Tests
+# waiting on servers, which the second worker fills (2 cores: 18.5 min, where one process would take about 29). Tests
 # of one module stay on one worker (--dist loadscope), so its module fixtures train once. `-n 0`: one process.
 parallel=(-n "${FINETUNE_TEST_WORKERS:-2}" --dist loadscope --no-loadscope-reorder)  # in the order conftest.py sets
 if [ $# -gt 0 ]; then

@@ -330,9 +330,9 @@ def test_block_sparse_bigbird_trains_and_serves_in_bf16(tiny_checkpoints, tmp_pa
     assert np.abs(bf16 - fp32).max() <= 0.05 * np.abs(fp32).max() + 1e-3
 
 
-def test_inference_precision_is_fp32_or_bf16():
+def test_inference_precision_is_fp32_bf16_or_fp16():
     from finetune.models.predictor import check_inference_precision
 
-    assert check_inference_precision("fp32") == "fp32" and check_inference_precision("bf16") == "bf16"
-    with pytest.raises(ValueError, match="allowed values are fp32, bf16"):
-        check_inference_precision("fp16")
+    assert [check_inference_precision(p) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    with pytest.raises(ValueError, match="allowed values are fp32, bf16, fp16"):
+        check_inference_precision("int4")

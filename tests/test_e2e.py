@@ -47,10 +47,13 @@ def test_run_logs_params_metrics_recipe_and_a_predicting_model(tiny_checkpoints,
 
     (run,) = _runs("e2e")
     assert run.info.status == "FINISHED"
-    # Every key of the resolved recipe is a param, nothing dropped.
+    # Every key of the resolved recipe is a param, nothing dropped, and every automatic choice as `<key>.resolved`.
     resolved = load_recipe(path, ["training.learning_rate=2e-3"])
     expected = {k: ("null" if v is None else str(v)) for k, v in flatten(resolved.model_dump(mode="json")).items()}
-    assert run.data.params == expected
+    decided = {k: v for k, v in run.data.params.items() if k.endswith(".resolved")}
+    assert {k: v for k, v in run.data.params.items() if k not in decided} == expected
+    assert {"training.mixed_precision.resolved", "training.threads.resolved", "model.pad_to_multiple_of.resolved",
+            "model.pooling.resolved"} <= decided.keys()
     client = mlflow.MlflowClient()
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in losses] == [2, 4, 6, 8]

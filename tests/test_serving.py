@@ -264,9 +264,11 @@ def test_bf16_precision_is_served_and_reported(models):
         server.stop()
     with pytest.raises(ModelSourceError, match="--precision bf16 is for the PyTorch backend"):
         load_model(path, backend="onnx", precision="bf16")
+    with pytest.raises(ModelSourceError, match="--precision 'fp16' needs a GPU"):  # fp16 autocast is for GPUs
+        load_model(path, precision="fp16", device="cpu")
     with pytest.raises(SystemExit):  # argparse names the allowed values
         from finetune.cli import build_parser
-        build_parser().parse_args(["serve", "--precision", "fp16"])
+        build_parser().parse_args(["serve", "--precision", "int8"])
 
 
 def test_api_key_queue_limit_and_timeout(models):
