@@ -316,8 +316,10 @@ OUTPUT_MARKER = ".finetune-output.json"
 and which files in it are finetune's, by the kind of output that wrote them."""
 
 
-def _owned_files(folder: Path) -> dict[str, set[str]]:
-    """The files the marker of `folder` lists, by kind ({} when there is no readable marker finetune wrote)."""
+def output_files(folder: Path | str) -> dict[str, set[str]]:
+    """The files an output folder's marker lists as finetune's, by kind ({} when there is no readable marker finetune
+    wrote): what publishing replaces, `finetune runs` shows and `clean` may delete there."""
+    folder = Path(folder)
     try:
         marker = read_json(folder / OUTPUT_MARKER)
     except (OSError, RefusedDocument):
@@ -336,7 +338,7 @@ def _owned_files(folder: Path) -> dict[str, set[str]]:
 def is_output_folder(folder: Path | str) -> bool:
     """Whether `folder` carries finetune's output marker."""
     return os.path.isfile(Path(folder) / OUTPUT_MARKER) and not os.path.islink(Path(folder) / OUTPUT_MARKER) \
-        and bool(_owned_files(Path(folder)))
+        and bool(output_files(Path(folder)))
 
 
 def check_output_folder(folder: Path | str, what: str, overwrite: bool = False) -> None:
@@ -403,7 +405,7 @@ def publish_files(staged: Path | str, folder: Path | str, kind: str, what: str, 
     check_output_folder(folder, what, overwrite)
     names = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*")
                    if p.is_file() and not p.is_symlink() and p.name != OUTPUT_MARKER)
-    owned = _owned_files(folder) if folder.is_dir() else {}
+    owned = output_files(folder) if folder.is_dir() else {}
     mine = set().union(*owned.values()) if owned else set()
     foreign = []
     for name in names:
@@ -459,9 +461,3 @@ def publish_files(staged: Path | str, folder: Path | str, kind: str, what: str, 
         os.close(root)
     shutil.rmtree(staged, ignore_errors=True)
     return [folder / name for name in names]
-
-
-def output_files(folder: Path | str) -> dict[str, set[str]]:
-    """The files an output folder's marker lists as finetune's, by kind ({} when it has no marker finetune wrote):
-    what `finetune runs` shows and `clean` may delete there."""
-    return _owned_files(Path(folder))

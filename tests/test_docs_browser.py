@@ -5,16 +5,14 @@ their Content-Security-Policy (no inline script: a page that needed one would be
 from __future__ import annotations
 
 import json
-import shutil
 import socket
-import tempfile
 import threading
 import time
 
 import pytest
 
 from tests.conftest import tiny_recipe, train_outside_test
-from tests.test_playground import CHROMIUM_FLAGS, _chromium
+from tests.test_playground import _chromium, headless_chromium
 
 pytestmark = pytest.mark.e2e
 HOSTILE_NAME = "<img src=x onerror=\"window.pwned='name'\"><script>window.pwned='script'</script>"
@@ -23,23 +21,8 @@ HOSTILE_LABELS = ["<svg onload=\"window.pwned='label'\">", "\"><img src=y onerro
 
 @pytest.fixture(scope="module")
 def browser():
-    binary, driver_path = _chromium()
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the dev extra: pip install -e '.[dev]'")
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    driver.set_page_load_timeout(30)
-    try:
+    with headless_chromium(logs=("browser", "performance")) as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,19 @@ TEXT = "a gripping, beautiful film"
 LABELS = ["negative", "positive"]
 
 
-@pytest.fixture(scope="module")
-def saved(tiny_checkpoints, tmp_path_factory) -> Path:
+def _tiny_classifier(tiny_checkpoints):
+    """A tiny BERT with a fresh two-label head (seeded), and its tokenizer."""
     from finetune.config.recipe import ModelSection
 
     checkpoint = str(tiny_checkpoints["bert"])
     torch.manual_seed(0)
-    model, tokenizer = build_model(resolve_checkpoint(checkpoint), ModelSection(checkpoint=checkpoint),
-                                   get_task("classification"), LABELS)
+    return build_model(resolve_checkpoint(checkpoint), ModelSection(checkpoint=checkpoint),
+                       get_task("classification"), LABELS)
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_checkpoints, tmp_path_factory) -> Path:
+    model, tokenizer = _tiny_classifier(tiny_checkpoints)
     info = ModelInfo(task="classification", label_names=LABELS, text_pair=False, max_length=64)
     return save_model_dir(tmp_path_factory.mktemp("trust") / "best", model, tokenizer, info,
                           "name: tiny\ndata:\n  text_column: sentence\n")
@@ -37,13 +42,11 @@ def saved(tiny_checkpoints, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def adapter_saved(tiny_checkpoints, tmp_path_factory) -> Path:
-    from finetune.config.recipe import AdapterSection, ModelSection
+    from finetune.config.recipe import AdapterSection
     from finetune.models.adapters import add_adapter, adapter_settings, base_reference, weights_digest
 
     checkpoint = str(tiny_checkpoints["bert"])
-    torch.manual_seed(0)
-    model, tokenizer = build_model(resolve_checkpoint(checkpoint), ModelSection(checkpoint=checkpoint),
-                                   get_task("classification"), LABELS)
+    model, tokenizer = _tiny_classifier(tiny_checkpoints)
     digest = weights_digest(model)
     cfg = AdapterSection(r=4)
     model = add_adapter(model, cfg)
@@ -189,8 +192,9 @@ def test_finetune_json_fields_of_the_wrong_kind_are_named(saved, tmp_path, field
 
 
 def test_the_server_and_the_mlflow_model_refuse_edited_metadata_too(saved, tmp_path):
-    from finetune.tracking.mlflow_model import _record_checksums, predictor_from_data
+    from finetune.tracking.mlflow_model import predictor_from_data
     from serving.loading import load_model
+    from tests.test_integrity import _as_mlflow_data
 
     folder = _copy(saved, tmp_path)
     _swap_config_labels(folder)
@@ -198,15 +202,7 @@ def test_the_server_and_the_mlflow_model_refuse_edited_metadata_too(saved, tmp_p
     with pytest.raises(CheckpointError, match="are not config.json's id2label"):
         load_model(str(folder))
 
-    root = tmp_path / "mlflow"
-    (root / "model").mkdir(parents=True)
-    (root / "components" / "tokenizer").mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(saved / name, root / "model" / name)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(saved / name, root / "components" / "tokenizer" / name)
-    shutil.copy(saved / "finetune.json", root / "finetune.json")
-    _record_checksums(root)
+    root = _as_mlflow_data(_copy(saved, tmp_path, "unchanged"))
     assert "finetune.json" in read_manifest(root, MANIFEST_FILE)
     assert predictor_from_data(root).predict([TEXT])[0]["label"] in LABELS
     _edit_json(root / "finetune.json", lambda v: v.update(label_names=LABELS[::-1]))

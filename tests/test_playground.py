@@ -6,6 +6,7 @@ Screenshots go to $FINETUNE_TEST_ARTIFACTS when set (else pytest's temporary fol
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -37,9 +38,10 @@ def _chromium() -> tuple[str, str]:
     return browser, driver
 
 
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium with a fresh profile; its network log records every request a page makes."""
+@contextlib.contextmanager
+def headless_chromium(logs: tuple[str, ...] = ("performance",)):
+    """Headless Chromium with a fresh profile, removed afterwards; `logs` are the logs it keeps (performance: every
+    request a page makes; browser: its console, CSP refusals included)."""
     binary, driver_path = _chromium()
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the dev extra: pip install -e '.[dev]'")
     from selenium.webdriver.chrome.service import Service
@@ -49,7 +51,7 @@ def browser():
     options.binary_location = binary
     for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]:
         options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    options.set_capability("goog:loggingPrefs", {log: "ALL" for log in logs})
     # An explicit chromedriver path: Selenium Manager, which would try to download one, never runs.
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.set_page_load_timeout(30)
@@ -58,6 +60,13 @@ def browser():
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium whose network log records every request a page makes."""
+    with headless_chromium() as driver:
+        yield driver
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from typing import Any
 
 from finetune.errors import ConversionError
 from finetune.files import RefusedWrite, refuse_link, write_atomic
-from finetune.models.modeling import usual_file_modes
+from finetune.models.modeling import current_umask, usual_file_modes
 
 REPORT_FILE = "conversion.json"
 
@@ -54,9 +54,7 @@ def publish(tmp: Path, target: Path, report: dict[str, Any], started: float) -> 
     """Write the report (with the conversion's seconds since `started`) and move the checked folder into place."""
     report["seconds"] = round(time.perf_counter() - started, 2)
     write_atomic(tmp / REPORT_FILE, json.dumps(report, indent=2))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the checkpoint is an ordinary folder
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the checkpoint is an ordinary folder
     usual_file_modes(tmp)  # and its files too (safetensors writes its weights 0600)
     check_target(target, overwrite=True)  # again: a link may have appeared while the conversion ran
     old = None
