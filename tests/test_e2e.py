@@ -51,7 +51,10 @@ def test_run_logs_params_metrics_recipe_and_a_predicting_model(tiny_checkpoints,
     resolved = load_recipe(path, ["training.learning_rate=2e-3"])
     expected = {k: ("null" if v is None else str(v)) for k, v in flatten(resolved.model_dump(mode="json")).items()}
     decided = {k: v for k, v in run.data.params.items() if k.endswith(".resolved")}
-    assert {k: v for k, v in run.data.params.items() if k not in decided} == expected
+    # ... and, beside them, what was measured of the data before training: the tokenizer's fit (tokenizer.*).
+    measured = {k: v for k, v in run.data.params.items() if k.startswith("tokenizer.")}
+    assert {"tokenizer.pieces_per_word", "tokenizer.unk_share", "tokenizer.fit"} <= measured.keys()
+    assert {k: v for k, v in run.data.params.items() if k not in decided and k not in measured} == expected
     assert {"training.mixed_precision.resolved", "training.threads.resolved", "model.pad_to_multiple_of.resolved",
             "model.pooling.resolved"} <= decided.keys()
     client = mlflow.MlflowClient()

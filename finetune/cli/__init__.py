@@ -104,12 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser(
         "convert", help="turn a BERT or DistilBERT checkpoint into a long-context BigBird checkpoint (warm start), "
-                        "or keep some of its layers (a student to distil)")
-    convert.add_argument("source", help="a BERT-family checkpoint: a hub id or a folder, resolved like model.checkpoint")
+                        "keep some of its layers (a student to distil), or teach its vocabulary the pieces of your "
+                        "texts (a new language or domain)")
+    convert.add_argument("source", help="a checkpoint: a hub id or a folder, resolved like model.checkpoint")
     convert.add_argument("target", help="folder to write the new checkpoint to (safetensors and tokenizer)")
-    convert.add_argument("--to", choices=["bigbird", "fewer-layers"], required=True,
-                         help="bigbird: a long-context BigBird; fewer-layers: only the layers named by --layers")
+    convert.add_argument("--to", choices=["bigbird", "fewer-layers", "vocabulary"], required=True,
+                         help="bigbird: a long-context BigBird; fewer-layers: only the layers named by --layers; "
+                              "vocabulary: pieces learned from --texts added to the tokenizer, their embeddings "
+                              "started from the old pieces (then `finetune pretrain` on the same texts)")
     convert.add_argument("--layers", help="fewer-layers: the layers to keep, e.g. 0,2,4 (renumbered 0, 1, 2 in this order)")
+    convert.add_argument("--texts", action="append", metavar="FILE",
+                         help="vocabulary: a UTF-8 text file, one text per line (repeat for more files)")
+    convert.add_argument("--vocab-size", type=int, default=16000,
+                         help="vocabulary: size of the vocabulary learned from the texts; its pieces the checkpoint "
+                              "lacks are added (default 16000)")
+    convert.add_argument("--min-frequency", type=int, default=2,
+                         help="vocabulary: how often a piece must occur in the texts to be learned (default 2)")
     convert.add_argument("--max-length", type=int, default=4096,
                          help="positions of the new model; the 512 learned ones are tiled up to it (default 4096)")
     convert.add_argument("--attention-type", choices=["block_sparse", "original_full"], default="block_sparse",
@@ -331,6 +341,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
               f"{report['source']}: {report['parameters']:,} of {report['source_parameters']:,} parameters. Use it as "
               f"model.checkpoint: {report['target']}", file=sys.stderr)
         return 0
+    if args.to == "vocabulary":
+        return _convert_vocabulary(args)
+    if args.texts is not None:
+        raise ConversionError("--texts is for --to vocabulary")
     if args.layers is not None:
         raise ConversionError("--layers is for --to fewer-layers; --to bigbird keeps every layer")
     from finetune.models.convert import convert_to_bigbird
@@ -345,6 +359,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
           f"{report['seconds']:.1f} s; with full attention on {report['parity_length']} tokens its hidden states differ "
           f"from the source's by at most {report['parity_max_abs_diff']:.2e}. Use it as model.checkpoint: {report['target']}",
           file=sys.stderr)
+    return 0
+
+
+def _convert_vocabulary(args: argparse.Namespace) -> int:
+    from finetune.cli.console import quiet_model_loading
+    from finetune.errors import ConversionError
+    from finetune.models.vocabulary import adapt_vocabulary
+
+    if not args.texts:
+        raise ConversionError("--to vocabulary needs --texts FILE: the texts to learn pieces from, one per line")
+    if args.layers is not None:
+        raise ConversionError("--layers is for --to fewer-layers; --to vocabulary keeps every layer")
+    quiet_model_loading()
+    report = adapt_vocabulary(args.source, args.target, args.texts, vocab_size=args.vocab_size,
+                              min_frequency=args.min_frequency, allow_pickle=args.allow_pickle,
+                              overwrite=args.overwrite, progress=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    before, after = report["before"], report["after"]
+    print(f"added {report['pieces_added']:,} pieces to {report['source']}'s {report['tokenizer_model']} vocabulary "
+          f"({report['vocab_size_before']:,} -> {report['vocab_size_after']:,}) in {report['seconds']:.1f} s: "
+          f"{before['pieces_per_word']} -> {after['pieces_per_word']} pieces per word, [UNK] {before['unk_share']:.1%} "
+          f"-> {after['unk_share']:.1%} on your texts; English tokenized as before in "
+          f"{report['english_sentences_tokenized_as_before']} sentences. Next, pretrain it on the same texts "
+          f"(finetune pretrain, model.checkpoint: {report['target']}), then fine-tune from that.", file=sys.stderr)
     return 0
 
 
@@ -364,7 +402,8 @@ def cmd_predict(source: str, texts: list[str], as_json: bool, backend: str = "to
     except InputError as e:
         raise InputError(e.index, f"input {e.index + 1}: {e}") from None
     for item, answer in zip(inputs, answers):
-        print(json.dumps({"input": item, **answer}) if as_json else task.format_answer(item, answer))
+        # ensure_ascii=False: Hangul (any non-Latin text) is printed as itself, not as \uXXXX escapes.
+        print(json.dumps({"input": item, **answer}, ensure_ascii=False) if as_json else task.format_answer(item, answer))
     return 0
 
 

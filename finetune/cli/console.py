@@ -459,6 +459,10 @@ class TerminalReport(RunReport):
 
     def training_starts(self, start: RunStart) -> None:
         say(checkpoint_line(start))
+        if start.tokenizer_fit is not None:
+            say(start.tokenizer_fit.line())
+            if start.tokenizer_fit.warning():
+                warn(start.tokenizer_fit.warning())
         new = start.new_weights
         if new.head:
             labels = f" for {start.num_labels} labels" if start.num_labels else ""

@@ -32,6 +32,18 @@ def _column_options(parser: argparse.ArgumentParser, labels: bool) -> None:
     group.add_argument("--quoting", choices=["minimal", "none"], help="CSV/TSV quoting (none: quote characters are "
                                                                       "plain text, as in GLUE's TSVs)")
     group.add_argument("--column-names", type=_names, help="comma-separated names of the columns of a headerless CSV/TSV")
+    group.add_argument("--encoding", type=_encoding,
+                       help="data.encoding: text encoding of the csv, tsv, json(l), CoNLL or SQuAD file (default utf-8; "
+                            "cp949 for what Korean Excel saves); what finetune writes is always UTF-8")
+
+
+def _encoding(text: str) -> str:
+    from finetune.config.recipe import text_encoding
+
+    try:
+        return text_encoding(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _names(text: str) -> list[str]:
@@ -130,7 +142,7 @@ def _options(args: argparse.Namespace, *names: str) -> dict:
 
 COLUMN_OPTIONS = ("text_column", "text_pair_column", "label_column", "question_column", "context_column",
                   "answers_column", "choice_columns", "label_separator", "quoting", "column_names", "format",
-                  "dataset_config")
+                  "dataset_config", "encoding")
 
 
 def _load(args: argparse.Namespace, backend: str):
@@ -263,7 +275,7 @@ def cmd_predict_file(args: argparse.Namespace) -> int:
     columns = {k: v for k, v in predictor.task.input_columns(data, predictor.info.text_pair).items()}
     settings = ScoreSettings(model=str(found.source), runtime=predictor.runtime, columns=columns,
                              quoting=args.quoting or "minimal", column_names=args.column_names,
-                             chunk_rows=args.chunk_rows, batch_size=args.batch_size)
+                             encoding=args.encoding or "utf-8", chunk_rows=args.chunk_rows, batch_size=args.batch_size)
     report = score_file(predictor, Path(args.input), Path(args.output), data, settings, overwrite=args.overwrite)
     resumed = f", resumed at row {report.resumed_from}" if report.resumed_from else ""
     print(f"wrote {report.rows} rows to {report.output} ({report.rows_per_second:.1f} rows/s with {predictor.runtime}"

@@ -17,7 +17,7 @@ def cmd_runs(root: str, fmt: str) -> int:
     folders = list_runs(root)
     rows = [folder.row() for folder in folders]
     if fmt == "json":
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
         return 0
     if not rows:
         print(f"no output folders in {root}")

@@ -21,6 +21,7 @@ from finetune.families.support import offers, recipe_problems
 from finetune.models import pretrained
 from finetune.models.modeling import load_tokenizer
 from finetune.tasks import TaskSettings, get_task
+from finetune.training.contrastive import few_labels_hint
 from finetune.training.outputs import check_output_dir
 from finetune.training.preflight import choose_mixed_precision
 
@@ -128,6 +129,8 @@ def _validate(recipe: Recipe, path: str, overrides: list[str]) -> int:
         say(f"data: train {len(train)}, eval {len(evaluation)}{carved}" + (f", test {len(test)}" if test is not None else ""))
         if label_names is not None:
             say(f"labels ({len(label_names)}): {', '.join(label_names)}")
+        if tokenizer is not None:
+            _tokenizer_fit(recipe, task, train, tokenizer)
         settings = TaskSettings.of(recipe.task)
         try:
             task.settings_for_training(settings, train, label_names)
@@ -136,6 +139,9 @@ def _validate(recipe: Recipe, path: str, overrides: list[str]) -> int:
         skew = task.skew_warning(train, label_names, settings)
         if skew:
             say(f"warning: {skew}")
+        few = few_labels_hint(recipe, task.label_counts(train, label_names) if label_names is not None else {})
+        if few:
+            say(few)
         for name, split in (("train", train), ("eval", evaluation), ("test", test)):
             if split is None:
                 continue
@@ -149,6 +155,20 @@ def _validate(recipe: Recipe, path: str, overrides: list[str]) -> int:
                 say(f"  {name} tokens: p50 {s['p50']}, p90 {s['p90']}, p95 {s['p95']}, p99 {s['p99']}, max {s['max']}; "
                     f"{cut}" + (f" (from a sample of {s['examples']})" if s["examples"] < len(split) else ""))
     return _report(problems, path, overrides)
+
+
+def _tokenizer_fit(recipe: Recipe, task: Any, train: Any, tokenizer: Any) -> None:
+    """How well the checkpoint's vocabulary fits the train texts, and the warning pointing to vocabulary adaptation
+    when it fits poorly (`finetune.models.tokenizer_fit`); a warning, not a problem: the recipe can still run."""
+    from finetune.models.tokenizer_fit import measure
+
+    fit = measure(train, recipe, task, tokenizer)
+    if fit is None:
+        return
+    say(fit.line())
+    warning = fit.warning()
+    if warning:
+        say(f"warning: {warning}")
 
 
 def _report(problems: list[str], path: str, overrides: list[str]) -> int:

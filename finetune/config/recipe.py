@@ -117,6 +117,22 @@ class ModelSection(_Section):
         return self
 
 
+def text_encoding(value: str) -> str:
+    """`value` if it names a text encoding Python can read files with (data.encoding, `predict --encoding`), else
+    ValueError with a message listing examples."""
+    import codecs
+
+    try:
+        # base64, rot13 and the like are codecs too, but not text encodings a file can be read with.
+        known = codecs.lookup(value)._is_text_encoding
+    except LookupError:
+        known = False
+    if not known:
+        raise ValueError(f"unknown text encoding {value!r}; allowed: a Python codec name such as utf-8, "
+                         "utf-8-sig, cp949, euc-kr, shift_jis, gb18030, latin-1")
+    return value
+
+
 class DataSection(_Section):
     dataset: str | None = None
     """Hub data set name for datasets.load_dataset (e.g. glue). Give this or `files`, not both."""
@@ -132,6 +148,8 @@ class DataSection(_Section):
     """CSV/TSV quoting: minimal (standard CSV quotes) or none (quote characters are plain text, as in GLUE's TSVs)."""
     column_names: list[str] | None = None
     """Names of the columns of CSV/TSV files that have no header row (the first row is then data)."""
+    encoding: str = "utf-8"
+    """Text encoding of csv, tsv, json, jsonl, txt, CoNLL and SQuAD files: a Python codec name such as utf-8 (the default; a byte-order mark is skipped), cp949 (what Korean Excel saves; a superset of euc-kr), euc-kr, shift_jis, gb18030, latin-1. A file that does not decode is refused before training, naming the line and byte and the encoding that would read it."""
     text_column: str = "text"
     """Column with the input text; token_classification: the column of word lists (CoNLL files: tokens); multiple_choice: the context."""
     text_pair_column: str | None = None
@@ -162,6 +180,13 @@ class DataSection(_Section):
     """Use only the first N training examples (after shuffling with the seed), for quick runs."""
     max_eval_samples: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Evaluate on only the first N examples of the evaluation split."""
+    max_train_samples_per_class: int | None = Field(None, ge=1, le=MAX_COUNT)
+    """Train on N examples of each class, drawn with training.seed (another seed draws others), for few-label studies and to see how many labels a task needs. classification: N of each class; a class with fewer is taken whole (the run says so). multi_label: the labels are visited rarest first, and each gets examples carrying it until N of the drawn examples carry it (an example drawn for one label counts for all it carries); examples with no label count as one more class. Drawn after the evaluation split is carved. Not with max_train_samples."""
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        return text_encoding(value)
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSection":
@@ -172,6 +197,13 @@ class DataSection(_Section):
             return self
         if (self.dataset is None) == (self.files is None):
             raise ValueError("give exactly one of data.dataset (a hub data set) or data.files (local files)")
+        return self
+
+    @model_validator(mode="after")
+    def _one_way_to_sample(self) -> "DataSection":
+        if self.max_train_samples is not None and self.max_train_samples_per_class is not None:
+            raise ValueError("give data.max_train_samples (the first N after shuffling) or data.max_train_samples_per_class "
+                             "(N of each class), not both")
         return self
 
 
@@ -219,6 +251,23 @@ class TaskSection(TaskSettings):
                 f"allowed: {', '.join(task.metrics)}"
             )
         return self
+
+
+CONTRASTIVE_TASKS = ("classification", "multi_label")
+"""The tasks training.method: contrastive is for: one label set per text, what same/different-class pairs describe."""
+
+
+class ContrastiveSection(_Section):
+    iterations: int = Field(20, ge=1, le=10_000)
+    """Rounds of pair sampling (SetFit's num_iterations): in each, every training example gets one positive pair (another example of its class; multi_label: one sharing a label) and one negative pair (one of another class; multi_label: sharing none), so 2 x iterations pairs per example."""
+    max_pairs: int | None = Field(None, ge=1, le=MAX_COUNT)
+    """At most this many pairs (a random subset of the sampled ones, with training.seed); null: all."""
+    loss: Literal["cosine", "cosent"] = "cosine"
+    """The pair loss (sentence-transformers'): cosine (CosineSimilarityLoss, SetFit's: the squared difference between the pair's cosine similarity and 1 or 0) or cosent (CoSENTLoss: ranks every positive pair of a batch above every negative one)."""
+    learning_rate: float = Field(2e-5, gt=0, lt=1)
+    """Peak learning rate of the body during the pair phase (AdamW, linear warmup over 10% of its steps then linear decay; SetFit's default)."""
+    batch_size: int = Field(16, ge=1, le=MAX_COUNT)
+    """Pairs per step of the pair phase."""
 
 
 class TrainingSection(_Section):
@@ -276,6 +325,10 @@ class TrainingSection(_Section):
     """Layer-wise learning-rate decay: the top encoder layer trains at learning_rate, each layer below at this factor times the one above, the embeddings lowest (learning_rate x decay^layers). null: one learning rate for the encoder."""
     head_learning_rate: float | None = Field(None, gt=0, lt=1)
     """Learning rate of the task head (the parameters outside the encoder, and BERT's pooler, which only the head reads). null: learning_rate."""
+    method: Literal["standard", "contrastive"] = "standard"
+    """standard: the training loop fine-tunes the model on the labels as this section says. contrastive (classification and multi_label, few labels; docs/guides/few-labels.md): first the encoder learns from pairs of training texts, pulled together when they share a class and apart when not (SetFit's method, with sentence-transformers; training.contrastive), using the pooling the head will read (model.pooling; auto: the checkpoint's sentence-transformers pooling, mean for the offline MiniLM); then the loop trains the head as set below (with freeze: encoder, the head alone on the frozen embeddings, as SetFit's logistic regression does). The result is an ordinary model folder."""
+    contrastive: ContrastiveSection = ContrastiveSection()
+    """The pair phase of method: contrastive (ignored by standard)."""
     head_only_steps: int = Field(0, ge=0, le=MAX_COUNT)
     """Train the head alone first: for this many optimizer steps the encoder's learning rate is 0 (its weights do not move), then everything trains, the encoder with a warmup of its own (warmup_steps or warmup_ratio of the steps left). Linear probing then fine-tuning (Kumar et al., 2022): a new head initialised at random otherwise sends its noisy gradients into the pretrained encoder, e.g. a masked-language-model head added to an encoder that ships without one. The logged train/learning_rate is the encoder's. 0: off. Not with freeze: encoder (nothing else would ever train)."""
 
@@ -348,6 +401,21 @@ class Recipe(_Section):
         problems = TASKS[self.task.type].check_recipe(self)
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _contrastive_fits(self) -> "Recipe":
+        if self.training.method != "contrastive":
+            return self
+        if self.task.type not in CONTRASTIVE_TASKS:
+            raise ValueError(f"training.method: contrastive is for task.type {' or '.join(CONTRASTIVE_TASKS)}, not "
+                             f"{self.task.type}; allowed for {self.task.type}: standard")
+        if self.data.text_pair_column is not None:
+            raise ValueError("training.method: contrastive compares single texts; it cannot be used with "
+                             "data.text_pair_column (sentence pairs); allowed here: standard")
+        if self.model.adapter is not None or self.distillation is not None:
+            raise ValueError("training.method: contrastive trains the whole encoder on pairs first; it cannot be used "
+                             "with model.adapter or distillation; allowed with them: standard")
         return self
 
     @model_validator(mode="after")
@@ -606,7 +674,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The resolved recipe as YAML, as it is printed and saved with every run."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)  # Hangul as Hangul
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -82,7 +82,7 @@ def tokenize_splits(
         "settings": recipe.task.model_dump(include={"label_all_tokens", "doc_stride", "long_inputs", "chunk_stride",
                                                     *task.feature_settings}),
         "labels": label_names,
-        "version": 3,  # 3: words of token tasks cut by task.word_split and tokenised after a space
+        "version": 4,  # 3: words of token tasks cut by task.word_split and tokenised after a space; 4: texts in NFC
     }
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:24]
     target = cache_root() / key

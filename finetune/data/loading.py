@@ -15,7 +15,7 @@ from typing import Any
 import datasets
 
 from finetune.config.recipe import DataSection, Recipe
-from finetune.data.readers import FormatError, rows_from_files
+from finetune.data.readers import FormatError, decoding_problem, reading_encoding, rows_from_files
 from finetune.errors import DataError
 from finetune.tasks import LabelEncoding, Task, get_task
 
@@ -58,7 +58,7 @@ def load_raw(data: DataSection) -> datasets.DatasetDict:
     if reader == "auto" and all(Path(n).suffix.lower() == ".conll" for names in files.values() for n in names):
         reader = "conll"
     if reader != "auto":
-        return _read_with(reader, files)
+        return _read_with(reader, files, data.encoding)
     builders = set()
     kwargs: dict[str, Any] = {}
     for split, names in files.items():
@@ -80,8 +80,27 @@ def load_raw(data: DataSection) -> datasets.DatasetDict:
         kwargs["keep_default_na"] = False  # the text "null" or "NA" is a sentence, not a missing value
         if data.column_names:
             kwargs["column_names"] = list(data.column_names)
+    if builder in ("csv", "json", "text"):
+        # utf-8-sig also for JSON: with plain utf-8 the json builder hands the bytes to pyarrow, which stores invalid
+        # UTF-8 (a CP949 file) without a word and fails only when a row is read; any other name makes it decode
+        # each block strictly (and skip a byte-order mark) first.
+        kwargs["encoding"] = reading_encoding(data.encoding)
     resolved = {split: [str(Path(p).resolve()) for p in names] for split, names in files.items()}
-    return datasets.load_dataset(builder, data_files=resolved, **kwargs)
+    try:
+        return datasets.load_dataset(builder, data_files=resolved, **kwargs)
+    except Exception:
+        refuse_undecodable(files, data.encoding)
+        raise
+
+
+def refuse_undecodable(files: dict[str, list[str]], encoding: str) -> None:
+    """After a failed load: raise DataError naming every file that `encoding` cannot decode (file, line, byte, and
+    the encoding that would), so a CP949 file read as UTF-8 says so instead of showing a reader's traceback. The
+    files are scanned only once a load has failed, so a good load costs nothing more."""
+    problems = [problem for split, names in files.items() for name in names if Path(name).suffix.lower() != ".parquet"
+                and (problem := decoding_problem(name, encoding, "data.encoding"))]
+    if problems:
+        raise DataError(*problems)
 
 
 # Recipe keys of columns that hold targets, not text to pretrain on.
@@ -149,7 +168,7 @@ def check_files(data: DataSection) -> None:
         raise DataError(*problems)
 
 
-def _read_with(reader: str, files: dict[str, list[str]]) -> datasets.DatasetDict:
+def _read_with(reader: str, files: dict[str, list[str]], encoding: str = "utf-8") -> datasets.DatasetDict:
     """CoNLL or SQuAD files, one Dataset per split."""
     splits = {}
     for split, names in files.items():
@@ -158,13 +177,15 @@ def _read_with(reader: str, files: dict[str, list[str]]) -> datasets.DatasetDict
         try:
             # from_generator keys its cache on these arguments, so edited files are read again.
             splits[split] = datasets.Dataset.from_generator(
-                rows_from_files, gen_kwargs={"reader": reader, "paths": paths, "stamps": stamps}, split=split)
+                rows_from_files, gen_kwargs={"reader": reader, "paths": paths, "stamps": stamps, "encoding": encoding},
+                split=split)
         except FormatError as e:
             raise DataError(f"data.files.{split}: {e}") from None
         except Exception as e:  # datasets wraps generator errors in its own type
             cause = e.__cause__ or e.__context__
             if isinstance(cause, FormatError):
                 raise DataError(f"data.files.{split}: {cause}") from None
+            refuse_undecodable({split: names}, encoding)
             raise
     return datasets.DatasetDict(splits)
 
@@ -267,12 +288,47 @@ def make_splits(
         test = encode_labels(raw[data.test_split], data, task, label_names, data.test_split)
     if data.max_train_samples and data.max_train_samples < len(train):
         train = train.shuffle(seed=seed).select(range(data.max_train_samples))
+    if data.max_train_samples_per_class:
+        train = sample_per_class(train, data.max_train_samples_per_class, seed, task, label_names)
     if data.max_eval_samples and data.max_eval_samples < len(evaluation):
         evaluation = evaluation.select(range(data.max_eval_samples))
     for name, split in (("train", train), ("evaluation", evaluation)):
         if len(split) == 0:
             raise DataError(f"data: the {name} split is empty")
     return train, evaluation, test
+
+
+def sample_per_class(train: datasets.Dataset, n: int, seed: int, task: Task,
+                     label_names: list[str] | None) -> datasets.Dataset:
+    """`data.max_train_samples_per_class`: N training examples of each class, drawn with the seed (the rule for
+    multi_label is in the field's doc); a class with fewer is taken whole, with a warning naming it. The drawn rows
+    keep their order in the split (the training loader shuffles). Written here: `datasets` samples whole splits only."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(train["labels"])
+    names = list(label_names or [])
+    if labels.ndim == 1:  # one class per example
+        groups = [(names[c] if c < len(names) else str(c), np.flatnonzero(labels == c)) for c in range(len(names))]
+        chosen = [rows if len(rows) <= n else rng.choice(rows, n, replace=False) for _, rows in groups]
+        short = [(name, len(rows)) for name, rows in groups if len(rows) < n]
+        picked = np.concatenate(chosen) if chosen else np.array([], dtype=np.int64)
+    else:  # multi_label: rarest label first, until N drawn examples carry each label
+        carriers = [(names[j], np.flatnonzero(labels[:, j] > 0)) for j in range(labels.shape[1])]
+        carriers.append(("(no label)", np.flatnonzero(labels.sum(axis=1) == 0)))
+        taken = np.zeros(len(labels), dtype=bool)
+        short = []
+        for name, rows in sorted(carriers, key=lambda c: len(c[1])):
+            have = int(taken[rows].sum())
+            free = rng.permutation(rows[~taken[rows]])
+            taken[free[:max(0, n - have)]] = True
+            if len(rows) < n and (len(rows) or name != "(no label)"):
+                short.append((name, len(rows)))
+        picked = np.flatnonzero(taken)
+    for name, count in short:
+        log.warning(f"data.max_train_samples_per_class: {n}: class {name!r} has only {count} training example(s); "
+                    "all are used")
+    return train.select(np.sort(picked).tolist())
 
 
 def load_splits(

@@ -161,7 +161,7 @@ def run_evaluation(located: Any, predictor: Predictor, labelled: LabelledData, o
                                             "split": labelled.split_name, "examples": evaluation.examples,
                                             "skipped_rows": labelled.skipped_rows, "unknown_labels": labelled.unknown},
                    "task": task.name, "metrics": metrics}
-        (stage / "evaluation.json").write_text(json.dumps(summary, indent=2))
+        (stage / "evaluation.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
         try:
             publish_files(stage, out_dir, "evaluation", OUTPUT_OPTION, overwrite)
         except RefusedWrite as e:

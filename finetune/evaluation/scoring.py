@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from finetune.data.readers import decoding_problem, is_utf8, reading_encoding
 from finetune.errors import DataError, InputError
 from finetune.files import (MAX_INPUT_CHARS, RefusedDocument, RefusedWrite, move_new, open_existing, open_new,
                             read_json, refuse_link, spreadsheet_cell, write_atomic)
@@ -74,6 +75,8 @@ class ScoreSettings:
     columns: dict[str, Any]
     quoting: str = "minimal"
     column_names: list[str] | None = None
+    encoding: str = "utf-8"
+    """How the input's bytes are read (csv, tsv, jsonl); the output is always UTF-8."""
     chunk_rows: int = 2048
     batch_size: int = 32
 
@@ -94,13 +97,21 @@ class ScoreReport:
 # ---------------------------------------------------------------------------------------------
 
 
-def _header(path: Path, delimiter: str, quoting: str) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as f:
+def undecodable(path: Path, encoding: str) -> DataError:
+    """The error for an input file `encoding` cannot read: file, line, byte, and the encoding that would fit."""
+    return DataError(decoding_problem(path, encoding, "--encoding")
+                     or f"--encoding: {path} cannot be read as {encoding} text")
+
+
+def _header(path: Path, delimiter: str, quoting: str, encoding: str = "utf-8") -> list[str]:
+    with open(path, newline="", encoding=reading_encoding(encoding)) as f:
         reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if quoting == "none" else csv.QUOTE_MINIMAL)
         try:
             return next(reader)
         except StopIteration:
             raise DataError(f"--input: {path} is empty (not even a header row)") from None
+        except UnicodeDecodeError:
+            raise undecodable(path, encoding) from None
 
 
 class Unreadable(dict):
@@ -156,7 +167,8 @@ class Reader:
         self.schema: Any = None
         if self.format in ("csv", "tsv"):
             delimiter = "\t" if self.format == "tsv" else ","
-            self.names = list(settings.column_names) if settings.column_names else _header(self.path, delimiter, settings.quoting)
+            self.names = (list(settings.column_names) if settings.column_names
+                          else _header(self.path, delimiter, settings.quoting, settings.encoding))
             self.schema = pa.schema([(n, pa.string()) for n in self.names])
         elif self.format == "parquet":
             import pyarrow.parquet as pq
@@ -192,7 +204,12 @@ class Reader:
                         pass
                     yield number, None
                     continue
-                text = line.decode("utf-8", errors="replace")
+                try:
+                    text = line.decode(self.settings.encoding)
+                except UnicodeDecodeError:
+                    raise undecodable(self.path, self.settings.encoding) from None
+                if number == 1 and is_utf8(self.settings.encoding):
+                    text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the first row
                 if text.strip():
                     yield number, text
 
@@ -241,8 +258,10 @@ class Reader:
         none = self.settings.quoting == "none"
         # Rows already done are skipped after parsing (in `_rechunk`), not with skip_rows_after_names, which also
         # counts the empty lines the reader otherwise ignores.
+        # pyarrow reads UTF-8 itself (skipping a byte-order mark); another encoding it decodes with Python's codec.
         read = pacsv.ReadOptions(column_names=self.names, skip_rows=0 if self.settings.column_names else 1,
-                                 block_size=CSV_BLOCK_BYTES)
+                                 block_size=CSV_BLOCK_BYTES,
+                                 encoding="utf8" if is_utf8(self.settings.encoding) else self.settings.encoding)
         parse = pacsv.ParseOptions(delimiter="\t" if self.format == "tsv" else ",", quote_char=False if none else '"',
                                    newlines_in_values=not none)
         # Every column as text, as written: "007" stays "007" and "NA" is a word, not a missing value.
@@ -250,7 +269,11 @@ class Reader:
                                        quoted_strings_can_be_null=False, null_values=[])
         try:
             yield from pacsv.open_csv(self.path, read_options=read, parse_options=parse, convert_options=convert)
+        except UnicodeDecodeError:
+            raise undecodable(self.path, self.settings.encoding) from None
         except pa.ArrowInvalid as e:
+            if "UTF8" in str(e) and (problem := decoding_problem(self.path, self.settings.encoding, "--encoding")):
+                raise DataError(problem) from None
             if "straddl" in str(e):  # one row longer than a block: refused rather than read whole
                 raise DataError(f"--input: {self.path} has a row of more than {CSV_BLOCK_BYTES >> 20} MiB; an input "
                                 f"may have at most {MAX_INPUT_CHARS} characters: shorten or remove that row (rows "
@@ -301,7 +324,7 @@ def _cell(value: Any) -> Any:
     if value is None:
         return ""
     if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value)
+        return json.dumps(value, ensure_ascii=False)
     return value
 
 
@@ -389,7 +412,7 @@ class ParquetWriter:
 
         def value(row: dict[str, Any], name: str, as_text: bool) -> Any:
             found = row.get(name)
-            return json.dumps(found) if as_text and isinstance(found, (dict, list, tuple)) else found
+            return json.dumps(found, ensure_ascii=False) if as_text and isinstance(found, (dict, list, tuple)) else found
 
         texts = {name: self.schema.field(name).type == pa.string() for name in self.schema.names}
         columns = {name: [value(row, name, texts[name]) for row in rows] for name in self.schema.names}

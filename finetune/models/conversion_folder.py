@@ -53,7 +53,7 @@ def staging_folder(target: Path) -> Iterator[Path]:
 def publish(tmp: Path, target: Path, report: dict[str, Any], started: float) -> dict[str, Any]:
     """Write the report (with the conversion's seconds since `started`) and move the checked folder into place."""
     report["seconds"] = round(time.perf_counter() - started, 2)
-    write_atomic(tmp / REPORT_FILE, json.dumps(report, indent=2))
+    write_atomic(tmp / REPORT_FILE, json.dumps(report, indent=2, ensure_ascii=False))
     tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the checkpoint is an ordinary folder
     usual_file_modes(tmp)  # and its files too (safetensors writes its weights 0600)
     check_target(target, overwrite=True)  # again: a link may have appeared while the conversion ran

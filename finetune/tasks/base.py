@@ -11,6 +11,7 @@ is one module registered in `finetune.tasks`.
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +26,62 @@ IGNORE_INDEX = -100
 """Label id left out of the loss (padding, continuation word pieces), as in the Hugging Face heads."""
 
 __all__ = ["IGNORE_INDEX", "Encoded", "FeatureContext", "InputError", "LabelEncoding", "PostprocessOptions",
-           "Reference", "Task", "TaskSettings", "softmax", "sigmoid"]
+           "Reference", "Task", "TaskSettings", "nfc", "nfc_all", "nfc_spans", "softmax", "sigmoid"]
+
+
+# --- the one text normalisation every path from text to prediction applies -------------------------------------
+# Text reaches the tokenizer in Unicode NFC wherever it comes from: training and evaluation rows, `predict`
+# arguments, scored files, HTTP requests, the ONNX path (all of them tokenise through the task's functions). macOS
+# and some editors write Hangul (and accented Latin) decomposed, NFD: "한" as the three jamo ᄒ ᅡ ᆫ. Byte-level BPE
+# families (RoBERTa, ModernBERT) have no normaliser, so the same word would become other pieces; BERT's uncased
+# normaliser decomposes everything anyway, where NFC changes nothing. Hand-written (unicodedata) rather than a
+# `tokenizers` normaliser on the tokenizer, so saved tokenizers and models made before stay as they are.
+
+
+def nfc(text: str) -> str:
+    """`text` in Unicode NFC (composed), the form every text is tokenised in."""
+    return text if unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)
+
+
+def nfc_all(texts: Sequence[str]) -> list[str]:
+    """Every text of a batch in NFC (see `nfc`)."""
+    return [nfc(t) for t in texts]
+
+
+def _starts_cluster(ch: str) -> bool:
+    # A character composition never merges into what comes before it: not a combining mark, and not a Hangul
+    # medial vowel or final consonant jamo, which compose with the jamo before them although their combining class
+    # is 0.
+    return unicodedata.combining(ch) == 0 and not ("\u1161" <= ch <= "\u1175" or "\u11a8" <= ch <= "\u11c2")
+
+
+def nfc_spans(text: str) -> tuple[str, list[tuple[int, int]] | None]:
+    """`text` in NFC and, per character of the result, the span of `text` it came from (None when `text` is
+    already NFC, so offsets need no mapping). Offsets into the normalised text map back with it, so answers and
+    entities are reported at their places in the text as it was given."""
+    if unicodedata.is_normalized("NFC", text):
+        return text, None
+    out: list[str] = []
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for end in range(1, len(text) + 1):
+        if end == len(text) or _starts_cluster(text[end]):
+            piece = unicodedata.normalize("NFC", text[start:end])
+            out.append(piece)
+            spans += [(start, end)] * len(piece)
+            start = end
+    normalised = "".join(out)
+    if normalised != unicodedata.normalize("NFC", text):  # a composition across clusters this rule did not foresee
+        normalised = unicodedata.normalize("NFC", text)
+        spans = [(0, len(text))] * len(normalised)  # no finer map: a span then covers the whole text
+    return normalised, spans
+
+
+def original_span(spans: list[tuple[int, int]] | None, start: int, end: int) -> tuple[int, int]:
+    """Character offsets [start, end) into an `nfc_spans` result, as offsets into the text it was made from."""
+    if spans is None or end <= start:
+        return start, end
+    return spans[start][0], spans[end - 1][1]
 
 
 @dataclass
@@ -367,7 +423,7 @@ class Task:
 
     def format_answer(self, item: Any, answer: dict[str, Any]) -> str:
         """One terminal line for an answer (`finetune predict` without --json)."""
-        return f"{json.dumps(answer)}\t{item}"
+        return f"{json.dumps(answer, ensure_ascii=False)}\t{item}"
 
 
 def _cell_text(value: Any) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 
 import finetune.tasks.metrics as M
 from finetune.families import family_of
-from finetune.tasks.base import IGNORE_INDEX, Encoded, FeatureContext, InputError, Reference, Task, TaskSettings
+from finetune.tasks.base import IGNORE_INDEX, Encoded, FeatureContext, InputError, Reference, Task, TaskSettings, nfc
 
 MASK_SHARE = 0.8
 """Of the target tokens, the share replaced by the mask token (BERT's rule) ..."""
@@ -287,7 +287,7 @@ class MaskedLMTask(Task):
 
     @staticmethod
     def _texts(batch: dict[str, list], data: Any) -> list[str]:
-        return [str(t) for t in batch[data.text_column] if t is not None and str(t).strip()]
+        return [nfc(str(t)) for t in batch[data.text_column] if t is not None and str(t).strip()]
 
     def features(self, batch: dict[str, list], indices: list[int], ctx: FeatureContext) -> dict:
         import torch

@@ -16,7 +16,7 @@ import pandas as pd
 
 import finetune.tasks.metrics as M
 from finetune.tasks.base import (
-    Encoded, FeatureContext, InputError, LabelEncoding, PostprocessOptions, Reference, Task, TaskSettings, softmax,
+    Encoded, FeatureContext, InputError, LabelEncoding, PostprocessOptions, Reference, Task, TaskSettings, nfc, softmax,
 )
 
 MAX_CHOICES = 32
@@ -25,7 +25,7 @@ MAX_CHOICES = 32
 def choice_pairs(context: str, start: str | None, choices: Sequence[str]) -> tuple[list[str], list[str]]:
     """The (first, second) texts of every choice: the context, and the start of the answer joined to the ending."""
     prefix = f"{start.strip()} " if start and start.strip() else ""
-    return [context] * len(choices), [f"{prefix}{c}" for c in choices]
+    return [nfc(context)] * len(choices), [nfc(f"{prefix}{c}") for c in choices]
 
 
 class MultipleChoiceTask(Task):

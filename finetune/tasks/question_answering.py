@@ -17,7 +17,8 @@ import pandas as pd
 
 import finetune.tasks.metrics as M
 from finetune.tasks.base import (
-    Encoded, FeatureContext, InputError, PostprocessOptions, Reference, Task, TaskSettings, softmax,
+    Encoded, FeatureContext, InputError, PostprocessOptions, Reference, Task, TaskSettings, nfc_all, nfc_spans,
+    original_span, softmax,
 )
 
 MAX_WINDOWS_PER_INPUT = 64
@@ -26,16 +27,26 @@ MAX_WINDOWS_PER_INPUT = 64
 
 def tokenize_windows(tokenizer: Any, questions: Sequence[str], contexts: Sequence[str], max_length: int,
                      doc_stride: int) -> Any:
-    """Question + context windows: the context is cut into overlapping pieces, the question repeated in each."""
-    return tokenizer(
-        [q.lstrip() for q in questions],  # leading spaces make some tokenizers fail to truncate the context
-        list(contexts),
+    """Question + context windows: the context is cut into overlapping pieces, the question repeated in each.
+
+    Both are tokenised in NFC (`nfc`); the context's offsets are mapped back to the context as given, so answer
+    positions (answer_start, the spans served) stay offsets into the caller's own text."""
+    normalised = [nfc_spans(str(c)) for c in contexts]
+    encoded = tokenizer(
+        [q.lstrip() for q in nfc_all(questions)],  # leading spaces make some tokenizers fail to truncate the context
+        [text for text, _ in normalised],
         truncation="only_second",
         max_length=max_length,
         stride=doc_stride,
         return_overflowing_tokens=True,
         return_offsets_mapping=True,
     )
+    for i, owner in enumerate(encoded["overflow_to_sample_mapping"]):
+        spans = normalised[owner][1]
+        if spans is not None:
+            encoded["offset_mapping"][i] = [original_span(spans, *o) if s == 1 else o
+                                            for o, s in zip(encoded["offset_mapping"][i], encoded.sequence_ids(i))]
+    return encoded
 
 
 def context_offsets(encoded: Any, i: int, context: str) -> list[tuple[int, int] | None]:
@@ -174,12 +185,13 @@ class QuestionAnsweringTask(Task):
         return encoded
 
     def token_lengths(self, batch: dict[str, list], data: Any, tokenizer: Any, settings: TaskSettings) -> list[int]:
-        encoded = tokenizer(batch[data.question_column], batch[data.context_column], truncation=False, verbose=False)
+        encoded = tokenizer(nfc_all(batch[data.question_column]), nfc_all(batch[data.context_column]), truncation=False,
+                            verbose=False)
         return [len(ids) for ids in encoded["input_ids"]]
 
     def window_stats(self, rows: dict[str, list], lengths: np.ndarray, data: Any, tokenizer: Any, max_length: int,
                      settings: TaskSettings) -> dict[str, Any] | None:
-        questions = [len(ids) for ids in tokenizer(rows[data.question_column], add_special_tokens=False)["input_ids"]]
+        questions = [len(ids) for ids in tokenizer(nfc_all(rows[data.question_column]), add_special_tokens=False)["input_ids"]]
         windows = np.array(self.windows_needed(lengths, max_length, settings.doc_stride, questions))
         return {"multi_window_share": float((windows > 1).mean()), "windows_max": int(windows.max()), "unit": "contexts"}
 
@@ -258,7 +270,7 @@ class QuestionAnsweringTask(Task):
 
     def encode(self, tokenizer: Any, inputs: list[Any], text_pair: bool, max_length: int, settings: TaskSettings) -> Encoded:
         questions = [x["question"] for x in inputs]
-        question_lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+        question_lengths = [len(ids) for ids in tokenizer(nfc_all(questions), add_special_tokens=False)["input_ids"]]
         for i, n in enumerate(question_lengths):
             if n + 3 + settings.doc_stride >= max_length:
                 raise InputError(i, f"the question is {n} tokens; this model needs it under "

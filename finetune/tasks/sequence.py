@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 import finetune.tasks.metrics as M
-from finetune.tasks.base import Encoded, FeatureContext, InputError, PostprocessOptions, Reference, Task, TaskSettings
+from finetune.tasks.base import (Encoded, FeatureContext, InputError, PostprocessOptions, Reference, Task, TaskSettings,
+                                 nfc_all)
 
 MAX_CHUNKS_PER_INPUT = 64
 """Serving with chunking: a text needing more windows than this is refused (422)."""
@@ -37,10 +38,10 @@ def pool_windows(rows: Sequence[np.ndarray], owners: Sequence[int], n: int, how:
 
 def batch_texts(batch: dict[str, list], data: Any) -> tuple[list[str], list[str] | None]:
     """The text (and pair text) columns of a batch of rows, as strings."""
-    texts = ["" if t is None else str(t) for t in batch[data.text_column]]
+    texts = nfc_all(["" if t is None else str(t) for t in batch[data.text_column]])
     pairs = None
     if data.text_pair_column:
-        pairs = ["" if t is None else str(t) for t in batch[data.text_pair_column]]
+        pairs = nfc_all(["" if t is None else str(t) for t in batch[data.text_pair_column]])
     return texts, pairs
 
 
@@ -100,11 +101,12 @@ class SequenceTask(Task):
 
         Padding is left to the collator so batches pad only to their own longest example.
         """
-        return tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True, max_length=max_length)
+        return tokenizer(nfc_all(texts), nfc_all(pairs) if pairs is not None else None, truncation=True,
+                         max_length=max_length)
 
     def chunk(self, tokenizer: Any, texts: Sequence[str], max_length: int, stride: int) -> Any:
         """Overlapping windows of max_length tokens covering each whole text (`stride` tokens shared)."""
-        return tokenizer(list(texts), truncation=True, max_length=max_length, stride=stride,
+        return tokenizer(nfc_all(texts), truncation=True, max_length=max_length, stride=stride,
                          return_overflowing_tokens=True)
 
     def features(self, batch: dict[str, list], indices: list[int], ctx: FeatureContext) -> dict:

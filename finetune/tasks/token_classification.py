@@ -26,7 +26,7 @@ import finetune.tasks.labels as L
 import finetune.tasks.metrics as M
 from finetune.tasks.base import (
     IGNORE_INDEX, Encoded, FeatureContext, InputError, LabelEncoding, PostprocessOptions, Reference, Task,
-    TaskSettings, softmax,
+    TaskSettings, nfc, softmax,
 )
 
 
@@ -85,7 +85,7 @@ def resplit(words: Sequence[str], tags: Sequence[int], rule: str, continuation: 
 def encode_words(tokenizer: Any, rows: Sequence[Sequence[str]], max_length: int | None, **kwargs: Any) -> Any:
     """Tokenise sentences given as words, each word as it reads after a space in running text (see the module
     docstring); `max_length` None: untruncated. The one tokenisation of words in training, validation and serving."""
-    spaced = [[" " + word for word in row] for row in rows]
+    spaced = [[" " + nfc(word) for word in row] for row in rows]  # per word: spans stay the given text's
     if max_length is None:
         return tokenizer(spaced, is_split_into_words=True, truncation=False, verbose=False, **kwargs)
     return tokenizer(spaced, is_split_into_words=True, truncation=True, max_length=max_length, **kwargs)

@@ -126,7 +126,7 @@ def render(frame: pd.DataFrame, fmt: str) -> str:
     if fmt == "csv":  # opened in spreadsheets: run names, params and tags are text, never formulas
         return spreadsheet_frame(frame).to_csv(index=False)
     if fmt == "json":
-        return json.dumps(json.loads(frame.to_json(orient="records")), indent=2)
+        return json.dumps(json.loads(frame.to_json(orient="records")), indent=2, ensure_ascii=False)
     cells = frame.astype(object).where(frame.notna(), "").astype(str)
     if fmt == "markdown":
         # Written out here because pandas' to_markdown needs the optional tabulate package.
@@ -134,4 +134,7 @@ def render(frame: pd.DataFrame, fmt: str) -> str:
         rule = "|" + "|".join("---" for _ in cells.columns) + "|"
         lines = ["| " + " | ".join(v.replace("|", "\\|") for v in row) + " |" for row in cells.itertuples(index=False)]
         return "\n".join([header, rule, *lines])
-    return cells.to_string(index=False)
+    # pandas pads by character count unless told that Hangul and other East Asian wide characters take two
+    # columns of a terminal; with it, a Korean run name or label keeps the columns lined up.
+    with pd.option_context("display.unicode.east_asian_width", True):
+        return cells.to_string(index=False)

@@ -80,7 +80,7 @@ def log_evaluation_run(*, run_name: str, experiment: str | None, model: dict[str
     if parent:
         tags["mlflow.parentRunId"] = parent
     if data.get("unknown"):
-        tags["finetune.unknown_labels"] = json.dumps(data["unknown"])[:5000]
+        tags["finetune.unknown_labels"] = json.dumps(data["unknown"], ensure_ascii=False)[:5000]
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         mlflow.log_params({k: "null" if v is None else str(v)[:500] for k, v in params.items()})
         mlflow.log_input(mlflow.data.from_huggingface(dataset, path=data["source"], name=data["name"]),

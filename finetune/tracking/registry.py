@@ -27,7 +27,7 @@ def _champion(client: mlflow.MlflowClient, name: str):
 
 
 def _signature(task: str, label_names: list[str] | None) -> str:
-    return json.dumps({"task": task, "labels": label_names})
+    return json.dumps({"task": task, "labels": label_names}, ensure_ascii=False)
 
 
 def register_and_maybe_promote(model_uri: str, run_id: str, name: str, metric: str, score: float,

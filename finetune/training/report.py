@@ -40,6 +40,9 @@ class RunStart:
     notes: list[str] = field(default_factory=list)
     """What the run started from and what trains, when it is not a fresh head on a pretrained encoder (a parent
     model, its head reused or replaced; frozen parts; an adapter), one sentence each."""
+    tokenizer_fit: Any = None
+    """How well the checkpoint's vocabulary fits the train texts (`finetune.models.tokenizer_fit.TokenizerFit`;
+    None: not measured)."""
 
 
 @dataclass

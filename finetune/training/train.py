@@ -30,7 +30,7 @@ from finetune.data.features import PreparedData, prepare
 from finetune.errors import CheckpointError, TrainingDiverged
 from finetune.evaluation.extra_metrics import ExtraMetrics
 from finetune.families import family_of
-from finetune.models import layers, pretrained
+from finetune.models import layers, pretrained, tokenizer_fit
 from finetune.models.bigbird import attention_for_batch, is_block_sparse
 from finetune.models.modeling import ModelInfo, NewWeights, load_tokenizer, make_collator, save_model_dir
 from finetune.models.starting import BuiltModel, Start, build_for_run
@@ -39,7 +39,7 @@ from finetune.tasks.distillation import DistilledTask
 from finetune.tasks.metrics import is_improvement
 from finetune.threads import ThreadBudget, requested_threads
 from finetune.tracking.tracker import NullTracker, Tracker, tracking_uri
-from finetune.training import finish, outputs, speed, teacher
+from finetune.training import contrastive, finish, outputs, speed, teacher
 from finetune.training import state as training_state
 from finetune.training.evaluation import evaluate
 from finetune.training.host_memory import FreedMemory
@@ -134,13 +134,18 @@ def setup_data(recipe: Recipe, task: Task, tokenizer: Any, accelerator: Accelera
         return prepare(recipe, task, tokenizer)
 
 
-def setup_model(recipe: Recipe, task: Task, start: Start,
-                label_names: list[str] | None) -> tuple[Any, BuiltModel, layers.Trainable]:
+def setup_model(recipe: Recipe, task: Task, start: Start, label_names: list[str] | None,
+                pair_phase: contrastive.PairPhase | None = None) -> tuple[Any, BuiltModel, layers.Trainable]:
     """The model to train (`finetune.models.starting`: a pretrained encoder with a fresh head, or a fine-tuned
     model's), frozen as `training.freeze` says, with a frozen encoder's outputs cached when the head allows it, and
-    compiled if the recipe says so."""
-    built = build_for_run(start, recipe.model, task, label_names)
+    compiled if the recipe says so. `pair_phase`: the encoder trained by training.method contrastive, put in before
+    anything is frozen or cached, with the pooling it was trained with."""
+    model_cfg = recipe.model if pair_phase is None else recipe.model.model_copy(update={"pooling": pair_phase.pooling})
+    built = build_for_run(start, model_cfg, task, label_names)
     model = built.model
+    if pair_phase is not None:
+        pair_phase.install(model)
+        built.notes.append(pair_phase.note)
     fresh = getattr(model, "finetune_fresh_parameters", frozenset())
     trainable = layers.freeze(model, recipe.training.freeze, fresh) if built.adapter is None else \
         layers.count_parameters(model, "the encoder (an adapter trains)")
@@ -283,11 +288,16 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     tokenizer = load_tokenizer(resolved.path, recipe.model.trust_remote_code)
     data = setup_data(recipe, task, tokenizer, accelerator)
     report.data_ready(recipe, data)
+    # Measured once, by the process that reports and logs (a fraction of a second: a bounded sample).
+    fit = tokenizer_fit.measure(data.raw_train, recipe, task, tokenizer) if accelerator.is_main_process else None
     settings = task.settings_for_training(settings, data.train, data.label_names)  # class_weights: balanced -> numbers
     if recipe.distillation is not None:
         with accelerator.main_process_first():  # the main process computes the teacher's outputs, the others read them
             data = teacher.add_teacher_outputs(data, recipe, pretrained.load_config(resolved).hidden_size)
-    model, built, trainable = setup_model(recipe, task, start, data.label_names)
+    pair_phase = contrastive.train_body(recipe, data.raw_train[recipe.data.text_column], data.raw_train["labels"],
+                                        resolved.path, accelerator.device, threads) \
+        if cfg.method == "contrastive" else None
+    model, built, trainable = setup_model(recipe, task, start, data.label_names, pair_phase)
     new_weights = getattr(model, "finetune_new_weights", None) or NewWeights([], [], [])
     parameters, family = sum(p.numel() for p in model.parameters()), model.config.model_type  # before DDP wraps it
     collator = make_collator(tokenizer, model.config, task, settings, speed.pad_multiple(recipe), recipe.model.max_length)
@@ -339,6 +349,8 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
                                                 data.label_names)
     teacher_lineage = teacher.teacher_lineage(recipe) if recipe.distillation is not None else {}
     tags.update(teacher_lineage)
+    if pair_phase is not None:
+        tags["finetune.training_method"] = pair_phase.note
     run_notes = header_notes(recipe, accelerator.unwrap_model(model), resolved_settings, teacher_lineage)
     tracker = (
         Tracker(recipe, tags, run_id=state.run_id, nested=nested, resolved=resolved_settings)
@@ -350,6 +362,12 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     if resumed_from is None:
         tracker.log_metrics({"model/trainable_parameters": trainable.trainable, "model/total_parameters": trainable.total,
                              "model/trainable_share": trainable.share}, step=0)
+    if pair_phase is not None and resumed_from is None:
+        pair_phase.log(tracker)
+    if fit is not None and resumed_from is None:  # a resumed run logged them when it started
+        import mlflow
+
+        tracker.guarded("log the tokenizer fit", mlflow.log_params, fit.params())
     if start.parent is not None and resumed_from is None:
         tracker.log_parent(start.parent_source, start.parent_run_id, start.parent.task, built.head_reused)
     if accelerator.is_main_process:
@@ -360,7 +378,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
         steps_per_epoch=updates_per_epoch, train_examples=len(data.train), eval_examples=len(data.eval),
         processes=accelerator.num_processes, device=speed.describe_device(accelerator.device, threads),
         precision=speed.describe_precision_decision(recipe), cache_hit=data.cache_hit, resumed_at=resumed_from,
-        run_id=state.run_id, notes=[*built.notes, *run_notes],
+        run_id=state.run_id, notes=[*built.notes, *run_notes], tokenizer_fit=fit,
     ))
 
     def run_evaluation() -> None:

@@ -1,0 +1,42 @@
+"""bench/fewshot.py's smoke run: the draws, both of our methods on a tiny model, the table; SetFit's venv missing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import DATA, load_bench
+
+pytestmark = pytest.mark.e2e
+
+
+def _tiny(monkeypatch, tiny_checkpoints):
+    module = load_bench("fewshot", monkeypatch)
+    monkeypatch.setattr(module, "SHARED", DATA)  # the shipped SST-2 sample stands in for ../shared/data
+    monkeypatch.setattr(module, "MODEL", str(tiny_checkpoints["bert"]))
+    real = module.Runner
+    monkeypatch.setattr(module, "Runner", lambda workdir: real(workdir, in_process=True))
+    return module
+
+
+def test_a_smoke_slice_draws_the_same_examples_for_every_method_and_writes_the_table(tiny_checkpoints, tmp_path,
+                                                                                      monkeypatch, capsys):
+    module = _tiny(monkeypatch, tiny_checkpoints)
+    assert module.main(["--sets", "sst2", "--ns", "4", "--draws", "1", "--methods", "contrastive", "standard",
+                        "--max-test", "40", "--workdir", str(tmp_path), "--markdown", str(tmp_path / "table.md")]) == 0
+    out = capsys.readouterr().out
+    drawn = [json.loads(line) for line in (tmp_path / "sst2-n4-d0.jsonl").read_text().splitlines()]
+    assert sorted(r["label"] for r in drawn) == ["negative"] * 4 + ["positive"] * 4
+    for method in ("contrastive", "standard"):  # both trained on that file
+        assert str(tmp_path / "sst2-n4-d0.jsonl") in (tmp_path / f"sst2-n4-d0-{method}.yaml").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "| set | N per class | contrastive accuracy | standard accuracy | contrastive s | standard s |" in table
+    assert "| SST-2 | 4 | " in table and "SST-2 N=4 draw 0 contrastive: accuracy" in out
+
+
+def test_setfit_without_its_venv_says_how_to_make_it(tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    module = _tiny(monkeypatch, tiny_checkpoints)
+    monkeypatch.setattr(module, "SETFIT_VENV", tmp_path / "no-venv")
+    with pytest.raises(SystemExit, match="run bench/peers/setup_setfit.sh first"):
+        module.main(["--sets", "sst2", "--ns", "2", "--draws", "1", "--methods", "setfit", "--workdir", str(tmp_path)])
