@@ -39,6 +39,18 @@ def check_target(target: Path, overwrite: bool) -> None:
         raise ConversionError(f"{target} exists and is not empty; choose another folder or pass --overwrite")
 
 
+def checked_source(source: str, target: str | Path, overwrite: bool, allow_pickle: bool) -> tuple[Path, Any, Any]:
+    """What every conversion starts with: the target checked (`check_target`), then the source resolved like a
+    recipe's model.checkpoint, its weights' format checked and its config loaded. Returns (target, resolved, config)."""
+    from finetune.models.pretrained import check_weights_format, load_config, resolve_checkpoint
+
+    target = Path(target)
+    check_target(target, overwrite)
+    resolved = resolve_checkpoint(source, allow_pickle=allow_pickle)
+    check_weights_format(resolved.path, allow_pickle)
+    return target, resolved, load_config(resolved)
+
+
 @contextlib.contextmanager
 def staging_folder(target: Path) -> Iterator[Path]:
     """A new hidden folder beside `target`, removed on the way out whatever happened (after `publish` it is gone)."""

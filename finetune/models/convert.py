@@ -23,8 +23,7 @@ import torch
 from finetune.errors import ConversionError
 from finetune.families import family_of
 from finetune.families.big_bird import default_sparse_min_length, min_sparse_length
-from finetune.models.conversion_folder import check_target, publish, staging_folder
-from finetune.models.pretrained import check_weights_format, load_config, resolve_checkpoint
+from finetune.models.conversion_folder import checked_source, publish, staging_folder
 
 MAX_LENGTH_LIMIT = 16384  # model.max_length's upper bound in recipes
 
@@ -210,11 +209,7 @@ def convert_to_bigbird(source: str, target: str | Path, max_length: int = 4096, 
 
     started = time.perf_counter()
     _check_arguments(max_length, attention_type, block_size, num_random_blocks)
-    target = Path(target)
-    check_target(target, overwrite)
-    resolved = resolve_checkpoint(source, allow_pickle=allow_pickle)
-    check_weights_format(resolved.path, allow_pickle)
-    source_config = load_config(resolved)
+    target, resolved, source_config = checked_source(source, target, overwrite, allow_pickle)
     source_type = source_config.model_type
     if family_of(source_config).name not in _sources():
         raise ConversionError(

@@ -19,8 +19,7 @@ import torch
 
 from finetune.errors import ConversionError
 from finetune.families import family_of
-from finetune.models.conversion_folder import check_target, publish, staging_folder
-from finetune.models.pretrained import check_weights_format, load_config, resolve_checkpoint
+from finetune.models.conversion_folder import checked_source, publish, staging_folder
 
 
 
@@ -121,11 +120,7 @@ def select_layers(source: str, target: str | Path, layers: list[int], allow_pick
     from transformers import AutoConfig, AutoTokenizer
 
     started = time.perf_counter()
-    target = Path(target)
-    check_target(target, overwrite)
-    resolved = resolve_checkpoint(source, allow_pickle=allow_pickle)
-    check_weights_format(resolved.path, allow_pickle)
-    config = load_config(resolved)
+    target, resolved, config = checked_source(source, target, overwrite, allow_pickle)
     family = family_of(config)
     available = family.layer_count(config)
     path = layers_path(config, source)

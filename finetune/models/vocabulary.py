@@ -34,8 +34,7 @@ from typing import Any, Iterator
 import torch
 
 from finetune.errors import ConversionError
-from finetune.models.conversion_folder import check_target, publish, staging_folder
-from finetune.models.pretrained import check_weights_format, load_config, resolve_checkpoint
+from finetune.models.conversion_folder import checked_source, publish, staging_folder
 
 # Files of a sentence-transformers body (pooling and module list) carried over, so the adapted checkpoint is
 # still one: the tokenizer and weights files are written anew.
@@ -158,13 +157,14 @@ def extend_model(spec: dict[str, Any], learned: dict[str, Any], start: int) -> t
 
 
 def _old_pieces(backend: Any, spec: dict[str, Any], normalizer: Any, piece: str) -> list[int]:
-    """The ids the source tokenizer split `piece`'s text into (its model on its normalised surface)."""
+    """The ids the source tokenizer split `piece`'s text into (its model on its normalised surface). `normalizer`
+    is None for a byte-level tokenizer, whose pieces are already in the byte alphabet the model reads."""
     kind = spec["model"]["type"]
     surface, continuation = piece, False
     prefix = spec["model"].get("continuing_subword_prefix") or ""
     if kind == "WordPiece" and prefix and piece.startswith(prefix) and len(piece) > len(prefix):
         surface, continuation = piece[len(prefix):], True
-    if normalizer is not None and not _is_byte_level(spec):
+    if normalizer is not None:
         surface = normalizer.normalize_str(surface) or surface
     tokens = backend.model.tokenize(surface)
     ids = [t.id for t in tokens]
@@ -233,11 +233,7 @@ def adapt_vocabulary(source: str, target: str | Path, texts: list[str | Path], v
     if vocab_size < 100:
         raise ConversionError(f"--vocab-size: {vocab_size} is too small; give the size of the vocabulary to learn "
                               "from the texts, e.g. 16000 (its pieces the checkpoint lacks are added)")
-    target = Path(target)
-    check_target(target, overwrite)
-    resolved = resolve_checkpoint(source, allow_pickle=allow_pickle)
-    check_weights_format(resolved.path, allow_pickle)
-    config = load_config(resolved)
+    target, resolved, config = checked_source(source, target, overwrite, allow_pickle)
     corpus = read_texts(texts)
     tokenizer = AutoTokenizer.from_pretrained(resolved.path)
     if not getattr(tokenizer, "is_fast", False) or getattr(tokenizer, "backend_tokenizer", None) is None:
@@ -264,7 +260,8 @@ def adapt_vocabulary(source: str, target: str | Path, texts: list[str | Path], v
     say(f"adding {len(added):,} pieces; new embedding rows from the old pieces they were split into")
     backend = Tokenizer.from_str(json.dumps(spec))
     unk_id = tokenizer.unk_token_id
-    sources = [_old_pieces(backend, spec, old_normalizer, piece) for piece in added]
+    surface_normalizer = None if _is_byte_level(spec) else old_normalizer  # decided once, not per piece
+    sources = [_old_pieces(backend, spec, surface_normalizer, piece) for piece in added]
     model = _load_weights_model(resolved.path, config, allow_pickle)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = output is not None and output.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
