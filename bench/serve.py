@@ -10,8 +10,9 @@ carries its accuracy. The servers run one after the other, never together, so th
 Right after each server says it is ready, it first answers --first-requests sentences one at a time, then the
 same ones again: the cold / warm ratio is what a start (or a scale-up) costs its first users.
 
-The peer: infinity-emb (michaelfeil/infinity), a CPU-capable serving project, as `infinity-torch` and
-`infinity-optimum` (its ONNX Runtime engine, on the same fp32 export as `onnx`). It runs from its own virtual
+The peer: infinity-emb (michaelfeil/infinity), a CPU-capable serving project, as `infinity-torch`,
+`infinity-optimum` (its ONNX Runtime engine, on the same fp32 export as `onnx`) and `infinity-optimum-int8` (the
+same engine on the int8 export `onnx-int8` runs); each pair on one graph is reported as a ratio too. It runs from its own virtual
 environment, made by bench/peers/setup_infinity.sh, and is in the default set only when that exists.
 
     python bench/serve.py                      # every server, concurrency 1 and 16, 20 s each
@@ -49,7 +50,9 @@ DEFAULT_MODEL = ROOT / "runs" / "quickstart" / "best"
 BACKENDS = {"pytorch": ["--backend", "torch"], "pytorch-bf16": ["--backend", "torch", "--precision", "bf16"],
             "onnx": ["--backend", "onnx"], "onnx-int8": ["--backend", "onnx-int8"]}
 # infinity-emb's engine for each peer server.
-PEERS = {"infinity-torch": "torch", "infinity-optimum": "optimum"}
+PEERS = {"infinity-torch": "torch", "infinity-optimum": "optimum", "infinity-optimum-int8": "optimum"}
+# Each ONNX Runtime server of ours and infinity's optimum engine on the very same graph (issue 35).
+SAME_GRAPH = {"onnx": "infinity-optimum", "onnx-int8": "infinity-optimum-int8"}
 SERVERS = ("baseline", *BACKENDS, *PEERS)
 PEER_SETUP = "bench/peers/setup_infinity.sh"
 
@@ -150,23 +153,26 @@ def onnx_folder(model_dir: str, int8: bool, workdir: Path) -> str:
     return str(target)
 
 
-def infinity_folder(model_dir: str, engine: str, workdir: Path) -> str:
+def infinity_folder(model_dir: str, server: str, workdir: Path) -> str:
     """The model folder as infinity is given it: links to the model's files in a folder of the bench's own.
 
-    For the optimum engine it holds the fp32 ONNX export as the only `.onnx` file: infinity picks a file among
-    all of a folder's `.onnx` files by name (preferring `*quantize*` on CPU, else `model.onnx`). Nothing infinity
-    writes (its optimised graph) can land in the user's model folder either.
+    For the optimum engine it holds one ONNX export as the only `.onnx` file: infinity picks a file among all of a
+    folder's `.onnx` files by name (preferring `*quantize*` on CPU, else `model.onnx`), so `infinity-optimum`
+    gets the fp32 export as model.onnx and `infinity-optimum-int8` our int8 export as model_quantized.onnx: the
+    same graphs our `onnx` and `onnx-int8` servers run. Nothing infinity writes (its optimised graph) can land in
+    the user's model folder either.
     """
-    from finetune.export.onnx import ONNX_FILE
+    from finetune.export.onnx import INT8_FILE, ONNX_FILE
 
-    target = workdir / f"infinity-{engine}"
+    target = workdir / server
     target.mkdir()
     for entry in Path(model_dir).resolve().iterdir():
         if entry.suffix != ".onnx":
             (target / entry.name).symlink_to(entry)
-    if engine == "optimum":
-        source = Path(onnx_folder(model_dir, False, workdir)).resolve() / ONNX_FILE
-        (target / "model.onnx").symlink_to(source)
+    if PEERS[server] == "optimum":
+        int8 = server.endswith("-int8")
+        source = Path(onnx_folder(model_dir, int8, workdir)).resolve() / (INT8_FILE if int8 else ONNX_FILE)
+        (target / ("model_quantized.onnx" if int8 else "model.onnx")).symlink_to(source)
     return str(target)
 
 
@@ -382,6 +388,18 @@ def best_against_peer(results: dict[str, list[dict]]) -> list[dict]:
     return ratios
 
 
+def same_graph_ratios(results: dict[str, list[dict]]) -> list[dict]:
+    """Level by level, each ONNX Runtime server of ours against infinity's optimum engine on the same graph
+    (`SAME_GRAPH`), where both ran."""
+    ratios = []
+    for ours, peer in SAME_GRAPH.items():
+        for a, b in zip(results.get(ours, []), results.get(peer, [])):
+            ratios.append({"concurrency": a["concurrency"], "ours": ours, "peer": peer, "ours_rps": a["rps"],
+                           "peer_rps": b["rps"], "throughput_ratio": a["rps"] / max(b["rps"], 1e-9),
+                           "p99_ratio": a["p99_ms"] / max(b["p99_ms"], 1e-9)})
+    return ratios
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the exit code (non-zero if any request failed)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -447,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-server", "--model", args.model,
                        "--port", str(port), *threads]
             elif name in PEERS:
-                cwd = infinity_folder(args.model, PEERS[name], Path(workdir))
+                cwd = infinity_folder(args.model, name, Path(workdir))
                 cmd = infinity_command(PEERS[name], name, port, shlex.split(args.infinity_args))
                 api, env = infinity_api(name, label_names), infinity_env(Path(workdir))
             else:
@@ -501,12 +519,18 @@ def main(argv: list[str] | None = None) -> int:
     for r in peer_ratios:
         print(f"finetune best / infinity best at {r['concurrency']} clients: throughput {r['throughput_ratio']:.2f}x, "
               f"p99 {r['p99_ratio']:.2f}x ({r['ours']} {r['ours_rps']:.1f} / {r['peer']} {r['peer_rps']:.1f} req/s)")
+    same_graph = same_graph_ratios(results)
+    for r in same_graph:
+        print(f"same ONNX graph at {r['concurrency']} clients: throughput {r['throughput_ratio']:.2f}x, p99 "
+              f"{r['p99_ratio']:.2f}x ({r['ours']} {r['ours_rps']:.1f} / {r['peer']} {r['peer_rps']:.1f} req/s; "
+              "target >= 1.2x)")
     failures = [(n, r) for n in servers for r in results[n] if r["errors"]]
     for name, r in failures:
         print(f"errors from {name} at {r['concurrency']} clients, e.g. {r['first_errors']}", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": {**info, "load_before": load_before}, "args": vars(args), "results": results,
-                                               "accuracy": accuracy, "peer_ratios": peer_ratios, "first_requests": first},
+                                               "accuracy": accuracy, "peer_ratios": peer_ratios, "same_graph_ratios": same_graph,
+                                               "first_requests": first},
                                               indent=2))
     return 1 if failures else 0
 

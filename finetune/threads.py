@@ -7,7 +7,11 @@ one thread (issue 20). The budget here is the CPUs this process may run on (its 
 container's cgroup CPU quota), less the cores other processes keep busy on them, re-measured every second by a
 daemon thread; the thread that runs the model applies it (OpenMP thread counts belong to the calling thread).
 
-`FINETUNE_THREADS` (or `training.threads`, `finetune serve --threads`) fixes the count and stops the watching.
+`FINETUNE_THREADS` (or `training.threads`, `--threads` of serve, predict, evaluate, label-issues and export) fixes
+the count and stops the watching. Every model run follows one budget per process (`process_budget`): a training
+run's or a server's once it has made one (`use_budget`), else one made on first use; so file scoring, evaluation,
+the distillation teacher's pass and the export check are sized like training and serving (issue 35: a file scored
+with torch's default pool ran 9x slower beside one busy process than with one thread).
 No library does this: torch and onnxruntime only take a number, and os.process_cpu_count (3.13) sees affinity only.
 
 OpenMP's wait policy stays libgomp's default (spin briefly, then sleep), deliberately: OMP_WAIT_POLICY=PASSIVE made
@@ -223,3 +227,27 @@ class ThreadBudget:
     def close(self) -> None:
         """Stop watching the machine's load."""
         self._stop.set()
+
+
+_budget: ThreadBudget | None = None
+_budget_lock = threading.Lock()
+
+
+def process_budget() -> ThreadBudget:
+    """The budget a model run follows when it was not handed one: the one `use_budget` set (a training run's, a
+    server's), else one made on first use from `FINETUNE_THREADS` (automatic when unset). One per process, so a
+    process watches the machine's load with one thread however many models it loads."""
+    global _budget
+    with _budget_lock:
+        if _budget is None:
+            _budget = ThreadBudget(requested_threads())
+        return _budget
+
+
+def use_budget(budget: ThreadBudget | None) -> ThreadBudget | None:
+    """Make `budget` the process's (None: the next `process_budget()` makes one anew); returns the one replaced, for
+    the caller to put back when it is done."""
+    global _budget
+    with _budget_lock:
+        previous, _budget = _budget, budget
+        return previous

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Union
 
 import fastapi_offline
-import numpy as np
 import regex
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
@@ -27,10 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from finetune.files import MAX_INPUT_CHARS
 from finetune.tasks import InputError, PostprocessOptions
 from finetune.threads import ThreadBudget
-from serving.batcher import Batcher, QueueFull
-from serving.gates import (DOCS_POLICY, LOOPBACK_NAMES, PAGE_POLICY, ApiKey, BodyReader, Guard, Metrics, PageHeaders,
-                           client_gone)
-from serving.loading import LoadedModel
+from serving.batcher import Batcher, EncodeBatcher, QueueFull
+from serving.gates import DOCS_POLICY, LOOPBACK_NAMES, PAGE_POLICY, Gate, client_gone
+from serving.loading import LoadedModel, sharing_line
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -44,8 +43,9 @@ DESCRIPTION = ("Predictions of fine-tuned models. What is served (name, version,
                "GET /v1/model and GET /v1/models; the playground is at /.")
 _PAGE_HEADERS = {"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"}
 _DOCS_HEADERS = {"Content-Security-Policy": DOCS_POLICY, "Cache-Control": "no-cache"}
-# Tokenising lanes by request size: up to INLINE_CHARS (about 2 ms of tokenising) on the event loop itself,
-# where a thread hop would cost more than the work; up to LARGE_REQUEST_CHARS in one thread; beyond, another.
+# Lanes by request size: requests up to LARGE_REQUEST_CHARS are tokenised together in one thread (`Lanes`), larger
+# ones one by one in another. Post-processing, pure Python, runs on the event loop for requests up to INLINE_CHARS,
+# where a thread hop would cost more than the work, else in the request's lane.
 INLINE_CHARS = 2_000
 LARGE_REQUEST_CHARS = 20_000
 # A character a reader would see: anything but whitespace, control and format characters (zero-width
@@ -109,7 +109,10 @@ class PredictRequest(BaseModel):
             "Texts (classification, regression, multi-label, token classification), [text, text_pair] pairs for "
             "sentence-pair models, {question, context} for question answering, {context, choices[, start]} for "
             "multiple choice."))
-    options: PredictOptions = PredictOptions()
+    # A factory, not a PredictOptions() default, which pydantic would deep-copy for every request; the schema still
+    # shows the default.
+    options: PredictOptions = Field(default_factory=PredictOptions,
+                                    json_schema_extra={"default": {"top_k": None, "threshold": None, "truncate": True}})
 
 
 class PredictResponse(BaseModel):
@@ -204,6 +207,72 @@ def check_texts(inputs: list, max_chars: int) -> int:
     return total
 
 
+class PendingChars:
+    """Characters accepted for tokenising and not yet tokenised, for every model together; past `limit`, requests
+    get 503 before their text is queued."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count = limit, 0
+
+    def take(self, chars: int) -> None:
+        if self.count + chars > self.limit:
+            raise HTTPException(503, detail=f"busy: {self.count} characters are waiting to be tokenised "
+                                            f"(limit {self.limit}); retry shortly", headers={"Retry-After": "1"})
+        self.count += chars
+
+    def release(self, chars: int) -> None:
+        self.count -= chars
+
+
+class Lanes:
+    """Where one model's requests are tokenised and post-processed, off the event loop, in two lanes by size so that
+    short requests never queue behind megabytes of text (a 1 MB text takes a second to tokenise): requests up to
+    LARGE_REQUEST_CHARS are tokenised together (`EncodeBatcher`: one tokenizer call for all that arrived meanwhile)
+    in one thread, larger ones one at a time in another. Each thread has its own tokenizer: a fast tokenizer must
+    not be used by two threads at once (the inference thread never calls it; its collator pads in Python). Both go
+    through `Predictor.encode_inputs`, the one tokenisation every path uses."""
+
+    def __init__(self, predictor: Any, pending: PendingChars):
+        self.predictor, self.pending = predictor, pending
+        small, self.large_predictor = self._own_tokenizer(predictor), self._own_tokenizer(predictor)
+        self.small = EncodeBatcher(small.encode_inputs, on_done=pending.release, thread_name="tokenise")
+        self.small_predictor = small
+        self.large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenise-large")
+
+    @staticmethod
+    def _own_tokenizer(predictor: Any) -> Any:
+        copied = copy.copy(predictor)
+        copied.tokenizer = copy.deepcopy(predictor.tokenizer)
+        return copied
+
+    async def encode(self, inputs: list, chars: int) -> Any:
+        """The inputs' `Encoded`; 503 (HTTPException) when too many characters are waiting already."""
+        self.pending.take(chars)
+        if chars <= LARGE_REQUEST_CHARS:
+            return await self.small.submit(inputs, chars)  # cancelling it drops the request if it has not started
+        loop = asyncio.get_running_loop()
+        try:
+            job = self.large.submit(self.large_predictor.encode_inputs, inputs)
+        except BaseException:
+            self.pending.release(chars)
+            raise
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self.pending.release, chars))
+        return await asyncio.wrap_future(job)  # cancelling it drops the job if it has not started
+
+    async def answer(self, chars: int, inputs: list, encoded: Any, rows: list, options: PostprocessOptions) -> list:
+        """`Predictor.answer` on the event loop for a request up to INLINE_CHARS, else in the request's lane."""
+        if chars <= INLINE_CHARS:
+            return self.predictor.answer(inputs, encoded, rows, options)
+        executor, predictor = (self.small.executor, self.small_predictor) if chars <= LARGE_REQUEST_CHARS else \
+            (self.large, self.large_predictor)
+        return await asyncio.wrap_future(executor.submit(predictor.answer, inputs, encoded, rows, options))
+
+    def close(self) -> None:
+        """Stop both threads once the work given to them is done."""
+        self.small.close()
+        self.large.shutdown(wait=True)
+
+
 def _named(models: dict[str, LoadedModel], name: str) -> LoadedModel:
     if name not in models:
         known = ", ".join(models) or "none (the server was started with one unnamed --model; use /v1/predict)"
@@ -225,8 +294,8 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
     """Build the service around a loaded model.
 
     `models` (`finetune serve --model NAME=SOURCE ...`): every model by name, `model` being the first; each answers
-    at /v1/models/{name}/predict with its own batcher and tokenising lanes, and /v1/predict and /v1/model stay the
-    first model's.
+    at /v1/models/{name}/predict with its own batcher and tokenising lanes (LoRA adapters of one base that can share
+    forward passes, `LoadedModel.shared`, share one batcher), and /v1/predict and /v1/model stay the first model's.
     """
     settings = settings or Settings()
     models = models or {}
@@ -240,100 +309,76 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
     batch_sizes = Histogram("finetune_batch_size", "Inputs per model forward pass", registry=registry,
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
     queue_depth = Gauge("finetune_queue_depth", "Inputs waiting for a batch", registry=registry)
-    state: dict[str, Any] = {"ready": False, "pending_chars": 0}
+    state: dict[str, Any] = {"ready": False}
+    pending = PendingChars(settings.max_pending_chars)
 
     threads = ThreadBudget(settings.threads)
+    for loaded in [model, *models.values()]:
+        loaded.predictor.threads = threads  # one budget for every model's batches (Predictor.outputs applies it)
 
-    def in_budget(outputs):
-        def run(features: list[dict]) -> list[np.ndarray]:
-            threads.apply()  # in the inference thread: OpenMP thread counts are per calling thread
-            return outputs(features)
-        return run
+    def lanes_for(lane_owner: Any) -> Lanes:
+        return Lanes(lane_owner, pending)  # one count of waiting characters for every model
 
-    run_batch = in_budget(predictor.outputs)
-
-    def lanes_for(lane_owner: Any) -> list[tuple[ThreadPoolExecutor | None, Any]]:
-        # Tokenising and post-processing of all but short requests run in threads, off the event loop (a 1 MB
-        # text takes a second to tokenise; the tokenizers library releases the GIL meanwhile), in two lanes by size
-        # so that short requests never queue behind megabytes of text. Each lane has its own tokenizer: a fast
-        # tokenizer must not be used by two threads at once (the inference thread never calls it; its collator
-        # pads in Python).
-        lanes: list[tuple[ThreadPoolExecutor | None, Any]] = [(None, lane_owner)]
-        for name in ("tokenise", "tokenise-large"):
-            copied = copy.copy(lane_owner)
-            copied.tokenizer = copy.deepcopy(lane_owner.tokenizer)
-            lanes.append((ThreadPoolExecutor(max_workers=1, thread_name_prefix=name), copied))
-        return lanes
-
-    def new_batcher(run) -> Batcher:
+    def new_batcher(run, tagged: bool = False) -> Batcher:
         batcher = Batcher(run, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
                           max_wait=settings.max_wait_ms / 1000, max_queue=settings.max_queue,
-                          on_batch=batch_sizes.observe)
+                          on_batch=batch_sizes.observe, tagged=tagged)
         batcher.start()
+        state["batchers"].append(batcher)
         return batcher
+
+    def batcher_for(loaded: LoadedModel, run) -> Any:
+        """A model's own batcher running `run`, or for adapters that share forward passes (`loaded.shared`, see
+        serving.loading.share_passes) their one batcher, which runs each batch once, every input with its model's
+        adapter (Predictor.outputs applies the thread budget there too)."""
+        group = loaded.shared
+        if group is None:
+            return new_batcher(run)
+        if id(group) not in state["shared"]:
+            group.lead.batch_size = settings.max_batch_size
+            state["shared"][id(group)] = new_batcher(group.outputs, tagged=True)
+            log.info(sharing_line(group))
+        return state["shared"][id(group)].for_tag(loaded.name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher = new_batcher(run_batch)
+        state["batchers"], state["shared"] = [], {}  # every batcher started; adapters' shared ones by group
+        batcher = batcher_for(model, predictor.outputs)
         state["batcher"] = batcher
         state["lanes"] = lanes_for(predictor)
         queue_depth.set_function(lambda: batcher.depth)
         warm = predictor.encode_inputs([predictor.task.example_input(info.text_pair)])
         await asyncio.wait_for(asyncio.gather(*batcher.submit(warm.features)), timeout=600)
-        # Every named model answers through its own batcher and lanes; the first is /v1/predict's.
+        # Every named model answers through its own lanes and batcher (adapters sharing passes: their one batcher);
+        # the first is /v1/predict's.
         state["units"] = {}
         for name, loaded in models.items():
             if loaded is model:
                 state["units"][name] = {"model": model, "batcher": batcher, "lanes": state["lanes"]}
                 continue
             loaded.predictor.batch_size = settings.max_batch_size
-            unit = {"model": loaded, "batcher": new_batcher(in_budget(loaded.predictor.outputs)), "lanes": lanes_for(loaded.predictor)}
+            unit = {"model": loaded, "batcher": batcher_for(loaded, loaded.predictor.outputs),
+                    "lanes": lanes_for(loaded.predictor)}
             state["units"][name] = unit
             example = loaded.predictor.encode_inputs([loaded.predictor.task.example_input(loaded.predictor.info.text_pair)])
             await asyncio.wait_for(asyncio.gather(*unit["batcher"].submit(example.features)), timeout=600)
         state["ready"] = True
         yield
         state["ready"] = False
-        await batcher.stop()  # finishes whatever requests are still waiting
-        for executor, _ in state["lanes"][1:]:
-            executor.shutdown(wait=True)
+        for started in state["batchers"]:
+            await started.stop()  # finishes whatever requests are still waiting
+        state["lanes"].close()
         for unit in state["units"].values():
-            if unit["batcher"] is not batcher:
-                await unit["batcher"].stop()
-                for executor, _ in unit["lanes"][1:]:
-                    executor.shutdown(wait=True)
+            if unit["lanes"] is not state["lanes"]:
+                unit["lanes"].close()
         threads.close()
-
-    async def in_lane(lane: int, chars: int, method: str, *args, lanes: list | None = None):
-        """The lane's predictor.method(*args), in the lane's thread (the event loop for lane 0), counting `chars`
-        as waiting until it is done or cancelled; 503 when too many characters are waiting already. `lanes`: a
-        named model's (default: the first model's)."""
-        executor, lane_predictor = (lanes or state["lanes"])[lane]
-        if executor is None:
-            return getattr(lane_predictor, method)(*args)
-        if state["pending_chars"] + chars > settings.max_pending_chars:
-            raise HTTPException(503, detail=f"busy: {state['pending_chars']} characters are waiting to be tokenised "
-                                            f"(limit {settings.max_pending_chars}); retry shortly",
-                                headers={"Retry-After": "1"})
-        loop = asyncio.get_running_loop()
-        state["pending_chars"] += chars
-
-        def release(_):
-            def done():
-                state["pending_chars"] -= chars
-            loop.call_soon_threadsafe(done)
-
-        job = executor.submit(getattr(lane_predictor, method), *args)
-        job.add_done_callback(release)
-        return await asyncio.wrap_future(job)  # cancelling it drops the job if it has not started
 
     async def answer(body: PredictRequest, inputs: list, chars: int, unit: dict | None = None) -> JSONResponse:
         """Answer checked inputs with the first model, or with a named model's `unit` (its model, batcher, lanes)."""
         served = unit["model"] if unit else model
-        info, lanes = served.predictor.info, unit["lanes"] if unit else None
-        lane = 0 if chars <= INLINE_CHARS else 1 if chars <= LARGE_REQUEST_CHARS else 2
+        info, lanes = served.predictor.info, unit["lanes"] if unit else state["lanes"]
         try:
-            encoded = await in_lane(lane, chars, "encode_inputs", inputs, lanes=lanes)
+            encoded = await lanes.encode(inputs, chars)
         except InputError as e:
             raise _error(422, ["body", "inputs", e.index], str(e)) from None
         except HTTPException:
@@ -368,7 +413,7 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
             top_k=body.options.top_k,
         )
         try:
-            answers = await in_lane(lane, 0, "answer", inputs, encoded, rows, options, lanes=lanes)
+            answers = await lanes.answer(chars, inputs, encoded, rows, options)
         except HTTPException:
             raise
         except Exception as e:  # e.g. a label list that does not fit the model's outputs
@@ -428,17 +473,28 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
             raise _error(422, ["body", "inputs"], f"{len(body.inputs)} inputs; at most {settings.max_inputs_per_request} per request")
         inputs = [item.model_dump(exclude_none=True) if isinstance(item, BaseModel) else item for item in body.inputs]
         chars = check_texts(inputs, settings.max_input_chars)
-        # The body has been read (serving.gates.BodyReader), so the next message from the client is
-        # http.disconnect: if it comes before the answer, the client has gone and its inputs are dropped.
-        work = asyncio.ensure_future(answer(body, inputs, chars, unit))
+        # The body has been read (serving.gates.Gate), so the next message from the client is http.disconnect: if
+        # it comes before the answer, the client has gone, this request is cancelled and its inputs are dropped.
+        # One watching task that cancels this one, rather than the answer in a task of its own raced against it:
+        # a task and a wait less for every request.
+        this, left = asyncio.current_task(), []
+
+        def client_left(gone: asyncio.Task) -> None:
+            if not gone.cancelled() and gone.exception() is None and gone.result()["type"] == "http.disconnect":
+                left.append(True)
+                this.cancel()
+
         gone = asyncio.ensure_future(request.receive())
+        gone.add_done_callback(client_left)
         try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done() and gone.result()["type"] == "http.disconnect":
-                return client_gone(request.scope, "while waiting for the answer")
-            return await work
+            return await answer(body, inputs, chars, unit)
+        except asyncio.CancelledError:
+            if not left:
+                raise  # the server is stopping
+            this.uncancel()
+            return client_gone(request.scope, "while waiting for the answer")
         finally:
-            work.cancel()
+            gone.remove_done_callback(client_left)
             gone.cancel()
 
     @app.get("/v1/model", response_model=ModelInfoResponse)
@@ -492,6 +548,32 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
         """Prometheus metrics."""
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    inner = BodyReader(app, settings.max_body_bytes, settings.body_timeout_s)
-    return PageHeaders(Metrics(Guard(ApiKey(inner, settings.api_key), settings.allowed_hosts, settings.allowed_origins),
-                               requests, latency))
+    def direct(scope: dict):
+        """The predict routes' endpoints for the gate to call itself (see `call_endpoint`); None for any other
+        request, which FastAPI's router takes."""
+        if scope["method"] != "POST":
+            return None
+        path = scope["path"]
+        if path == "/v1/predict":
+            return lambda scope, receive, send: call_endpoint(predict, scope, receive, send)
+        if path.startswith("/v1/models/") and path.endswith("/predict"):
+            name = path[len("/v1/models/"):-len("/predict")]  # as FastAPI matches /v1/models/{name}/predict
+            if name and "/" not in name:
+                return lambda scope, receive, send: call_endpoint(named_predict, scope, receive, send, name)
+        return None
+
+    async def call_endpoint(endpoint, scope, receive, send, *args) -> None:
+        """A route's endpoint called as FastAPI calls it (a Request in, a response or an HTTPException out), without
+        the router, dependency solving and exception middlewares around it, which cost more CPU than the rest
+        of a short prediction together (bench/serve_ceiling.py). The routes stay declared above, so /openapi.json
+        and /docs document them as before."""
+        request = Request(scope, receive)
+        try:
+            response = await endpoint(*args, request)
+        except HTTPException as e:
+            response = await http_exception_handler(request, e)  # FastAPI's own rendering of it
+        await response(scope, receive, send)
+
+    return Gate(app, requests=requests, latency=latency, allowed_hosts=settings.allowed_hosts,
+                allowed_origins=settings.allowed_origins, api_key=settings.api_key,
+                max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout_s, direct=direct)

@@ -5,18 +5,26 @@ takes the first waiting input, gathers more for at most `max_wait` seconds or un
 (by count, or by padded tokens: longest input x batch size), and runs the model in a worker thread,
 so the event loop never blocks on inference. Written here because no maintained library does
 request coalescing for an in-process PyTorch model inside FastAPI without a separate server.
+
+Tokenising is coalesced the same way (`EncodeBatcher`): the requests that arrive while one tokenizer call runs
+are tokenised together in the next, on a thread of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
+import dataclasses
+import itertools
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from finetune.tasks import Encoded
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +37,7 @@ class QueueFull(RuntimeError):
 class Item:
     features: dict  # the encoded input (input_ids, attention_mask, ...), truncated to the model's length
     future: asyncio.Future = field(repr=False)
+    tag: Any = None  # which model the input is for, in a batcher that runs several (`Batcher.tagged`)
 
     @property
     def length(self) -> int:
@@ -42,8 +51,11 @@ class Batcher:
 
     def __init__(self, run_batch: Callable[[list[dict]], np.ndarray], *, max_batch_size: int = 32,
                  max_batch_tokens: int = 8192, max_wait: float = 0.005, max_queue: int = 512,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, tagged: bool = False):
+        """tagged: inputs carry a tag (`submit(items, tag)`, `for_tag`), and `run_batch(features, tags)` gets each
+        input's tag too: several models sharing one forward pass per batch (`finetune.models.adapters.SharedAdapters`)."""
         self.run_batch = run_batch
+        self.tagged = tagged
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait
@@ -71,8 +83,12 @@ class Batcher:
             await self._task
         self._executor.shutdown(wait=True)
 
-    def submit(self, items: list[dict]) -> list[asyncio.Future]:
-        """Queue encoded inputs; all or none, never past max_queue."""
+    def for_tag(self, tag: Any) -> "TaggedSubmitter":
+        """What one model of a tagged batcher submits its inputs through."""
+        return TaggedSubmitter(self, tag)
+
+    def submit(self, items: list[dict], tag: Any = None) -> list[asyncio.Future]:
+        """Queue encoded inputs (with their model's `tag` in a tagged batcher); all or none, never past max_queue."""
         if self._closing:
             raise QueueFull("the server is shutting down")
         if len(self._pending) + len(items) > self.max_queue:
@@ -80,7 +96,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         futures = []
         for features in items:
-            item = Item(features, loop.create_future())
+            item = Item(features, loop.create_future(), tag)
             self._pending.append(item)
             futures.append(item.future)
         self._wakeup.set()
@@ -131,7 +147,8 @@ class Batcher:
                     item.future.set_result(row)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[Item]) -> list:
-        rows = await loop.run_in_executor(self._executor, self.run_batch, [i.features for i in batch])
+        tags = ([i.tag for i in batch],) if self.tagged else ()
+        rows = await loop.run_in_executor(self._executor, self.run_batch, [i.features for i in batch], *tags)
         if len(rows) != len(batch):
             raise RuntimeError(f"the model answered {len(rows)} rows for {len(batch)} inputs")
         return rows
@@ -161,3 +178,152 @@ class Batcher:
                 self.on_batch(1)
             if not item.future.done():
                 item.future.set_result(row)
+
+
+
+class TaggedSubmitter:
+    """One model's way into a batcher it shares with others (`Batcher.for_tag`): its inputs carry its tag."""
+
+    def __init__(self, batcher: Batcher, tag: Any):
+        self.batcher, self.tag = batcher, tag
+
+    @property
+    def depth(self) -> int:
+        """Inputs waiting for a batch, every model's."""
+        return self.batcher.depth
+
+    def submit(self, items: list[dict]) -> list[asyncio.Future]:
+        """`Batcher.submit` with this model's tag."""
+        return self.batcher.submit(items, self.tag)
+
+
+# A tokenizer call holds at most this much text (about 30 ms of tokenising), so a short request that arrives while
+# one runs waits that long at most before its own; and at most this many inputs.
+ENCODE_BATCH_CHARS = 32_000
+ENCODE_BATCH_INPUTS = 256
+
+
+@dataclass
+class _EncodeJob:
+    inputs: list
+    chars: int
+    future: asyncio.Future = field(repr=False)
+
+
+def split_encoded(encoded: Encoded, sizes: Sequence[int]) -> list[Encoded]:
+    """The `Encoded` of consecutive requests' inputs (`sizes` inputs each) cut back into one per request: its
+    features (a QA context's windows, a question's choices) and their owners counted from its own first input."""
+    if {f.name for f in dataclasses.fields(encoded)} != {"features", "owner", "meta", "truncated"} \
+            or type(encoded) is not Encoded:
+        raise TypeError(f"cannot split a {type(encoded).__name__}: it holds more than features, owners, meta and "
+                        f"truncation flags")
+    ends = list(itertools.accumulate(sizes))
+    starts = [0, *ends[:-1]]
+    parts = [Encoded([], [], [], list(encoded.truncated[a:b])) for a, b in zip(starts, ends)]
+    for feature, owner, meta in zip(encoded.features, encoded.owner, encoded.meta):
+        r = bisect.bisect_right(ends, owner)
+        parts[r].features.append(feature)
+        parts[r].owner.append(owner - starts[r])
+        parts[r].meta.append(meta)
+    return parts
+
+
+class EncodeBatcher:
+    """Tokenise concurrent requests together, off the event loop: one `encode(inputs)` call (a fast tokenizer
+    batch-encodes in Rust, without holding the GIL) on a thread of its own for all the requests that arrived while
+    the previous call ran.
+
+    Nothing waits for company: a request that finds the thread idle is tokenised at once, and those that come
+    meanwhile are tokenised together next (at most ENCODE_BATCH_CHARS characters and ENCODE_BATCH_INPUTS inputs a
+    call). Each request gets its own part of the result (`split_encoded`), and the tasks' `encode` treats every input
+    alone (it pads nothing), so what an input is encoded to never depends on what it was tokenised with. When the
+    call raises (one request's input is invalid, or makes the tokenizer choke), each of its requests is tokenised
+    alone, so that only the request at fault gets the error (an `InputError` then names its own input).
+
+    `encode` must be the thread's own (`Predictor.encode_inputs` of a predictor with its own tokenizer: a fast
+    tokenizer must not be used by two threads at once). `on_done(chars)` is called on the event loop once a request's
+    characters are tokenised or dropped (its request went away before its turn).
+    """
+
+    def __init__(self, encode: Callable[[list], Encoded], *, on_done: Callable[[int], None] | None = None,
+                 max_chars: int = ENCODE_BATCH_CHARS, max_inputs: int = ENCODE_BATCH_INPUTS,
+                 thread_name: str = "tokenise"):
+        self.encode, self.on_done = encode, on_done
+        self.max_chars, self.max_inputs = max_chars, max_inputs
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        """The thread; other work for it (post-processing) may be submitted too, and waits its turn."""
+        self._waiting: collections.deque[_EncodeJob] = collections.deque()
+        self._busy = False
+
+    def submit(self, inputs: list, chars: int = 0) -> asyncio.Future:
+        """A future of the inputs' `Encoded` (or the error encoding them raised); cancelling it drops the request if
+        its turn has not come."""
+        loop = asyncio.get_running_loop()
+        job = _EncodeJob(inputs, chars, loop.create_future())
+        self._waiting.append(job)
+        if not self._busy:
+            self._next(loop)
+        return job.future
+
+    def close(self) -> None:
+        """Stop the thread once the work given to it is done."""
+        self.executor.shutdown(wait=True)
+
+    def _next(self, loop: asyncio.AbstractEventLoop) -> None:
+        jobs: list[_EncodeJob] = []
+        chars = count = 0
+        while self._waiting:
+            job = self._waiting[0]
+            if job.future.done():  # its request went away before its turn
+                self._finished(self._waiting.popleft())
+                continue
+            if jobs and (chars + job.chars > self.max_chars or count + len(job.inputs) > self.max_inputs):
+                break
+            jobs.append(self._waiting.popleft())
+            chars, count = chars + job.chars, count + len(job.inputs)
+        self._busy = bool(jobs)
+        if not jobs:
+            return
+        try:
+            done = self.executor.submit(self._encode_all, [job.inputs for job in jobs])
+        except RuntimeError as e:  # the thread has been shut down (the server is stopping)
+            self._deliver(loop, jobs, e)
+            return
+        done.add_done_callback(lambda f: loop.call_soon_threadsafe(self._deliver, loop, jobs, f))
+
+    def _encode_all(self, batch: list[list]) -> list[Any]:
+        """In the thread: each request's `Encoded`, or the exception encoding it raised."""
+        if len(batch) > 1:
+            try:
+                return split_encoded(self.encode([item for inputs in batch for item in inputs]),
+                                     [len(inputs) for inputs in batch])
+            except Exception:  # one request at fault: each alone below, so only that one gets the error
+                pass
+        results: list[Any] = []
+        for inputs in batch:
+            try:
+                results.append(self.encode(inputs))
+            except Exception as e:
+                results.append(e)
+        return results
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop, jobs: list[_EncodeJob], done: Future | Exception) -> None:
+        """On the event loop: answer each request its part, then start the next call with whoever has come."""
+        if isinstance(done, Exception):
+            results: list[Any] = [done] * len(jobs)
+        elif done.exception() is not None:  # not an encoding error (those are per request): a bug, fail them all
+            results = [done.exception()] * len(jobs)
+        else:
+            results = done.result()
+        for job, result in zip(jobs, results):
+            if not job.future.done():
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
+            self._finished(job)
+        self._next(loop)
+
+    def _finished(self, job: _EncodeJob) -> None:
+        if self.on_done is not None:
+            self.on_done(job.chars)

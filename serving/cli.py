@@ -22,8 +22,8 @@ from finetune.cli import build_parser
 from finetune.cli.serve_options import KEY_ENV
 from finetune.errors import FinetuneError, RecipeError
 from finetune.files import RefusedDocument, read_text
-from finetune.threads import ENV as THREADS_ENV
-from finetune.threads import cpu_budget, requested_threads
+from finetune.cli.options import apply_threads_option
+from finetune.threads import cpu_budget
 
 
 
@@ -181,9 +181,11 @@ def serve(args: argparse.Namespace) -> int:
         name = load_recipe(args.recipe).tracking.register_as
         if not name:
             raise RecipeError(f"{args.recipe} sets no tracking.register_as, so it has no champion; use --model")
-    threads = requested_threads(args.threads)
-    if threads is not None:  # ONNX Runtime sizes its pool when a model loads, from the same setting
-        os.environ[THREADS_ENV] = str(threads)
+    threads = apply_threads_option(args.threads)  # every model loaded below reads it
+    # The server tokenises in threads of its own (serving.app.Lanes), one per model, beside the model's math; the
+    # tokenizers library's own pool on top of them kept the model's threads waiting: three LoRA adapters sharing
+    # passes served 38.6 requests/s with it, 79.8 without (bench/adapters.py, BENCHMARKS.md). A user's setting wins.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sock = _bind(args.host, args.port)
     quiet_model_loading()
     try:

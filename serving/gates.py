@@ -1,9 +1,12 @@
-"""The plain-ASGI layers every request passes before a route: metrics, Host and Origin checks, the API key, and
-reading the body (size limit, deadline, client gone).
+"""The one plain-ASGI layer every request passes before a route (`Gate`): Host and Origin checks (CORS for allowed
+origins), the API key and its throttle, reading the body (size limit, deadline, client gone), security headers on
+every response, and request metrics.
 
-Plain ASGI rather than FastAPI's @app.middleware("http"), whose per-request task and stream plumbing
-measurably cut throughput on a 2-core machine, and outside FastAPI so that nothing a client does reaches
-Starlette's error handler (which answers 500 to any exception, even after a response has started).
+One layer doing all of it in one pass, rather than a chain of five: each layer of a chain wrapped `send`, re-read
+the headers and added its own awaits, and together they took about 100 us of CPU per request on a 2-core machine,
+an eighth of what a short prediction took in all (BENCHMARKS.md, issue 35). Plain ASGI rather than FastAPI's @app.middleware("http"), whose
+per-request task and stream plumbing measurably cut throughput, and outside FastAPI so that nothing a client does
+reaches Starlette's error handler (which answers 500 to any exception, even after a response has started).
 """
 
 from __future__ import annotations
@@ -16,14 +19,14 @@ import ipaddress
 import logging
 import math
 import time
-from typing import Iterable
+from typing import Any, Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Histogram
-from starlette.datastructures import MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 
+ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
 log = logging.getLogger("serving.requests")
 # Probes (a load balancer's, Kubernetes') send whatever Host they like and carry no key; they reveal nothing.
 OPEN_ROUTES = {"/healthz", "/readyz"}
@@ -96,71 +99,9 @@ def _reply(status: int, detail, headers: dict | None = None) -> JSONResponse:
 
 def client_gone(scope, when: str) -> JSONResponse:
     """The response to give once the client has disconnected: uvicorn writes nothing of it, but the status
-    (499) is what Metrics counts and logs, with `when` it went."""
+    (499) is what the gate counts and logs, with `when` it went."""
     scope.setdefault("state", {})["gone"] = when
     return _reply(CLIENT_CLOSED, "client closed the connection")
-
-
-class PageHeaders:
-    """Security headers on every response: `nosniff` (a JSON answer carrying a model's name is never sniffed into
-    HTML), and on every HTML one a Content-Security-Policy (the route's own, else PAGE_POLICY) and no framing."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def with_headers(message):
-            if message["type"] == "http.response.start":
-                message["headers"] = list(message.get("headers", []))
-                headers = MutableHeaders(scope=message)
-                headers["X-Content-Type-Options"] = "nosniff"
-                if headers.get("content-type", "").lower().startswith("text/html"):
-                    if "content-security-policy" not in headers:
-                        headers["Content-Security-Policy"] = PAGE_POLICY
-                    headers["X-Frame-Options"] = "DENY"
-                    headers["Referrer-Policy"] = "no-referrer"
-            await send(message)
-
-        await self.app(scope, receive, with_headers)
-
-
-class Metrics:
-    """Request counts and latency by route and status; one log line per client that went away (499)."""
-
-    def __init__(self, app, requests: Counter, latency: Histogram):
-        self.app, self.requests, self.latency = app, requests, latency
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = time.perf_counter()
-        path = scope["path"]
-        route = path if path in ROUTES else _named_route(path)
-        status = {"code": 500, "sent": False}
-
-        async def recording_send(message):
-            if message["type"] == "http.response.start":
-                status["code"], status["sent"] = message["status"], True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, recording_send)
-        except Exception:  # a bug must not take the server down; report it as ours
-            log.exception("unhandled error on %s", path)
-            if not status["sent"]:
-                await _reply(500, "internal error")(scope, receive, send)
-        finally:
-            elapsed = time.perf_counter() - started
-            if status["code"] == CLIENT_CLOSED:
-                client = scope.get("client")
-                log.info("%s %s %s 499 client closed the connection %s (after %.2f s)",
-                         f"{client[0]}:{client[1]}" if client else "-", scope["method"], path,
-                         scope.get("state", {}).get("gone", ""), elapsed)
-            self.requests.labels(route, str(status["code"])).inc()
-            self.latency.labels(route).observe(elapsed)
 
 
 def _split_host(value: str) -> tuple[str, int | None] | None:
@@ -196,75 +137,6 @@ def check_allowed_origins(origins: Iterable[str]) -> list[str]:
                              f"or http://localhost:3000 (scheme, host and optional port, nothing else)")
         checked.append(origin.lower())
     return checked
-
-
-class Guard:
-    """Refuse Hosts not allowed (DNS rebinding against a loopback server) with 400, and cross-origin requests
-    from origins not allowed (a web page making a visitor's browser call the service) with 403.
-
-    Same-origin requests (a page served by this server calling it) are always allowed: their Origin names
-    the Host they were sent to. Allowed cross-origin callers get CORS headers (Starlette's CORSMiddleware),
-    so browsers let them read the answers.
-    """
-
-    def __init__(self, app, allowed_hosts: list[str], allowed_origins: list[str]):
-        self.hosts = [h.lower() for h in allowed_hosts]
-        self.origins = allowed_origins
-        self.any_origin = "*" in allowed_origins
-        self.app = app
-        if allowed_origins:
-            self.app = CORSMiddleware(app, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
-                                      allow_headers=["Authorization", "X-API-Key", "Content-Type"], max_age=600)
-
-    def _host_allowed(self, name: str, port: int | None) -> bool:
-        for allowed in self.hosts:
-            if allowed == "*":
-                return True
-            split = _split_host(allowed) if not allowed.startswith("*") else (allowed, None)
-            if split is None:
-                continue
-            want_name, want_port = split
-            if (fnmatch.fnmatchcase(name, want_name) if "*" in want_name else name == want_name) \
-                    and (want_port is None or want_port == port):
-                return True
-        return False
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_ROUTES:
-            return await self.app(scope, receive, send)
-        hosts = [v for k, v in scope["headers"] if k == b"host"]
-        if len(hosts) != 1:
-            detail = "no Host header" if not hosts else "more than one Host header"
-            return await _reply(400, f"{detail}; send exactly one")(scope, receive, send)
-        host_value = hosts[0].decode("latin-1")
-        host = _split_host(host_value)
-        if host is None or not self._host_allowed(*host):
-            return await _reply(400, f"Host {host_value!r} is not allowed (allowed: {', '.join(self.hosts)}); "
-                                     f"start the server with --allowed-hosts to add it")(scope, receive, send)
-        origins = [v for k, v in scope["headers"] if k == b"origin"]
-        if origins:
-            origin = origins[-1].decode("latin-1").lower()
-            if len(origins) > 1 or not (self._same_origin(origin, host) or self.any_origin or origin in self.origins):
-                return await _reply(403, f"cross-origin request from Origin {origin!r} refused; "
-                                         f"allow it with --allowed-origins")(scope, receive, send)
-        await self.app(scope, receive, send)
-
-    @staticmethod
-    def _same_origin(origin: str, host: tuple[str, int | None]) -> bool:
-        try:
-            parts = urlsplit(origin)
-        except ValueError:  # e.g. "http://[::1"
-            return False
-        if parts.scheme not in ("http", "https") or parts.path:
-            return False  # includes "null" (sandboxed frames, file: pages)
-        split = _split_host(parts.netloc)
-        if split is None:
-            return False
-        name, port = split
-        port = port or (443 if parts.scheme == "https" else 80)
-        # The Host header carries no scheme (a TLS proxy may sit in front), so its port, when absent, can be
-        # either default.
-        return name == host[0] and (port == host[1] if host[1] is not None else port in (80, 443))
 
 
 class KeyThrottle:
@@ -311,17 +183,215 @@ class KeyThrottle:
         self.clients.pop(client, None)
 
 
-class ApiKey:
-    """With a key set, every route but the probes needs X-API-Key: KEY or Authorization: Bearer KEY; wrong keys are
-    throttled per client (KeyThrottle)."""
 
-    def __init__(self, app, api_key: str | None, throttle: KeyThrottle | None = None):
-        self.app = app
+
+def _set_header(headers: list[tuple[bytes, bytes]], name: bytes, value: bytes) -> None:
+    """Replace every `name` header (lower-case) of a raw ASGI header list with one holding `value`."""
+    headers[:] = [(k, v) for k, v in headers if k.lower() != name]
+    headers.append((name, value))
+
+
+def secure_headers(message: dict) -> None:
+    """Security headers on a response start: `nosniff` (a JSON answer carrying a model's name is never sniffed into
+    HTML), and on an HTML one a Content-Security-Policy (the route's own, else PAGE_POLICY) and no framing."""
+    headers = list(message.get("headers", ()))
+    _set_header(headers, b"x-content-type-options", b"nosniff")
+    content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+    if content_type.lower().startswith(b"text/html"):
+        if not any(k.lower() == b"content-security-policy" for k, _ in headers):
+            headers.append((b"content-security-policy", PAGE_POLICY.encode()))
+        _set_header(headers, b"x-frame-options", b"DENY")
+        _set_header(headers, b"referrer-policy", b"no-referrer")
+    message["headers"] = headers
+
+
+class Gate:
+    """Everything a request passes before its route, in one ASGI layer and one pass, in this order:
+
+    1. Host and Origin: Hosts not allowed (DNS rebinding against a loopback server) get 400, cross-origin requests
+       from origins not allowed (a web page making a visitor's browser call the service) 403. Same-origin requests
+       (a page served by this server calling it) always pass: their Origin names the Host they were sent to.
+       Allowed cross-origin callers get CORS headers (Starlette's CORSMiddleware), so browsers let them read the
+       answers. Probes (OPEN_ROUTES) skip the Host and Origin checks.
+    2. The API key, when one is set: every route but KEYLESS_ROUTES needs X-API-Key: KEY or Authorization: Bearer
+       KEY; wrong keys are throttled per client (KeyThrottle).
+    3. The body, read whole before the route runs: over `max_body_bytes` gets 413 (whether Content-Length says so
+       or a chunked upload gets there), not all of it within `body_timeout` seconds gets 408, and a client that
+       disconnects meanwhile is recorded as gone (499), never as an error of ours. The route then reads the body
+       from memory; after it, `receive` is the client's again (so a route can notice the client leave while it
+       waits for an answer).
+    4. The route: `direct(scope)`, an ASGI callable for the hot routes that need no router (the server's predict
+       routes), else `app`.
+
+    Around all of it: security headers on every response (`secure_headers`), request counts and latency by route
+    and status, one log line per client that went away (499), and a 500 of ours for a bug (never a crash).
+
+    Each part is off when its setting is None: `Gate(app)` alone adds the security headers only.
+    """
+
+    def __init__(self, app: ASGIApp, *, requests: Counter | None = None, latency: Histogram | None = None,
+                 allowed_hosts: list[str] | None = None, allowed_origins: Iterable[str] = (),
+                 api_key: str | None = None, throttle: KeyThrottle | None = None, max_body_bytes: int | None = None,
+                 body_timeout: float | None = None, direct: Callable[[dict], ASGIApp | None] | None = None):
+        self.app, self.direct = app, direct
+        self.requests, self.latency = requests, latency
+        # prometheus_client's labels() looks the child up under a lock on every call; the label sets are bounded
+        # (ROUTES, a few statuses), so each child is looked up once.
+        self._counters: dict[tuple[str, int], Any] = {}
+        self._latencies: dict[str, Any] = {}
+        self.hosts = [h.lower() for h in allowed_hosts] if allowed_hosts is not None else None
+        # (name or fnmatch pattern, port or None) of each allowed Host; malformed entries allow nothing.
+        self._allowed = [(h, None) if h.startswith("*") else _split_host(h) for h in self.hosts or []]
+        # Host header value -> (its name and port, or None when malformed; whether it is allowed): clients send a
+        # handful of values, and parsing one costs more than the rest of the check. Bounded, as values are the
+        # client's to choose.
+        self._host_verdicts: dict[bytes, tuple[tuple[str, int | None] | None, bool]] = {}
+        self.origins = list(allowed_origins)
+        self.any_origin = "*" in self.origins
+        self.cors = CORSMiddleware(self._keyed, allow_origins=self.origins, allow_methods=["GET", "POST"],
+                                   allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+                                   max_age=600) if self.origins else None
         self.key = api_key.encode() if api_key else None
         self.throttle = throttle or KeyThrottle()
         self.refused_log = RateLimitedLog(log)
+        self.limit, self.timeout = max_body_bytes, body_timeout
 
-    def _given(self, scope) -> tuple[bytes | None, str]:
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = [500, False]  # the status sent, and whether a response has started
+
+        async def send_secured(message):
+            if message["type"] == "http.response.start":
+                status[0], status[1] = message["status"], True
+                secure_headers(message)
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_secured)
+        except Exception:  # a bug must not take the server down; report it as ours
+            log.exception("unhandled error on %s", scope["path"])
+            if not status[1]:
+                await _reply(500, "internal error")(scope, receive, send_secured)
+        finally:
+            self._record(scope, status[0], time.perf_counter() - started)
+
+    def _record(self, scope, code: int, elapsed: float) -> None:
+        path = scope["path"]
+        if code == CLIENT_CLOSED:
+            client = scope.get("client")
+            log.info("%s %s %s 499 client closed the connection %s (after %.2f s)",
+                     f"{client[0]}:{client[1]}" if client else "-", scope["method"], path,
+                     scope.get("state", {}).get("gone", ""), elapsed)
+        if self.requests is None:
+            return
+        route = path if path in ROUTES else _named_route(path)
+        counter = self._counters.get((route, code))
+        if counter is None:
+            counter = self._counters[(route, code)] = self.requests.labels(route, str(code))
+        counter.inc()
+        if self.latency is not None:
+            histogram = self._latencies.get(route)
+            if histogram is None:
+                histogram = self._latencies[route] = self.latency.labels(route)
+            histogram.observe(elapsed)
+
+    # 1. Host and Origin ------------------------------------------------------------------------------------------
+
+    async def _guarded(self, scope, receive, send):
+        if self.hosts is not None and scope["path"] not in OPEN_ROUTES:
+            hosts = [v for k, v in scope["headers"] if k == b"host"]
+            if len(hosts) != 1:
+                detail = "no Host header" if not hosts else "more than one Host header"
+                return await _reply(400, f"{detail}; send exactly one")(scope, receive, send)
+            host, allowed = self._host_verdict(hosts[0])
+            if not allowed:
+                host_value = hosts[0].decode("latin-1")
+                return await _reply(400, f"Host {host_value!r} is not allowed (allowed: {', '.join(self.hosts)}); "
+                                         f"start the server with --allowed-hosts to add it")(scope, receive, send)
+            origins = [v for k, v in scope["headers"] if k == b"origin"]
+            if origins:
+                origin = origins[-1].decode("latin-1").lower()
+                if len(origins) > 1 or not (self._same_origin(origin, host) or self.any_origin or origin in self.origins):
+                    return await _reply(403, f"cross-origin request from Origin {origin!r} refused; "
+                                             f"allow it with --allowed-origins")(scope, receive, send)
+        if self.cors is not None:
+            # Starlette's CORS answers preflights itself and adds its headers to answers; requests without an Origin
+            # pass through it untouched.
+            return await self.cors(scope, receive, send)
+        await self._keyed(scope, receive, send)
+
+    def _host_verdict(self, value: bytes) -> tuple[tuple[str, int | None] | None, bool]:
+        verdict = self._host_verdicts.get(value)
+        if verdict is None:
+            host = _split_host(value.decode("latin-1"))
+            verdict = (host, host is not None and self._host_allowed(*host))
+            if len(self._host_verdicts) >= 1024:
+                self._host_verdicts.clear()
+            self._host_verdicts[value] = verdict
+        return verdict
+
+    def _host_allowed(self, name: str, port: int | None) -> bool:
+        for allowed in self._allowed:
+            if allowed is None:
+                continue
+            want_name, want_port = allowed
+            if want_name == "*":
+                return True
+            if (fnmatch.fnmatchcase(name, want_name) if "*" in want_name else name == want_name) \
+                    and (want_port is None or want_port == port):
+                return True
+        return False
+
+    @staticmethod
+    def _same_origin(origin: str, host: tuple[str, int | None]) -> bool:
+        try:
+            parts = urlsplit(origin)
+        except ValueError:  # e.g. "http://[::1"
+            return False
+        if parts.scheme not in ("http", "https") or parts.path:
+            return False  # includes "null" (sandboxed frames, file: pages)
+        split = _split_host(parts.netloc)
+        if split is None:
+            return False
+        name, port = split
+        port = port or (443 if parts.scheme == "https" else 80)
+        # The Host header carries no scheme (a TLS proxy may sit in front), so its port, when absent, can be
+        # either default.
+        return name == host[0] and (port == host[1] if host[1] is not None else port in (80, 443))
+
+    # 2. The API key ----------------------------------------------------------------------------------------------
+
+    async def _keyed(self, scope, receive, send):
+        if self.key is not None and scope["path"] not in KEYLESS_ROUTES and scope["method"] != "OPTIONS":
+            refusal = self._key_refusal(scope)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+        await self._with_body(scope, receive, send)
+
+    def _key_refusal(self, scope) -> JSONResponse | None:
+        """None when the request carries the key; else the 401 or 429 to answer."""
+        client = client_key((scope.get("client") or (None, None))[0])
+        wait = self.throttle.retry_after(client)
+        if wait > 0:
+            seconds = max(1, math.ceil(wait))
+            return _reply(429, f"too many wrong API keys from this address; try again in {seconds} s",
+                          headers={"Retry-After": str(seconds)})
+        given, why = self._given(scope)
+        if given is not None and hmac.compare_digest(given, self.key):
+            self.throttle.succeeded(client)
+            return None
+        if given is not None:  # a key was tried (a missing or malformed header guesses nothing)
+            lockout = self.throttle.failed(client)
+            if lockout > 0:
+                self.refused_log("%s: %d wrong API keys; its requests get 429 for %g s", client,
+                                 self.throttle.clients[client][0], lockout)
+        return _reply(401, f"{why or 'wrong API key'} (send X-API-Key: KEY or Authorization: Bearer KEY)",
+                      headers={"WWW-Authenticate": "Bearer"})
+
+    @staticmethod
+    def _given(scope) -> tuple[bytes | None, str]:
         headers = dict(scope["headers"])
         if b"x-api-key" in headers:
             return headers[b"x-api-key"].strip(b" \t"), ""
@@ -335,52 +405,15 @@ class ApiKey:
             return None, "the Authorization header must be 'Bearer KEY'"
         return token, ""
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self.key is None or scope["path"] in KEYLESS_ROUTES or scope["method"] == "OPTIONS":
-            return await self.app(scope, receive, send)
-        client = client_key((scope.get("client") or (None, None))[0])
-        wait = self.throttle.retry_after(client)
-        if wait > 0:
-            return await self._too_many(scope, receive, send, wait)
-        given, why = self._given(scope)
-        if given is not None and hmac.compare_digest(given, self.key):
-            self.throttle.succeeded(client)
-            return await self.app(scope, receive, send)
-        if given is not None:  # a key was tried (a missing or malformed header guesses nothing)
-            lockout = self.throttle.failed(client)
-            if lockout > 0:
-                self.refused_log("%s: %d wrong API keys; its requests get 429 for %g s", client,
-                                 self.throttle.clients[client][0], lockout)
-        refused = _reply(401, f"{why or 'wrong API key'} (send X-API-Key: KEY or Authorization: Bearer KEY)",
-                         headers={"WWW-Authenticate": "Bearer"})
-        return await refused(scope, receive, send)
+    # 3. The body, then 4. the route ------------------------------------------------------------------------------
 
-    @staticmethod
-    async def _too_many(scope, receive, send, wait: float):
-        seconds = max(1, math.ceil(wait))
-        return await _reply(429, f"too many wrong API keys from this address; try again in {seconds} s",
-                            headers={"Retry-After": str(seconds)})(scope, receive, send)
-
-
-class BodyReader:
-    """Read the whole body before the route runs: over `limit` bytes gets 413 (whether Content-Length says so
-    or a chunked upload gets there), not all of it within `timeout` seconds gets 408, and a client that
-    disconnects meanwhile is recorded as gone (499), never as an error of ours.
-
-    The route then reads the body from memory; after it, `receive` is the client's again (so a route can
-    notice the client leave while it waits for an answer).
-    """
-
-    def __init__(self, app, limit: int, timeout: float):
-        self.app, self.limit, self.timeout = app, limit, timeout
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_big = _reply(413, f"request body over {self.limit} bytes")
+    async def _with_body(self, scope, receive, send):
+        route = (self.direct and self.direct(scope)) or self.app
+        if self.limit is None:
+            return await route(scope, receive, send)
         declared = [v for k, v in scope["headers"] if k == b"content-length"]
         if declared and (not declared[0].isdigit() or int(declared[0]) > self.limit):
-            return await too_big(scope, receive, send)  # refused before reading it (no 100 Continue either)
+            return await self._too_big()(scope, receive, send)  # refused before reading it (no 100 Continue either)
         chunks, seen = [], 0
         try:
             async with asyncio.timeout(self.timeout):
@@ -391,7 +424,7 @@ class BodyReader:
                     chunk = message.get("body", b"")
                     seen += len(chunk)
                     if seen > self.limit:
-                        return await too_big(scope, receive, send)
+                        return await self._too_big()(scope, receive, send)
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         break
@@ -399,7 +432,7 @@ class BodyReader:
             log.info("%s %s 408 body not received within %g s (%d bytes so far)", scope["method"], scope["path"],
                      self.timeout, seen)
             return await _reply(408, f"the request body did not arrive within {self.timeout:g} s")(scope, receive, send)
-        body = b"".join(chunks)
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         replayed = False
 
         async def replay():
@@ -409,4 +442,11 @@ class BodyReader:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        await route(scope, replay, send)
+
+    def _too_big(self) -> JSONResponse:
+        return _reply(413, f"request body over {self.limit} bytes")
+
+
+# The name of the layer that set the security headers before the gate did it all; `PageHeaders(app)` is `Gate(app)`.
+PageHeaders = Gate

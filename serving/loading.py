@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finetune.errors import ModelSourceError
-from finetune.models.adapters import share_base
+from finetune.models.adapters import SharedAdapters, share_base, shared_pass_key
 from finetune.models.predictor import Predictor
 from finetune.tracking.sources import locate, load_predictor
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,6 +24,8 @@ class LoadedModel:
     version: str | None
     run_id: str | None
     source: str
+    shared: SharedAdapters | None = None
+    """The adapter models whose forward passes this one shares (`share_passes`), None when it runs alone."""
 
 
 def load_model(source: str | None = None, name: str | None = None, backend: str = "auto",
@@ -74,7 +78,8 @@ def parse_model_specs(values: list[str] | None) -> list[tuple[str | None, str | 
 def load_models(specs: list[tuple[str | None, str | None]], name: str | None = None, backend: str = "auto",
                 precision: str = "fp32", device: str = "cpu") -> tuple[LoadedModel, dict[str, LoadedModel]]:
     """The default model and every named one (`parse_model_specs`). Adapter models on the same base (the same weights
-    digest) share one copy of the base's weights in memory."""
+    digest) share one copy of the base's weights in memory, and those that can also share forward passes do
+    (`share_passes`)."""
     loaded = {spec_name: load_model(source, name, backend, precision, spec_name, device) for spec_name, source in specs}
     groups: dict[str, list[LoadedModel]] = {}
     for model in loaded.values():
@@ -83,5 +88,45 @@ def load_models(specs: list[tuple[str | None, str | None]], name: str | None = N
             groups.setdefault((adapter.get("base") or {}).get("digest", ""), []).append(model)
     for group in groups.values():
         share_base([m.predictor.model for m in group])
+    share_passes([m for n, m in loaded.items() if n is not None])
     first = next(iter(loaded.values()))
     return first, {n: m for n, m in loaded.items() if n is not None}
+
+
+def share_passes(models: list[LoadedModel]) -> list[SharedAdapters]:
+    """Adapter models that can answer in one forward pass (the same `shared_pass_key`: one base, task, head shape,
+    padding, device and precision) get one `SharedAdapters`, set as each one's `shared`; the server then gives them
+    one batcher. Models that cannot (other tasks or label counts, ONNX, BigBird, a family whose mixed batch does not
+    give each model its own outputs) keep running alone. Returns the groups made."""
+    groups: dict[str, list[LoadedModel]] = {}
+    for model in models:
+        key = shared_pass_key(model.predictor)
+        if key is not None:
+            groups.setdefault(key, []).append(model)
+    made = []
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        try:
+            shared = SharedAdapters({m.name: m.predictor for m in group})
+        except Exception as e:  # each still answers alone, as it did before passes were shared
+            log.warning("models %s answer in forward passes of their own: %s", ", ".join(m.name for m in group),
+                        shown(e))
+            continue
+        for model in group:
+            model.shared = shared
+        made.append(shared)
+    return made
+
+
+def sharing_line(shared: SharedAdapters) -> str:
+    """What the server says at start-up about models that share forward passes (the base's name as finetune.json
+    gives it, its control characters escaped)."""
+    return f"models {', '.join(shared.names)} share one base pass (LoRA adapters of {shown(shared.base)})"
+
+
+def shown(text: object) -> str:
+    """Text from a model folder as a terminal line shows it: control characters (escape sequences that would
+    recolour, move or retitle the terminal) written as escapes. serving.cli's `shown` does the same; importing it
+    here would make an import circle (serving.cli loads the models through this module)."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))

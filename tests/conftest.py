@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,6 +173,28 @@ def isolated_stores(request, tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     yield
+
+
+@contextlib.contextmanager
+def busy_neighbour(cpu: int, seconds: float = 60):
+    """Another process keeping CPU `cpu` busy (a bounded busy loop) for the block, killed when it ends."""
+    busy = subprocess.Popen([sys.executable, "-c", "import os, time\nos.sched_setaffinity(0, {%d})\n"
+                             "end = time.monotonic() + %f\nwhile time.monotonic() < end: pass" % (cpu, seconds)])
+    try:
+        yield busy
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def threads_become(budget, count: int, timeout: float = 15) -> bool:
+    """Wait until a ThreadBudget's count is `count` (True), or the time is up (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while budget.threads != count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return budget.threads == count
 
 
 def wait_for_http(url: str, proc, timeout: float = 120, interval: float = 0.3) -> bool:

@@ -41,8 +41,9 @@ FAKE_INFINITY = textwrap.dedent('''
     if not (folder / "config.json").is_file():
         problems.append("no config.json in the model folder")
     onnx = sorted(p.name for p in folder.glob("*.onnx"))
-    if args.engine == "optimum" and (onnx != ["model.onnx"] or not (folder / "model.onnx").is_file()):
-        problems.append(f"optimum needs model.onnx alone, got {onnx}")
+    if args.engine == "optimum" and (len(onnx) != 1 or onnx[0] not in ("model.onnx", "model_quantized.onnx")
+                                     or not (folder / onnx[0]).is_file()):
+        problems.append(f"optimum needs one graph, model.onnx or model_quantized.onnx, got {onnx}")
     with open(os.environ["FAKE_INFINITY_LOG"], "a") as log:
         log.write(json.dumps({"engine": args.engine, "folder": str(folder), "name": args.served_model_name,
                               "onnx": onnx, "threads": os.environ.get("OMP_NUM_THREADS"),
@@ -153,6 +154,15 @@ def test_peer_labels_and_the_best_against_best_ratio(monkeypatch):
     assert ratios[1]["throughput_ratio"] == pytest.approx(2.0) and ratios[1]["p99_ratio"] == pytest.approx(0.5)
     assert serve.best_against_peer({k: v for k, v in results.items() if not k.startswith("infinity")}) == []
 
+    # Same graph: each ONNX Runtime server of ours against infinity's optimum engine on that graph, where both ran.
+    results |= {"onnx": [row(1, 70, 15), row(16, 150, 100)]}
+    same = serve.same_graph_ratios(results)
+    assert [(r["concurrency"], r["ours"], r["peer"]) for r in same] == [(1, "onnx", "infinity-optimum"),
+                                                                       (16, "onnx", "infinity-optimum")]
+    assert same[1]["throughput_ratio"] == pytest.approx(1.5)
+    results |= {"infinity-optimum-int8": [row(1, 40, 20), row(16, 200, 90)]}
+    assert [r["throughput_ratio"] for r in serve.same_graph_ratios(results) if r["ours"] == "onnx-int8"] == [2.0, 1.5]
+
 
 def test_a_run_against_a_stand_in_infinity(monkeypatch, tmp_path):
     """Both peer servers start from the venv, face the load and answer the accuracy set through /classify; the
@@ -161,22 +171,24 @@ def test_a_run_against_a_stand_in_infinity(monkeypatch, tmp_path):
     model, log, report = fake_model(tmp_path / "model"), tmp_path / "infinity.log", tmp_path / "bench.json"
     env = {**os.environ, "INFINITY_VENV": str(fake_venv(tmp_path / "venv")), "FAKE_INFINITY_LOG": str(log)}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "serve.py"), "--servers", "infinity-torch,infinity-optimum",
+        [sys.executable, str(ROOT / "bench" / "serve.py"), "--servers", "infinity-torch,infinity-optimum,infinity-optimum-int8",
          "--model", str(model), "--concurrency", "1,3", "--duration", "0.5", "--warmup", "0.2",
          "--accuracy-sentences", "40", "--threads", "1", "--first-requests", "3", "--json", str(report)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     started = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [s["engine"] for s in started] == ["torch", "optimum"] and not any(s["problems"] for s in started)
+    assert [s["engine"] for s in started] == ["torch", "optimum", "optimum"] and not any(s["problems"] for s in started)
     assert all(s["threads"] == "1" and not s["pythonpath"] for s in started)
-    assert [s["name"] for s in started] == ["infinity-torch", "infinity-optimum"]
+    assert [s["name"] for s in started] == ["infinity-torch", "infinity-optimum", "infinity-optimum-int8"]
+    assert [s["onnx"] for s in started] == [[], ["model.onnx"], ["model_quantized.onnx"]]  # our fp32 and int8 graphs
     assert all(Path(s["folder"]) != model.resolve() for s in started)
     assert sorted(p.name for p in model.iterdir()) == ["config.json", "finetune.json", "model.int8.onnx", "model.onnx"]
 
     saved = json.loads(report.read_text())
     gold = [label for _, label in serve.load_labelled()[:40]]
-    assert saved["accuracy"] == {name: pytest.approx(gold.count("1") / 40) for name in ("infinity-torch", "infinity-optimum")}
-    for name in ("infinity-torch", "infinity-optimum"):
+    peers = ("infinity-torch", "infinity-optimum", "infinity-optimum-int8")
+    assert saved["accuracy"] == {name: pytest.approx(gold.count("1") / 40) for name in peers}
+    for name in peers:
         assert [r["concurrency"] for r in saved["results"][name]] == [1, 3]
         assert all(r["requests"] > 0 and r["errors"] == 0 for r in saved["results"][name])
         table = done.stdout.split("\nthe first")[0]  # the load table, before the first-requests one

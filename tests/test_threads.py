@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import torch
 
 from finetune import threads
 from finetune.errors import RecipeError
+from tests.conftest import busy_neighbour, threads_become
 from finetune.threads import LoadSampler, ThreadBudget, cgroup_cpu_limit, cpu_budget, requested_threads
 
 
@@ -148,18 +147,8 @@ def test_a_real_busy_neighbour_takes_a_thread_away_and_gives_it_back():
     if budget.threads < 2:
         budget.close()
         pytest.skip("other processes already keep a core busy here: no quiet core to take away")
-    busy = subprocess.Popen([sys.executable, "-c", "import os, time\nos.sched_setaffinity(0, {%d})\n"
-                             "end = time.monotonic() + 30\nwhile time.monotonic() < end: pass" % pin])
-    try:
-        deadline = time.monotonic() + 15
-        while budget.threads != 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert budget.threads == 1, "a core kept busy by another process is not ours to use"
-    finally:
-        busy.kill()
-        busy.wait()
-    deadline = time.monotonic() + 15
-    while budget.threads != 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    with busy_neighbour(pin, 30):
+        assert threads_become(budget, 1), "a core kept busy by another process is not ours to use"
+    back = threads_become(budget, 2)
     budget.close()
-    assert budget.threads == 2, "the core is back once the neighbour is gone"
+    assert back, "the core is back once the neighbour is gone"

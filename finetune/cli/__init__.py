@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from finetune.cli import evaluate as evaluation_commands
+from finetune.cli.options import add_threads_option, apply_threads_option
 from finetune.cli.serve_options import add_serve_arguments
 from finetune.config.recipe import describe_fields, load_recipe
 from finetune.errors import FinetuneError, InputError, RecipeError
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("texts", nargs="*", metavar="TEXT", help="texts to predict for; pair models: two by two; QA and multiple choice: JSON objects")
     predict.add_argument("--json", action="store_true", help="print the full answers as JSON lines")
     evaluation_commands.add_file_options(predict)
+    add_threads_option(predict)
     evaluation_commands.add_commands(sub)
 
     compare = sub.add_parser("compare", help="compare finished runs, best first")
@@ -101,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["onnx"], default="onnx")
     export.add_argument("--quantize", choices=["int8"], help="also write a dynamically quantized model.int8.onnx")
     export.add_argument("--no-check", action="store_true", help="skip the parity check on the recipe's evaluation data")
+    add_threads_option(export)
 
     convert = sub.add_parser(
         "convert", help="turn a BERT or DistilBERT checkpoint into a long-context BigBird checkpoint (warm start), "
@@ -165,6 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides, extra = [*args.overrides, *extra], []
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command != "serve" and getattr(args, "threads", None) is not None:  # serve reads its own options
+        try:
+            apply_threads_option(args.threads)
+        except FinetuneError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     # MLflow may unpickle parts of models it loads; nothing finetune reads is a pickle, so it is never allowed.
     os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
     try:

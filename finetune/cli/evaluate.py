@@ -11,6 +11,7 @@ import re
 import time
 from pathlib import Path
 
+from finetune.cli.options import add_threads_option
 from finetune.errors import FinetuneError
 
 MODEL_HELP = ("a model folder (runs/<name>/best, or a `finetune export` folder), an MLflow run id, or a runs:/ or "
@@ -94,6 +95,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--experiment", help="MLflow experiment of the evaluation run (default: the model's training "
                                                "run's, nested under it)")
     evaluate.add_argument("--no-log", action="store_true", help="do not log an MLflow run")
+    add_threads_option(evaluate)
     evaluate.add_argument("--verbose", action="store_true",
                           help="also show the libraries' output (load reports, progress bars, MLflow's lines) here; "
                                "it is always in evaluate.log in the output folder")
@@ -109,6 +111,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     issues.add_argument("--overwrite", action="store_true",
                         help="write into an --output-dir finetune did not make, replacing files of the same names")
     issues.add_argument("--show", type=int, default=10, help="issues printed (default 10)")
+    add_threads_option(issues)
     issues.add_argument("--verbose", action="store_true",
                         help="also show the libraries' output (the folds' training, MLflow's lines) here; it is "
                              "always in label-issues.log in the output folder")

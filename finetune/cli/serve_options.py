@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from finetune.cli.options import add_threads_option
 from finetune.files import MAX_INPUT_CHARS
 
 KEY_ENV = "FINETUNE_API_KEY"
@@ -57,10 +58,7 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                        help="where the PyTorch backend runs: auto (the GPU when PyTorch sees one, else the CPU), cpu, "
                             "or cuda (refused without a GPU)")
-    serve.add_argument("--threads", default=None, metavar="N|auto",
-                       help="PyTorch and ONNX Runtime threads for the model (default auto: the CPUs this process may use, "
-                            "its affinity and container CPU quota, and fewer while other processes keep cores busy; "
-                            "or FINETUNE_THREADS)")
+    add_threads_option(serve)
     serve.add_argument("--max-batch-size", type=_positive(int), default=16,
                        help="inputs per forward pass at most (16 measured fastest per sentence on 2 CPU cores)")
     serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")

@@ -29,7 +29,6 @@ from finetune.models.checksums import read_manifest, write_manifest
 from finetune.models.integrity import check_model_folder
 from finetune.models.modeling import MANIFEST_FILE, ModelInfo
 from finetune.models.predictor import Predictor
-from finetune.threads import cpu_budget, requested_threads
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
@@ -41,25 +40,42 @@ class OnnxPredictor(Predictor):
     """A Predictor whose forward pass runs in ONNX Runtime; encoding and post-processing are the shared ones."""
 
     def __init__(self, onnx_path: Path, tokenizer: Any, info: ModelInfo, config: Any, batch_size: int = 32):
+        self.onnx_path = onnx_path
+        self.onnx_file = onnx_path.name
+        self.sessions: dict[int, Any] = {}
+        """One ONNX Runtime session per thread count the budget has asked for (see `use_threads`)."""
+        # Predictor's own set-up, so the two backends never drift apart; the collator and the BigBird
+        # guard read only the model's config.
+        super().__init__(_ConfigOnly(config), tokenizer, info, batch_size=batch_size)
+        self.use_threads(self.budget())  # loads the model now: a file it cannot read is refused before any input
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def use_threads(self, budget: Any) -> None:
+        """Run the next batches in a session with the budget's thread count.
+
+        ONNX Runtime fixes a session's pool when it is made and has no call to resize it, so each count the budget
+        asks for gets its own session, made the first time (a second copy of the weights in memory, only once
+        other processes have taken a core). A pool larger than the free cores makes every operator wait for the
+        thread parked behind the neighbour, as torch's does (finetune.threads).
+        """
+        threads = budget.threads
+        if threads not in self.sessions:
+            self.sessions[threads] = self._new_session(threads)
+        self.session = self.sessions[threads]
+
+    def _new_session(self, threads: int) -> Any:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         # ONNX Runtime's worker threads spin while idle by default; in a server they would take CPU from the
         # event loop that parses and answers requests between batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # Its pool is fixed for the session's life: sized to the CPUs this process may use (affinity, cgroup quota),
-        # not to every core of the machine (ONNX Runtime's default), or to FINETUNE_THREADS / --threads.
-        options.intra_op_num_threads = requested_threads() or cpu_budget()
+        options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's own exception types: named with the file, not a traceback
-            raise CheckpointError(f"{onnx_path}: ONNX Runtime cannot load it ({type(e).__name__}: {str(e)[:200]}); "
-                                  "make the export again with finetune export") from None
-        self.onnx_file = onnx_path.name
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        # Predictor's own set-up, so the two backends never drift apart; the collator and the BigBird
-        # guard read only the model's config.
-        super().__init__(_ConfigOnly(config), tokenizer, info, batch_size=batch_size)
+            raise CheckpointError(f"{self.onnx_path}: ONNX Runtime cannot load it ({type(e).__name__}: "
+                                  f"{str(e)[:200]}); make the export again with finetune export") from None
 
     @classmethod
     def from_dir(cls, path: Path | str, int8: bool = False, **kwargs: Any) -> "OnnxPredictor":

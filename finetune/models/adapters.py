@@ -1,4 +1,5 @@
-"""LoRA adapters with the peft library (`model.adapter`): adding one, saving and loading the adapter model, merging it.
+"""LoRA adapters with the peft library (`model.adapter`): adding one, saving and loading the adapter model, merging it,
+and several adapter models on one base answering in one forward pass per batch (`SharedAdapters`).
 
 An adapter model folder holds peft's `adapter_config.json` and `adapter_model.safetensors` (the low-rank updates
 and the task head, which peft saves as `modules_to_save`), the task model's `config.json` (labels, head size),
@@ -11,12 +12,16 @@ what is missing. `finetune export` merges the adapter into the base first (`merg
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
+import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from finetune.errors import CheckpointError, RecipeError
@@ -345,3 +350,185 @@ def _plain_name(name: str) -> str:
 
 def _in_base(model: Any, name: str) -> bool:
     return f".{model.base_model_prefix}." in f".{name}"
+
+
+# --- several adapters in one forward pass ---------------------------------------------------------------------------
+
+
+def shared_pass_key(predictor: Any) -> str | None:
+    """What adapter models must have in common to answer in one forward pass (`SharedAdapters`), as one string, or
+    None for a model that runs alone: not a LoRA adapter model on PyTorch (an ONNX export is merged), no base digest
+    to tell its base by, or a BigBird (its batches switch attention type by length, `finetune.models.bigbird`).
+
+    The same base weights (digest), task and head shape (the config, labels aside: a head's shape is its label
+    count), what pads a batch (max_length, pad_to_multiple_of, text pairs, the tokenizer's pad token and side) and
+    where and how it runs (device, precision)."""
+    from finetune.models.bigbird import is_bigbird
+
+    model, info = getattr(predictor, "model", None), predictor.info
+    digest = ((info.adapter or {}).get("base") or {}).get("digest")
+    if not digest or not is_adapter_model(model) or is_bigbird(model) or set(model.peft_config) != {"default"}:
+        return None
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("id2label", "label2id", "_name_or_path", "transformers_version")}
+    tokenizer = predictor.tokenizer
+    return json.dumps({"digest": digest, "task": info.task, "labels": model.config.num_labels, "config": config,
+                       "max_length": info.max_length, "pad_to_multiple_of": info.pad_to_multiple_of,
+                       "text_pair": info.text_pair, "pad": [tokenizer.pad_token_id, tokenizer.padding_side],
+                       "device": str(predictor.device), "precision": predictor.precision}, sort_keys=True, default=str)
+
+
+class SharedAdapters:
+    """Adapter models on one base (one `shared_pass_key`) answering in shared forward passes.
+
+    Their adapters live in ONE PeftModel, the first model's, each under a name of its own (`adapter_of`); the
+    weights are the very tensors each model loaded (through `load_adapter_model`'s checks), not copies, so each
+    model's own Predictor still answers alone exactly as before. A batch mixing their inputs runs once, each row
+    with its model's adapter (`rows_of_adapters`).
+    """
+
+    def __init__(self, predictors: dict[str, Any]):
+        """predictors: the models by the names they are served as, in order, all of one `shared_pass_key`; the first
+        one's model becomes the shared one.
+
+        Raises ValueError, leaving the first model as it was, when an adapter's weights do not map onto the shared
+        model one to one, or when a mixed batch does not give each model's own outputs (`_check`): DeBERTa-v2, say,
+        runs its relative positions through the adapted projections once for the whole batch, which no row can
+        have an adapter of its own in."""
+        names = list(predictors)
+        self.lead = predictors[names[0]]
+        self.model = self.lead.model
+        self.adapter_of = {names[0]: "default"}
+        try:
+            for i, name in enumerate(names[1:], 1):
+                adapter = f"shared{i}"  # not the served name: peft's module dicts refuse names with dots
+                config = copy.deepcopy(predictors[name].model.peft_config["default"])
+                config.inference_mode = True
+                self.adapter_of[name] = adapter
+                self.model.add_adapter(adapter, config)
+                _share_adapter_weights(self.model, adapter, predictors[name].model)
+            self.model.set_adapter("default")  # what the first model's own Predictor answers with
+            self.model.eval()
+            self._check(predictors)
+        except Exception:
+            for adapter in list(self.adapter_of.values())[1:]:
+                if adapter in self.model.peft_config:
+                    self.model.delete_adapter(adapter)
+            self.model.set_adapter("default")
+            raise
+
+    @property
+    def base(self) -> str:
+        """The base checkpoint, as the adapters' finetune.json names it."""
+        return str(((self.lead.info.adapter or {}).get("base") or {}).get("checkpoint", "?"))
+
+    @property
+    def names(self) -> list[str]:
+        """The served names of the models that share the passes, in order."""
+        return list(self.adapter_of)
+
+    def outputs(self, features: list[dict[str, Any]], names: list[str]) -> list[Any]:
+        """The outputs of features of several models, `names[i]` being the model feature i is for
+        (`Predictor.outputs`, one pass per batch)."""
+        return self.lead.outputs(features, adapter_names=[self.adapter_of[n] for n in names])
+
+    def _check(self, predictors: dict[str, Any]) -> None:
+        """Every model's example input twice, interleaved with the others' in one batch, against the model alone."""
+        examples = {n: p.encode_inputs([p.task.example_input(p.info.text_pair)]).features
+                    for n, p in predictors.items()}
+        features, names = [], []
+        for _ in range(2):
+            for name, own in examples.items():
+                features += own
+                names += [name] * len(own)
+        mixed = self.outputs(features, names)
+        tolerance = 1e-4 if self.lead.precision == "fp32" else 5e-2  # a batch's padding moves bf16 sums a little
+        for name, predictor in predictors.items():
+            alone = predictor.outputs(examples[name]) * 2
+            got = [row for row, n in zip(mixed, names) if n == name]
+            if not all(np.allclose(a, b, rtol=tolerance, atol=tolerance) for a, b in zip(got, alone)):
+                raise ValueError(f"{name}: in a batch mixed with the others its outputs are not its own")
+
+    def adapter_bytes(self) -> int:
+        """Memory the extra adapters add to the shared model: their LoRA and head weights."""
+        extra = set(self.adapter_of.values()) - {"default"}
+        return sum(p.numel() * p.element_size() for n, p in self.model.named_parameters(remove_duplicate=False)
+                   if any(f".{a}." in f".{n}." for a in extra))
+
+
+def _share_adapter_weights(shared: torch.nn.Module, adapter: str, own: torch.nn.Module) -> None:
+    """Point the shared model's fresh `adapter` (LoRA layers and head copies) at the weights of `own`, an adapter
+    model holding one adapter, "default"; then check that the two adapters' state dicts are the same."""
+    from peft.utils import get_peft_model_state_dict
+
+    theirs = dict(own.named_parameters(remove_duplicate=False))
+    theirs.update(own.named_buffers(remove_duplicate=False))
+    mark = f".{adapter}."
+    for module_name, module in shared.named_modules():
+        for kind in (module._parameters, module._buffers):
+            for name, tensor in list(kind.items()):
+                full = f"{module_name}.{name}"
+                if tensor is None or mark not in f".{full}.":
+                    continue
+                source = theirs.get(f".{full}".replace(mark, ".default.")[1:])
+                if source is None or source.shape != tensor.shape:
+                    raise ValueError(f"{full} has no counterpart of the same shape in the adapter model")
+                kind[name] = source
+    mine, want = get_peft_model_state_dict(shared, adapter_name=adapter), get_peft_model_state_dict(own)
+    if mine.keys() != want.keys() or any(mine[k] is not want[k] and not torch.equal(mine[k], want[k]) for k in want):
+        raise ValueError("the adapter's weights do not map one to one onto the shared model")
+
+
+@contextlib.contextmanager
+def rows_of_adapters(model: torch.nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """Within: each row of a batch runs through `model` (a PeftModel holding several adapters) with its own adapter,
+    `names[i]`.
+
+    The LoRA layers get peft's `adapter_names` argument, as peft's `model(..., adapter_names=...)` hands it to them.
+    The task heads (`modules_to_save`) are routed here instead: peft 0.21 refuses a mixed batch in a saved module that
+    is not a plain Linear, Embedding or Conv layer (`ModulesToSaveWrapper._mixed_batch_forward`), and BERT's pooler and
+    RoBERTa's and ModernBERT's classification heads are not. A head computes each row on its own, so its output for
+    the rows of another adapter is replaced by that adapter's copy of the head on those rows.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    names = list(names)
+    handles = []
+    try:
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                handles.append(module.register_forward_pre_hook(functools.partial(_lora_rows, names=names),
+                                                                with_kwargs=True))
+            elif isinstance(module, ModulesToSaveWrapper):
+                handles.append(module.register_forward_hook(functools.partial(_head_rows, names=names),
+                                                            with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _per_row(names: list[str], rows: int) -> list[str]:
+    """The adapter of each of `rows` rows: multiple choice runs the choices of an input as consecutive rows."""
+    if rows == len(names):
+        return names
+    if not names or rows % len(names):
+        raise ValueError(f"{rows} rows for {len(names)} adapter names")
+    return [n for n in names for _ in range(rows // len(names))]
+
+
+def _lora_rows(module: Any, args: tuple, kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
+    x = args[0] if args else kwargs["x"]
+    return args, {**kwargs, "adapter_names": _per_row(names, len(x))}
+
+
+def _head_rows(module: Any, args: tuple, kwargs: dict, output: Any, names: list[str]) -> Any:
+    if not args or not isinstance(output, torch.Tensor):  # every head finetune saves takes and gives one tensor
+        raise ValueError(f"{type(module.original_module).__name__}: a head that cannot be run row by row")
+    rows = _per_row(names, len(args[0]))
+    active = module.active_adapters[0]
+    for adapter in sorted(set(rows) - {active}):
+        idx = [i for i, n in enumerate(rows) if n == adapter]
+        output[idx] = module.modules_to_save[adapter](args[0][idx], *args[1:], **kwargs).to(output.dtype)
+    return output

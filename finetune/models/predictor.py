@@ -6,6 +6,7 @@ Everything that predicts (`finetune predict`, the MLflow model, the server, expo
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,9 +16,11 @@ import torch
 from finetune.models.bigbird import (
     RULE_ATTRIBUTE, attention_for_batch, is_bigbird, plan_batches, sparse_min_length,
 )
+from finetune.models.adapters import rows_of_adapters
 from finetune.models.integrity import check_model_folder, load_weights
 from finetune.models.modeling import ModelInfo, make_collator
 from finetune.tasks import Encoded, PostprocessOptions, get_task
+from finetune.threads import ThreadBudget, process_budget
 
 
 class Predictor:
@@ -34,6 +37,9 @@ class Predictor:
         self.batch_size = batch_size
         self.unverified: list[str] = []
         """What the model folder's checksums did not cover when it loaded (`CheckedModel.unverified`), for people."""
+        self.threads: ThreadBudget | None = None
+        """Sizes the math's thread pool before each batch (a server's budget); None: the process's
+        (`finetune.threads.process_budget`), so every path that predicts is sized like training and serving."""
         self.collator = make_collator(tokenizer, model.config, self.task, self.settings, info.pad_to_multiple_of,
                                       info.max_length)
         if is_bigbird(model) and info.sparse_attention_min_length is not None:
@@ -71,21 +77,34 @@ class Predictor:
         inputs = self.task.parse_inputs(inputs, self.info.text_pair)
         return self.task.encode(self.tokenizer, inputs, self.info.text_pair, self.info.max_length, self.settings)
 
-    def outputs(self, features: list[dict[str, Any]]) -> list[np.ndarray]:
+    def outputs(self, features: list[dict[str, Any]], adapter_names: Sequence[str] | None = None) -> list[np.ndarray]:
         """The model's output for every feature, in feature order (batches are formed by length to limit padding).
 
         Per-token outputs (NER, QA) are cut to each feature's own length. Batches are formed so that a
         feature's attention type and block layout never depend on the features it is batched with (see
         `plan_batches`), so a served input gets the same answer however requests are coalesced.
+        `adapter_names`: for a model holding several adapters (`finetune.models.adapters.SharedAdapters`), the
+        adapter each feature runs with, one per feature.
         """
         out: list[Any] = [None] * len(features)
+        budget = self.budget()
         for idx in plan_batches([_length(f) for f in features], self.batch_size, self.model.config):
+            self.use_threads(budget)  # before each batch: the budget follows the machine's load
             batch = self.collator([features[i] for i in idx])
             with attention_for_batch(self.model, batch["input_ids"]):
-                rows = self._forward(batch)
+                rows = self._forward(batch) if adapter_names is None else \
+                    self._forward(batch, [adapter_names[i] for i in idx])  # ONNX's _forward takes no names
             for row, i in zip(rows, idx):
                 out[i] = row[: _length(features[i])] if self.task.per_token else row
         return out
+
+    def budget(self) -> ThreadBudget:
+        """The thread budget this predictor's batches follow."""
+        return self.threads or process_budget()
+
+    def use_threads(self, budget: ThreadBudget) -> None:
+        """Size the calling thread's math to the budget (OpenMP counts belong to the thread that runs the model)."""
+        budget.apply()
 
     def logits(self, texts: list[str], pairs: list[str] | None) -> np.ndarray:
         """Sequence tasks: raw logits for every text (or pair), in input order."""
@@ -103,10 +122,11 @@ class Predictor:
         return np.stack(rows) if rows else np.zeros((0, self.model.config.num_labels))
 
     @torch.inference_mode()
-    def _forward(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+    def _forward(self, batch: dict[str, torch.Tensor], adapter_names: list[str] | None = None) -> np.ndarray:
         if self.device.type != "cpu":
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with inference_autocast(self.precision, self.device.type):
+        per_row = nullcontext() if adapter_names is None else rows_of_adapters(self.model, adapter_names)
+        with inference_autocast(self.precision, self.device.type), per_row:
             output = self.model(**batch)
         return self.task.output_array(output).float().cpu().numpy()
 

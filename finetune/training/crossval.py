@@ -27,6 +27,7 @@ from finetune.evaluation.evaluate import evaluate_split
 from finetune.evaluation.label_issues import check_issues_folder, issues_table, require_class_probabilities, write_issues
 from finetune.models.predictor import Predictor
 from finetune.tasks import TaskSettings, get_task
+from finetune.threads import ThreadBudget
 from finetune.tracking.tracker import tracking_uri, use_experiment
 from finetune.training import train
 
@@ -145,6 +146,8 @@ def label_issues(recipe: Recipe, folds: int, out_dir: Path, overwrite: bool = Fa
             train_file = _fold_file(split.select(rest), recipe, label_names, Path(tmp) / f"fold-{k + 1}.parquet")
             result = train.main(fold_recipe(recipe, k, folds, train_file, label_names), nested=True)
             predictor = Predictor.from_dir(result.best_dir, batch_size=recipe.training.eval_batch_size)
+            if recipe.training.threads:  # the folds' predictions as the folds trained; else the process's budget
+                predictor.threads = ThreadBudget(recipe.training.threads)
             evaluation = evaluate_split(predictor, split.select(held), recipe.data)
             probs[held] = task.label_probabilities(evaluation.outputs, settings)
             fold_metrics.append(evaluation.metrics)

@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from finetune.evaluation.extra_metrics import ExtraMetrics
 from finetune.models.bigbird import attention_for_batch
 from finetune.tasks import IGNORE_INDEX, Reference, Task, TaskSettings
+from finetune.threads import process_budget
 
 
 @torch.no_grad()
@@ -25,7 +26,9 @@ def evaluate(model, loader, accelerator: Accelerator, task: Task, settings: Task
     unwrapped = accelerator.unwrap_model(model)
     collected: dict[str, list[np.ndarray]] = {}
     losses = []
+    budget = process_budget()  # the run's (finetune.training.train sets it)
     for batch in loader:
+        budget.apply()  # an evaluation can outlast the machine's load of when it began
         inputs, targets = task.split_batch(batch)
         with attention_for_batch(unwrapped, inputs["input_ids"]):
             outputs = task.forward(model, inputs, targets)

@@ -37,7 +37,7 @@ from finetune.models.starting import BuiltModel, Start, build_for_run
 from finetune.tasks import Reference, Task, TaskSettings
 from finetune.tasks.distillation import DistilledTask
 from finetune.tasks.metrics import is_improvement
-from finetune.threads import ThreadBudget, requested_threads
+from finetune.threads import ThreadBudget, requested_threads, use_budget
 from finetune.tracking.tracker import NullTracker, Tracker, tracking_uri
 from finetune.training import contrastive, finish, outputs, speed, teacher
 from finetune.training import state as training_state
@@ -284,6 +284,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
     threads = ThreadBudget(cfg.threads or requested_threads(),
                            processes=int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     threads.apply()
+    outer_budget = use_budget(threads)  # the teacher's pass and evaluation follow the run's budget too
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(resolved.path, recipe.model.trust_remote_code)
     data = setup_data(recipe, task, tokenizer, accelerator)
@@ -439,6 +440,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
         status = "FINISHED"
     finally:
         threads.close()
+        use_budget(outer_budget)
         tracker.end(status)
     report.finished(final.summary)
     return RunResult(state.best_metrics, final.test_metrics, Path(recipe.output_dir) / "best", state.run_id,

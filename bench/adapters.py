@@ -1,0 +1,166 @@
+"""Mixed-adapter batching: three LoRA adapters of one base served together against one plain model served alone.
+
+The three adapters are trained here (`finetune run` on the SST-2 sample shipped in data/sst2, three seeds, LoRA r=8
+on the offline MiniLM), so the benchmark needs nothing outside the repository. Then, one server at a time (never
+together, so they do not fight for the cores), each facing C closed-loop clients, one SST-2 dev sentence per request:
+
+  plain        the first adapter merged into its base (`finetune export`, served with --backend torch): the same
+               network without LoRA, what one ordinary fine-tuned model costs to serve
+  one-adapter  `finetune serve --model a=A`: one adapter model alone
+  mixed        `finetune serve --model a=A --model b=B --model c=C`: the clients spread over the three adapters
+               (16 clients: 6, 5, 5), which share one batcher and one forward pass per batch
+
+Figures: requests/s, p50 and p99 (mixed: the worst adapter's p99) of each; mixed / plain throughput (the target is at
+least 0.8); and the server's resident memory after start-up with one adapter and with three, so the memory each
+extra adapter costs.
+
+    python bench/adapters.py              # MiniLM adapters, 16 clients, 20 s after a 2 s warm-up
+    python bench/adapters.py --quick      # smoke run: a tiny random model, 6 clients, 2 s (the tests run this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from machine_info import describe_machine
+from serve import OURS, Api, Server, free_port, load_sentences, onnx_folder, run_load
+from soak import _rss_mb
+from transfer import Runner, tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+ADAPTERS = ("a", "b", "c")
+SHARING = "share one base pass"  # what `finetune serve` logs at start-up for adapters that share passes
+
+
+def adapter_recipe(workdir: Path, checkpoint: str, train_samples: int) -> Path:
+    """SST-2 sentiment with a LoRA adapter, on the shipped sample."""
+    recipe = {
+        "name": "bench-adapter",
+        "model": {"checkpoint": checkpoint, "max_length": 64, "adapter": {"r": 8}},
+        "data": {"files": {"train": str(ROOT / "data/sst2/train.tsv"), "validation": str(ROOT / "data/sst2/dev.tsv")},
+                 "quoting": "none", "text_column": "sentence", "label_column": "label",
+                 "label_names": ["negative", "positive"], "max_train_samples": train_samples, "max_eval_samples": 128},
+        "task": {"type": "classification"},
+        "training": {"num_epochs": 1, "batch_size": 32, "learning_rate": 1e-3, "logging_steps": 10},
+    }
+    path = workdir / "adapter.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def spread(clients: int, names: tuple[str, ...]) -> dict[str, int]:
+    """Clients per adapter, as even as it goes (16 over three: 6, 5, 5)."""
+    return {name: clients // len(names) + (i < clients % len(names)) for i, name in enumerate(names)}
+
+
+async def mixed_load(url: str, sentences: list[str], clients: dict[str, int], duration: float, warmup: float) -> dict:
+    """`run_load` against every adapter's route at once, each with its share of the clients; the total rate, and the
+    worst adapter's p50 and p99 (the figures of one adapter's clients are not mixed with another's)."""
+    apis = {n: Api(f"/v1/models/{n}/predict", OURS.ready_path, OURS.body, OURS.labels) for n in clients}
+    parts = await asyncio.gather(*(run_load(url, sentences, c, duration, warmup, apis[n]) for n, c in clients.items()
+                                   if c))
+    per = dict(zip([n for n, c in clients.items() if c], parts))
+    return {"concurrency": sum(clients.values()), "requests": sum(p["requests"] for p in parts),
+            "rps": sum(p["rps"] for p in parts), "p50_ms": max(p["p50_ms"] for p in parts),
+            "p99_ms": max(p["p99_ms"] for p in parts), "errors": sum(p["errors"] for p in parts),
+            "first_errors": [e for p in parts for e in p["first_errors"]][:3], "per_adapter": per}
+
+
+def server_log(server: Server) -> str:
+    server.log.seek(0)
+    return server.log.read()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=MINILM, help=f"the adapters' base (default {MINILM})")
+    parser.add_argument("--train-samples", type=int, default=2000, help="SST-2 sentences each adapter trains on")
+    parser.add_argument("--clients", type=int, default=16, help="closed-loop clients of every server (default 16)")
+    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per server")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
+    parser.add_argument("--server-args", default="", help='extra arguments for finetune serve, e.g. "--max-wait-ms 10"')
+    parser.add_argument("--quick", action="store_true", help="smoke run: a tiny random base, 6 clients, 2 s")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.clients, args.duration, args.warmup, args.train_samples = 6, 2.0, 0.5, 64
+    sentences = load_sentences()
+    finetune = str(Path(sys.executable).parent / "finetune")
+    extra = shlex.split(args.server_args)
+    results: dict[str, dict] = {}
+    memory: dict[str, float] = {}
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="bench-adapters-") as tmp:
+        workdir = Path(tmp)
+        checkpoint = str(tiny_checkpoint(workdir / "tiny")) if args.quick else args.checkpoint
+        runner = Runner(workdir, in_process=args.quick, base_overrides=[])
+        recipe = adapter_recipe(workdir, checkpoint, args.train_samples)
+        trained = {n: runner.run(recipe, [f"training.seed={seed}"]) for seed, n in enumerate(ADAPTERS, 1)}
+        folders = {n: r["best_dir"] for n, r in trained.items()}
+        plain = onnx_folder(folders["a"], False, workdir)  # the export: the adapter merged into its base
+        servers = {
+            "plain": (["--model", plain, "--backend", "torch"], {"": args.clients}),
+            "one-adapter": (["--model", f"a={folders['a']}"], {"a": args.clients}),
+            "mixed": ([arg for n in ADAPTERS for arg in ("--model", f"{n}={folders[n]}")], spread(args.clients, ADAPTERS)),
+        }
+        for name, (models, clients) in servers.items():
+            port = free_port()
+            server = Server([finetune, "serve", *models, "--port", str(port), *extra], port, None)
+            try:
+                server.start()
+                memory[name] = _rss_mb(server.proc.pid)  # after loading and the warm-up batch of every model
+                if name == "mixed" and SHARING not in server_log(server):
+                    print(f"error: the three adapters do not share passes:\n{server_log(server)[-2000:]}",
+                          file=sys.stderr)
+                    return 1
+                if "" in clients:
+                    results[name] = asyncio.run(run_load(server.url, sentences, args.clients, args.duration,
+                                                         args.warmup))
+                else:
+                    results[name] = asyncio.run(mixed_load(server.url, sentences, clients, args.duration, args.warmup))
+            finally:
+                server.stop()
+        accuracy = {n: r["metrics"].get("best/accuracy") for n, r in trained.items()}
+
+    info = describe_machine(("torch", "transformers", "peft", "fastapi", "uvicorn"))
+    print(f"machine: {info['cpu']}, {info['cores']} cores{', GPU ' + info['gpu'] if info['gpu'] else ''}; torch "
+          f"{info['torch']}, transformers {info['transformers']}, peft {info['peft']}, python {info['python']}")
+    print(f"command: python {shlex.join(['bench/adapters.py', *(argv if argv is not None else sys.argv[1:])])}")
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}; {time.time() - started:.0f} s in all")
+    print(f"adapters: LoRA r=8 on {'a tiny random BERT (--quick)' if args.quick else args.checkpoint}, "
+          f"{args.train_samples} SST-2 sentences each, seeds 1-3; dev accuracy "
+          + ", ".join(f"{n} {a:.4f}" if a is not None else f"{n} n/a" for n, a in accuracy.items()))
+    print(f"load: {args.clients} closed-loop clients per server, {args.duration:g} s after {args.warmup:g} s of "
+          f"warm-up; mixed: {', '.join(f'{c} on {n}' for n, c in spread(args.clients, ADAPTERS).items())}\n")
+    print("| server | clients | req/s | p50 ms | p99 ms | errors | RSS after start-up MB |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['concurrency']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} "
+              f"| {memory[name]:.0f} |")
+    ratio = results["mixed"]["rps"] / max(results["plain"]["rps"], 1e-9)
+    per_extra = (memory["mixed"] - memory["one-adapter"]) / (len(ADAPTERS) - 1)
+    print(f"\nmixed / plain throughput: {ratio:.2f}x (target >= 0.8); p99 {results['mixed']['p99_ms'] / max(results['plain']['p99_ms'], 1e-9):.2f}x")
+    print(f"memory per extra adapter: {per_extra:.1f} MB resident ({memory['one-adapter']:.0f} MB with one adapter, "
+          f"{memory['mixed']:.0f} MB with {len(ADAPTERS)})")
+    failures = [n for n, r in results.items() if r["errors"]]
+    for name in failures:
+        print(f"errors from {name}, e.g. {results[name]['first_errors']}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "results": results,
+                                               "rss_mb": memory, "per_extra_adapter_mb": per_extra,
+                                               "mixed_over_plain": ratio, "accuracy": accuracy}, indent=2,
+                                              default=str))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

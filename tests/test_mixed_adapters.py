@@ -1,0 +1,204 @@
+"""Mixed-adapter batching (issue 35): LoRA adapter models on one base answer in shared forward passes, each input
+with its own model's adapter, and get exactly what each model answers alone."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from finetune.models.predictor import Predictor
+
+TEXTS = ["a gripping, beautiful film", "dull", "thanks, I love it so much more than the other one", "no",
+         "far too long, and the jokes fall flat every time"]
+
+
+def adapter_folder(checkpoint: Path, target: Path, seed: int, labels: list[str]) -> Path:
+    """A saved LoRA adapter model on `checkpoint` with a seeded head and LoRA weights that really change the
+    encoder's outputs (peft starts lora_B at zero, which would leave every adapter's encoder the base's)."""
+    from finetune.config.recipe import AdapterSection, ModelSection
+    from finetune.models.adapters import add_adapter, adapter_settings, base_reference, weights_digest
+    from finetune.models.modeling import ModelInfo, build_model, save_model_dir
+    from finetune.models.pretrained import resolve_checkpoint
+    from finetune.tasks import get_task
+
+    torch.manual_seed(seed)
+    model, tokenizer = build_model(resolve_checkpoint(str(checkpoint)), ModelSection(checkpoint=str(checkpoint)),
+                                   get_task("classification"), labels)
+    digest = weights_digest(model)
+    cfg = AdapterSection(r=4)
+    model = add_adapter(model, cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    info = ModelInfo(task="classification", label_names=labels, text_pair=False, max_length=64,
+                     adapter=adapter_settings(model, cfg, base_reference(str(checkpoint), None, checkpoint, "local",
+                                                                         digest)))
+    return save_model_dir(target, model, tokenizer, info, "name: mixed\n")
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_checkpoints, tmp_path_factory):
+    """Per family: three two-label adapters on one tiny base (a, b, c) and a three-label one (d)."""
+    root = tmp_path_factory.mktemp("mixed")
+    made = {}
+    for family in ("bert", "roberta", "distilbert", "deberta-v2"):
+        base = tiny_checkpoints[family]
+        made[family] = {name: adapter_folder(base, root / family / name, seed, labels) for name, seed, labels in (
+            ("a", 1, ["negative", "positive"]), ("b", 2, ["bad", "good"]), ("c", 3, ["no", "yes"]),
+            ("d", 4, ["low", "mid", "high"]))}
+    return made
+
+
+def alone(folder: Path, texts=TEXTS) -> np.ndarray:
+    return Predictor.from_dir(folder).logits(texts, None)
+
+
+def load(folders: dict[str, Path], names: str):
+    from serving.loading import load_models, parse_model_specs
+
+    return load_models(parse_model_specs([f"{n}={folders[n]}" for n in names]))
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_a_mixed_batch_gives_each_adapter_its_own_outputs(folders, family):
+    """BERT's pooler and RoBERTa's classification head are heads peft will not mix rows in; DistilBERT's are plain
+    Linear layers. Rows alternate between the three adapters within one batch."""
+    want = {n: alone(folders[family][n]) for n in "abc"}
+    first, named = load(folders[family], "abc")
+    shared = named["a"].shared
+    assert shared is not None and named["b"].shared is shared and named["c"].shared is shared
+    assert shared.names == ["a", "b", "c"] and first is named["a"]
+    features = named["a"].predictor.encode(TEXTS, None)[0]
+    rows = [(f, n, i) for i, f in enumerate(features) for n in "abc"]  # a, b, c, a, b, c, ...
+    assert len(rows) <= named["a"].predictor.batch_size  # one forward pass
+    got = shared.outputs([f for f, _, _ in rows], [n for _, n, _ in rows])
+    for out, (_, name, i) in zip(got, rows):
+        np.testing.assert_allclose(out, want[name][i], atol=1e-5, err_msg=f"{name} row {i}")
+    # The adapters really differ (else this test could not fail), beyond what float noise could explain.
+    assert min(np.abs(want["a"] - want["b"]).max(), np.abs(want["b"] - want["c"]).max()) > 1e-3
+    # Each model alone still answers as before: the first holds the others' adapters, inactive.
+    for name in "abc":
+        np.testing.assert_allclose(named[name].predictor.logits(TEXTS, None), want[name], atol=1e-6)
+
+
+def test_the_shared_model_holds_each_adapter_once_and_the_base_once(folders):
+    _, named = load(folders["bert"], "ab")
+    shared = named["a"].shared
+    mine = dict(shared.model.named_parameters(remove_duplicate=False))
+    theirs = dict(named["b"].predictor.model.named_parameters())
+    lora = next(k for k in theirs if k.endswith("layer.0.attention.self.query.lora_B.default.weight"))
+    head = next(k for k in theirs if k.endswith("classifier.modules_to_save.default.weight"))
+    for key in (lora, head):
+        assert mine[key.replace(".default.", ".shared1.")] is theirs[key]  # the tensors b loaded, not copies
+    base = next(k for k in theirs if k.endswith("layer.0.attention.self.query.base_layer.weight"))
+    assert mine[base] is theirs[base]
+    per_adapter = sum(p.numel() * p.element_size() for k, p in theirs.items() if ".default." in k)
+    assert shared.adapter_bytes() == per_adapter
+
+
+def test_different_label_counts_run_apart_and_answer_alone(folders):
+    want = {n: alone(folders["bert"][n]) for n in "abd"}
+    _, named = load(folders["bert"], "abd")
+    assert named["a"].shared is named["b"].shared is not None
+    assert named["d"].shared is None and "d" not in named["a"].shared.names
+    for name in "abd":
+        np.testing.assert_allclose(named[name].predictor.logits(TEXTS, None), want[name], atol=1e-6)
+
+
+def test_a_family_whose_mixed_batch_is_not_row_by_row_runs_apart(folders, caplog):
+    """DeBERTa-v2 runs its relative positions through the adapted query and key projections once for the whole
+    batch: no row can have its own adapter there. The check at load time finds it, and each model runs alone."""
+    want = {n: alone(folders["deberta-v2"][n]) for n in "ab"}
+    with caplog.at_level(logging.WARNING, logger="serving.loading"):
+        _, named = load(folders["deberta-v2"], "ab")
+    assert named["a"].shared is None and named["b"].shared is None
+    assert "models a, b answer in forward passes of their own" in caplog.text
+    assert set(named["a"].predictor.model.peft_config) == {"default"}  # the failed attempt was undone
+    for name in "ab":
+        np.testing.assert_allclose(named[name].predictor.logits(TEXTS, None), want[name], atol=1e-6)
+
+
+def test_the_server_answers_concurrent_requests_for_two_adapters_in_one_pass(folders, caplog, monkeypatch):
+    """Requests for a and b sent at once (the batcher waits 300 ms for company) run in one forward pass, each
+    answered as its model alone answers; c (another label count) keeps its own batcher."""
+    from starlette.testclient import TestClient
+
+    from finetune.models.adapters import SharedAdapters
+    from serving.app import Settings, create_app
+
+    bert = {**folders["bert"], "c": folders["bert"]["d"]}  # c: three labels
+    want = {n: Predictor.from_dir(bert[n]).predict(TEXTS) for n in "abc"}
+    first, named = load(bert, "abc")
+    passes: list[list[str]] = []
+    original = SharedAdapters.outputs
+
+    def counted(self, features, names):
+        passes.append(list(names))
+        return original(self, features, names)
+
+    monkeypatch.setattr(SharedAdapters, "outputs", counted)
+    app = create_app(first, Settings(max_wait_ms=300), named)
+    with caplog.at_level(logging.INFO, logger="serving.app"), TestClient(app, base_url="http://127.0.0.1") as client:
+        assert "models a, b share one base pass (LoRA adapters of " in caplog.text
+        passes.clear()  # the warm-up's
+        got: dict[str, list] = {}
+        barrier = threading.Barrier(3)
+
+        def ask(name: str) -> None:
+            barrier.wait()
+            response = client.post(f"/v1/models/{name}/predict", json={"inputs": TEXTS})
+            assert response.status_code == 200, response.text
+            got[name] = response.json()["predictions"]
+
+        workers = [threading.Thread(target=ask, args=(n,)) for n in "abc"]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=60)
+        default = client.post("/v1/predict", json={"inputs": TEXTS[:2]}).json()["predictions"]
+        metrics = client.get("/metrics").text
+    assert set(got) == {"a", "b", "c"}
+    for name in "abc":
+        assert [g["label"] for g in got[name]] == [w["label"] for w in want[name]]
+        for g, w in zip(got[name], want[name]):
+            assert list(g["scores"].values()) == pytest.approx(list(w["scores"].values()), abs=1e-5)
+    assert [d["label"] for d in default] == [w["label"] for w in want["a"][:2]]  # /v1/predict: a, through the group
+    assert any(set(p) == {"a", "b"} and len(p) == 2 * len(TEXTS) for p in passes), passes  # one pass held both
+    assert all("c" not in p for p in passes)
+    sizes = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+             if line.startswith("finetune_batch_size_") and " " in line}
+    assert sizes["finetune_batch_size_bucket{le=\"8.0\"}"] < sizes["finetune_batch_size_count"]  # a batch over 8
+
+
+def test_a_tagged_batcher_hands_each_input_its_tag_also_one_by_one():
+    from serving.batcher import Batcher
+
+    seen: list[list[str]] = []
+
+    def run(features, tags):
+        seen.append(list(tags))
+        if len(features) > 1 and "boom" in [f["text"] for f in features]:
+            raise RuntimeError("a bad input in the batch")
+        return [f"{t}:{f['text']}" for f, t in zip(features, tags)]
+
+    async def go():
+        batcher = Batcher(run, max_wait=0.05, tagged=True)
+        batcher.start()
+        a, b = batcher.for_tag("a"), batcher.for_tag("b")
+        futures = a.submit([{"input_ids": [1], "text": "x"}]) + b.submit([{"input_ids": [1], "text": "y"}])
+        first = await asyncio.gather(*futures)
+        futures = a.submit([{"input_ids": [1], "text": "boom"}]) + b.submit([{"input_ids": [1], "text": "z"}])
+        second = await asyncio.gather(*futures)
+        await batcher.stop()
+        return first, second
+
+    first, second = asyncio.run(go())
+    assert first == ["a:x", "b:y"] and second == ["a:boom", "b:z"]
+    assert seen == [["a", "b"], ["a", "b"], ["a"], ["b"]]
