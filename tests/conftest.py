@@ -398,7 +398,8 @@ def run_bench(script: str, argv: list[str], monkeypatch, capsys) -> tuple[int, s
 LONG_MODULES_FIRST = ("test_transfer.py", "test_parity.py", "test_deploy.py", "test_bench_train.py",
                       "test_bench_pretrain_distill.py", "test_faults.py", "test_bench_memory.py",
                       "test_docs.py", "test_gpu_check.py", "test_contrastive.py", "test_family_features.py",
-                      "test_bench_serve.py")
+                      "test_bench_serve.py", "test_bench_adapters.py", "test_bench_serve_ceiling.py",
+                      "test_mixed_adapters.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

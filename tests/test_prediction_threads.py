@@ -140,7 +140,7 @@ def test_file_scoring_gives_a_core_to_a_real_busy_neighbour_and_takes_it_back(mo
     if budget.threads < 2:
         pytest.skip("other processes already keep a core busy here: no quiet core to take away")
     source = tmp_path / "in.csv"
-    source.write_text("sentence\n" + "\n".join(f"review number {i}, fine" for i in range(64)) + "\n", encoding="utf-8")
+    source.write_text("sentence\n" + "\n".join(f"review number {i} was fine" for i in range(64)) + "\n", encoding="utf-8")
 
     def score(name: str) -> list[int]:
         threads_per_batch.clear()
