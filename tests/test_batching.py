@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -302,3 +303,34 @@ def test_the_bf16_measurement_is_kept_per_cpu(tmp_path, monkeypatch):
         assert (tmp_path / preflight.BF16_SPEEDUP_FILE).is_file()
     finally:
         preflight.cpu_bf16_speedup.cache_clear()
+
+
+def test_prediction_batches_cut_where_the_padding_saved_pays_for_another_pass():
+    from finetune.data.batching import least_padding_batches
+    from finetune.models.bigbird import plan_batches
+
+    def cost(batches, lengths, overhead=96, multiple=1):
+        return sum(overhead + len(b) * -(-max(lengths[i] for i in b) // multiple) * multiple for b in batches)
+
+    # One request of short and long inputs: two passes, not one padded to 60 for all.
+    mixed = [60, 5, 60, 5, 5, 60, 5, 5]
+    assert least_padding_batches(mixed, 16) == [[1, 3, 4, 6, 7], [0, 2, 5]]
+    # Inputs of one length: full batches (the cut only adds passes), whatever the overhead.
+    assert sorted(len(b) for b in least_padding_batches([12] * 40, 16)) == [8, 16, 16]
+    assert len(least_padding_batches([12] * 40, 16, overhead=0)) == 3
+    # Never past batch_size, every input once, shortest first, and no cheaper cut exists than the one chosen
+    # (checked against every cut of a small case).
+    rng = random.Random(3)
+    for _ in range(20):
+        lengths = [rng.randint(1, 80) for _ in range(9)]
+        batches = least_padding_batches(lengths, 4, multiple=8)
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(9)) and all(len(b) <= 4 for b in batches)
+        assert [lengths[i] for i in flat] == sorted(lengths)
+        order = sorted(range(9), key=lambda i: lengths[i])
+        cheapest = min(cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, 9))], lengths, multiple=8)
+                       for k in range(0, 9) for cuts in itertools.combinations(range(1, 9), k)
+                       if all(b - a <= 4 for a, b in zip((0, *cuts), (*cuts, 9))))
+        assert cost(batches, lengths, multiple=8) == cheapest
+    assert least_padding_batches([], 16) == []
+    assert plan_batches(mixed, 16) == least_padding_batches(mixed, 16)  # what Predictor.outputs runs

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
@@ -94,3 +95,35 @@ def train_loader(dataset, cfg, collator, generator: torch.Generator, num_process
 def eval_loader(dataset, collator, batch_size: int) -> DataLoader:
     """Evaluation batches in data order (post-processing maps outputs back to rows by position)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+
+
+# What one forward pass costs beyond its tokens, counted in tokens: measured on the offline MiniLM on 2 CPU cores
+# (batches of 16 SST-2 sentences cut by this rule ran 1.17x faster than each batch padded to its longest with a
+# figure of 64 to 128; 16 cut so finely that the small passes lost it again). bench/serve.py measures it served.
+PASS_OVERHEAD_TOKENS = 96
+
+
+def least_padding_batches(lengths: Sequence[int], batch_size: int, multiple: int = 1,
+                          overhead: int = PASS_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Indices of inputs cut into batches of at most `batch_size`, shortest first, where cutting pays: each batch
+    costs `overhead` tokens plus its size times its longest input (rounded up to `multiple`, as the collator pads),
+    and the cuts minimise the total. A request's inputs of 5 and 60 tokens then run in two passes instead of one
+    padded to 60 for all; inputs of one length still run in full batches.
+
+    Written here because it is a dozen lines of dynamic programming (over sorted lengths, each batch a run of them),
+    and no batching library chooses cuts for an in-process model's padding."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    padded = np.array([-(-max(lengths[i], 1) // multiple) * multiple for i in order], dtype=np.int64)
+    best = np.zeros(len(order) + 1, dtype=np.int64)  # best[i]: least cost of the i shortest inputs
+    cut = np.zeros(len(order) + 1, dtype=np.int64)  # where the last batch of those i starts
+    for end in range(1, len(order) + 1):
+        starts = np.arange(max(0, end - batch_size), end)
+        costs = best[starts] + overhead + (end - starts) * padded[end - 1]
+        pick = int(np.argmin(costs))  # the first of equal costs: the largest batch
+        best[end], cut[end] = costs[pick], starts[pick]
+    batches: list[list[int]] = []
+    end = len(order)
+    while end:
+        batches.append(order[cut[end]:end])
+        end = int(cut[end])
+    return batches[::-1]

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 import torch
 
+from finetune.data.batching import least_padding_batches
 from finetune.families.big_bird import default_sparse_min_length, is_block_sparse, min_sparse_length
 from finetune.families.big_bird import is_bigbird as _is_bigbird_config
 
@@ -85,17 +86,18 @@ def attention_for_config(config, length: int) -> str:
                                 sparse_min_length(config))
 
 
-def plan_batches(lengths: list[int], batch_size: int, config=None) -> list[list[int]]:
+def plan_batches(lengths: list[int], batch_size: int, config=None, multiple: int = 1) -> list[list[int]]:
     """Indices of inputs, grouped into batches so no input's result depends on the others in its batch.
 
     Inputs go shortest first. For a block-sparse BigBird config, an input whose own padded length takes
     block-sparse attention shares a batch only with inputs of the same padded length, and inputs that take
     full attention never share one with them: otherwise a batch mate could change its attention type or
-    the block layout it is computed with. Other models are simply cut into batches of `batch_size`.
+    the block layout it is computed with. Other models are cut into batches of at most `batch_size` where
+    the padding saved pays for another pass (`least_padding_batches`; `multiple`: what the collator pads to).
     """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     if config is None or not is_block_sparse(config):
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        return least_padding_batches(lengths, batch_size, multiple)
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     block = config.block_size
 
     def key(i: int) -> int | str:

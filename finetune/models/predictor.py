@@ -88,7 +88,8 @@ class Predictor:
         """
         out: list[Any] = [None] * len(features)
         budget = self.budget()
-        for idx in plan_batches([_length(f) for f in features], self.batch_size, self.model.config):
+        for idx in plan_batches([_length(f) for f in features], self.batch_size, self.model.config,
+                                self.info.pad_to_multiple_of):
             self.use_threads(budget)  # before each batch: the budget follows the machine's load
             batch = self.collator([features[i] for i in idx])
             with attention_for_batch(self.model, batch["input_ids"]):
