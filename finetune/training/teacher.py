@@ -134,7 +134,8 @@ def teacher_outputs(teacher: Predictor, texts: list[str], pairs: list[str] | Non
         features = encoded.features
         rows: list[Any] = [None] * len(features)
         states: list[Any] = [None] * len(features)
-        for idx in plan_batches([len(f["input_ids"]) for f in features], batch_size, model.config):
+        for idx in plan_batches([len(f["input_ids"]) for f in features], batch_size, model.config,
+                                teacher.info.pad_to_multiple_of):
             batch = teacher.collator([features[i] for i in idx])
             with attention_for_batch(model, batch["input_ids"]), inference_autocast(precision):
                 out = model(**batch, output_hidden_states=hidden)
