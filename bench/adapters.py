@@ -9,12 +9,15 @@ together, so they do not fight for the cores), each facing C closed-loop clients
   one-adapter  `finetune serve --model a=A`: one adapter model alone
   mixed        `finetune serve --model a=A --model b=B --model c=C`: the clients spread over the three adapters
                (16 clients: 6, 5, 5), which share one batcher and one forward pass per batch
+  mixed-peft   the same, each adapted layer run peft's way, adapter by adapter (FINETUNE_MIXED_LORA=peft): what
+               the stacked update (`finetune.models.adapter_rows`) is measured against
 
 Figures: requests/s, p50 and p99 (mixed: the worst adapter's p99) of each; mixed / plain throughput (the target is at
-least 0.8); and the server's resident memory after start-up with one adapter and with three, so the memory each
+least 0.8); mixed / mixed-peft; and the server's resident memory after start-up with one adapter and with three, so the memory each
 extra adapter costs.
 
     python bench/adapters.py              # MiniLM adapters, 16 clients, 20 s after a 2 s warm-up
+    python bench/adapters.py --rounds 3   # the four servers three times in turn (medians and every round's ratios)
     python bench/adapters.py --quick      # smoke run: a tiny random model, 6 clients, 2 s (the tests run this)
 """
 
@@ -30,6 +33,7 @@ import time
 from pathlib import Path
 
 import yaml
+from finetune.models.adapter_rows import WAY_VARIABLE
 from machine_info import describe_machine
 from serve import OURS, Api, Server, free_port, load_sentences, onnx_folder, run_load
 from soak import _rss_mb
@@ -75,6 +79,11 @@ async def mixed_load(url: str, sentences: list[str], clients: dict[str, int], du
             "first_errors": [e for p in parts for e in p["first_errors"]][:3], "per_adapter": per}
 
 
+def median_round(rounds: list[dict]) -> dict:
+    """A server's median round by throughput, with that round's own p50 and p99 (of an even count, the upper)."""
+    return sorted(rounds, key=lambda r: r["rps"])[len(rounds) // 2]
+
+
 def server_log(server: Server) -> str:
     server.log.seek(0)
     return server.log.read()
@@ -87,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16, help="closed-loop clients of every server (default 16)")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per server")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="times each server is started and loaded, in turn (this machine's runs vary by 30%%): "
+                             "the table shows each server's median round, the ratios every round's")
     parser.add_argument("--server-args", default="", help='extra arguments for finetune serve, e.g. "--max-wait-ms 10"')
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny random base, 6 clients, 2 s")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -96,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     sentences = load_sentences()
     finetune = str(Path(sys.executable).parent / "finetune")
     extra = shlex.split(args.server_args)
-    results: dict[str, dict] = {}
+    rounds: dict[str, list[dict]] = {}
     memory: dict[str, float] = {}
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-adapters-") as tmp:
@@ -112,23 +124,27 @@ def main(argv: list[str] | None = None) -> int:
             "one-adapter": (["--model", f"a={folders['a']}"], {"a": args.clients}),
             "mixed": ([arg for n in ADAPTERS for arg in ("--model", f"{n}={folders[n]}")], spread(args.clients, ADAPTERS)),
         }
-        for name, (models, clients) in servers.items():
-            port = free_port()
-            server = Server([finetune, "serve", *models, "--port", str(port), *extra], port, None)
-            try:
-                server.start()
-                memory[name] = _rss_mb(server.proc.pid)  # after loading and the warm-up batch of every model
-                if name == "mixed" and SHARING not in server_log(server):
-                    print(f"error: the three adapters do not share passes:\n{server_log(server)[-2000:]}",
-                          file=sys.stderr)
-                    return 1
-                if "" in clients:
-                    results[name] = asyncio.run(run_load(server.url, sentences, args.clients, args.duration,
-                                                         args.warmup))
-                else:
-                    results[name] = asyncio.run(mixed_load(server.url, sentences, clients, args.duration, args.warmup))
-            finally:
-                server.stop()
+        servers["mixed-peft"] = servers["mixed"]
+        for _ in range(args.rounds):
+            for name, (models, clients) in servers.items():
+                port = free_port()
+                env = {WAY_VARIABLE: "peft"} if name == "mixed-peft" else {WAY_VARIABLE: "stacked"}
+                server = Server([finetune, "serve", *models, "--port", str(port), *extra], port, None, env=env)
+                try:
+                    server.start()
+                    memory[name] = _rss_mb(server.proc.pid)  # after loading and the warm-up batch of every model
+                    if name.startswith("mixed") and SHARING not in server_log(server):
+                        print(f"error: the three adapters do not share passes:\n{server_log(server)[-2000:]}",
+                              file=sys.stderr)
+                        return 1
+                    if "" in clients:
+                        got = asyncio.run(run_load(server.url, sentences, args.clients, args.duration, args.warmup))
+                    else:
+                        got = asyncio.run(mixed_load(server.url, sentences, clients, args.duration, args.warmup))
+                    rounds.setdefault(name, []).append(got)
+                finally:
+                    server.stop()
+        results = {n: median_round(r) for n, r in rounds.items()}
         accuracy = {n: r["metrics"].get("best/accuracy") for n, r in trained.items()}
 
     info = describe_machine(("torch", "transformers", "peft", "fastapi", "uvicorn"))
@@ -140,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.train_samples} SST-2 sentences each, seeds 1-3; dev accuracy "
           + ", ".join(f"{n} {a:.4f}" if a is not None else f"{n} n/a" for n, a in accuracy.items()))
     print(f"load: {args.clients} closed-loop clients per server, {args.duration:g} s after {args.warmup:g} s of "
-          f"warm-up; mixed: {', '.join(f'{c} on {n}' for n, c in spread(args.clients, ADAPTERS).items())}\n")
+          f"warm-up; mixed: {', '.join(f'{c} on {n}' for n, c in spread(args.clients, ADAPTERS).items())}"
+          + (f"; {args.rounds} rounds, the servers in turn, each server's median round below" if args.rounds > 1 else "")
+          + "\n")
     print("| server | clients | req/s | p50 ms | p99 ms | errors | RSS after start-up MB |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
@@ -148,16 +166,26 @@ def main(argv: list[str] | None = None) -> int:
               f"| {memory[name]:.0f} |")
     ratio = results["mixed"]["rps"] / max(results["plain"]["rps"], 1e-9)
     per_extra = (memory["mixed"] - memory["one-adapter"]) / (len(ADAPTERS) - 1)
-    print(f"\nmixed / plain throughput: {ratio:.2f}x (target >= 0.8); p99 {results['mixed']['p99_ms'] / max(results['plain']['p99_ms'], 1e-9):.2f}x")
+    stacking = results["mixed"]["rps"] / max(results["mixed-peft"]["rps"], 1e-9)
+
+    def each(a: str, b: str) -> str:
+        return ", ".join(f"{x['rps'] / max(y['rps'], 1e-9):.2f}x" for x, y in zip(rounds[a], rounds[b]))
+
+    print(f"\nmixed / plain throughput: {ratio:.2f}x (target >= 0.8); p99 {results['mixed']['p99_ms'] / max(results['plain']['p99_ms'], 1e-9):.2f}x"
+          + (f"; round by round {each('mixed', 'plain')}" if args.rounds > 1 else ""))
+    print(f"mixed / mixed-peft (the stacked update against peft's adapter by adapter): {stacking:.2f}x"
+          + (f"; round by round {each('mixed', 'mixed-peft')}" if args.rounds > 1 else ""))
     print(f"memory per extra adapter: {per_extra:.1f} MB resident ({memory['one-adapter']:.0f} MB with one adapter, "
           f"{memory['mixed']:.0f} MB with {len(ADAPTERS)})")
-    failures = [n for n, r in results.items() if r["errors"]]
+    failures = [n for n, r in rounds.items() if any(x["errors"] for x in r)]
     for name in failures:
-        print(f"errors from {name}, e.g. {results[name]['first_errors']}", file=sys.stderr)
+        print(f"errors from {name}, e.g. {next(x for x in rounds[name] if x['errors'])['first_errors']}",
+              file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "results": results,
+        Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "results": results, "rounds": rounds,
                                                "rss_mb": memory, "per_extra_adapter_mb": per_extra,
-                                               "mixed_over_plain": ratio, "accuracy": accuracy}, indent=2,
+                                               "mixed_over_plain": ratio,
+                                               "mixed_over_mixed_peft": stacking, "accuracy": accuracy}, indent=2,
                                               default=str))
     return 1 if failures else 0
 

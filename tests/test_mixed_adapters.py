@@ -202,3 +202,84 @@ def test_a_tagged_batcher_hands_each_input_its_tag_also_one_by_one():
     first, second = asyncio.run(go())
     assert first == ["a:x", "b:y"] and second == ["a:boom", "b:z"]
     assert seen == [["a", "b"], ["a", "b"], ["a"], ["b"]]
+
+
+def _peft_rows(model, batch, names):
+    """The reference: peft's own row-by-row way (`adapter_names`) on every LoRA layer, heads routed as ours (the
+    switch bench/adapters.py's mixed-peft server runs with)."""
+    from finetune.models import adapter_rows
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(adapter_rows.WAY_VARIABLE, "peft")
+        patch.setattr(adapter_rows, "_stack_of", lambda layer: pytest.fail("a stack was built"))
+        with adapter_rows.rows_of_adapters(model, names):
+            return model(**batch).logits
+
+
+def test_mixed_rows_take_one_stacked_update_per_layer_and_match_peft_row_by_row(folders, monkeypatch):
+    """The three adapters' LoRA updates run as one stacked product per layer: peft's per-adapter path is never
+    entered, and the outputs are peft's row by row (fp32 and bf16 autocast); the stack follows weights written in
+    place."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from finetune.models import adapter_rows
+
+    _, named = load(folders["bert"], "abc")
+    shared, predictor = named["a"].shared, named["a"].predictor
+    model = shared.model
+    names = ["shared2", "default", "shared1", "shared1", "default"]
+    batch = predictor.collator(predictor.encode(TEXTS, None)[0])
+    with torch.inference_mode():
+        want = _peft_rows(model, batch, names)
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("peft's row-by-row path ran")
+
+        monkeypatch.setattr(LoraLinear, "_mixed_batch_forward", refuse)
+        with adapter_rows.rows_of_adapters(model, names):
+            got = model(**batch).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        assert layers and all(adapter_rows._STACKS[m].spans == (("default", 0, 4), ("shared1", 4, 8),
+                                                                ("shared2", 8, 12)) for m in layers)
+        assert all("forward" not in m.__dict__ for m in layers)  # the layers are peft's again afterwards
+        with torch.autocast("cpu", dtype=torch.bfloat16), adapter_rows.rows_of_adapters(model, names):
+            low = model(**batch).logits
+        torch.testing.assert_close(low.float(), want, atol=5e-2, rtol=5e-2)
+
+        # A weight written in place (a reload, a training step) is seen: the stack is built again.
+        with torch.no_grad():
+            layers[0].lora_B["shared1"].weight.mul_(3)
+        monkeypatch.undo()
+        want = _peft_rows(model, batch, names)
+        with adapter_rows.rows_of_adapters(model, names):
+            got = model(**batch).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            layers[0].lora_B["shared1"].weight.div_(3)
+
+
+def test_a_layer_the_stack_cannot_express_takes_peft_row_by_row(folders):
+    """A LoRA layer with a bias on B (peft's lora_bias) is not a plain low-rank update: that layer keeps peft's
+    path, the others are stacked, and the rows still get their own adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    from finetune.models import adapter_rows
+
+    _, named = load(folders["distilbert"], "ab")
+    model, predictor = named["a"].shared.model, named["a"].predictor
+    names = ["shared1", "default", "shared1", "default", "default"]
+    batch = predictor.collator(predictor.encode(TEXTS, None)[0])
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    with torch.no_grad():
+        layer.lora_B["shared1"].bias = torch.nn.Parameter(torch.full((layer.out_features,), 3.0))
+    assert adapter_rows._stack_of(layer) is None
+    with torch.inference_mode():
+        want = _peft_rows(model, batch, names)
+        with adapter_rows.rows_of_adapters(model, names):
+            got = model(**batch).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    a, b = (Predictor.from_dir(folders["distilbert"][n]).logits(TEXTS, None) for n in "ab")
+    np.testing.assert_allclose(got[[1, 3, 4]].numpy(), a[[1, 3, 4]], atol=1e-5)  # a's rows: a's own outputs
+    assert np.abs(got[[0, 2]].numpy() - b[[0, 2]]).max() > 1e-4  # b's rows: moved by the bias on b's B (noise: 1e-7)

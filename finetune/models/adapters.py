@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import hashlib
 import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -384,7 +383,7 @@ class SharedAdapters:
     Their adapters live in ONE PeftModel, the first model's, each under a name of its own (`adapter_of`); the
     weights are the very tensors each model loaded (through `load_adapter_model`'s checks), not copies, so each
     model's own Predictor still answers alone exactly as before. A batch mixing their inputs runs once, each row
-    with its model's adapter (`rows_of_adapters`).
+    with its model's adapter (`finetune.models.adapter_rows.rows_of_adapters`).
     """
 
     def __init__(self, predictors: dict[str, Any]):
@@ -477,58 +476,3 @@ def _share_adapter_weights(shared: torch.nn.Module, adapter: str, own: torch.nn.
     mine, want = get_peft_model_state_dict(shared, adapter_name=adapter), get_peft_model_state_dict(own)
     if mine.keys() != want.keys() or any(mine[k] is not want[k] and not torch.equal(mine[k], want[k]) for k in want):
         raise ValueError("the adapter's weights do not map one to one onto the shared model")
-
-
-@contextlib.contextmanager
-def rows_of_adapters(model: torch.nn.Module, names: Sequence[str]) -> Iterator[None]:
-    """Within: each row of a batch runs through `model` (a PeftModel holding several adapters) with its own adapter,
-    `names[i]`.
-
-    The LoRA layers get peft's `adapter_names` argument, as peft's `model(..., adapter_names=...)` hands it to them.
-    The task heads (`modules_to_save`) are routed here instead: peft 0.21 refuses a mixed batch in a saved module that
-    is not a plain Linear, Embedding or Conv layer (`ModulesToSaveWrapper._mixed_batch_forward`), and BERT's pooler and
-    RoBERTa's and ModernBERT's classification heads are not. A head computes each row on its own, so its output for
-    the rows of another adapter is replaced by that adapter's copy of the head on those rows.
-    """
-    from peft.tuners.lora import LoraLayer
-    from peft.utils.other import ModulesToSaveWrapper
-
-    names = list(names)
-    handles = []
-    try:
-        for module in model.modules():
-            if isinstance(module, LoraLayer):
-                handles.append(module.register_forward_pre_hook(functools.partial(_lora_rows, names=names),
-                                                                with_kwargs=True))
-            elif isinstance(module, ModulesToSaveWrapper):
-                handles.append(module.register_forward_hook(functools.partial(_head_rows, names=names),
-                                                            with_kwargs=True))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _per_row(names: list[str], rows: int) -> list[str]:
-    """The adapter of each of `rows` rows: multiple choice runs the choices of an input as consecutive rows."""
-    if rows == len(names):
-        return names
-    if not names or rows % len(names):
-        raise ValueError(f"{rows} rows for {len(names)} adapter names")
-    return [n for n in names for _ in range(rows // len(names))]
-
-
-def _lora_rows(module: Any, args: tuple, kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
-    x = args[0] if args else kwargs["x"]
-    return args, {**kwargs, "adapter_names": _per_row(names, len(x))}
-
-
-def _head_rows(module: Any, args: tuple, kwargs: dict, output: Any, names: list[str]) -> Any:
-    if not args or not isinstance(output, torch.Tensor):  # every head finetune saves takes and gives one tensor
-        raise ValueError(f"{type(module.original_module).__name__}: a head that cannot be run row by row")
-    rows = _per_row(names, len(args[0]))
-    active = module.active_adapters[0]
-    for adapter in sorted(set(rows) - {active}):
-        idx = [i for i, n in enumerate(rows) if n == adapter]
-        output[idx] = module.modules_to_save[adapter](args[0][idx], *args[1:], **kwargs).to(output.dtype)
-    return output

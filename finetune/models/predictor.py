@@ -16,7 +16,7 @@ import torch
 from finetune.models.bigbird import (
     RULE_ATTRIBUTE, attention_for_batch, is_bigbird, plan_batches, sparse_min_length,
 )
-from finetune.models.adapters import rows_of_adapters
+from finetune.models.adapter_rows import rows_of_adapters
 from finetune.models.integrity import check_model_folder, load_weights
 from finetune.models.modeling import ModelInfo, make_collator
 from finetune.tasks import Encoded, PostprocessOptions, get_task
