@@ -48,7 +48,7 @@ def rows_of_adapters(model: torch.nn.Module, names: Sequence[str]) -> Iterator[N
     names = list(names)
     stacked = os.environ.get(WAY_VARIABLE, "stacked") != "peft"
     handles, swapped = [], []
-    masks: dict[tuple, torch.Tensor] = {}  # one per (column layout, row count), shared by the layers of this batch
+    masks: dict[tuple, torch.Tensor] = {}  # one per (column layout, rows, shape), shared by the layers of this batch
     try:
         for module in model.modules():
             if isinstance(module, LoraLayer):
@@ -129,7 +129,7 @@ def _stacked_forward(layer: Any, stack: _Stack, names: list[str], masks: dict, x
     result = layer.base_layer(x, *args, **kwargs)
     rows = _per_row(names, len(x))
     low = F.linear(x.to(stack.a.dtype), stack.a)  # every adapter's A at once: [rows, ..., sum of ranks]
-    key = (stack.spans, len(rows), low.dtype, low.device)
+    key = (stack.spans, len(rows), x.dim(), low.dtype, low.device)
     mask = masks.get(key)
     if mask is None:
         mask = torch.zeros(len(rows), low.shape[-1])  # filled on the CPU: on a GPU each row would be a launch
