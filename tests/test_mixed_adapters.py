@@ -18,7 +18,8 @@ TEXTS = ["a gripping, beautiful film", "dull", "thanks, I love it so much more t
          "far too long, and the jokes fall flat every time"]
 
 
-def adapter_folder(checkpoint: Path, target: Path, seed: int, labels: list[str]) -> Path:
+def adapter_folder(checkpoint: Path, target: Path, seed: int, labels: list[str] | None,
+                   task: str = "classification") -> Path:
     """A saved LoRA adapter model on `checkpoint` with a seeded head and LoRA weights that really change the
     encoder's outputs (peft starts lora_B at zero, which would leave every adapter's encoder the base's)."""
     from finetune.config.recipe import AdapterSection, ModelSection
@@ -29,7 +30,7 @@ def adapter_folder(checkpoint: Path, target: Path, seed: int, labels: list[str])
 
     torch.manual_seed(seed)
     model, tokenizer = build_model(resolve_checkpoint(str(checkpoint)), ModelSection(checkpoint=str(checkpoint)),
-                                   get_task("classification"), labels)
+                                   get_task(task), labels)
     digest = weights_digest(model)
     cfg = AdapterSection(r=4)
     model = add_adapter(model, cfg)
@@ -37,7 +38,7 @@ def adapter_folder(checkpoint: Path, target: Path, seed: int, labels: list[str])
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
-    info = ModelInfo(task="classification", label_names=labels, text_pair=False, max_length=64,
+    info = ModelInfo(task=task, label_names=labels, text_pair=False, max_length=64,
                      adapter=adapter_settings(model, cfg, base_reference(str(checkpoint), None, checkpoint, "local",
                                                                          digest)))
     return save_model_dir(target, model, tokenizer, info, "name: mixed\n")
@@ -283,3 +284,27 @@ def test_a_layer_the_stack_cannot_express_takes_peft_row_by_row(folders):
     a, b = (Predictor.from_dir(folders["distilbert"][n]).logits(TEXTS, None) for n in "ab")
     np.testing.assert_allclose(got[[1, 3, 4]].numpy(), a[[1, 3, 4]], atol=1e-5)  # a's rows: a's own outputs
     assert np.abs(got[[0, 2]].numpy() - b[[0, 2]]).max() > 1e-4  # b's rows: moved by the bias on b's B (noise: 1e-7)
+
+
+def test_multiple_choice_rows_take_their_inputs_adapter(tiny_checkpoints, tmp_path):
+    """Multiple choice scores each (context, choice) pair as a row of its own: in a mixed batch every choice's row
+    gets its input's adapter in the stacked update, and each model's scores are its own."""
+    from finetune.models.adapters import SharedAdapters, shared_pass_key
+
+    folders = {n: adapter_folder(tiny_checkpoints["bert"], tmp_path / n, seed, None, "multiple_choice")
+               for n, seed in (("a", 1), ("b", 2))}
+    predictors = {n: Predictor.from_dir(f) for n, f in folders.items()}
+    assert shared_pass_key(predictors["a"]) == shared_pass_key(predictors["b"]) is not None
+    inputs = [{"context": "The man lit the fire.", "choices": ["It got warm.", "It started to snow.", "Nothing."]},
+              {"context": "She dropped the glass.", "choices": ["It broke.", "It sang."]},
+              {"context": "Rain fell all day.", "choices": ["The street was wet.", "The sun shone.", "Birds."]}]
+    want = {n: p.outputs(p.encode_inputs(inputs).features) for n, p in predictors.items()}
+    shared = SharedAdapters(predictors)
+    encoded = predictors["a"].encode_inputs(inputs)
+    per_input = ["b", "a", "b"]
+    names = [per_input[i] for i in encoded.owner]  # every choice of an input with the input's model
+    assert len(names) == 8
+    got = shared.outputs(encoded.features, names)
+    for j, (out, name) in enumerate(zip(got, names)):
+        np.testing.assert_allclose(out, want[name][j], atol=1e-5, err_msg=f"{name} pair {j}")
+    assert max(np.abs(want["a"][j] - want["b"][j]).max() for j in range(8)) > 1e-3  # the adapters really differ
