@@ -13,8 +13,8 @@ together, so they do not fight for the cores), each facing C closed-loop clients
                the stacked update (`finetune.models.adapter_rows`) is measured against
 
 Figures: requests/s, p50 and p99 (mixed: the worst adapter's p99) of each; mixed / plain throughput (the target is at
-least 0.8); mixed / mixed-peft; and the server's resident memory after start-up with one adapter and with three, so the memory each
-extra adapter costs.
+least 0.8); mixed / mixed-peft; and the server's resident memory after start-up with one adapter and with three, so
+the memory each extra adapter costs.
 
     python bench/adapters.py              # MiniLM adapters, 16 clients, 20 s after a 2 s warm-up
     python bench/adapters.py --rounds 3   # the four servers three times in turn (medians and every round's ratios)
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import yaml
 from finetune.models.adapter_rows import WAY_VARIABLE
+from distill import ratios_by_round
 from machine_info import describe_machine
 from serve import OURS, Api, Server, free_port, load_sentences, onnx_folder, run_load
 from soak import _rss_mb
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{n} {a:.4f}" if a is not None else f"{n} n/a" for n, a in accuracy.items()))
     print(f"load: {args.clients} closed-loop clients per server, {args.duration:g} s after {args.warmup:g} s of "
           f"warm-up; mixed: {', '.join(f'{c} on {n}' for n, c in spread(args.clients, ADAPTERS).items())}"
-          + (f"; {args.rounds} rounds, the servers in turn, each server's median round below" if args.rounds > 1 else "")
+          + (f"; {args.rounds} rounds, the servers in turn, each server's median round below"
+             if args.rounds > 1 else "")
           + "\n")
     print("| server | clients | req/s | p50 ms | p99 ms | errors | RSS after start-up MB |")
     print("|---|---|---|---|---|---|---|")
@@ -168,13 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     per_extra = (memory["mixed"] - memory["one-adapter"]) / (len(ADAPTERS) - 1)
     stacking = results["mixed"]["rps"] / max(results["mixed-peft"]["rps"], 1e-9)
 
-    def each(a: str, b: str) -> str:
-        return ", ".join(f"{x['rps'] / max(y['rps'], 1e-9):.2f}x" for x, y in zip(rounds[a], rounds[b]))
+    def each(name: str, baseline: str) -> str:
+        if args.rounds == 1:
+            return ""
+        pair = ratios_by_round({baseline: [r["rps"] for r in rounds[baseline]],
+                                name: [r["rps"] for r in rounds[name]]})[name]
+        return "; round by round " + ", ".join(f"{x:.2f}x" for x in pair)
 
-    print(f"\nmixed / plain throughput: {ratio:.2f}x (target >= 0.8); p99 {results['mixed']['p99_ms'] / max(results['plain']['p99_ms'], 1e-9):.2f}x"
-          + (f"; round by round {each('mixed', 'plain')}" if args.rounds > 1 else ""))
+    p99 = results["mixed"]["p99_ms"] / max(results["plain"]["p99_ms"], 1e-9)
+    print(f"\nmixed / plain throughput: {ratio:.2f}x (target >= 0.8); p99 {p99:.2f}x{each('mixed', 'plain')}")
     print(f"mixed / mixed-peft (the stacked update against peft's adapter by adapter): {stacking:.2f}x"
-          + (f"; round by round {each('mixed', 'mixed-peft')}" if args.rounds > 1 else ""))
+          f"{each('mixed', 'mixed-peft')}")
     print(f"memory per extra adapter: {per_extra:.1f} MB resident ({memory['one-adapter']:.0f} MB with one adapter, "
           f"{memory['mixed']:.0f} MB with {len(ADAPTERS)})")
     failures = [n for n, r in rounds.items() if any(x["errors"] for x in r)]
@@ -182,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"errors from {name}, e.g. {next(x for x in rounds[name] if x['errors'])['first_errors']}",
               file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "results": results, "rounds": rounds,
+        Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "results": results,
+                                               "rounds": rounds,
                                                "rss_mb": memory, "per_extra_adapter_mb": per_extra,
                                                "mixed_over_plain": ratio,
                                                "mixed_over_mixed_peft": stacking, "accuracy": accuracy}, indent=2,

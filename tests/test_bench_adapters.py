@@ -1,6 +1,6 @@
 """`bench/adapters.py --quick` runs end to end on a tiny base: three adapters trained, the plain export, one adapter
-and the three together served, the three also the peft way (no figure is asserted: benchmarks are not tests; that the three share passes is, since
-the bench refuses to report otherwise)."""
+and the three together served, the three also peft's way (no figure is asserted: benchmarks are not tests; that the
+three share passes is, since the bench refuses to report otherwise)."""
 
 from __future__ import annotations
 
