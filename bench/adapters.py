@@ -6,7 +6,7 @@ together, so they do not fight for the cores), each facing C closed-loop clients
 
   plain        the first adapter merged into its base (`finetune export`, served with --backend torch): the same
                network without LoRA, what one ordinary fine-tuned model costs to serve
-  one-adapter  `finetune serve --model a=A`: one adapter model alone
+  one-adapter  `finetune serve --model a=A`: one adapter model alone (its base its own, so the server merges it)
   mixed        `finetune serve --model a=A --model b=B --model c=C`: the clients spread over the three adapters
                (16 clients: 6, 5, 5), which share one batcher and one forward pass per batch
   mixed-peft   the same, each adapted layer run peft's way, adapter by adapter (FINETUNE_MIXED_LORA=peft): what

@@ -230,13 +230,16 @@ class Lanes:
     LARGE_REQUEST_CHARS are tokenised together (`EncodeBatcher`: one tokenizer call for all that arrived meanwhile)
     in one thread, larger ones one at a time in another. Each thread has its own tokenizer: a fast tokenizer must
     not be used by two threads at once (the inference thread never calls it; its collator pads in Python). Both go
-    through `Predictor.encode_inputs`, the one tokenisation every path uses."""
+    through `Predictor.encode_inputs`, the one tokenisation every path uses.
+
+    Models whose inputs encode alike (one `Predictor.encoding_key`: adapters of one base sharing forward passes)
+    share one Lanes: their requests are tokenised together, and each gets its own post-processing (`answer` is
+    given the model's predictor; the task definitions' post-processing never calls the tokenizer)."""
 
     def __init__(self, predictor: Any, pending: PendingChars):
-        self.predictor, self.pending = predictor, pending
+        self.pending = pending
         small, self.large_predictor = self._own_tokenizer(predictor), self._own_tokenizer(predictor)
         self.small = EncodeBatcher(small.encode_inputs, on_done=pending.release, thread_name="tokenise")
-        self.small_predictor = small
         self.large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenise-large")
 
     @staticmethod
@@ -259,12 +262,13 @@ class Lanes:
         job.add_done_callback(lambda _: loop.call_soon_threadsafe(self.pending.release, chars))
         return await asyncio.wrap_future(job)  # cancelling it drops the job if it has not started
 
-    async def answer(self, chars: int, inputs: list, encoded: Any, rows: list, options: PostprocessOptions) -> list:
-        """`Predictor.answer` on the event loop for a request up to INLINE_CHARS, else in the request's lane."""
+    async def answer(self, predictor: Any, chars: int, inputs: list, encoded: Any, rows: list,
+                     options: PostprocessOptions) -> list:
+        """The model's `Predictor.answer`, on the event loop for a request up to INLINE_CHARS, else in the request's
+        lane."""
         if chars <= INLINE_CHARS:
-            return self.predictor.answer(inputs, encoded, rows, options)
-        executor, predictor = (self.small.executor, self.small_predictor) if chars <= LARGE_REQUEST_CHARS else \
-            (self.large, self.large_predictor)
+            return predictor.answer(inputs, encoded, rows, options)
+        executor = self.small.executor if chars <= LARGE_REQUEST_CHARS else self.large
         return await asyncio.wrap_future(executor.submit(predictor.answer, inputs, encoded, rows, options))
 
     def close(self) -> None:
@@ -316,8 +320,16 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
     for loaded in [model, *models.values()]:
         loaded.predictor.threads = threads  # one budget for every model's batches (Predictor.outputs applies it)
 
-    def lanes_for(lane_owner: Any) -> Lanes:
-        return Lanes(lane_owner, pending)  # one count of waiting characters for every model
+    def lanes_for(loaded: LoadedModel) -> Lanes:
+        """A model's tokenising lanes: its own, or for adapters sharing forward passes whose inputs encode alike,
+        the one set they share (one count of waiting characters for every model either way)."""
+        key = loaded.predictor.encoding_key() if loaded.shared is not None else None
+        if key is None:
+            return Lanes(loaded.predictor, pending)
+        key = f"{id(loaded.shared)}:{key}"
+        if key not in state["shared_lanes"]:
+            state["shared_lanes"][key] = Lanes(loaded.predictor, pending)
+        return state["shared_lanes"][key]
 
     def new_batcher(run, tagged: bool = False) -> Batcher:
         batcher = Batcher(run, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
@@ -342,10 +354,10 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state["batchers"], state["shared"] = [], {}  # every batcher started; adapters' shared ones by group
+        state["batchers"], state["shared"], state["shared_lanes"] = [], {}, {}  # adapters' shared ones by group
         batcher = batcher_for(model, predictor.outputs)
         state["batcher"] = batcher
-        state["lanes"] = lanes_for(predictor)
+        state["lanes"] = lanes_for(model)
         queue_depth.set_function(lambda: batcher.depth)
         warm = predictor.encode_inputs([predictor.task.example_input(info.text_pair)])
         await asyncio.wait_for(asyncio.gather(*batcher.submit(warm.features)), timeout=600)
@@ -358,7 +370,7 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
                 continue
             loaded.predictor.batch_size = settings.max_batch_size
             unit = {"model": loaded, "batcher": batcher_for(loaded, loaded.predictor.outputs),
-                    "lanes": lanes_for(loaded.predictor)}
+                    "lanes": lanes_for(loaded)}
             state["units"][name] = unit
             example = loaded.predictor.encode_inputs([loaded.predictor.task.example_input(loaded.predictor.info.text_pair)])
             await asyncio.wait_for(asyncio.gather(*unit["batcher"].submit(example.features)), timeout=600)
@@ -367,10 +379,9 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
         state["ready"] = False
         for started in state["batchers"]:
             await started.stop()  # finishes whatever requests are still waiting
-        state["lanes"].close()
-        for unit in state["units"].values():
-            if unit["lanes"] is not state["lanes"]:
-                unit["lanes"].close()
+        every = [state["lanes"], *(unit["lanes"] for unit in state["units"].values())]
+        for lanes in {id(lanes): lanes for lanes in every}.values():  # shared lanes once
+            lanes.close()
         threads.close()
 
     async def answer(body: PredictRequest, inputs: list, chars: int, unit: dict | None = None) -> JSONResponse:
@@ -413,7 +424,7 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
             top_k=body.options.top_k,
         )
         try:
-            answers = await lanes.answer(chars, inputs, encoded, rows, options)
+            answers = await lanes.answer(served.predictor, chars, inputs, encoded, rows, options)
         except HTTPException:
             raise
         except Exception as e:  # e.g. a label list that does not fit the model's outputs

@@ -203,7 +203,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"warning: serving on {args.host} exposes the model beyond this machine"
               + ("" if key else " without an API key"), file=sys.stderr)
     version = f" version {shown(loaded.version)}" if loaded.version else ""
-    print(f"serving {shown(loaded.name)}{version} ({shown(loaded.predictor.info.task)}, {loaded.predictor.runtime}) "
+    merged = ", its adapter merged into the base" if loaded.merged else ""
+    print(f"serving {shown(loaded.name)}{version} ({shown(loaded.predictor.info.task)}, {loaded.predictor.runtime}{merged}) "
           f"from {shown(loaded.source)} at http://{args.host}:{args.port}  (playground: /, docs: /docs)", flush=True)
     for model_name, model in named.items():
         print(f"  {model_name}: {shown(model.predictor.info.task)} from {shown(model.source)} at "

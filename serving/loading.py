@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import ModelSourceError
-from finetune.models.adapters import SharedAdapters, share_base, shared_pass_key
+from finetune.models.adapters import SharedAdapters, merge_for_serving, share_base, shared_pass_key
 from finetune.models.predictor import Predictor
 from finetune.tracking.sources import locate, load_predictor
 
@@ -26,6 +26,8 @@ class LoadedModel:
     source: str
     shared: SharedAdapters | None = None
     """The adapter models whose forward passes this one shares (`share_passes`), None when it runs alone."""
+    merged: bool = False
+    """An adapter model served alone, its adapter folded into its base weights (`merge_for_serving`)."""
 
 
 def load_model(source: str | None = None, name: str | None = None, backend: str = "auto",
@@ -79,7 +81,8 @@ def load_models(specs: list[tuple[str | None, str | None]], name: str | None = N
                 precision: str = "fp32", device: str = "cpu") -> tuple[LoadedModel, dict[str, LoadedModel]]:
     """The default model and every named one (`parse_model_specs`). Adapter models on the same base (the same weights
     digest) share one copy of the base's weights in memory, and those that can also share forward passes do
-    (`share_passes`)."""
+    (`share_passes`); an adapter model whose base nothing else holds runs with its adapter merged in
+    (`merge_for_serving`)."""
     loaded = {spec_name: load_model(source, name, backend, precision, spec_name, device) for spec_name, source in specs}
     groups: dict[str, list[LoadedModel]] = {}
     for model in loaded.values():
@@ -89,6 +92,9 @@ def load_models(specs: list[tuple[str | None, str | None]], name: str | None = N
     for group in groups.values():
         share_base([m.predictor.model for m in group])
     share_passes([m for n, m in loaded.items() if n is not None])
+    for group in groups.values():
+        if len(group) == 1 and group[0].shared is None and merge_for_serving(group[0].predictor):
+            group[0].merged = True  # its base weights are its own: the adapter is folded into them
     first = next(iter(loaded.values()))
     return first, {n: m for n, m in loaded.items() if n is not None}
 

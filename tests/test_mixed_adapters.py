@@ -165,17 +165,86 @@ def test_the_server_answers_concurrent_requests_for_two_adapters_in_one_pass(fol
             w.join(timeout=60)
         default = client.post("/v1/predict", json={"inputs": TEXTS[:2]}).json()["predictions"]
         metrics = client.get("/metrics").text
+        tokenising = sum(t.name.startswith("tokenise_") for t in threading.enumerate())
     assert set(got) == {"a", "b", "c"}
     for name in "abc":
         assert [g["label"] for g in got[name]] == [w["label"] for w in want[name]]
         for g, w in zip(got[name], want[name]):
             assert list(g["scores"].values()) == pytest.approx(list(w["scores"].values()), abs=1e-5)
     assert [d["label"] for d in default] == [w["label"] for w in want["a"][:2]]  # /v1/predict: a, through the group
+    assert tokenising == 2  # a and b (inputs encoded alike) share one tokenising thread; c has its own
     assert any(set(p) == {"a", "b"} and len(p) == 2 * len(TEXTS) for p in passes), passes  # one pass held both
     assert all("c" not in p for p in passes)
     sizes = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
              if line.startswith("finetune_batch_size_") and " " in line}
     assert sizes["finetune_batch_size_bucket{le=\"8.0\"}"] < sizes["finetune_batch_size_count"]  # a batch over 8
+
+
+def test_inputs_encode_alike_for_adapters_of_one_base_whatever_their_calibration(folders):
+    """`Predictor.encoding_key` (which models may share a tokenising thread) ignores what only reads outputs (a
+    temperature, a threshold) and tells apart what changes the encoding (max_length, the tokenizer)."""
+    import copy
+    import dataclasses
+
+    a, b = (Predictor.from_dir(folders["bert"][n]) for n in "ab")
+    assert a.encoding_key() == b.encoding_key() is not None
+    calibrated = copy.copy(b)
+    calibrated.settings = type(b.settings).of({**b.settings.saved(), "temperature": 1.7, "threshold": 0.3})
+    assert calibrated.encoding_key() == a.encoding_key()
+    shorter = copy.copy(b)
+    shorter.info = dataclasses.replace(b.info, max_length=32)
+    assert shorter.encoding_key() != a.encoding_key()
+    other = Predictor.from_dir(folders["roberta"]["a"])
+    assert other.encoding_key() != a.encoding_key()
+
+
+def test_an_adapter_model_served_alone_runs_merged(folders):
+    """Served alone, an adapter model's adapter is folded into its base weights (it runs as a plain model: no LoRA
+    products), with its own answers; two adapter models holding one base between them stay unmerged."""
+    from peft.tuners.lora import LoraLayer
+
+    from serving.loading import load_models
+
+    want = {n: alone(folders["bert"][n]) for n in "ad"}
+    first, _ = load_models([(None, str(folders["bert"]["a"]))])
+    layers = [m for m in first.predictor.model.modules() if isinstance(m, LoraLayer)]
+    assert first.merged and layers and all(m.merged for m in layers)
+    np.testing.assert_allclose(first.predictor.logits(TEXTS, None), want["a"], atol=1e-5)
+    _, named = load(folders["bert"], "ad")  # other label counts: no shared passes, but one base between them
+    for name in "ad":
+        assert not named[name].merged and named[name].shared is None
+        assert not any(m.merged for m in named[name].predictor.model.modules() if isinstance(m, LoraLayer))
+        np.testing.assert_allclose(named[name].predictor.logits(TEXTS, None), want[name], atol=1e-6)
+
+
+def test_a_merge_that_changes_the_outputs_is_undone(folders, monkeypatch, caplog):
+    """A merge whose model no longer answers its example input as before is taken back (peft's unmerge), and the
+    model answers unmerged, as before. Here the merged model is made to answer otherwise by a hook on its head that
+    the unmerge removes."""
+    from peft.tuners.lora import LoraLayer, LoraModel
+
+    from serving.loading import load_models
+
+    want = alone(folders["bert"]["a"])
+    merge, unmerge, hooks = LoraModel.merge_adapter, LoraModel.unmerge_adapter, []
+
+    def spoiled_merge(self, *args, **kwargs):
+        merge(self, *args, **kwargs)
+        head = next(m for n, m in self.named_modules() if n.endswith("classifier"))
+        hooks.append(head.register_forward_hook(lambda module, inputs, output: output + 1.0))
+
+    def unmerge_and_mend(self, *args, **kwargs):
+        unmerge(self, *args, **kwargs)
+        while hooks:
+            hooks.pop().remove()
+
+    monkeypatch.setattr(LoraModel, "merge_adapter", spoiled_merge)
+    monkeypatch.setattr(LoraModel, "unmerge_adapter", unmerge_and_mend)
+    with caplog.at_level(logging.WARNING, logger="finetune.models.adapters"):
+        first, _ = load_models([(None, str(folders["bert"]["a"]))])
+    assert not first.merged and "changed the model's outputs; it answers unmerged" in caplog.text
+    assert not any(m.merged for m in first.predictor.model.modules() if isinstance(m, LoraLayer))
+    np.testing.assert_allclose(first.predictor.logits(TEXTS, None), want, atol=1e-5)
 
 
 def test_a_tagged_batcher_hands_each_input_its_tag_also_one_by_one():

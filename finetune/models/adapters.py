@@ -32,6 +32,7 @@ from finetune.models.pretrained import check_weights_format, resolve_checkpoint
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+log = logging.getLogger(__name__)
 
 # The recipe's bounds (finetune.config.recipe.AdapterSection): a saved adapter may not go beyond what a run writes.
 MAX_RANK = 1024
@@ -40,6 +41,7 @@ MAX_ALPHA = 4096
 # field must keep peft's default, since finetune never changes it (layer_replication, use_dora, rank_pattern...).
 _SET_BY_FINETUNE = {"r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "bias", "peft_type"}
 _BOOKKEEPING = {"peft_version", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping"}
+
 
 def is_adapter_model(model: Any) -> bool:
     return hasattr(model, "peft_config")
@@ -321,6 +323,32 @@ def merged(model: torch.nn.Module) -> torch.nn.Module:
     import copy
 
     return copy.deepcopy(model).merge_and_unload().eval()
+
+
+def merge_for_serving(predictor: Any) -> bool:
+    """Fold a served adapter model's adapter into its base weights, in place (peft's `merge_adapter`), so that it runs
+    as a plain model does. Unmerged, every adapted layer adds LoRA's small products to each pass: served alone on 2
+    cores, one adapter model answered 0.61x the requests of the plain model (bench/adapters.py, BENCHMARKS.md).
+
+    Only for a model whose base weights nothing else holds: the merge writes them, and `share_base` points other
+    adapter models at the same tensors. The model's example input must answer as before (within 1e-4, bf16 5e-2);
+    otherwise the adapter is taken out again (peft's `unmerge_adapter`: the base weights as they were, to float
+    rounding) and the model stays unmerged. Returns whether it merged."""
+    model = predictor.model
+    if not is_adapter_model(model) or set(model.peft_config) != {"default"}:
+        return False
+    example = predictor.encode_inputs([predictor.task.example_input(predictor.info.text_pair)]).features
+    before = predictor.outputs(example)
+    try:
+        model.merge_adapter()
+        tolerance = 1e-4 if predictor.precision == "fp32" else 5e-2
+        if all(np.allclose(a, b, rtol=tolerance, atol=tolerance) for a, b in zip(predictor.outputs(example), before)):
+            return True
+        log.warning("merging the adapter into its base changed the model's outputs; it answers unmerged")
+    except Exception as e:  # a LoRA variant peft cannot merge: it answers unmerged, as before
+        log.info("the adapter stays unmerged (%s: %s)", type(e).__name__, e)
+    model.unmerge_adapter()  # whatever layers were merged
+    return False
 
 
 def share_base(models: list[torch.nn.Module]) -> int:

@@ -6,6 +6,8 @@ Everything that predicts (`finetune predict`, the MLflow model, the server, expo
 
 from __future__ import annotations
 
+import hashlib
+import json
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
@@ -76,6 +78,22 @@ class Predictor:
         """Check inputs (raising `InputError` for the first bad one) and turn them into model features."""
         inputs = self.task.parse_inputs(inputs, self.info.text_pair)
         return self.task.encode(self.tokenizer, inputs, self.info.text_pair, self.info.max_length, self.settings)
+
+    def encoding_key(self) -> str | None:
+        """What decides `encode_inputs`'s result, as one string: two predictors with one key encode every input
+        alike, so they can share a tokenising thread (the server's adapters of one base). None for a tokenizer
+        without a fast backend, whose state cannot be compared whole."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        tokenizer = self.tokenizer
+        return json.dumps({
+            "task": self.info.task, "text_pair": self.info.text_pair, "max_length": self.info.max_length,
+            "settings": self.settings.encoding(), "class": type(tokenizer).__name__,
+            "backend": hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest(),
+            "sides": [tokenizer.padding_side, tokenizer.truncation_side], "model_max_length": tokenizer.model_max_length,
+            "special": tokenizer.special_tokens_map,
+        }, sort_keys=True, default=str)
 
     def outputs(self, features: list[dict[str, Any]], adapter_names: Sequence[str] | None = None) -> list[np.ndarray]:
         """The model's output for every feature, in feature order (batches are formed by length to limit padding).

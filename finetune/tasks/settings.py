@@ -7,7 +7,7 @@ evaluation, the MLflow model and the server read the same values. Each field say
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -62,6 +62,16 @@ class TaskSettings(BaseModel):
         if isinstance(values, BaseModel):
             values = values.model_dump()
         return cls.model_validate(values or {})
+
+    NOT_ENCODING: ClassVar[frozenset[str]] = frozenset({
+        "threshold", "temperature", "calibration", "class_weights", "loss", "focal_gamma", "label_all_tokens",
+        "n_best_size", "max_answer_length", "chunk_pooling", "mlm_probability", "whole_word_mask", "pack_sequences"})
+    """Settings that only train or read outputs, never change what a served input is encoded to. Everything else
+    (a new field too, until it is listed here) counts as encoding (`encoding`)."""
+
+    def encoding(self) -> dict[str, Any]:
+        """The settings that decide how a served input is encoded (`Predictor.encoding_key`)."""
+        return {k: v for k, v in self.saved().items() if k not in self.NOT_ENCODING}
 
     def saved(self) -> dict[str, Any]:
         """What goes into a model's finetune.json."""
