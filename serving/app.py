@@ -359,8 +359,7 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
         state["batcher"] = batcher
         state["lanes"] = lanes_for(model)
         queue_depth.set_function(lambda: batcher.depth)
-        warm = predictor.encode_inputs([predictor.task.example_input(info.text_pair)])
-        await asyncio.wait_for(asyncio.gather(*batcher.submit(warm.features)), timeout=600)
+        await asyncio.wait_for(asyncio.gather(*batcher.submit(predictor.example_features())), timeout=600)
         # Every named model answers through its own lanes and batcher (adapters sharing passes: their one batcher);
         # the first is /v1/predict's.
         state["units"] = {}
@@ -372,8 +371,8 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
             unit = {"model": loaded, "batcher": batcher_for(loaded, loaded.predictor.outputs),
                     "lanes": lanes_for(loaded)}
             state["units"][name] = unit
-            example = loaded.predictor.encode_inputs([loaded.predictor.task.example_input(loaded.predictor.info.text_pair)])
-            await asyncio.wait_for(asyncio.gather(*unit["batcher"].submit(example.features)), timeout=600)
+            example = loaded.predictor.example_features()
+            await asyncio.wait_for(asyncio.gather(*unit["batcher"].submit(example)), timeout=600)
         state["ready"] = True
         yield
         state["ready"] = False

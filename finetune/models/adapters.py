@@ -337,18 +337,24 @@ def merge_for_serving(predictor: Any) -> bool:
     model = predictor.model
     if not is_adapter_model(model) or set(model.peft_config) != {"default"}:
         return False
-    example = predictor.encode_inputs([predictor.task.example_input(predictor.info.text_pair)]).features
+    example = predictor.example_features()
     before = predictor.outputs(example)
     try:
         model.merge_adapter()
-        tolerance = 1e-4 if predictor.precision == "fp32" else 5e-2
-        if all(np.allclose(a, b, rtol=tolerance, atol=tolerance) for a, b in zip(predictor.outputs(example), before)):
+        if _outputs_agree(predictor.outputs(example), before, predictor.precision):
             return True
         log.warning("merging the adapter into its base changed the model's outputs; it answers unmerged")
     except Exception as e:  # a LoRA variant peft cannot merge: it answers unmerged, as before
         log.info("the adapter stays unmerged (%s: %s)", type(e).__name__, e)
     model.unmerge_adapter()  # whatever layers were merged
     return False
+
+
+def _outputs_agree(got: list[np.ndarray], want: list[np.ndarray], precision: str) -> bool:
+    """The same model's outputs computed two ways (merged, in a mixed batch) agree: 1e-4 in fp32, 5e-2 in bf16 or
+    fp16 (a batch's padding moves low-precision sums a little)."""
+    tolerance = 1e-4 if precision == "fp32" else 5e-2
+    return all(np.allclose(a, b, rtol=tolerance, atol=tolerance) for a, b in zip(got, want))
 
 
 def share_base(models: list[torch.nn.Module]) -> int:
@@ -461,19 +467,17 @@ class SharedAdapters:
 
     def _check(self, predictors: dict[str, Any]) -> None:
         """Every model's example input twice, interleaved with the others' in one batch, against the model alone."""
-        examples = {n: p.encode_inputs([p.task.example_input(p.info.text_pair)]).features
-                    for n, p in predictors.items()}
+        examples = {n: p.example_features() for n, p in predictors.items()}
         features, names = [], []
         for _ in range(2):
             for name, own in examples.items():
                 features += own
                 names += [name] * len(own)
         mixed = self.outputs(features, names)
-        tolerance = 1e-4 if self.lead.precision == "fp32" else 5e-2  # a batch's padding moves bf16 sums a little
         for name, predictor in predictors.items():
             alone = predictor.outputs(examples[name]) * 2
             got = [row for row, n in zip(mixed, names) if n == name]
-            if not all(np.allclose(a, b, rtol=tolerance, atol=tolerance) for a, b in zip(got, alone)):
+            if not _outputs_agree(got, alone, self.lead.precision):
                 raise ValueError(f"{name}: in a batch mixed with the others its outputs are not its own")
 
     def adapter_bytes(self) -> int:

@@ -79,6 +79,10 @@ class Predictor:
         inputs = self.task.parse_inputs(inputs, self.info.text_pair)
         return self.task.encode(self.tokenizer, inputs, self.info.text_pair, self.info.max_length, self.settings)
 
+    def example_features(self) -> list[dict[str, Any]]:
+        """The features of the task's example input (what start-up warms the model with and load-time checks run)."""
+        return self.encode_inputs([self.task.example_input(self.info.text_pair)]).features
+
     def encoding_key(self) -> str | None:
         """What decides `encode_inputs`'s result, as one string: two predictors with one key encode every input
         alike, so they can share a tokenising thread (the server's adapters of one base). None for a tokenizer
