@@ -352,6 +352,11 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
             log.info(sharing_line(group))
         return state["shared"][id(group)].for_tag(loaded.name)
 
+    async def warm(batcher: Any, model_predictor: Any) -> None:
+        """One pass of the model's example input through its batcher before /readyz says ready, so the first user
+        request does not pay the first pass's one-time costs."""
+        await asyncio.wait_for(asyncio.gather(*batcher.submit(model_predictor.example_features())), timeout=600)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state["batchers"], state["shared"], state["shared_lanes"] = [], {}, {}  # adapters' shared ones by group
@@ -359,7 +364,7 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
         state["batcher"] = batcher
         state["lanes"] = lanes_for(model)
         queue_depth.set_function(lambda: batcher.depth)
-        await asyncio.wait_for(asyncio.gather(*batcher.submit(predictor.example_features())), timeout=600)
+        await warm(batcher, predictor)
         # Every named model answers through its own lanes and batcher (adapters sharing passes: their one batcher);
         # the first is /v1/predict's.
         state["units"] = {}
@@ -371,8 +376,7 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
             unit = {"model": loaded, "batcher": batcher_for(loaded, loaded.predictor.outputs),
                     "lanes": lanes_for(loaded)}
             state["units"][name] = unit
-            example = loaded.predictor.example_features()
-            await asyncio.wait_for(asyncio.gather(*unit["batcher"].submit(example)), timeout=600)
+            await warm(unit["batcher"], loaded.predictor)
         state["ready"] = True
         yield
         state["ready"] = False
