@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import fastapi_offline
 import regex
@@ -63,6 +64,9 @@ class Settings:
     max_batch_size: int = 16
     max_batch_tokens: int = 8192
     max_wait_ms: float = 5.0
+    # What a batch waits for, for at most max_wait_ms: "coming", requests already being read and tokenised (a lone
+    # request goes at once); "fixed", max_wait_ms before every batch (serving.batcher).
+    batch_wait: Literal["coming", "fixed"] = "coming"
     max_queue: int = 512
     request_timeout_s: float = 30.0
     api_key: str | None = None
@@ -334,7 +338,7 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
     def new_batcher(run, tagged: bool = False) -> Batcher:
         batcher = Batcher(run, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
                           max_wait=settings.max_wait_ms / 1000, max_queue=settings.max_queue,
-                          on_batch=batch_sizes.observe, tagged=tagged)
+                          on_batch=batch_sizes.observe, tagged=tagged, wait=settings.batch_wait)
         batcher.start()
         state["batchers"].append(batcher)
         return batcher
@@ -377,9 +381,15 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
                     "lanes": lanes_for(loaded)}
             state["units"][name] = unit
             await warm(unit["batcher"], loaded.predictor)
+        # Everything loaded so far (the models, the libraries) lives as long as the server: out of the collector's
+        # sight, a full collection scans only what requests left, not millions of long-lived objects. Under load one
+        # came every 2 s and stopped the event loop for 220-270 ms: the p99 at 64 clients (bench/serve_ceiling.py).
+        gc.collect()
+        gc.freeze()
         state["ready"] = True
         yield
         state["ready"] = False
+        gc.unfreeze()  # an in-process server (tests, notebooks) leaves its objects collectable again
         for started in state["batchers"]:
             await started.stop()  # finishes whatever requests are still waiting
         every = [state["lanes"], *(unit["lanes"] for unit in state["units"].values())]
@@ -391,24 +401,26 @@ def create_app(model: LoadedModel, settings: Settings | None = None,
         """Answer checked inputs with the first model, or with a named model's `unit` (its model, batcher, lanes)."""
         served = unit["model"] if unit else model
         info, lanes = served.predictor.info, unit["lanes"] if unit else state["lanes"]
-        try:
-            encoded = await lanes.encode(inputs, chars)
-        except InputError as e:
-            raise _error(422, ["body", "inputs", e.index], str(e)) from None
-        except HTTPException:
-            raise
-        except Exception as e:  # the tokenizer choked on something the checks let through: this request only
-            log.exception("tokenising a request's inputs failed for %r", served.name)
-            raise _failed("tokenising the inputs", e) from None
-        if not body.options.truncate:
-            too_long = [i for i, t in enumerate(encoded.truncated) if t]
-            if too_long:
-                raise _error(422, ["body", "inputs", too_long[0]],
-                             f"longer than the {info.max_length} tokens this model reads (or set options.truncate)")
-        try:
-            futures = (unit["batcher"] if unit else state["batcher"]).submit(encoded.features)
-        except QueueFull as e:
-            raise HTTPException(503, detail=f"busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
+        batcher = unit["batcher"] if unit else state["batcher"]
+        with batcher.coming():  # a batch that has begun waits for this request (serving.batcher)
+            try:
+                encoded = await lanes.encode(inputs, chars)
+            except InputError as e:
+                raise _error(422, ["body", "inputs", e.index], str(e)) from None
+            except HTTPException:
+                raise
+            except Exception as e:  # the tokenizer choked on something the checks let through: this request only
+                log.exception("tokenising a request's inputs failed for %r", served.name)
+                raise _failed("tokenising the inputs", e) from None
+            if not body.options.truncate:
+                too_long = [i for i, t in enumerate(encoded.truncated) if t]
+                if too_long:
+                    raise _error(422, ["body", "inputs", too_long[0]],
+                                 f"longer than the {info.max_length} tokens this model reads (or set options.truncate)")
+            try:
+                futures = batcher.submit(encoded.features)
+            except QueueFull as e:
+                raise HTTPException(503, detail=f"busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
         try:
             # asyncio.wait, not gather: a request cancelled meanwhile (its client left) leaves no gathering future
             # behind whose CancelledError asyncio would print as "exception was never retrieved".

@@ -1,10 +1,17 @@
 """Dynamic batching: inputs of concurrent requests share forward passes.
 
 Requests put their inputs on a bounded queue and await one future per input. A single worker task
-takes the first waiting input, gathers more for at most `max_wait` seconds or until the batch is full
-(by count, or by padded tokens: longest input x batch size), and runs the model in a worker thread,
-so the event loop never blocks on inference. Written here because no maintained library does
-request coalescing for an in-process PyTorch model inside FastAPI without a separate server.
+takes the first waiting input, gathers more until the batch is full (by count, or by padded tokens:
+longest input x batch size) or the wait for company ends, and runs the model in a worker thread, so the
+event loop never blocks on inference. Written here because no maintained library does request
+coalescing for an in-process PyTorch model inside FastAPI without a separate server.
+
+The wait for company (`wait`): "coming" (the default) waits, for at most `max_wait` seconds, only for
+requests known to be on their way (read and being tokenised: `Batcher.coming`), so a lone request, or
+the inputs that queued while the model ran, go at once, as Text Embeddings Inference batches; "fixed"
+waits `max_wait` before every batch (fuller batches from steady traffic, for that much latency each).
+A fixed 5 ms wait was a third of every request's time at 16 clients with a fast model
+(bench/serve_ceiling.py).
 
 Tokenising is coalesced the same way (`EncodeBatcher`): the requests that arrive while one tokenizer call runs
 are tokenised together in the next, on a thread of its own.
@@ -15,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -51,10 +59,15 @@ class Batcher:
 
     def __init__(self, run_batch: Callable[[list[dict]], np.ndarray], *, max_batch_size: int = 32,
                  max_batch_tokens: int = 8192, max_wait: float = 0.005, max_queue: int = 512,
-                 on_batch: Callable[[int], None] | None = None, tagged: bool = False):
+                 on_batch: Callable[[int], None] | None = None, tagged: bool = False,
+                 wait: Literal["coming", "fixed"] = "coming"):
         """tagged: inputs carry a tag (`submit(items, tag)`, `for_tag`), and `run_batch(features, tags)` gets each
-        input's tag too: several models sharing one forward pass per batch (`finetune.models.adapters.SharedAdapters`)."""
+        input's tag too: several models sharing one forward pass per batch (`finetune.models.adapters.SharedAdapters`).
+        wait: what a batch waits for, for at most `max_wait` seconds (the module's docstring)."""
+        if wait not in ("coming", "fixed"):
+            raise ValueError(f"wait must be 'coming' or 'fixed', not {wait!r}")
         self.run_batch = run_batch
+        self.wait = wait
         self.tagged = tagged
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -66,6 +79,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._coming = 0  # requests on their way (`coming`)
 
     @property
     def depth(self) -> int:
@@ -86,6 +100,18 @@ class Batcher:
     def for_tag(self, tag: Any) -> "TaggedSubmitter":
         """What one model of a tagged batcher submits its inputs through."""
         return TaggedSubmitter(self, tag)
+
+    @contextlib.contextmanager
+    def coming(self) -> Iterator[None]:
+        """Around a request's way to `submit` (tokenising, checks): while it is on its way, a batch that has begun
+        waits for it (at most `max_wait`), so the requests that arrived together share a pass."""
+        self._coming += 1
+        try:
+            yield
+        finally:
+            self._coming -= 1
+            if not self._coming:
+                self._wakeup.set()  # a batch waiting for it, if it never came, need not wait any more
 
     def submit(self, items: list[dict], tag: Any = None) -> list[asyncio.Future]:
         """Queue encoded inputs (with their model's `tag` in a tagged batcher); all or none, never past max_queue."""
@@ -126,9 +152,7 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            # Wait briefly for company unless a full batch is already waiting.
-            if len(self._pending) < self.max_batch_size and not self._closing:
-                await asyncio.sleep(self.max_wait)
+            await self._wait_for_company(loop)
             batch = self._take_batch()
             if not batch:
                 continue
@@ -145,6 +169,21 @@ class Batcher:
             for item, row in zip(batch, logits):
                 if not item.future.done():
                     item.future.set_result(row)
+
+    async def _wait_for_company(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Before a batch: wait, for at most `max_wait`, for what `wait` says, unless the batch is full already."""
+        if self.wait == "fixed":
+            if len(self._pending) < self.max_batch_size and not self._closing:
+                await asyncio.sleep(self.max_wait)
+            return
+        deadline = loop.time() + self.max_wait
+        while self._coming and len(self._pending) < self.max_batch_size and not self._closing:
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._wakeup.wait()  # set by each submit, and once nothing more is coming
+            except TimeoutError:
+                return
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[Item]) -> list:
         tags = ([i.tag for i in batch],) if self.tagged else ()
@@ -191,6 +230,10 @@ class TaggedSubmitter:
     def depth(self) -> int:
         """Inputs waiting for a batch, every model's."""
         return self.batcher.depth
+
+    def coming(self) -> contextlib.AbstractContextManager[None]:
+        """`Batcher.coming`."""
+        return self.batcher.coming()
 
     def submit(self, items: list[dict]) -> list[asyncio.Future]:
         """`Batcher.submit` with this model's tag."""

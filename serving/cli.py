@@ -195,7 +195,8 @@ def serve(args: argparse.Namespace) -> int:
         raise
     settings = Settings(
         max_inputs_per_request=args.max_inputs, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue, request_timeout_s=args.timeout, api_key=key, max_input_chars=args.max_input_chars,
+        batch_wait=args.batch_wait, max_queue=args.max_queue, request_timeout_s=args.timeout, api_key=key,
+        max_input_chars=args.max_input_chars,
         body_timeout_s=args.body_timeout, allowed_hosts=args.allowed_hosts or default_allowed_hosts(args.host),
         allowed_origins=origins, threads=threads,
     )

@@ -145,7 +145,7 @@ def test_the_server_answers_concurrent_requests_for_two_adapters_in_one_pass(fol
         return original(self, features, names)
 
     monkeypatch.setattr(SharedAdapters, "outputs", counted)
-    app = create_app(first, Settings(max_wait_ms=300), named)
+    app = create_app(first, Settings(max_wait_ms=300, batch_wait="fixed"), named)
     with caplog.at_level(logging.INFO, logger="serving.app"), TestClient(app, base_url="http://127.0.0.1") as client:
         assert "models a, b share one base pass (LoRA adapters of " in caplog.text
         passes.clear()  # the warm-up's

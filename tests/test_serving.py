@@ -286,7 +286,8 @@ def test_api_key_queue_limit_and_timeout(models):
         assert httpx.get(f"{keyed.url}/healthz").status_code == 200 and httpx.get(f"{keyed.url}/readyz").status_code == 200
     finally:
         keyed.stop()
-    small = Server("--model", model, "--max-queue", "2", "--timeout", "0.002", "--max-wait-ms", "50")
+    small = Server("--model", model, "--max-queue", "2", "--timeout", "0.002", "--max-wait-ms", "50",
+                   "--batch-wait", "fixed")
     try:
         full = small.post({"inputs": ["a", "b", "c"]})
         assert full.status_code == 503 and full.headers["retry-after"] == "1"
@@ -298,7 +299,7 @@ def test_api_key_queue_limit_and_timeout(models):
 
 
 def test_graceful_shutdown_finishes_requests_in_flight(models):
-    server = Server("--model", str(models["classification"][0]), "--max-wait-ms", "1500")
+    server = Server("--model", str(models["classification"][0]), "--max-wait-ms", "1500", "--batch-wait", "fixed")
 
     async def fire_then_stop():
         async with httpx.AsyncClient(timeout=60) as client:

@@ -37,13 +37,15 @@ def model(tiny_checkpoints, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
-    """Short client deadlines so slow clients are cut within the test; a batch waits 200 ms for company, long
-    enough for a client to leave while its request waits; an API key (from a file) on every route but probes."""
+    """Short client deadlines so slow clients are cut within the test; every batch waits 200 ms for company (a fixed
+    wait), long enough for a client to leave while its request waits; an API key (from a file) on every route but
+    probes."""
     folder = tmp_path_factory.mktemp("server")
     (folder / "key").write_text(KEY + "\n")
     (folder / "key").chmod(0o600)
     s = Server("--model", model, "--header-timeout", "1", "--body-timeout", "1.5", "--max-connections", "12",
-               "--max-client-connections", "8", "--max-wait-ms", "200", "--allowed-origins", APP_ORIGIN,
+               "--max-client-connections", "8", "--max-wait-ms", "200", "--batch-wait", "fixed",
+               "--allowed-origins", APP_ORIGIN,
                "--api-key-file", str(folder / "key"), env={"FINETUNE_API_KEY": ""}, log=folder / "server.log")
     yield s
     s.stop()
@@ -846,7 +848,7 @@ def test_an_input_that_fails_the_model_fails_only_its_own_request(model):
 
         predictor.outputs = outputs
 
-    with _in_process(model, change=poison, max_wait_ms=300) as client:
+    with _in_process(model, change=poison, max_wait_ms=300, batch_wait="fixed") as client:
         batches.clear()
         calls = [("/v1/predict", {"inputs": [f"a fine film number {i}"]}) for i in range(3)]
         calls.insert(1, ("/v1/predict", {"inputs": ["a long and winding review " * 10]}))

@@ -126,6 +126,88 @@ def test_a_request_that_fails_the_shared_call_fails_alone_with_its_own_input_nam
     _same(results[3], classifier.encode_inputs(["good"]))
 
 
+# What a batch waits for ---------------------------------------------------------------------------------------
+
+def _recording_batcher(wait: str, max_wait: float):
+    from serving.batcher import Batcher
+
+    batches: list[list[str]] = []
+
+    def run(features):
+        batches.append([f["text"] for f in features])
+        return [len(f["text"]) for f in features]
+
+    return Batcher(run, max_wait=max_wait, wait=wait), batches
+
+
+def test_a_lone_request_goes_at_once_however_long_the_longest_wait():
+    async def scenario(wait: str, max_wait: float) -> float:
+        batcher, _ = _recording_batcher(wait, max_wait)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        (future,) = batcher.submit([{"text": "alone", "input_ids": [1]}])
+        assert await asyncio.wait_for(future, 10) == 5
+        took = loop.time() - began
+        await batcher.stop()
+        return took
+
+    assert asyncio.run(scenario("coming", 5.0)) < 1.0  # nothing else on its way: no wait for company
+    assert asyncio.run(scenario("fixed", 0.3)) >= 0.3  # the fixed wait, every time
+
+
+def test_a_batch_waits_for_the_requests_on_their_way_and_no_longer():
+    async def scenario():
+        batcher, batches = _recording_batcher("coming", 5.0)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+
+        async def on_its_way(text: str, tokenising: float, arrives: bool = True):
+            with batcher.coming():
+                await asyncio.sleep(tokenising)
+                if not arrives:  # e.g. its input was refused with a 422 after tokenising
+                    return None
+                (future,) = batcher.submit([{"text": text, "input_ids": [1]}])
+            return await future
+
+        # "first" is queued while "second" and "third" are being tokenised: one batch holds the three.
+        coming = [asyncio.ensure_future(on_its_way("second", 0.2)), asyncio.ensure_future(on_its_way("third", 0.3))]
+        await asyncio.sleep(0.05)
+        began = loop.time()
+        (first,) = batcher.submit([{"text": "first", "input_ids": [1]}])
+        assert await asyncio.wait_for(asyncio.gather(first, *coming), 10) == [5, 6, 5]
+        together = loop.time() - began
+        # One on its way that never arrives: the batch waits for it, then goes without it, not after 5 s.
+        never = asyncio.ensure_future(on_its_way("never", 0.2, arrives=False))
+        await asyncio.sleep(0.05)
+        began = loop.time()
+        (alone,) = batcher.submit([{"text": "alone", "input_ids": [1]}])
+        assert await asyncio.wait_for(alone, 10) == 5 and await never is None
+        without = loop.time() - began
+        await batcher.stop()
+        return batches, together, without
+
+    batches, together, without = asyncio.run(scenario())
+    assert batches == [["first", "second", "third"], ["alone"]]
+    assert 0.2 <= together < 2.0 and 0.1 <= without < 2.0
+
+
+def test_the_server_keeps_what_it_loaded_out_of_the_collectors_sight_while_it_serves(classifier):
+    import gc
+
+    from starlette.testclient import TestClient
+
+    from serving.app import Settings, create_app
+    from serving.loading import LoadedModel
+
+    app = create_app(LoadedModel(classifier, "tiny", "1", None, "tiny (in process)"), Settings())
+    with TestClient(app, base_url="http://127.0.0.1") as test_client:
+        frozen = gc.get_freeze_count()
+        assert test_client.post("/v1/predict", json={"inputs": ["fine"]}).status_code == 200
+    assert frozen > 1000  # the model, the libraries: a full collection under load no longer scans them
+    assert gc.get_freeze_count() == 0  # stopped: collectable again
+
+
 # The app: one layer, predict routes without the router, answers as predicted ----------------------------------
 
 @pytest.fixture

@@ -61,7 +61,11 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     add_threads_option(serve)
     serve.add_argument("--max-batch-size", type=_positive(int), default=16,
                        help="inputs per forward pass at most (16 measured fastest per sentence on 2 CPU cores)")
-    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests at most")
+    serve.add_argument("--batch-wait", choices=("coming", "fixed"), default="coming",
+                       help="what a batch waits for: 'coming', requests already being read and tokenised (a lone "
+                            "request goes at once); 'fixed', --max-wait-ms before every batch (fuller batches from "
+                            "steady traffic, for that much latency on every request)")
     serve.add_argument("--max-queue", type=_positive(int), default=512, help="inputs waiting at most; beyond it requests get 503")
     serve.add_argument("--max-inputs", type=_positive(int), default=64, help="inputs per request at most")
     serve.add_argument("--max-input-chars", type=_positive(int), default=MAX_INPUT_CHARS,
