@@ -128,13 +128,16 @@ def test_a_request_that_fails_the_shared_call_fails_alone_with_its_own_input_nam
 
 # What a batch waits for ---------------------------------------------------------------------------------------
 
-def _recording_batcher(wait: str, max_wait: float):
+def _recording_batcher(wait: str, max_wait: float, pass_seconds: float = 0.0):
+    import time
+
     from serving.batcher import Batcher
 
     batches: list[list[str]] = []
 
     def run(features):
         batches.append([f["text"] for f in features])
+        time.sleep(pass_seconds)
         return [len(f["text"]) for f in features]
 
     return Batcher(run, max_wait=max_wait, wait=wait), batches
@@ -190,6 +193,26 @@ def test_a_batch_waits_for_the_requests_on_their_way_and_no_longer():
     batches, together, without = asyncio.run(scenario())
     assert batches == [["first", "second", "third"], ["alone"]]
     assert 0.2 <= together < 2.0 and 0.1 <= without < 2.0
+
+
+@pytest.mark.parametrize("pass_seconds,want", [
+    (1.2, [["a", "b", "c"], ["d", "e", "f"]]),  # a pass longer than the wait: wait for the group to come back
+    (0.0, [["a", "b", "c"], ["d"], ["e"], ["f"]]),  # a pass shorter than the wait: a second pass costs less
+])
+def test_after_a_long_pass_a_batch_waits_for_as_many_as_came_together(pass_seconds, want):
+    async def scenario():
+        batcher, batches = _recording_batcher("coming", 1.0, pass_seconds)
+        batcher.start()
+        await asyncio.wait_for(asyncio.gather(*batcher.submit([{"text": t, "input_ids": [1]} for t in "abc"])), 10)
+        back = []
+        for text in "def":  # the three clients come back one by one, well within the longest wait
+            back += batcher.submit([{"text": text, "input_ids": [1]}])
+            await asyncio.sleep(0.1)
+        await asyncio.wait_for(asyncio.gather(*back), 10)
+        await batcher.stop()
+        return batches
+
+    assert asyncio.run(scenario()) == want
 
 
 def test_the_server_keeps_what_it_loaded_out_of_the_collectors_sight_while_it_serves(classifier):
