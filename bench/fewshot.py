@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="where runs and the MLflow store go (default: temp)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the markdown table to this file")
     args = parser.parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fewshot-"))
+    # Absolute: SetFit runs as a subprocess from inside the work folder, where a relative path would name nothing.
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="fewshot-"))).resolve()
     runner = Runner(workdir)
     results: dict[tuple[str, int, str], list[dict]] = {}
     started = time.perf_counter()

@@ -9,11 +9,11 @@ coalescing for an in-process PyTorch model inside FastAPI without a separate ser
 The wait for company (`wait`), at most `max_wait` seconds: "coming" (the default) waits for requests known
 to be on their way (read and being tokenised: `Batcher.coming`) and, when the last pass took `max_wait` or
 longer, until as many inputs as recent batches held are waiting (clients answered together come back
-together): a lone
-request goes at once, and a busy server's batches stay whole. "fixed" waits `max_wait` before every batch.
-A fixed 5 ms wait was a third of every request's time at 16 clients with a model answering at once
-(bench/serve_ceiling.py); without the second rule, 16 clients coming back to a 3-layer MiniLM were cut into
-two passes, the first run before the others were read (10-20% fewer requests/s than the fixed wait).
+together): a lone request goes at once, and a busy server's batches stay whole. "fixed" waits `max_wait`
+before every batch. A fixed 5 ms wait was a third of every request's time at 16 clients with a model
+answering at once (bench/serve_ceiling.py); without the second rule, 16 clients coming back to a 3-layer
+MiniLM were cut into two passes, the first run before the others were read (mean batch 10-11 inputs, up
+to 10% fewer requests/s than the fixed wait).
 
 Tokenising is coalesced the same way (`EncodeBatcher`): the requests that arrive while one tokenizer call runs
 are tokenised together in the next, on a thread of its own.
@@ -196,11 +196,11 @@ class Batcher:
             self._gathering = False
 
     def _company_enough(self) -> bool:
-        """"coming": a full batch, or nothing more on its way and, after a pass that took `max_wait` or longer, as
-        many inputs waiting as the larger of the last two batches held: waiting at most `max_wait` for them is
-        little next to the pass it saves. The larger of two, so that a group cut in two once comes together again
-        rather than taking turns for ever. After a shorter pass, a second pass costs less than the wait (a model
-        answering at once served 0.86x the requests/s when each batch waited for the last one's size)."""
+        """With wait "coming": a full batch, or nothing more on its way and, after a pass that took `max_wait` or
+        longer, as many inputs waiting as the larger of the last two batches held: waiting at most `max_wait` for
+        them is little next to the pass it saves. The larger of two, so that a group cut in two once comes together
+        again rather than taking turns for ever. After a shorter pass, a second pass costs less than the wait (a
+        model answering at once served 0.86x the requests/s when each batch waited for the last one's size)."""
         waiting = len(self._pending)
         if waiting >= self.max_batch_size or self._closing:
             return True
