@@ -156,7 +156,7 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            await self._wait_for_company(loop)
+            await self._wait_for_company()
             batch = self._take_batch()
             if not batch:
                 continue
@@ -177,7 +177,7 @@ class Batcher:
             self._sizes.append(len(batch))
             self._last_pass = loop.time() - began
 
-    async def _wait_for_company(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _wait_for_company(self) -> None:
         """Before a batch: wait, for at most `max_wait`, for what `wait` says, unless the batch is full already."""
         if self.wait == "fixed":
             if len(self._pending) < self.max_batch_size and not self._closing:
