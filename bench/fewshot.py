@@ -7,9 +7,13 @@ written to a file all three read) and is scored on the set's published test spli
 has no labels; AG News: the 7,600-row test set; BBC News: the 426-article test split of SOURCE.md). Methods:
 
   contrastive  `finetune run` with training.method: contrastive (SetFit's defaults: 20 iterations, batch 16, body
-               learning rate 2e-5, cosine loss), then the head alone on the frozen embeddings
+               learning rate 2e-5, cosine loss) and 8 label sentences per class ("This sentence is {}." with the
+               class's name: training.contrastive.label_template; --label-template none: without), then the head
+               alone on the frozen embeddings
   setfit       SetFit 1.2 (its own venv, bench/peers/setup_setfit.sh) with the same body, the same number of pair
-               iterations and batch size, its logistic-regression head; run as a subprocess (bench/peers/setfit_run.py)
+               iterations and batch size, its logistic-regression head, its defaults otherwise (no label sentences);
+               run as a subprocess (bench/peers/setfit_run.py)
+  setfit-names (not run by default) SetFit 1.2 given the same label sentences, by its own get_templated_dataset
   standard     `finetune run`, full fine-tuning with the knob that served few labels best in bench/transfer.py and
                docs/guides/few-labels.md: the head alone first (training.head_only_steps), mean pooling
 
@@ -20,6 +24,7 @@ training time (ours: the pair phase plus the loop's training time; SetFit: its t
     python bench/fewshot.py                                        # everything (hours on 2 CPU cores)
     python bench/fewshot.py --sets sst2 --ns 8 --draws 1           # a smoke slice
     python bench/fewshot.py --methods contrastive standard         # without SetFit
+    python bench/fewshot.py --methods contrastive setfit-names     # both given the label sentences
     python bench/fewshot.py --markdown results.md                  # also write the table for BENCHMARKS.md
 """
 
@@ -46,7 +51,9 @@ SHARED = ROOT.parent / "shared" / "data"
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 SETFIT_VENV = Path(os.environ.get("SETFIT_VENV", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                                   / "finetune-bench" / "setfit-venv"))
-METHODS = ("contrastive", "setfit", "standard")
+METHODS = ("contrastive", "setfit", "setfit-names", "standard")
+DEFAULT_METHODS = ("contrastive", "setfit", "standard")
+LABEL_TEMPLATE, LABEL_EXAMPLES = "This sentence is {}.", 8
 ITERATIONS, PAIR_BATCH = 20, 16
 
 SETS = {
@@ -119,7 +126,7 @@ def ours(runner: Runner, spec: dict, train: Path, test: Path, out: Path, seed: i
             "seconds": m.get("contrastive/seconds", 0.0) + m.get("train/runtime_seconds", 0.0)}
 
 
-def setfit(spec: dict, train: Path, test: Path, seed: int) -> dict:
+def setfit(spec: dict, train: Path, test: Path, seed: int, template: str | None = None) -> dict:
     from finetune.models.pretrained import resolve_checkpoint
 
     python = SETFIT_VENV / "bin" / "python"
@@ -128,6 +135,8 @@ def setfit(spec: dict, train: Path, test: Path, seed: int) -> dict:
     command = [str(python), str(ROOT / "bench" / "peers" / "setfit_run.py"), "--model", str(resolve_checkpoint(MODEL).path),
                "--train", str(train), "--test", str(test), "--seed", str(seed), "--iterations", str(ITERATIONS),
                "--batch-size", str(PAIR_BATCH), "--max-length", str(spec["max_length"])]
+    if template:
+        command += ["--label-template", template, "--label-examples", str(LABEL_EXAMPLES), "--label-names", *spec["names"]]
     # In the draw's own folder: SetFit's trainer writes its checkpoints/ into the working directory.
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                           cwd=train.parent)
@@ -142,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
     parser.add_argument("--ns", nargs="+", type=int, default=[8, 16, 32, 64], help="examples per class")
     parser.add_argument("--draws", type=int, default=5, help="draws per N (draw d uses seed d)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
+                        help="setfit-names: SetFit given the same label sentences as ours (its get_templated_dataset)")
+    parser.add_argument("--label-template", default=LABEL_TEMPLATE,
+                        help="training.contrastive.label_template of the contrastive method, and setfit-names' template "
+                             f"({LABEL_EXAMPLES} sentences per class); 'none': without (default {LABEL_TEMPLATE!r})")
     parser.add_argument("--loss", choices=["cosine", "cosent"], default="cosine",
                         help="training.contrastive.loss of the contrastive method")
     parser.add_argument("--max-test", type=int, default=None, help="score on the first N test rows only (smoke runs)")
@@ -152,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     # Absolute: SetFit runs as a subprocess from inside the work folder, where a relative path would name nothing.
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="fewshot-"))).resolve()
     runner = Runner(workdir)
+    template = None if args.label_template.lower() == "none" else args.label_template
+    if "setfit-names" in args.methods and template is None:
+        parser.error("setfit-names needs a --label-template")
+    named = [f"training.contrastive.label_template={template}",
+             f"training.contrastive.label_examples={LABEL_EXAMPLES}"] if template else []
     results: dict[tuple[str, int, str], list[dict]] = {}
     started = time.perf_counter()
     for key in args.sets:
@@ -163,11 +181,11 @@ def main(argv: list[str] | None = None) -> int:
             for d in range(args.draws):
                 train = write_jsonl(workdir / f"{key}-n{n}-d{d}.jsonl", draw(train_rows, spec["names"], n, d))
                 for method in args.methods:
-                    if method == "setfit":
-                        got = setfit(spec, train, test, d)
+                    if method.startswith("setfit"):
+                        got = setfit(spec, train, test, d, template if method == "setfit-names" else None)
                     else:
                         got = ours(runner, spec, train, test, workdir / f"{key}-n{n}-d{d}-{method}", d,
-                                   [*HEAD, f"training.contrastive.loss={args.loss}"] if method == "contrastive"
+                                   [*HEAD, f"training.contrastive.loss={args.loss}", *named] if method == "contrastive"
                                    else STANDARD)
                     results.setdefault((key, n, method), []).append(got)
                     print(f"{spec['name']} N={n} draw {d} {method}: accuracy {got['accuracy']:.4f}, "

@@ -33,6 +33,16 @@ def test_a_smoke_slice_draws_the_same_examples_for_every_method_and_writes_the_t
     table = (tmp_path / "table.md").read_text()
     assert "| set | N per class | contrastive accuracy | standard accuracy | contrastive s | standard s |" in table
     assert "| SST-2 | 4 | " in table and "SST-2 N=4 draw 0 contrastive: accuracy" in out
+    journal = (tmp_path / "bench-journal.jsonl").read_text()
+    assert "training.contrastive.label_template=This sentence is {}." in journal  # ours with its label sentences
+
+
+def test_setfit_names_needs_a_template(tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    module = _tiny(monkeypatch, tiny_checkpoints)
+    with pytest.raises(SystemExit):
+        module.main(["--sets", "sst2", "--methods", "setfit-names", "--label-template", "none",
+                     "--workdir", str(tmp_path)])
+    assert "setfit-names needs a --label-template" in capsys.readouterr().err
 
 
 def test_setfit_without_its_venv_says_how_to_make_it(tiny_checkpoints, tmp_path, monkeypatch, capsys):

@@ -21,7 +21,7 @@ from finetune.families.support import offers, recipe_problems
 from finetune.models import pretrained
 from finetune.models.modeling import load_tokenizer
 from finetune.tasks import TaskSettings, get_task
-from finetune.training.contrastive import few_labels_hint
+from finetune.training.contrastive import few_labels_hint, label_sentences_line
 from finetune.training.outputs import check_output_dir
 from finetune.training.preflight import choose_mixed_precision
 
@@ -129,6 +129,9 @@ def _validate(recipe: Recipe, path: str, overrides: list[str]) -> int:
         say(f"data: train {len(train)}, eval {len(evaluation)}{carved}" + (f", test {len(test)}" if test is not None else ""))
         if label_names is not None:
             say(f"labels ({len(label_names)}): {', '.join(label_names)}")
+            named = label_sentences_line(recipe, label_names)
+            if named:
+                say(named)
         if tokenizer is not None:
             _tokenizer_fit(recipe, task, train, tokenizer)
         settings = TaskSettings.of(recipe.task)

@@ -290,6 +290,7 @@ def make_splits(
         train = train.shuffle(seed=seed).select(range(data.max_train_samples))
     if data.max_train_samples_per_class:
         train = sample_per_class(train, data.max_train_samples_per_class, seed, task, label_names)
+    train = with_label_examples(train, recipe, task, label_names)
     if data.max_eval_samples and data.max_eval_samples < len(evaluation):
         evaluation = evaluation.select(range(data.max_eval_samples))
     for name, split in (("train", train), ("evaluation", evaluation)):
@@ -329,6 +330,33 @@ def sample_per_class(train: datasets.Dataset, n: int, seed: int, task: Task,
         log.warning(f"data.max_train_samples_per_class: {n}: class {name!r} has only {count} training example(s); "
                     "all are used")
     return train.select(np.sort(picked).tolist())
+
+
+def label_sentences(recipe: Recipe, label_names: list[str] | None) -> list[tuple[str, str]]:
+    """`training.contrastive.label_template`'s training examples as (text, class name): label_examples of each class,
+    the template with the class's name; none without a template, label names, or the contrastive method."""
+    section = recipe.training.contrastive
+    if recipe.training.method != "contrastive" or section.label_template is None or not label_names:
+        return []
+    # str.replace, not str.format: the template is the recipe's text and must not reach attribute lookups.
+    return [(section.label_template.replace("{}", name), name) for name in label_names
+            for _ in range(section.label_examples)]
+
+
+def with_label_examples(train: datasets.Dataset, recipe: Recipe, task: Task,
+                        label_names: list[str] | None) -> datasets.Dataset:
+    """The training split with `label_sentences` as examples of their class (multi_label: of that label alone),
+    added after any sampling per class (they are not drawn examples), never to the evaluation split."""
+    sentences = label_sentences(recipe, label_names)
+    if not sentences:
+        return train
+    encoding = task.encode_labels([name for _, name in sentences], label_names, False, recipe.data)
+    # Every other column of the split (an id, the raw label) is empty in these rows: they come from no file's row.
+    rows: dict[str, list[Any]] = {column: [None] * len(sentences) for column in train.column_names}
+    rows[recipe.data.text_column] = [text for text, _ in sentences]
+    rows["labels"] = encoding.labels
+    added = datasets.Dataset.from_dict(rows, features=train.features)
+    return datasets.concatenate_datasets([train, added])
 
 
 def load_splits(

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from finetune.config.recipe import Recipe
+from finetune.data.loading import label_sentences
 from finetune.errors import DataError, TrainingDiverged
 from finetune.families import family_of
 from finetune.files import RefusedDocument, read_json
@@ -94,13 +95,17 @@ class PairPhase:
     seconds: float
     losses: list[tuple[int, float]] = field(default_factory=list)
     """(step, mean loss since the previous entry), every training.logging_steps steps and at the last."""
+    label_sentences: int = 0
+    """How many of the examples were training.contrastive.label_template's sentences."""
 
     @property
     def note(self) -> str:
         """One line for the run header, the model card and MLflow: how the encoder was trained."""
         last = f", last loss {self.losses[-1][1]:.4f}" if self.losses else ""
+        named = f", {self.label_sentences:,} of the examples label-name sentences" if self.label_sentences else ""
         return (f"method contrastive: {self.pairs:,} pairs, {self.steps:,} steps, loss {self.loss}, pooling "
-                f"{self.pooling}{last}, {self.seconds:.1f} s; then the head trained as the training section says.")
+                f"{self.pooling}{last}, {self.seconds:.1f} s{named}; then the head trained as the training section "
+                "says.")
 
     def install(self, model: Any) -> None:
         """Put the trained encoder weights into the run's task model (its encoder, found by the family)."""
@@ -138,10 +143,10 @@ def _loss(name: str, body: Any) -> Any:
 
 
 def train_body(recipe: Recipe, texts: Sequence[str], labels: Any, path: str | Path, device: torch.device,
-               threads: Any = None) -> PairPhase:
+               threads: Any = None, label_names: list[str] | None = None) -> PairPhase:
     """Run the pair phase on the training texts and their encoded labels (class ids, or multi-hot rows); returns the
     trained encoder's weights. Seeded by training.seed: the same recipe samples the same pairs and trains the same
-    weights."""
+    weights. `label_names`: the classes, for the note's count of label sentences among the texts."""
     from transformers import get_linear_schedule_with_warmup
 
     cfg, pair_cfg = recipe.training, recipe.training.contrastive
@@ -184,7 +189,8 @@ def train_body(recipe: Recipe, texts: Sequence[str], labels: Any, path: str | Pa
                 raise TrainingDiverged(f"training.contrastive: the pair loss is not a finite number at step {step + 1}; "
                                  "try a lower training.contrastive.learning_rate")
     weights = {k: v.detach().cpu().clone() for k, v in body[0].auto_model.state_dict().items()}
-    phase = PairPhase(weights, pooling, len(order), steps, pair_cfg.loss, time.perf_counter() - started, losses)
+    phase = PairPhase(weights, pooling, len(order), steps, pair_cfg.loss, time.perf_counter() - started, losses,
+                      len(label_sentences(recipe, label_names)))
     log.info(phase.note)
     return phase
 
@@ -192,6 +198,16 @@ def train_body(recipe: Recipe, texts: Sequence[str], labels: Any, path: str | Pa
 def _features(body: Any, texts: list[str], device: torch.device) -> dict[str, Any]:
     features = body.preprocess(texts)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+
+
+def label_sentences_line(recipe: Recipe, label_names: list[str]) -> str | None:
+    """`finetune validate`'s line on the training examples training.contrastive.label_template adds (None: none), with
+    the first one, so the user reads what the template makes of the names."""
+    sentences = label_sentences(recipe, label_names)
+    if not sentences:
+        return None
+    return (f"  of which label sentences: {len(sentences)} ({recipe.training.contrastive.label_examples} per class, "
+            f"e.g. {sentences[0][0]!r})")  # repr: a name's control characters print as escapes
 
 
 FEW_PER_CLASS = 64
@@ -216,4 +232,5 @@ def few_labels_hint(recipe: Recipe, counts: dict[str, int]) -> str | None:
     per = f"{values[0]}" if values[0] == values[-1] else f"{values[0]} to {values[-1]}"
     kind, kinds = ("label", "labels") if recipe.task.type == "multi_label" else ("class", "classes")
     return (f"few labels: {per} per {kind} ({len(values)} {kinds}); training.method: contrastive usually beats full "
-            "fine-tuning here (docs/guides/few-labels.md)")
+            "fine-tuning here, more so with training.contrastive.label_template where the class names are words "
+            "(docs/guides/few-labels.md)")

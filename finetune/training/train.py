@@ -296,7 +296,7 @@ def _train(recipe: Recipe, resume_run: bool, nested: bool, hooks: TrainingHooks 
         with accelerator.main_process_first():  # the main process computes the teacher's outputs, the others read them
             data = teacher.add_teacher_outputs(data, recipe, pretrained.load_config(resolved).hidden_size)
     pair_phase = contrastive.train_body(recipe, data.raw_train[recipe.data.text_column], data.raw_train["labels"],
-                                        resolved.path, accelerator.device, threads) \
+                                        resolved.path, accelerator.device, threads, data.label_names) \
         if cfg.method == "contrastive" else None
     model, built, trainable = setup_model(recipe, task, start, data.label_names, pair_phase)
     new_weights = getattr(model, "finetune_new_weights", None) or NewWeights([], [], [])
