@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             f"transformers {info['transformers']}, sentence-transformers {info['sentence-transformers']}\n"
             f"command: python {shlex.join(['bench/fewshot.py', *(argv if argv is not None else sys.argv[1:])])}\n"
             f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}; {args.draws} draw(s) per N; "
-            f"{time.perf_counter() - started:.0f} s in all\n\n{table}\n")
+            f"{time.perf_counter() - started:.0f} s in all; label sentences: "
+            f"{f'{template!r} x {LABEL_EXAMPLES} per class' if template else 'none'}\n\n{table}\n")
     print(text)
     if args.markdown:
         args.markdown.write_text(text, encoding="utf-8")

@@ -35,6 +35,7 @@ def test_a_smoke_slice_draws_the_same_examples_for_every_method_and_writes_the_t
     assert "| SST-2 | 4 | " in table and "SST-2 N=4 draw 0 contrastive: accuracy" in out
     journal = (tmp_path / "bench-journal.jsonl").read_text()
     assert "training.contrastive.label_template=This sentence is {}." in journal  # ours with its label sentences
+    assert "label sentences: 'This sentence is {}.' x 8 per class" in table
 
 
 def test_setfit_names_needs_a_template(tiny_checkpoints, tmp_path, monkeypatch, capsys):

@@ -127,6 +127,8 @@ def _all(driver, css: str):
 
 def _submit_text(driver, text: str, box: str = "text") -> str:
     """Type a text in the form, press Predict, and wait for the drawn answer (or error); returns the state."""
+    # The page builds its form once GET /v1/model has answered: on a busy machine that is after the load event.
+    _wait(driver, lambda d: _all(d, f"#{box}"))
     field = _by_id(driver, box)
     field.clear()
     field.send_keys(text)
