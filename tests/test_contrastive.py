@@ -163,9 +163,9 @@ def test_multi_label_trains_on_label_overlap_pairs(tiny_checkpoints, tmp_path):
     run = mlflow.get_run(result.run_id)
     note = run.data.tags["finetune.training_method"]
     assert note.startswith("method contrastive: 48 pairs, 3 steps"), note
-    labels = len(Predictor.from_dir(result.best_dir).info.label_names)
-    assert f", {2 * labels} of the examples label-name sentences;" in note
-    assert Predictor.from_dir(result.best_dir).info.task == "multi_label"
+    info = Predictor.from_dir(result.best_dir).info
+    assert f", {2 * len(info.label_names)} of the examples label-name sentences;" in note
+    assert info.task == "multi_label"
 
 
 @pytest.mark.parametrize("family", ["bert", "distilbert", "roberta", "deberta-v2", "electra", "modernbert"])

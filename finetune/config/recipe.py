@@ -269,7 +269,7 @@ class ContrastiveSection(_Section):
     batch_size: int = Field(16, ge=1, le=MAX_COUNT)
     """Pairs per step of the pair phase."""
     label_template: str | None = None
-    """Where the class names are words (negative, Sports, billing), a sentence with {} where a name goes, e.g. "This sentence is {}.": for each class, label_examples copies of it with the class's name join the training split (as examples of that class; multi_label: of that label alone), so the pairs and the head also learn from what the names say. SetFit's templated examples; with 8 labelled sentences per class of SST-2 they added 7 to 12 points (BENCHMARKS.md). null: none. Leave it null where the names are codes (0, 1, LABEL_2)."""
+    """Where the class names are words (negative, Sports, billing), a sentence with {} where a name goes, e.g. "This sentence is {}.": for each class, label_examples copies of it with the class's name join the training split (as examples of that class; multi_label: of that label alone), so the pairs and the head also learn from what the names say. SetFit's templated examples; with 8 labelled sentences per class of SST-2 they added 9.5 points (8.5 to 10.3 by draw, BENCHMARKS.md). null: none. Leave it null where the names are codes (0, 1, LABEL_2)."""
     label_examples: int = Field(8, ge=1, le=10_000)
     """Copies of each class's label_template sentence in the training split."""
 
