@@ -26,6 +26,12 @@ training time (ours: the pair phase plus the loop's training time; SetFit: its t
     python bench/fewshot.py --methods contrastive standard         # without SetFit
     python bench/fewshot.py --methods contrastive setfit-names     # both given the label sentences
     python bench/fewshot.py --markdown results.md                  # also write the table for BENCHMARKS.md
+    python bench/fewshot.py --workdir runs/fewshot --resume        # go on where an earlier attempt stopped
+
+With --resume, each finished cell (set, N, draw, method) kept in the workdir's fewshot-cells.jsonl is reused, not run
+again, when it was measured with the same settings (label sentences, loss, test rows); a run of ours interrupted half
+way resumes from its checkpoint. The whole study takes longer than one sitting on 2 CPU cores, so it is built up over
+several.
 """
 
 from __future__ import annotations
@@ -146,6 +152,29 @@ def setfit(spec: dict, train: Path, test: Path, seed: int, template: str | None 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+class Cells:
+    """The cells (set, N, draw, method) measured in a workdir, one JSON line each, so that a study can be built up
+    over several sittings; a cell counts only for the settings it was measured with."""
+
+    def __init__(self, workdir: Path, settings: dict, reuse: bool):
+        self.path = workdir / "fewshot-cells.jsonl"
+        self.settings = settings
+        lines = self.path.read_text(encoding="utf-8").splitlines() if reuse and self.path.exists() else []
+        self.done = {}
+        for entry in map(json.loads, filter(None, lines)):
+            if entry["settings"] == settings:
+                self.done[(entry["set"], entry["n"], entry["draw"], entry["method"])] = entry["result"]
+
+    def get(self, key: tuple[str, int, int, str]) -> dict | None:
+        return self.done.get(key)
+
+    def add(self, key: tuple[str, int, int, str], result: dict) -> None:
+        self.done[key] = result
+        entry = dict(zip(("set", "n", "draw", "method"), key), settings=self.settings, result=result, time=time.time())
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
@@ -161,16 +190,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-test", type=int, default=None, help="score on the first N test rows only (smoke runs)")
     parser.add_argument("--workdir", type=Path, default=None, help="where runs and the MLflow store go (default: temp)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the markdown table to this file")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the cells an earlier attempt in --workdir finished with the same settings")
     args = parser.parse_args(argv)
     # Absolute: SetFit runs as a subprocess from inside the work folder, where a relative path would name nothing.
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="fewshot-"))).resolve()
-    runner = Runner(workdir)
+    runner = Runner(workdir, resume=args.resume)
     template = None if args.label_template.lower() == "none" else args.label_template
     if "setfit-names" in args.methods and template is None:
         parser.error("setfit-names needs a --label-template")
     named = [f"training.contrastive.label_template={template}",
              f"training.contrastive.label_examples={LABEL_EXAMPLES}"] if template else []
     results: dict[tuple[str, int, str], list[dict]] = {}
+    cells = Cells(workdir, {"label_template": template, "label_examples": LABEL_EXAMPLES if template else 0,
+                            "loss": args.loss, "max_test": args.max_test, "iterations": ITERATIONS,
+                            "pair_batch": PAIR_BATCH}, reuse=args.resume)
     started = time.perf_counter()
     for key in args.sets:
         spec = SETS[key]
@@ -181,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
             for d in range(args.draws):
                 train = write_jsonl(workdir / f"{key}-n{n}-d{d}.jsonl", draw(train_rows, spec["names"], n, d))
                 for method in args.methods:
+                    got = cells.get((key, n, d, method))
+                    if got is not None:
+                        print(f"{spec['name']} N={n} draw {d} {method}: accuracy {got['accuracy']:.4f}, "
+                              f"{got['seconds']:.1f} s (measured earlier)", flush=True)
+                        results.setdefault((key, n, method), []).append(got)
+                        continue
                     if method.startswith("setfit"):
                         got = setfit(spec, train, test, d, template if method == "setfit-names" else None)
                     else:
@@ -188,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                                    [*HEAD, f"training.contrastive.loss={args.loss}", *named] if method == "contrastive"
                                    else STANDARD)
                     results.setdefault((key, n, method), []).append(got)
+                    cells.add((key, n, d, method), got)
                     print(f"{spec['name']} N={n} draw {d} {method}: accuracy {got['accuracy']:.4f}, "
                           f"{got['seconds']:.1f} s", flush=True)
     header = ["set", "N per class", *[f"{m} accuracy" for m in args.methods], *[f"{m} s" for m in args.methods]]

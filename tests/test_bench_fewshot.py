@@ -16,7 +16,7 @@ def _tiny(monkeypatch, tiny_checkpoints):
     monkeypatch.setattr(module, "SHARED", DATA)  # the shipped SST-2 sample stands in for ../shared/data
     monkeypatch.setattr(module, "MODEL", str(tiny_checkpoints["bert"]))
     real = module.Runner
-    monkeypatch.setattr(module, "Runner", lambda workdir: real(workdir, in_process=True))
+    monkeypatch.setattr(module, "Runner", lambda workdir, **kw: real(workdir, in_process=True, **kw))
     return module
 
 
@@ -51,3 +51,22 @@ def test_setfit_without_its_venv_says_how_to_make_it(tiny_checkpoints, tmp_path,
     monkeypatch.setattr(module, "SETFIT_VENV", tmp_path / "no-venv")
     with pytest.raises(SystemExit, match="run bench/peers/setup_setfit.sh first"):
         module.main(["--sets", "sst2", "--ns", "2", "--draws", "1", "--methods", "setfit", "--workdir", str(tmp_path)])
+
+
+def test_resume_reuses_the_cells_measured_with_the_same_settings_and_only_those(tiny_checkpoints, tmp_path,
+                                                                                 monkeypatch, capsys):
+    module = _tiny(monkeypatch, tiny_checkpoints)
+    slice_ = ["--sets", "sst2", "--ns", "2", "--draws", "1", "--methods", "standard", "--max-test", "20",
+              "--workdir", str(tmp_path), "--resume"]
+    assert module.main(slice_) == 0
+    first = capsys.readouterr().out
+    journal = (tmp_path / "bench-journal.jsonl").read_text().splitlines()
+    assert module.main(slice_) == 0  # the same cell again: read back, not trained
+    again = capsys.readouterr().out
+    assert "SST-2 N=2 draw 0 standard: accuracy" in again and "(measured earlier)" in again
+    assert (tmp_path / "bench-journal.jsonl").read_text().splitlines() == journal
+    accuracy = first.split("standard: accuracy ")[1].split(",")[0]
+    assert f"standard: accuracy {accuracy}" in again
+    assert module.main([*slice_[:-3], "--max-test", "10", "--workdir", str(tmp_path), "--resume"]) == 0
+    assert "(measured earlier)" not in capsys.readouterr().out  # other test rows: measured anew
+    assert len((tmp_path / "bench-journal.jsonl").read_text().splitlines()) == len(journal) + 2
