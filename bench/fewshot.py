@@ -161,7 +161,11 @@ class Cells:
         self.settings = settings
         lines = self.path.read_text(encoding="utf-8").splitlines() if reuse and self.path.exists() else []
         self.done = {}
-        for entry in map(json.loads, filter(None, lines)):
+        for line in filter(None, lines):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # the last line of an attempt killed while writing it: measured again
+                continue
             if entry["settings"] == settings:
                 self.done[(entry["set"], entry["n"], entry["draw"], entry["method"])] = entry["result"]
 
@@ -171,8 +175,10 @@ class Cells:
     def add(self, key: tuple[str, int, int, str], result: dict) -> None:
         self.done[key] = result
         entry = dict(zip(("set", "n", "draw", "method"), key), settings=self.settings, result=result, time=time.time())
+        written = self.path.read_bytes() if self.path.exists() else b""
+        torn = bool(written) and not written.endswith(b"\n")
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+            f.write(("\n" if torn else "") + json.dumps(entry) + "\n")  # not glued to a torn last line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Absolute: SetFit runs as a subprocess from inside the work folder, where a relative path would name nothing.
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="fewshot-"))).resolve()
-    runner = Runner(workdir, resume=args.resume)
+    runner = Runner(workdir)
     template = None if args.label_template.lower() == "none" else args.label_template
     if "setfit-names" in args.methods and template is None:
         parser.error("setfit-names needs a --label-template")

@@ -61,6 +61,8 @@ def test_resume_reuses_the_cells_measured_with_the_same_settings_and_only_those(
     assert module.main(slice_) == 0
     first = capsys.readouterr().out
     journal = (tmp_path / "bench-journal.jsonl").read_text().splitlines()
+    with open(tmp_path / "fewshot-cells.jsonl", "a") as f:
+        f.write('{"set": "sst2", "n": 2, "dr')  # an attempt killed while writing its next cell
     assert module.main(slice_) == 0  # the same cell again: read back, not trained
     again = capsys.readouterr().out
     assert "SST-2 N=2 draw 0 standard: accuracy" in again and "(measured earlier)" in again
@@ -70,3 +72,5 @@ def test_resume_reuses_the_cells_measured_with_the_same_settings_and_only_those(
     assert module.main([*slice_[:-3], "--max-test", "10", "--workdir", str(tmp_path), "--resume"]) == 0
     assert "(measured earlier)" not in capsys.readouterr().out  # other test rows: measured anew
     assert len((tmp_path / "bench-journal.jsonl").read_text().splitlines()) == len(journal) + 2
+    assert module.main([*slice_[:-3], "--max-test", "10", "--workdir", str(tmp_path), "--resume"]) == 0
+    assert "(measured earlier)" in capsys.readouterr().out  # kept on a line of its own after the torn one
