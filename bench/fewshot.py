@@ -29,9 +29,9 @@ training time (ours: the pair phase plus the loop's training time; SetFit: its t
     python bench/fewshot.py --workdir runs/fewshot --resume        # go on where an earlier attempt stopped
 
 With --resume, each finished cell (set, N, draw, method) kept in the workdir's fewshot-cells.jsonl is reused, not run
-again, when it was measured with the same settings (label sentences, loss, test rows); a run of ours interrupted half
-way resumes from its checkpoint. The whole study takes longer than one sitting on 2 CPU cores, so it is built up over
-several.
+again, when it was measured with the same settings (label sentences, loss, test rows); a cell interrupted half way
+is measured again from its start (our runs here evaluate once, at the end, so they leave no checkpoint to resume).
+The whole study takes longer than one sitting on 2 CPU cores, so it is built up over several.
 """
 
 from __future__ import annotations

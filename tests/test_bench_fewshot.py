@@ -16,7 +16,7 @@ def _tiny(monkeypatch, tiny_checkpoints):
     monkeypatch.setattr(module, "SHARED", DATA)  # the shipped SST-2 sample stands in for ../shared/data
     monkeypatch.setattr(module, "MODEL", str(tiny_checkpoints["bert"]))
     real = module.Runner
-    monkeypatch.setattr(module, "Runner", lambda workdir, **kw: real(workdir, in_process=True, **kw))
+    monkeypatch.setattr(module, "Runner", lambda workdir: real(workdir, in_process=True))
     return module
 
 
