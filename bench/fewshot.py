@@ -159,12 +159,16 @@ class Cells:
     def __init__(self, workdir: Path, settings: dict, reuse: bool):
         self.path = workdir / "fewshot-cells.jsonl"
         self.settings = settings
-        lines = self.path.read_text(encoding="utf-8").splitlines() if reuse and self.path.exists() else []
+        written = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        # An attempt killed while writing its last cell left a torn line: the next cell starts a line of its own.
+        if written and not written.endswith("\n"):
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("\n")
         self.done = {}
-        for line in filter(None, lines):
+        for line in filter(None, written.splitlines() if reuse else []):
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:  # the last line of an attempt killed while writing it: measured again
+            except json.JSONDecodeError:  # that torn line: its cell is measured again
                 continue
             if entry["settings"] == settings:
                 self.done[(entry["set"], entry["n"], entry["draw"], entry["method"])] = entry["result"]
@@ -175,10 +179,8 @@ class Cells:
     def add(self, key: tuple[str, int, int, str], result: dict) -> None:
         self.done[key] = result
         entry = dict(zip(("set", "n", "draw", "method"), key), settings=self.settings, result=result, time=time.time())
-        written = self.path.read_bytes() if self.path.exists() else b""
-        torn = bool(written) and not written.endswith(b"\n")
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(("\n" if torn else "") + json.dumps(entry) + "\n")  # not glued to a torn last line
+            f.write(json.dumps(entry) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,21 +224,18 @@ def main(argv: list[str] | None = None) -> int:
                 train = write_jsonl(workdir / f"{key}-n{n}-d{d}.jsonl", draw(train_rows, spec["names"], n, d))
                 for method in args.methods:
                     got = cells.get((key, n, d, method))
-                    if got is not None:
-                        print(f"{spec['name']} N={n} draw {d} {method}: accuracy {got['accuracy']:.4f}, "
-                              f"{got['seconds']:.1f} s (measured earlier)", flush=True)
-                        results.setdefault((key, n, method), []).append(got)
-                        continue
-                    if method.startswith("setfit"):
-                        got = setfit(spec, train, test, d, template if method == "setfit-names" else None)
-                    else:
-                        got = ours(runner, spec, train, test, workdir / f"{key}-n{n}-d{d}-{method}", d,
-                                   [*HEAD, f"training.contrastive.loss={args.loss}", *named] if method == "contrastive"
-                                   else STANDARD)
+                    earlier = got is not None
+                    if not earlier:
+                        if method.startswith("setfit"):
+                            got = setfit(spec, train, test, d, template if method == "setfit-names" else None)
+                        else:
+                            got = ours(runner, spec, train, test, workdir / f"{key}-n{n}-d{d}-{method}", d,
+                                       [*HEAD, f"training.contrastive.loss={args.loss}", *named]
+                                       if method == "contrastive" else STANDARD)
+                        cells.add((key, n, d, method), got)
                     results.setdefault((key, n, method), []).append(got)
-                    cells.add((key, n, d, method), got)
                     print(f"{spec['name']} N={n} draw {d} {method}: accuracy {got['accuracy']:.4f}, "
-                          f"{got['seconds']:.1f} s", flush=True)
+                          f"{got['seconds']:.1f} s{' (measured earlier)' if earlier else ''}", flush=True)
     header = ["set", "N per class", *[f"{m} accuracy" for m in args.methods], *[f"{m} s" for m in args.methods]]
     rows = []
     for key in args.sets:
