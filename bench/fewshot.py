@@ -61,6 +61,10 @@ METHODS = ("contrastive", "setfit", "setfit-names", "standard")
 DEFAULT_METHODS = ("contrastive", "setfit", "standard")
 LABEL_TEMPLATE, LABEL_EXAMPLES = "This sentence is {}.", 8
 ITERATIONS, PAIR_BATCH = 20, 16
+METHOD_SETTINGS = {"contrastive": {"pair_phase": "the run's training precision"}}
+"""Settings of one method's cells beyond the shared ones: since 2026-12-07 our pair phase computes in the run's
+training precision (bf16 autocast where the CPU computes bf16 and it is faster there), so the cells measured before,
+with an fp32 pair phase, are measured again."""
 
 SETS = {
     "sst2": {"name": "SST-2", "train": "sst2/train.tsv", "test": "sst2/dev.tsv", "text": "sentence", "label": "label",
@@ -158,7 +162,7 @@ class Cells:
 
     def __init__(self, workdir: Path, settings: dict, reuse: bool):
         self.path = workdir / "fewshot-cells.jsonl"
-        self.settings = settings
+        self.settings = settings  # shared by every method; METHOD_SETTINGS adds a method's own
         written = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
         # An attempt killed while writing its last cell left a torn line: the next cell starts a line of its own.
         if written and not written.endswith("\n"):
@@ -170,15 +174,19 @@ class Cells:
                 entry = json.loads(line)
             except json.JSONDecodeError:  # that torn line: its cell is measured again
                 continue
-            if entry["settings"] == settings:
+            if entry["settings"] == self._settings(entry["method"]):
                 self.done[(entry["set"], entry["n"], entry["draw"], entry["method"])] = entry["result"]
+
+    def _settings(self, method: str) -> dict:
+        return {**self.settings, **METHOD_SETTINGS.get(method, {})}
 
     def get(self, key: tuple[str, int, int, str]) -> dict | None:
         return self.done.get(key)
 
     def add(self, key: tuple[str, int, int, str], result: dict) -> None:
         self.done[key] = result
-        entry = dict(zip(("set", "n", "draw", "method"), key), settings=self.settings, result=result, time=time.time())
+        entry = dict(zip(("set", "n", "draw", "method"), key), settings=self._settings(key[3]), result=result,
+                     time=time.time())
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
 

@@ -74,3 +74,19 @@ def test_resume_reuses_the_cells_measured_with_the_same_settings_and_only_those(
     assert len((tmp_path / "bench-journal.jsonl").read_text().splitlines()) == len(journal) + 2
     assert module.main([*slice_[:-3], "--max-test", "10", "--workdir", str(tmp_path), "--resume"]) == 0
     assert "(measured earlier)" in capsys.readouterr().out  # kept on a line of its own after the torn one
+
+
+def test_a_contrastive_cell_measured_before_the_pair_phase_followed_the_runs_precision_is_measured_again(
+        tmp_path, monkeypatch, tiny_checkpoints):
+    module = _tiny(monkeypatch, tiny_checkpoints)
+    shared = {"label_template": None, "label_examples": 0, "loss": "cosine", "max_test": None, "iterations": 20,
+              "pair_batch": 16}
+    old = [{"set": "bbc", "n": 8, "draw": 0, "method": method, "settings": shared,
+            "result": {"accuracy": 0.9, "seconds": 1.0}} for method in ("contrastive", "setfit", "standard")]
+    (tmp_path / "fewshot-cells.jsonl").write_text("".join(json.dumps(e) + "\n" for e in old))
+    cells = module.Cells(tmp_path, shared, reuse=True)
+    assert cells.get(("bbc", 8, 0, "contrastive")) is None  # its pair phase was fp32 whatever the run's precision
+    assert cells.get(("bbc", 8, 0, "setfit")) == cells.get(("bbc", 8, 0, "standard")) == old[0]["result"]
+    cells.add(("bbc", 8, 0, "contrastive"), {"accuracy": 0.95, "seconds": 2.0})
+    assert module.Cells(tmp_path, shared, reuse=True).get(("bbc", 8, 0, "contrastive")) == {"accuracy": 0.95,
+                                                                                           "seconds": 2.0}

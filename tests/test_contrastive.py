@@ -182,6 +182,38 @@ def test_the_pair_phase_weights_fit_every_familys_task_model(tiny_checkpoints, f
     assert shared and all(torch.equal(installed[k], weights[k]) for k in shared)
 
 
+def test_the_pair_phase_follows_the_runs_precision(tiny_checkpoints, tmp_path):
+    """A run that trains in bf16 runs its pair phase (most of its time) under bf16 autocast too; fp32 stays fp32."""
+    import torch
+
+    rows = toy_rows(8, seed=1)
+    texts, labels = [t for t, _ in rows], np.array([label == "positive" for _, label in rows], dtype=np.int64)
+    phases, casts = {}, {}
+    real_forward = torch.nn.Linear.forward
+
+    def spy(self, x):
+        out = real_forward(self, x)
+        casts[precision].add(out.dtype)
+        return out
+
+    for precision in ("no", "bf16"):
+        casts[precision] = set()
+        recipe = Recipe.model_validate(toy_recipe(tiny_checkpoints["bert"], {"train": "t", "validation": "v"},
+                                                  "contrastive", tmp_path / precision))
+        recipe.training.mixed_precision = precision
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.nn.Linear, "forward", spy)
+            phases[precision] = contrastive.train_body(recipe, texts, labels, tiny_checkpoints["bert"],
+                                                       torch.device("cpu"))
+    assert casts == {"no": {torch.float32}, "bf16": {torch.bfloat16}}
+    assert (phases["no"].precision, phases["bf16"].precision) == ("fp32", "bf16 autocast")
+    assert ", bf16 autocast, last loss" in phases["bf16"].note
+    # The weights stay fp32 (autocast casts per operation), and both phases learned: the loss fell.
+    assert all(v.dtype == torch.float32 for v in phases["bf16"].weights.values() if v.is_floating_point())
+    for phase in phases.values():
+        assert phase.losses[-1][1] < phase.losses[0][1], phase.losses
+
+
 def test_pairs_follow_setfits_scheme():
     rng = np.random.default_rng(0)
     labels = np.array([0, 0, 0, 1, 1, 2, 2])

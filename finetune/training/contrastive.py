@@ -31,6 +31,7 @@ from finetune.data.loading import label_sentences
 from finetune.errors import DataError, TrainingDiverged
 from finetune.families import family_of
 from finetune.files import RefusedDocument, read_json
+from finetune.training.speed import describe_pair_phase_precision, pair_phase_autocast
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ class PairPhase:
     steps: int
     loss: str
     seconds: float
+    precision: str = "fp32"
+    """How the pair phase computed: fp32 or bf16 autocast (the run's training precision, `pair_phase_autocast`)."""
     losses: list[tuple[int, float]] = field(default_factory=list)
     """(step, mean loss since the previous entry), every training.logging_steps steps and at the last."""
     label_sentences: int = 0
@@ -104,7 +107,7 @@ class PairPhase:
         last = f", last loss {self.losses[-1][1]:.4f}" if self.losses else ""
         named = f", {self.label_sentences:,} of the examples label-name sentences" if self.label_sentences else ""
         return (f"method contrastive: {self.pairs:,} pairs, {self.steps:,} steps, loss {self.loss}, pooling "
-                f"{self.pooling}{last}, {self.seconds:.1f} s{named}; then the head trained as the training section "
+                f"{self.pooling}, {self.precision}{last}, {self.seconds:.1f} s{named}; then the head trained as the training section "
                 "says.")
 
     def install(self, model: Any) -> None:
@@ -167,6 +170,7 @@ def train_body(recipe: Recipe, texts: Sequence[str], labels: Any, path: str | Pa
     steps = math.ceil(len(order) / pair_cfg.batch_size)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(0.1 * steps), steps)
     texts = list(texts)
+    autocast = pair_phase_autocast(recipe, device)
     started, window, losses = time.perf_counter(), [], []
     for step in range(steps):
         if threads is not None:
@@ -174,7 +178,8 @@ def train_body(recipe: Recipe, texts: Sequence[str], labels: Any, path: str | Pa
         batch = [pairs[k] for k in order[step * pair_cfg.batch_size:(step + 1) * pair_cfg.batch_size]]
         left = _features(body, [texts[i] for i, _, _ in batch], device)
         right = _features(body, [texts[j] for _, j, _ in batch], device)
-        loss = loss_fn([left, right], torch.tensor([t for _, _, t in batch], device=device))
+        with autocast:  # the forward and the loss; the backward pass follows autocast's casts by itself
+            loss = loss_fn([left, right], torch.tensor([t for _, _, t in batch], device=device))
         loss.backward()
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(body.parameters(), cfg.max_grad_norm)
@@ -189,8 +194,8 @@ def train_body(recipe: Recipe, texts: Sequence[str], labels: Any, path: str | Pa
                 raise TrainingDiverged(f"training.contrastive: the pair loss is not a finite number at step {step + 1}; "
                                  "try a lower training.contrastive.learning_rate")
     weights = {k: v.detach().cpu().clone() for k, v in body[0].auto_model.state_dict().items()}
-    phase = PairPhase(weights, pooling, len(order), steps, pair_cfg.loss, time.perf_counter() - started, losses,
-                      len(label_sentences(recipe, label_names)))
+    phase = PairPhase(weights, pooling, len(order), steps, pair_cfg.loss, time.perf_counter() - started,
+                      describe_pair_phase_precision(recipe), losses, len(label_sentences(recipe, label_names)))
     log.info(phase.note)
     return phase
 
