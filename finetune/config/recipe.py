@@ -309,7 +309,7 @@ class TrainingSection(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0, le=1e6)
     """Clip the global gradient norm to this (null: no clipping)."""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    """auto: bf16 on GPUs that support it, else fp16 on GPU; on a CPU, bf16 for the training forward pass when the CPU computes bf16 natively (AVX512-BF16 or AMX) and a start-up measurement finds it at least 1.1x faster than fp32 there, else fp32. Evaluation on a CPU always runs in fp32, as serving does. fp16 needs a GPU. Block-sparse BigBird follows the same rule: its sparse attention core alone is computed in fp32 (transformers' fails under autocast), every linear layer in the chosen precision."""
+    """auto: bf16 on GPUs that support it, else fp16 on GPU; on a CPU, bf16 for the training forward pass when the CPU computes bf16 natively (AVX512-BF16 or AMX) and a start-up measurement finds it at least 1.1x faster than fp32 there, else fp32. Evaluation on a CPU always runs in fp32, as serving does. training.method contrastive's pair phase computes in bf16 autocast too when this resolves to bf16 (on a GPU with fp16, the pair phase stays fp32). fp16 needs a GPU. Block-sparse BigBird follows the same rule: its sparse attention core alone is computed in fp32 (transformers' fails under autocast), every linear layer in the chosen precision."""
     eval_strategy: Literal["epoch", "steps"] = "epoch"
     """Evaluate after every epoch, or every `eval_steps` optimizer steps."""
     eval_steps: int | None = Field(None, ge=1, le=MAX_COUNT)
