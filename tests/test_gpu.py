@@ -1,8 +1,8 @@
 """What only CUDA has (issue 37): run on a GPU by bench/gpu_check.py (`-m gpu`); skipped without CUDA.
 
 Mixed-precision training steps through finetune's real loop (bf16, and fp16 with Accelerate's GradScaler), resuming
-a GPU run, GPU memory in the run's metrics, Accelerate placing the model and batches on cuda, and serving on the GPU
-answering the labels the CPU answers.
+a GPU run, GPU memory in the run's metrics, Accelerate placing the model and batches on cuda, the contrastive
+method's pair phase in the run's precision, and serving on the GPU answering the labels the CPU answers.
 """
 
 from __future__ import annotations
@@ -124,3 +124,20 @@ def test_the_server_on_the_gpu_answers_the_labels_the_cpu_answers(tiny_checkpoin
     assert next(gpu_predictor.model.parameters()).device.type == "cuda"
     gpu = [p["label"] for p in gpu_predictor.predict(texts)]
     assert gpu == cpu
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_the_contrastive_pair_phase_on_the_gpu_follows_the_runs_precision(tiny_checkpoints, tmp_path, precision):
+    """training.method contrastive end to end on cuda: the pair phase computes in bf16 autocast where the run trains
+    in bf16, and in fp32 where it trains in fp16 (no loss scaler outside Accelerate's loop); the head then trains."""
+    import mlflow
+
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    recipe = _gpu_recipe(tiny_checkpoints["bert"], tmp_path, precision, method="contrastive", freeze="encoder",
+                         contrastive={"iterations": 2, "max_pairs": 32, "label_template": "About {}."})
+    _, result = _train(recipe)
+    note = mlflow.get_run(result.run_id).data.tags["finetune.training_method"]
+    expected = "bf16 autocast" if precision == "bf16" else "fp32"
+    assert note.startswith("method contrastive: 32 pairs, 2 steps, loss cosine, pooling ") and f", {expected}, " in note
+    assert math.isfinite(result.best_metrics["loss"])
