@@ -5,7 +5,9 @@ where the run trains in bf16. This measures what that buys on this machine: the 
 examples (bench/fewshot.py's draw, with its label sentences), the same number of steps, once in fp32 and once in bf16
 autocast, alternating over several rounds so that drift in the machine's speed falls on both. Figures: seconds per
 pair step (the median of the rounds) and bf16's speed-up over fp32. The weights each precision trains are compared
-too (largest difference), since a speed-up that changed the result would be no speed-up.
+too (largest difference), since a speed-up that changed the result would be no speed-up. bf16 is asked for
+explicitly, so on a CPU that does not compute bf16 natively (where `mixed_precision: auto` keeps fp32) the figure
+shows what auto avoids.
 
     python bench/pair_phase.py                               # BBC News at 8 per class, 12 steps, 2 rounds
     python bench/pair_phase.py --sets sst2 agnews bbc --steps 40 --rounds 3
