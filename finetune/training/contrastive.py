@@ -107,8 +107,8 @@ class PairPhase:
         last = f", last loss {self.losses[-1][1]:.4f}" if self.losses else ""
         named = f", {self.label_sentences:,} of the examples label-name sentences" if self.label_sentences else ""
         return (f"method contrastive: {self.pairs:,} pairs, {self.steps:,} steps, loss {self.loss}, pooling "
-                f"{self.pooling}, {self.precision}{last}, {self.seconds:.1f} s{named}; then the head trained as the training section "
-                "says.")
+                f"{self.pooling}, {self.precision}{last}, {self.seconds:.1f} s{named}; then the head trained as the "
+                "training section says.")
 
     def install(self, model: Any) -> None:
         """Put the trained encoder weights into the run's task model (its encoder, found by the family)."""
