@@ -1,6 +1,6 @@
 """How fast training.method contrastive's pair phase runs in fp32 and in bf16 autocast, side by side (issue 36).
 
-The pair phase follows the run's training precision (`finetune.training.speed.pair_phase_autocast`): bf16 autocast
+The pair phase follows the run's training precision (`finetune.training.speed.pair_phase_bf16`): bf16 autocast
 where the run trains in bf16. This measures what that buys on this machine: the same pairs of the same drawn
 examples (bench/fewshot.py's draw, with its label sentences), the same number of steps, once in fp32 and once in bf16
 autocast, alternating over several rounds so that drift in the machine's speed falls on both. Figures: seconds per

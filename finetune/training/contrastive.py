@@ -16,6 +16,7 @@ set up an Accelerator state and reporting callbacks (MLflow's among them) of its
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -31,7 +32,7 @@ from finetune.data.loading import label_sentences
 from finetune.errors import DataError, TrainingDiverged
 from finetune.families import family_of
 from finetune.files import RefusedDocument, read_json
-from finetune.training.speed import describe_pair_phase_precision, pair_phase_autocast
+from finetune.training.speed import pair_phase_bf16
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class PairPhase:
     loss: str
     seconds: float
     precision: str = "fp32"
-    """How the pair phase computed: fp32 or bf16 autocast (the run's training precision, `pair_phase_autocast`)."""
+    """How the pair phase computed: fp32 or bf16 autocast (the run's training precision, `pair_phase_bf16`)."""
     losses: list[tuple[int, float]] = field(default_factory=list)
     """(step, mean loss since the previous entry), every training.logging_steps steps and at the last."""
     label_sentences: int = 0
@@ -173,7 +174,8 @@ def train_body(recipe: Recipe, texts: Sequence[str], labels: Any, path: str | Pa
     steps = math.ceil(len(order) / pair_cfg.batch_size)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(0.1 * steps), steps)
     texts = list(texts)
-    autocast = pair_phase_autocast(recipe, device)
+    bf16 = pair_phase_bf16(recipe)  # decided once: the autocast below and the note say the same
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     started, window, losses = time.perf_counter(), [], []
     for step in range(steps):
         if threads is not None:
@@ -198,7 +200,7 @@ def train_body(recipe: Recipe, texts: Sequence[str], labels: Any, path: str | Pa
                                  "try a lower training.contrastive.learning_rate")
     weights = {k: v.detach().cpu().clone() for k, v in body[0].auto_model.state_dict().items()}
     phase = PairPhase(weights, pooling, len(order), steps, pair_cfg.loss, time.perf_counter() - started,
-                      describe_pair_phase_precision(recipe), losses, len(label_sentences(recipe, label_names)))
+                      "bf16 autocast" if bf16 else "fp32", losses, len(label_sentences(recipe, label_names)))
     log.info(phase.note)
     return phase
 

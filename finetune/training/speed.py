@@ -86,19 +86,12 @@ def training_autocast(recipe: Recipe) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def pair_phase_autocast(recipe: Recipe, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for the contrastive pair phase (`finetune.training.contrastive`) when the run trains in bf16, on a
-    CPU or a GPU; fp32 otherwise. The pair phase is most of such a run's time and runs outside Accelerate's prepared
-    loop, so it follows the run's precision here. fp16 (GPUs without bf16) keeps the pair phase in fp32: fp16 needs
-    a loss scaler, and the pair phase has no Accelerate optimizer to carry one."""
-    if precision(recipe) != "bf16":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-
-
-def describe_pair_phase_precision(recipe: Recipe) -> str:
-    """How the pair phase computes (`pair_phase_autocast`), for its note: `bf16 autocast` or `fp32`."""
-    return "bf16 autocast" if precision(recipe) == "bf16" else "fp32"
+def pair_phase_bf16(recipe: Recipe) -> bool:
+    """Whether the contrastive pair phase (`finetune.training.contrastive`) computes under bf16 autocast: when the run
+    trains in bf16, on a CPU or a GPU. The pair phase is most of such a run's time and runs outside Accelerate's
+    prepared loop, so it follows the run's precision here. fp16 (GPUs without bf16) keeps the pair phase in fp32: fp16
+    needs a loss scaler, and the pair phase has no Accelerate optimizer to carry one."""
+    return precision(recipe) == "bf16"
 
 
 def prepare_model(model: torch.nn.Module, cfg: TrainingSection) -> torch.nn.Module:
