@@ -125,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws", nargs="+", type=int, default=list(range(5)))
     parser.add_argument("--seeds", type=int, default=3, help="seeds of our head, averaged")
     args = parser.parse_args(argv)
+    import transformers
+
     from finetune.config.recipe import load_recipe
+
+    transformers.logging.set_verbosity_error()  # each body's load report (the classifier it does not load) is noise here
     from finetune.data.loading import label_sentences
 
     started, pooler, rows = time.perf_counter(), checkpoint_pooler(), []
