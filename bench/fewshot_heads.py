@@ -83,7 +83,9 @@ def our_head(x: np.ndarray, y: np.ndarray, test: np.ndarray, classes: int, poole
     torch.nn.init.normal_(classifier.weight, std=0.02)
     torch.nn.init.zeros_(classifier.bias)
     params = [*dense.parameters(), *classifier.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    groups = [{"params": [dense.weight, classifier.weight]},  # decay on weight matrices only, as the run's optimizer
+              {"params": [dense.bias, classifier.bias], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     inputs, labels = torch.tensor(x), torch.tensor(y)
     steps = EPOCHS * -(-len(inputs) // BATCH)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
