@@ -44,21 +44,25 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def embed(folder: Path, texts: list[str], max_length: int) -> np.ndarray:
-    """The mean of the final hidden states over each text's tokens: what the run's head reads (model.pooling mean)."""
+def embed(folder: Path, splits: list[list[str]], max_length: int) -> list[np.ndarray]:
+    """For each list of texts, the mean of the final hidden states over each text's tokens: what the run's head reads
+    (model.pooling mean). The body is loaded once for all the lists."""
     from transformers import AutoModel, AutoTokenizer
 
     from finetune.families.pooling import masked_mean
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     encoder = AutoModel.from_pretrained(folder, use_safetensors=True).eval()
-    out = []
+    embedded = []
     with torch.inference_mode():
-        for i in range(0, len(texts), 32):
-            batch = tokenizer(texts[i:i + 32], padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt")
-            out.append(masked_mean(encoder(**batch).last_hidden_state, batch["attention_mask"]))
-    return torch.cat(out).float().numpy()
+        for texts in splits:
+            out = []
+            for i in range(0, len(texts), 32):
+                batch = tokenizer(texts[i:i + 32], padding=True, truncation=True, max_length=max_length,
+                                  return_tensors="pt")
+                out.append(masked_mean(encoder(**batch).last_hidden_state, batch["attention_mask"]))
+            embedded.append(torch.cat(out).float().numpy())
+    return embedded
 
 
 def checkpoint_pooler() -> dict[str, torch.Tensor] | None:
@@ -73,7 +77,8 @@ def checkpoint_pooler() -> dict[str, torch.Tensor] | None:
     return dense.state_dict() if isinstance(dense, torch.nn.Linear) else None
 
 
-def our_head(x: np.ndarray, y: np.ndarray, test: np.ndarray, classes: int, pooler: dict | None, seed: int) -> np.ndarray:
+def our_head(x: np.ndarray, y: np.ndarray, test: np.ndarray, classes: int, pooler: dict | None,
+             seed: int) -> np.ndarray:
     """Predictions of a dense + tanh + classifier head trained as bench/fewshot.py's head phase trains ours."""
     torch.manual_seed(seed)
     width = x.shape[1]
@@ -130,27 +135,27 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from finetune.config.recipe import load_recipe
-
-    transformers.logging.set_verbosity_error()  # each body's load report (the classifier it does not load) is noise here
     from finetune.data.loading import label_sentences
 
+    transformers.logging.set_verbosity_error()  # each body's load report (the unloaded classifier) is noise
     started, pooler, rows = time.perf_counter(), checkpoint_pooler(), []
     for key in args.sets:
         spec, names = fewshot.SETS[key], fewshot.SETS[key]["names"]
         test_path = args.workdir / f"{key}-test.jsonl"
+        if not test_path.is_file():
+            continue
+        test = read_jsonl(test_path)  # the same split for every N and draw of the set
+        test_texts, gold = [r["text"] for r in test], np.array([names.index(r["label"]) for r in test])
         for n in args.ns:
             for d in args.draws:
                 body = args.workdir / f"{key}-n{n}-d{d}-contrastive" / "best"
-                if not (body / "model.safetensors").is_file() or not test_path.is_file():
+                if not (body / "model.safetensors").is_file():
                     continue
                 train = read_jsonl(args.workdir / f"{key}-n{n}-d{d}.jsonl")
                 extra = label_sentences(load_recipe(body / "recipe.yaml"), names)
                 texts = [r["text"] for r in train] + [text for text, _ in extra]
                 y = np.array([names.index(r["label"]) for r in train] + [names.index(name) for _, name in extra])
-                test = read_jsonl(test_path)
-                gold = np.array([names.index(r["label"]) for r in test])
-                x = embed(body, texts, spec["max_length"])
-                t = embed(body, [r["text"] for r in test], spec["max_length"])
+                x, t = embed(body, [texts, test_texts], spec["max_length"])
                 got = heads(x, y, t, gold, len(names), pooler, args.seeds)
                 norm = float(np.linalg.norm(x, axis=1).mean())
                 print(f"{spec['name']} N={n} draw {d}: " + ", ".join(f"{h} {got[h]:.4f}" for h in HEADS)

@@ -35,11 +35,12 @@ def test_a_smoke_run_reads_the_body_a_fewshot_cell_saved_with_its_label_sentence
                          "--workdir", str(tmp_path)]) == 0
     embedded = []
     real_embed = module.embed
-    monkeypatch.setattr(module, "embed", lambda folder, texts, n: embedded.append(texts) or real_embed(folder, texts, n))
+    monkeypatch.setattr(module, "embed",
+                        lambda folder, splits, n: embedded.append(splits) or real_embed(folder, splits, n))
     capsys.readouterr()
     assert module.main(["--workdir", str(tmp_path), "--sets", "sst2", "--ns", "4", "--draws", "0", "--seeds", "1"]) == 0
     out = capsys.readouterr().out
-    train, test = embedded
+    [(train, test)] = embedded  # one load of the body for both
     assert len(train) == 2 * 4 + 2 * 8 and "This sentence is positive." in train  # the draw and the run's sentences
     assert len(test) == 30
     row = next(line for line in out.splitlines() if line.startswith("| SST-2 | 4 | 0 |"))
