@@ -25,6 +25,7 @@ training time (ours: the pair phase plus the loop's training time; SetFit: its t
     python bench/fewshot.py --sets sst2 --ns 8 --draws 1           # a smoke slice
     python bench/fewshot.py --methods contrastive standard         # without SetFit
     python bench/fewshot.py --methods contrastive setfit-names     # both given the label sentences
+    python bench/fewshot.py --methods contrastive --sampling unique  # ours with SetFit 1.2's pair sampling
     python bench/fewshot.py --markdown results.md                  # also write the table for BENCHMARKS.md
     python bench/fewshot.py --workdir runs/fewshot --resume        # go on where an earlier attempt stopped
 
@@ -160,9 +161,10 @@ class Cells:
     """The cells (set, N, draw, method) measured in a workdir, one JSON line each, so that a study can be built up
     over several sittings; a cell counts only for the settings it was measured with."""
 
-    def __init__(self, workdir: Path, settings: dict, reuse: bool):
+    def __init__(self, workdir: Path, settings: dict, reuse: bool, own: dict[str, dict] | None = None):
         self.path = workdir / "fewshot-cells.jsonl"
-        self.settings = settings  # shared by every method; METHOD_SETTINGS adds a method's own
+        self.settings = settings  # shared by every method; METHOD_SETTINGS and `own` add a method's own
+        self.own = own or {}
         written = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
         # An attempt killed while writing its last cell left a torn line: the next cell starts a line of its own.
         if written and not written.endswith("\n"):
@@ -178,7 +180,7 @@ class Cells:
                 self.done[(entry["set"], entry["n"], entry["draw"], entry["method"])] = entry["result"]
 
     def _settings(self, method: str) -> dict:
-        return {**self.settings, **METHOD_SETTINGS.get(method, {})}
+        return {**self.settings, **METHOD_SETTINGS.get(method, {}), **self.own.get(method, {})}
 
     def get(self, key: tuple[str, int, int, str]) -> dict | None:
         return self.done.get(key)
@@ -203,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"({LABEL_EXAMPLES} sentences per class); 'none': without (default {LABEL_TEMPLATE!r})")
     parser.add_argument("--loss", choices=["cosine", "cosent"], default="cosine",
                         help="training.contrastive.loss of the contrastive method")
+    parser.add_argument("--sampling", choices=["random", "unique"], default="random",
+                        help="training.contrastive.sampling of the contrastive method (unique: SetFit 1.2's pairs)")
     parser.add_argument("--max-test", type=int, default=None, help="score on the first N test rows only (smoke runs)")
     parser.add_argument("--workdir", type=Path, default=None, help="where runs and the MLflow store go (default: temp)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the markdown table to this file")
@@ -220,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, int, str], list[dict]] = {}
     cells = Cells(workdir, {"label_template": template, "label_examples": LABEL_EXAMPLES if template else 0,
                             "loss": args.loss, "max_test": args.max_test, "iterations": ITERATIONS,
-                            "pair_batch": PAIR_BATCH}, reuse=args.resume)
+                            "pair_batch": PAIR_BATCH}, reuse=args.resume,
+                  # only when not the default, so that the cells measured before the choice existed still count
+                  own={"contrastive": {"sampling": args.sampling}} if args.sampling != "random" else None)
     started = time.perf_counter()
     for key in args.sets:
         spec = SETS[key]
@@ -238,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                             got = setfit(spec, train, test, d, template if method == "setfit-names" else None)
                         else:
                             got = ours(runner, spec, train, test, workdir / f"{key}-n{n}-d{d}-{method}", d,
-                                       [*HEAD, f"training.contrastive.loss={args.loss}", *named]
+                                       [*HEAD, f"training.contrastive.loss={args.loss}",
+                                        f"training.contrastive.sampling={args.sampling}", *named]
                                        if method == "contrastive" else STANDARD)
                         cells.add((key, n, d, method), got)
                     results.setdefault((key, n, method), []).append(got)

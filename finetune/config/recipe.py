@@ -260,6 +260,8 @@ CONTRASTIVE_TASKS = ("classification", "multi_label")
 class ContrastiveSection(_Section):
     iterations: int = Field(20, ge=1, le=10_000)
     """Rounds of pair sampling (SetFit's num_iterations): in each, every training example gets one positive pair (another example of its class; multi_label: one sharing a label) and one negative pair (one of another class; multi_label: sharing none), so 2 x iterations pairs per example."""
+    sampling: Literal["random", "unique"] = "random"
+    """How the partners are picked, for the same number of pairs: random (each example's positive and negative partner drawn at random in every round) or unique (SetFit 1.2's: every distinct pair of examples, an example with itself as a positive included, taken in a shuffled order and cycled until each kind has iterations x examples pairs, so every pair is seen about equally often)."""
     max_pairs: int | None = Field(None, ge=1, le=MAX_COUNT)
     """At most this many pairs (a random subset of the sampled ones, with training.seed); null: all."""
     loss: Literal["cosine", "cosent"] = "cosine"

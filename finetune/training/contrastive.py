@@ -60,16 +60,22 @@ def body_pooling(path: str | Path, asked: str) -> str:
     return "mean"
 
 
-def sample_pairs(labels: np.ndarray, iterations: int, rng: np.random.Generator) -> list[tuple[int, int, float]]:
-    """SetFit's pairs: in each of `iterations` rounds, for every example one positive partner (same class; multi_label,
-    a label vector sharing a label) and one negative (another class; sharing none), drawn at random. An example with
-    no possible partner of a kind gets none of that kind. Returns (index, index, 1.0 or 0.0) triples."""
+def sample_pairs(labels: np.ndarray, iterations: int, rng: np.random.Generator,
+                 sampling: str = "random") -> list[tuple[int, int, float]]:
+    """SetFit's pairs, iterations x examples of each kind (positive: same class, multi_label sharing a label; negative:
+    another class, sharing none). random: in each of `iterations` rounds, every example gets one positive and one
+    negative partner drawn at random; an example with no possible partner of a kind gets none of that kind. unique
+    (SetFit 1.2's sampler): every distinct pair, an example with itself included as a positive, in a shuffled order,
+    cycled until each kind has its count, so every pair is seen about equally often. Returns (index, index, 1.0 or 0.0)
+    triples."""
     labels = np.asarray(labels)
     if labels.ndim == 1:
         same = labels[:, None] == labels[None, :]
     else:
         hot = labels > 0
         same = (hot.astype(np.int64) @ hot.T.astype(np.int64)) > 0
+    if sampling == "unique":
+        return _unique_pairs(same, iterations, rng)
     np.fill_diagonal(same, False)
     other = ~same
     np.fill_diagonal(other, False)
@@ -82,6 +88,24 @@ def sample_pairs(labels: np.ndarray, iterations: int, rng: np.random.Generator) 
                 pairs.append((i, int(rng.choice(positives[i])), 1.0))
             if len(negatives[i]):
                 pairs.append((i, int(rng.choice(negatives[i])), 0.0))
+    return pairs
+
+
+def _unique_pairs(same: np.ndarray, iterations: int, rng: np.random.Generator) -> list[tuple[int, int, float]]:
+    # Written after SetFit 1.2's ContrastiveDataset (num_iterations given), which shuffles with a fixed seed of its
+    # own; here training.seed shuffles, as for the random partners.
+    n = len(same)
+    rows, cols = np.triu_indices(n)
+    order = rng.permutation(len(rows))
+    rows, cols = rows[order], cols[order]
+    positive = same[rows, cols]  # the diagonal: itself, a positive wherever the example has a class or a label
+    wanted = iterations * n
+    pairs: list[tuple[int, int, float]] = []
+    for target, kind in ((1.0, positive), (0.0, ~positive & (rows != cols))):
+        found = np.flatnonzero(kind)
+        if len(found):
+            taken = found[np.arange(wanted) % len(found)]
+            pairs += [(int(i), int(j), target) for i, j in zip(rows[taken], cols[taken])]
     return pairs
 
 
@@ -101,13 +125,16 @@ class PairPhase:
     """(step, mean loss since the previous entry), every training.logging_steps steps and at the last."""
     label_sentences: int = 0
     """How many of the examples were training.contrastive.label_template's sentences."""
+    sampling: str = "random"
+    """training.contrastive.sampling: how the pairs' partners were picked."""
 
     @property
     def note(self) -> str:
         """One line for the run header, the model card and MLflow: how the encoder was trained."""
         last = f", last loss {self.losses[-1][1]:.4f}" if self.losses else ""
         named = f", {self.label_sentences:,} of the examples label-name sentences" if self.label_sentences else ""
-        return (f"method contrastive: {self.pairs:,} pairs, {self.steps:,} steps, loss {self.loss}, pooling "
+        unique = " (every distinct pair, cycled)" if self.sampling == "unique" else ""
+        return (f"method contrastive: {self.pairs:,} pairs{unique}, {self.steps:,} steps, loss {self.loss}, pooling "
                 f"{self.pooling}, {self.precision}{last}, {self.seconds:.1f} s{named}; then the head trained as the "
                 "training section says.")
 
@@ -158,7 +185,7 @@ def train_body(recipe: Recipe, texts: Sequence[str], labels: Any, path: str | Pa
 
     cfg, pair_cfg = recipe.training, recipe.training.contrastive
     rng = np.random.default_rng(cfg.seed)
-    pairs = sample_pairs(np.asarray(labels), pair_cfg.iterations, rng)
+    pairs = sample_pairs(np.asarray(labels), pair_cfg.iterations, rng, pair_cfg.sampling)
     if not pairs:
         raise DataError("training.method: contrastive found no pairs to train on: the training split needs at least "
                          "two examples of one class, or of two classes")
@@ -200,7 +227,8 @@ def train_body(recipe: Recipe, texts: Sequence[str], labels: Any, path: str | Pa
                                  "try a lower training.contrastive.learning_rate")
     weights = {k: v.detach().cpu().clone() for k, v in body[0].auto_model.state_dict().items()}
     phase = PairPhase(weights, pooling, len(order), steps, pair_cfg.loss, time.perf_counter() - started,
-                      "bf16 autocast" if bf16 else "fp32", losses, len(label_sentences(recipe, label_names)))
+                      "bf16 autocast" if bf16 else "fp32", losses, len(label_sentences(recipe, label_names)),
+                      pair_cfg.sampling)
     log.info(phase.note)
     return phase
 
