@@ -8,10 +8,12 @@ import os
 import random
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import datasets
 import mlflow
+
 import numpy as np
 import pytest
 
@@ -154,15 +156,18 @@ def test_the_saved_folder_serves(toy):
     assert got["score"] == pytest.approx(expected["score"], abs=1e-5)
 
 
-def test_multi_label_trains_on_label_overlap_pairs(tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("sampling", ["random", "unique"])
+def test_multi_label_trains_on_label_overlap_pairs(tiny_checkpoints, tmp_path, sampling):
     recipe = tiny_recipe(tiny_checkpoints["bert"], "multi_label", output_dir=str(tmp_path / "ml"),
                          training={"max_steps": 4, "batch_size": 16, "learning_rate": 1e-3, "method": "contrastive",
                                    "contrastive": {"iterations": 2, "max_pairs": 48, "label_template": "About {}.",
-                                                   "label_examples": 2}})
+                                                   "label_examples": 2, "sampling": sampling}})
     result = train.main(Recipe.model_validate(recipe))
     run = mlflow.get_run(result.run_id)
     note = run.data.tags["finetune.training_method"]
-    assert note.startswith("method contrastive: 48 pairs, 3 steps"), note
+    said = " (every distinct pair, cycled)" if sampling == "unique" else ""
+    assert note.startswith(f"method contrastive: 48 pairs{said}, 3 steps"), note
+    assert run.data.params["training.contrastive.sampling"] == sampling
     info = Predictor.from_dir(result.best_dir).info
     assert f", {2 * len(info.label_names)} of the examples label-name sentences;" in note
     assert info.task == "multi_label"
@@ -228,6 +233,32 @@ def test_pairs_follow_setfits_scheme():
         assert bool((hot[i] & hot[j]).any()) == (target == 1.0)
     assert not [p for p in pairs if p[0] == 3 and p[2] == 1.0]  # nothing else carries label 2
     assert contrastive.sample_pairs(hot, 2, np.random.default_rng(0)) == pairs  # seeded
+
+
+def test_unique_pairs_follow_setfit_12s_sampler():
+    labels = np.array([0, 0, 0, 1, 1, 2, 2])
+    pairs = contrastive.sample_pairs(labels, 3, np.random.default_rng(0), "unique")
+    positive = [(i, j) for i, j, t in pairs if t == 1.0]
+    negative = [(i, j) for i, j, t in pairs if t == 0.0]
+    # iterations x examples of each kind, as the random partners give
+    assert len(positive) == len(negative) == 3 * len(labels)
+    assert all(labels[i] == labels[j] for i, j in positive) and all(labels[i] != labels[j] for i, j in negative)
+    # every distinct pair, each example with itself among the positives (SetFit's combinations with replacement),
+    # cycled so that no pair is seen more than once more often than another
+    distinct_positive = {(i, j) for i in range(7) for j in range(i, 7) if labels[i] == labels[j]}
+    assert set(positive) == distinct_positive and len(distinct_positive) == 12
+    assert max(Counter(positive).values()) - min(Counter(positive).values()) <= 1
+    distinct_negative = {(i, j) for i in range(7) for j in range(i + 1, 7) if labels[i] != labels[j]}
+    assert set(negative) == distinct_negative and len(distinct_negative) == 16  # all of them, 5 of them twice
+    assert sorted(Counter(negative).values()) == [1] * 11 + [2] * 5
+    assert contrastive.sample_pairs(labels, 3, np.random.default_rng(0), "unique") == pairs  # seeded
+    assert contrastive.sample_pairs(labels, 3, np.random.default_rng(1), "unique") != pairs
+    # multi_label: an example without a label is nobody's positive, not even its own, and not its own negative
+    hot = np.array([[1, 0], [1, 1], [0, 1], [0, 0]])
+    pairs = contrastive.sample_pairs(hot, 2, np.random.default_rng(0), "unique")
+    assert (3, 3, 1.0) not in pairs and (3, 3, 0.0) not in pairs
+    for i, j, target in pairs:
+        assert bool((hot[i] & hot[j]).any()) == (target == 1.0)
 
 
 def test_auto_pooling_is_the_sentence_transformers_bodys(tmp_path):
