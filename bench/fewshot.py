@@ -26,6 +26,7 @@ training time (ours: the pair phase plus the loop's training time; SetFit: its t
     python bench/fewshot.py --methods contrastive standard         # without SetFit
     python bench/fewshot.py --methods contrastive setfit-names     # both given the label sentences
     python bench/fewshot.py --methods contrastive --sampling unique  # ours with SetFit 1.2's pair sampling
+    python bench/fewshot.py --sets bbc --long-inputs chunk         # ours reading whole articles in windows
     python bench/fewshot.py --markdown results.md                  # also write the table for BENCHMARKS.md
     python bench/fewshot.py --workdir runs/fewshot --resume        # go on where an earlier attempt stopped
 
@@ -207,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="training.contrastive.loss of the contrastive method")
     parser.add_argument("--sampling", choices=["random", "unique"], default="random",
                         help="training.contrastive.sampling of the contrastive method (unique: SetFit 1.2's pairs)")
+    parser.add_argument("--long-inputs", choices=["truncate", "chunk"], default="truncate",
+                        help="task.long_inputs of the contrastive method (chunk: the head trains on, and predicts "
+                             "from, every window of a long text)")
     parser.add_argument("--max-test", type=int, default=None, help="score on the first N test rows only (smoke runs)")
     parser.add_argument("--workdir", type=Path, default=None, help="where runs and the MLflow store go (default: temp)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the markdown table to this file")
@@ -226,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                             "loss": args.loss, "max_test": args.max_test, "iterations": ITERATIONS,
                             "pair_batch": PAIR_BATCH}, reuse=args.resume,
                   # only when not the default, so that the cells measured before the choice existed still count
-                  own={"contrastive": {"sampling": args.sampling}} if args.sampling != "random" else None)
+                  own={"contrastive": {k: v for k, v in (("sampling", args.sampling), ("long_inputs", args.long_inputs))
+                                       if v not in ("random", "truncate")}})
     started = time.perf_counter()
     for key in args.sets:
         spec = SETS[key]
@@ -245,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                         else:
                             got = ours(runner, spec, train, test, workdir / f"{key}-n{n}-d{d}-{method}", d,
                                        [*HEAD, f"training.contrastive.loss={args.loss}",
-                                        f"training.contrastive.sampling={args.sampling}", *named]
+                                        f"training.contrastive.sampling={args.sampling}",
+                                        f"task.long_inputs={args.long_inputs}", *named]
                                        if method == "contrastive" else STANDARD)
                         cells.add((key, n, d, method), got)
                     results.setdefault((key, n, method), []).append(got)

@@ -16,6 +16,7 @@ pipeline ends in a Normalize module). Figures: test accuracy per draw and head, 
 embeddings. Bodies whose family has no BERT-style pooler get the dense + tanh head freshly initialised.
 
     python bench/fewshot_heads.py --workdir runs/fewshot-bbc-8 --sets bbc --ns 8
+    python bench/fewshot_heads.py --workdir runs/fewshot-bbc-8 --sets bbc --ns 8 --head-texts drawn   # no sentences
 """
 
 from __future__ import annotations
@@ -131,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ns", nargs="+", type=int, default=[8, 16, 32, 64], help="examples per class")
     parser.add_argument("--draws", nargs="+", type=int, default=list(range(5)))
     parser.add_argument("--seeds", type=int, default=3, help="seeds of our head, averaged")
+    parser.add_argument("--head-texts", choices=["all", "drawn"], default="all",
+                        help="what the heads train on: all the run's training texts (with its label sentences, as "
+                             "the run's head did) or the drawn examples alone")
     args = parser.parse_args(argv)
     import transformers
 
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not (body / "model.safetensors").is_file():
                     continue
                 train = read_jsonl(args.workdir / f"{key}-n{n}-d{d}.jsonl")
-                extra = label_sentences(load_recipe(body / "recipe.yaml"), names)
+                extra = label_sentences(load_recipe(body / "recipe.yaml"), names) if args.head_texts == "all" else []
                 texts = [r["text"] for r in train] + [text for text, _ in extra]
                 y = np.array([names.index(r["label"]) for r in train] + [names.index(name) for _, name in extra])
                 x, t = embed(body, [texts, test_texts], spec["max_length"])
