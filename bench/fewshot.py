@@ -251,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                             got = ours(runner, spec, train, test, workdir / f"{key}-n{n}-d{d}-{method}", d,
                                        [*HEAD, f"training.contrastive.loss={args.loss}",
                                         f"training.contrastive.sampling={args.sampling}",
-                                        f"task.long_inputs={args.long_inputs}", *named]
+                                        f"task.long_inputs={args.long_inputs}", *named,
+                                        # a quarter of a window shared (64 tokens for BBC's 256, the default)
+                                        *([f"task.chunk_stride={spec['max_length'] // 4}"]
+                                          if args.long_inputs == "chunk" else [])]
                                        if method == "contrastive" else STANDARD)
                         cells.add((key, n, d, method), got)
                     results.setdefault((key, n, method), []).append(got)

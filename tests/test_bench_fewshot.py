@@ -90,3 +90,29 @@ def test_a_contrastive_cell_measured_before_the_pair_phase_followed_the_runs_pre
     cells.add(("bbc", 8, 0, "contrastive"), {"accuracy": 0.95, "seconds": 2.0})
     assert module.Cells(tmp_path, shared, reuse=True).get(("bbc", 8, 0, "contrastive")) == {"accuracy": 0.95,
                                                                                            "seconds": 2.0}
+
+
+def test_our_sampling_and_long_inputs_choices_keep_their_cells_apart(tmp_path, monkeypatch, tiny_checkpoints):
+    module = _tiny(monkeypatch, tiny_checkpoints)
+    shared = {"label_template": None, "label_examples": 0, "loss": "cosine", "max_test": None, "iterations": 20,
+              "pair_batch": 16}
+    plain = module.Cells(tmp_path, shared, reuse=True)
+    plain.add(("bbc", 8, 0, "contrastive"), {"accuracy": 0.93, "seconds": 1.0})
+    plain.add(("bbc", 8, 0, "setfit"), {"accuracy": 0.94, "seconds": 1.0})
+    chunked = module.Cells(tmp_path, shared, reuse=True, own={"contrastive": {"long_inputs": "chunk"}})
+    assert chunked.get(("bbc", 8, 0, "contrastive")) is None  # ours read the articles otherwise: measured anew
+    assert chunked.get(("bbc", 8, 0, "setfit")) == {"accuracy": 0.94, "seconds": 1.0}  # SetFit's cell still counts
+    chunked.add(("bbc", 8, 0, "contrastive"), {"accuracy": 0.95, "seconds": 2.0})
+    assert module.Cells(tmp_path, shared, reuse=True).get(("bbc", 8, 0, "contrastive"))["accuracy"] == 0.93
+    again = module.Cells(tmp_path, shared, reuse=True, own={"contrastive": {"long_inputs": "chunk"}})
+    assert again.get(("bbc", 8, 0, "contrastive"))["accuracy"] == 0.95
+
+
+def test_the_choices_reach_our_runs(tiny_checkpoints, tmp_path, monkeypatch):
+    module = _tiny(monkeypatch, tiny_checkpoints)
+    assert module.main(["--sets", "sst2", "--ns", "2", "--draws", "1", "--methods", "contrastive", "--max-test", "10",
+                        "--sampling", "unique", "--long-inputs", "chunk", "--workdir", str(tmp_path)]) == 0
+    journal = (tmp_path / "bench-journal.jsonl").read_text()
+    assert "training.contrastive.sampling=unique" in journal and "task.long_inputs=chunk" in journal
+    (cell,) = [json.loads(line) for line in (tmp_path / "fewshot-cells.jsonl").read_text().splitlines()]
+    assert cell["settings"]["sampling"] == "unique" and cell["settings"]["long_inputs"] == "chunk"

@@ -173,6 +173,32 @@ def test_multi_label_trains_on_label_overlap_pairs(tiny_checkpoints, tmp_path, s
     assert info.task == "multi_label"
 
 
+def test_long_texts_in_windows_pair_each_text_once_and_pool_the_windows(tiny_checkpoints, tmp_path):
+    # task.long_inputs: chunk with the contrastive method: the pair phase pairs texts (their first window, as a
+    # sentence-transformers body reads them), the head trains on every window, and a prediction pools the windows.
+    root = tmp_path / "data"
+    root.mkdir()
+    files = {}
+    for split, n, seed in (("train", 8, 1), ("validation", 8, 2)):
+        rows = toy_rows(n, seed)
+        text = {t: " ".join(f"{t} {u}" for u, _ in rows[:3]) for t, _ in rows}  # each text several windows long
+        (root / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{text[t]}\t{y}\n" for t, y in rows))
+        files[split] = str(root / f"{split}.tsv")
+    recipe = toy_recipe(tiny_checkpoints["bert"], files, "contrastive", tmp_path / "run")
+    recipe["model"]["max_length"] = 16
+    recipe["task"] = {"type": "classification", "long_inputs": "chunk", "chunk_stride": 4}
+    recipe["training"] |= {"max_steps": 6, "contrastive": {"iterations": 2, "batch_size": 16}}
+    result = train.main(Recipe.model_validate(recipe))
+    note = mlflow.get_run(result.run_id).data.tags["finetune.training_method"]
+    assert note.startswith("method contrastive: 64 pairs, 4 steps"), note  # 2 x 2 iterations x 16 texts
+    predictor = Predictor.from_dir(result.best_dir)
+    assert predictor.settings.long_inputs == "chunk"
+    long_text = next(iter(text.values()))
+    encoded = predictor.encode_inputs([long_text])
+    assert len(encoded.features) > 1 and set(encoded.owner) == {0}
+    assert predictor.predict([long_text])[0]["truncated"] is False
+
+
 @pytest.mark.parametrize("family", ["bert", "distilbert", "roberta", "deberta-v2", "electra", "modernbert"])
 def test_the_pair_phase_weights_fit_every_familys_task_model(tiny_checkpoints, family):
     import torch
