@@ -47,5 +47,11 @@ def test_a_smoke_run_reads_the_body_a_fewshot_cell_saved_with_its_label_sentence
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert all(0.0 <= float(c) <= 1.0 for c in cells[3:7]) and float(cells[7]) > 0
     assert "command: python bench/fewshot_heads.py --workdir" in out
+    embedded.clear()
+    assert module.main(["--workdir", str(tmp_path), "--sets", "sst2", "--ns", "4", "--draws", "0", "--seeds", "1",
+                        "--head-texts", "drawn"]) == 0
+    [(train, _)] = embedded
+    assert len(train) == 2 * 4 and "This sentence is positive." not in train  # the drawn examples alone
+    capsys.readouterr()
     assert module.main(["--workdir", str(tmp_path), "--sets", "sst2", "--ns", "8"]) == 1  # no body there
     assert "no contrastive bodies in" in capsys.readouterr().err
