@@ -230,14 +230,18 @@ def main(argv: list[str] | None = None) -> int:
                             "loss": args.loss, "max_test": args.max_test, "iterations": ITERATIONS,
                             "pair_batch": PAIR_BATCH}, reuse=args.resume,
                   # only when not the default, so that the cells measured before the choice existed still count
-                  own={"contrastive": {k: v for k, v in (("sampling", args.sampling), ("long_inputs", args.long_inputs))
-                                       if v not in ("random", "truncate")}})
+                  own={"contrastive": {k: getattr(args, k) for k in ("sampling", "long_inputs")
+                                       if getattr(args, k) != parser.get_default(k)}})
+    contrastive = [*HEAD, f"training.contrastive.loss={args.loss}", f"training.contrastive.sampling={args.sampling}",
+                   f"task.long_inputs={args.long_inputs}", *named]
     started = time.perf_counter()
     for key in args.sets:
         spec = SETS[key]
         train_rows = read_rows(spec, "train")
         test_rows = read_rows(spec, "test")[:args.max_test]
         test = write_jsonl(workdir / f"{key}-test.jsonl", test_rows)
+        # chunk: a quarter of a window shared (64 tokens for BBC's 256, the default)
+        stride = [f"task.chunk_stride={spec['max_length'] // 4}"] if args.long_inputs == "chunk" else []
         for n in args.ns:
             for d in range(args.draws):
                 train = write_jsonl(workdir / f"{key}-n{n}-d{d}.jsonl", draw(train_rows, spec["names"], n, d))
@@ -249,13 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                             got = setfit(spec, train, test, d, template if method == "setfit-names" else None)
                         else:
                             got = ours(runner, spec, train, test, workdir / f"{key}-n{n}-d{d}-{method}", d,
-                                       [*HEAD, f"training.contrastive.loss={args.loss}",
-                                        f"training.contrastive.sampling={args.sampling}",
-                                        f"task.long_inputs={args.long_inputs}", *named,
-                                        # a quarter of a window shared (64 tokens for BBC's 256, the default)
-                                        *([f"task.chunk_stride={spec['max_length'] // 4}"]
-                                          if args.long_inputs == "chunk" else [])]
-                                       if method == "contrastive" else STANDARD)
+                                       [*contrastive, *stride] if method == "contrastive" else STANDARD)
                         cells.add((key, n, d, method), got)
                     results.setdefault((key, n, method), []).append(got)
                     print(f"{spec['name']} N={n} draw {d} {method}: accuracy {got['accuracy']:.4f}, "

@@ -44,12 +44,14 @@ def toy_rows(n_per_class: int, seed: int) -> list[tuple[str, str]]:
     return rows
 
 
-def write_toy(folder: Path) -> dict[str, str]:
+def write_toy(folder: Path, repeat: int = 1) -> dict[str, str]:
+    """The toy splits as TSV files; `repeat`: each text that many times over (long texts)."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for split, n, seed in (("train", 8, 1), ("validation", 40, 2)):
         path = folder / f"{split}.tsv"
-        path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in toy_rows(n, seed)))
+        path.write_text("sentence\tlabel\n" + "".join(f"{' '.join([t] * repeat)}\t{label}\n"
+                                                       for t, label in toy_rows(n, seed)))
         files[split] = str(path)
     return files
 
@@ -176,14 +178,7 @@ def test_multi_label_trains_on_label_overlap_pairs(tiny_checkpoints, tmp_path, s
 def test_long_texts_in_windows_pair_each_text_once_and_pool_the_windows(tiny_checkpoints, tmp_path):
     # task.long_inputs: chunk with the contrastive method: the pair phase pairs texts (their first window, as a
     # sentence-transformers body reads them), the head trains on every window, and a prediction pools the windows.
-    root = tmp_path / "data"
-    root.mkdir()
-    files = {}
-    for split, n, seed in (("train", 8, 1), ("validation", 8, 2)):
-        rows = toy_rows(n, seed)
-        text = {t: " ".join(f"{t} {u}" for u, _ in rows[:3]) for t, _ in rows}  # each text several windows long
-        (root / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{text[t]}\t{y}\n" for t, y in rows))
-        files[split] = str(root / f"{split}.tsv")
+    files = write_toy(tmp_path / "data", repeat=3)  # each text several 16-token windows long
     recipe = toy_recipe(tiny_checkpoints["bert"], files, "contrastive", tmp_path / "run")
     recipe["model"]["max_length"] = 16
     recipe["task"] = {"type": "classification", "long_inputs": "chunk", "chunk_stride": 4}
@@ -193,7 +188,7 @@ def test_long_texts_in_windows_pair_each_text_once_and_pool_the_windows(tiny_che
     assert note.startswith("method contrastive: 64 pairs, 4 steps"), note  # 2 x 2 iterations x 16 texts
     predictor = Predictor.from_dir(result.best_dir)
     assert predictor.settings.long_inputs == "chunk"
-    long_text = next(iter(text.values()))
+    long_text = " ".join([toy_rows(1, 3)[0][0]] * 3)
     encoded = predictor.encode_inputs([long_text])
     assert len(encoded.features) > 1 and set(encoded.owner) == {0}
     assert predictor.predict([long_text])[0]["truncated"] is False
